@@ -1,0 +1,367 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"k8s.io/klog/v2"
+)
+
+// Config is how natd's kernel state is laid out on a node.
+type Config struct {
+	Marks        Marks
+	RulePriority int // priority of natd's ip rules (before the main table's 32766)
+	TableBase    int // egress IP slot i routes through table TableBase+i
+	// EgressCIDRs: /32 addresses inside them on the uplink are natd's to add and remove.
+	EgressCIDRs []netip.Prefix
+	// NetNS, when valid, is the network namespace to program (tests); otherwise the
+	// caller's own.
+	NetNS netns.NsHandle
+	// StateDir keeps what natd changed outside its own objects (the uplink's original
+	// rp_filter) so that cleanup can restore it.
+	StateDir string
+}
+
+// Result says what an Apply did.
+type Result struct {
+	Rebuilt   bool         // the nftables table was replaced whole (first sync or repair)
+	Announced []netip.Addr // egress IPs added to the uplink and announced
+	Released  []netip.Addr // egress IPs removed from the uplink
+}
+
+// Dataplane programs one node's kernel. It is not safe for concurrent use: the agent
+// calls it from its single sync loop.
+type Dataplane struct {
+	cfg    Config
+	nl     *netlink.Handle
+	nft    nftApplier
+	router router
+	slots  map[netip.Addr]int
+	// stale are egress IPs a previous run left on the uplink; removed by the first Apply
+	// unless still held.
+	stale     map[netip.Addr]bool
+	firstDone bool
+}
+
+// New opens netlink handles for cfg.NetNS (or the current namespace).
+func New(cfg Config) (*Dataplane, error) {
+	var nl *netlink.Handle
+	var err error
+	if cfg.NetNS.IsOpen() {
+		nl, err = netlink.NewHandleAt(cfg.NetNS)
+	} else {
+		nl, err = netlink.NewHandle()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink handle: %w", err)
+	}
+	d := &Dataplane{cfg: cfg, nl: nl, slots: map[netip.Addr]int{}, stale: map[netip.Addr]bool{}}
+	d.nft.newConn = d.nftConn
+	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase}
+	return d, nil
+}
+
+// Close releases the netlink handle.
+func (d *Dataplane) Close() { d.nl.Close() }
+
+func (d *Dataplane) nftConn() (*nftables.Conn, error) {
+	if d.cfg.NetNS.IsOpen() {
+		return nftables.New(nftables.WithNetNSFd(int(d.cfg.NetNS)))
+	}
+	return nftables.New()
+}
+
+// Apply converges the node's kernel to state. Its order keeps the promise that a pinned
+// packet never leaves with another source address, even between steps: routes and
+// addresses for the new state are put in place first, then nftables switches over in
+// one transaction, and only then is what the old state needed removed.
+func (d *Dataplane) Apply(state State) (Result, error) {
+	var res Result
+	if err := d.loadStale(); err != nil {
+		return res, err
+	}
+	uplink, err := uplinkOf(d.nl, state.NodeIP)
+	if err != nil {
+		return res, err
+	}
+	d.allocateSlots(state.Egress)
+	slots := make([]slotRoute, 0, len(state.Egress))
+	var held []netip.Addr
+	for _, e := range state.Egress {
+		s := slotRoute{idx: d.slots[e.IP]}
+		if !e.Local && e.HolderIP.IsValid() {
+			s.via = e.HolderIP
+		}
+		if e.Local {
+			held = append(held, e.IP)
+		}
+		slots = append(slots, s)
+	}
+	rs := BuildRuleset(state, d.cfg.Marks, d.slots)
+
+	if len(held) > 0 {
+		if err := d.loosenRPFilter(uplink.Attrs().Name); err != nil {
+			return res, err
+		}
+	}
+	if err := d.router.ensure(uplink, slots); err != nil {
+		return res, err
+	}
+	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
+	if err != nil {
+		return res, err
+	}
+	have := map[netip.Addr]bool{}
+	for _, a := range present {
+		have[a] = true
+	}
+	for _, ip := range held {
+		if have[ip] {
+			continue
+		}
+		if err := d.nl.AddrAdd(uplink, hostAddr(ip)); err != nil {
+			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
+		}
+		res.Announced = append(res.Announced, ip)
+	}
+	for _, ip := range res.Announced {
+		if err := d.inNetns(func() error {
+			return sendGratuitousARP(uplink.Attrs().Index, uplink.Attrs().HardwareAddr, ip)
+		}); err != nil {
+			// The IP works without it; neighbours learn it on their next ARP.
+			klog.ErrorS(err, "Gratuitous ARP failed", "egressIP", ip)
+		}
+	}
+
+	if res.Rebuilt, err = d.nft.apply(rs); err != nil {
+		return res, err
+	}
+
+	if err := d.router.prune(slots); err != nil {
+		return res, err
+	}
+	keep := map[netip.Addr]bool{}
+	for _, ip := range held {
+		keep[ip] = true
+	}
+	for _, ip := range present {
+		if keep[ip] {
+			continue
+		}
+		if err := d.nl.AddrDel(uplink, hostAddr(ip)); err != nil {
+			return res, fmt.Errorf("removing egress IP %s from %s: %w", ip, uplink.Attrs().Name, err)
+		}
+		res.Released = append(res.Released, ip)
+	}
+	d.stale = map[netip.Addr]bool{}
+	for ip := range d.slots {
+		if !inEgress(state.Egress, ip) {
+			delete(d.slots, ip)
+		}
+	}
+	return res, nil
+}
+
+func inEgress(list []EgressIP, ip netip.Addr) bool {
+	i := sort.Search(len(list), func(i int) bool { return !list[i].IP.Less(ip) })
+	return i < len(list) && list[i].IP == ip
+}
+
+// loadStale reads, once, which egress IPs a previous natd run held on this node.
+func (d *Dataplane) loadStale() error {
+	if d.firstDone {
+		return nil
+	}
+	conn, err := d.nftConn()
+	if err != nil {
+		return fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	ips, err := heldIPsInKernel(conn)
+	if err != nil {
+		return err
+	}
+	for _, ip := range ips {
+		d.stale[ip] = true
+	}
+	d.firstDone = true
+	return nil
+}
+
+func (d *Dataplane) ownedAddr(ip netip.Addr) bool {
+	if d.stale[ip] {
+		return true
+	}
+	for _, p := range d.cfg.EgressCIDRs {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// allocateSlots gives every egress IP a slot (mark and route table). A slot is kept for
+// as long as its IP is in use, and a freed slot is not reused in the same Apply: the
+// old nftables ruleset may still mark packets with it until the new one is in.
+// New IPs start at a slot derived from the IP, so a restarted natd mostly picks the
+// slots its previous run used.
+func (d *Dataplane) allocateSlots(egress []EgressIP) {
+	used := map[int]bool{}
+	for _, idx := range d.slots {
+		used[idx] = true
+	}
+	max := d.cfg.Marks.MaxIndex()
+	for _, e := range egress {
+		if _, ok := d.slots[e.IP]; ok {
+			continue
+		}
+		h := fnv.New32a()
+		h.Write(e.IP.AsSlice())
+		start := int(h.Sum32()%uint32(max)) + 1
+		for i := 0; i < max; i++ {
+			idx := (start-1+i)%max + 1
+			if !used[idx] {
+				d.slots[e.IP] = idx
+				used[idx] = true
+				break
+			}
+		}
+	}
+}
+
+// Cleanup removes everything natd put into this node's kernel: its nftables table, ip
+// rules, route tables, the egress IPs it held, and the uplink's rp_filter setting.
+func (d *Dataplane) Cleanup() error {
+	var errs []error
+	conn, err := d.nftConn()
+	if err != nil {
+		return fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	held, err := heldIPsInKernel(conn)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, ip := range held {
+		d.stale[ip] = true
+	}
+	links, err := d.nl.LinkList()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("listing links: %w", err))
+	}
+	for _, l := range links {
+		addrs, err := egressAddrs(d.nl, l, d.ownedAddr)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, ip := range addrs {
+			if err := d.nl.AddrDel(l, hostAddr(ip)); err != nil {
+				errs = append(errs, fmt.Errorf("removing %s from %s: %w", ip, l.Attrs().Name, err))
+			}
+		}
+	}
+	if err := deleteTable(conn); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.router.prune(nil); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.restoreRPFilter(); err != nil {
+		errs = append(errs, err)
+	}
+	d.nft.applied = nil
+	return errors.Join(errs...)
+}
+
+// loosenRPFilter sets the uplink's rp_filter to loose (2) when it is strict (1). A holder
+// receives pinned packets from other nodes on its uplink with pod source addresses; with
+// an overlay CNI the route back to those pods is the tunnel device, so strict reverse
+// path filtering would drop them. The original value is kept for cleanup.
+func (d *Dataplane) loosenRPFilter(dev string) error {
+	return d.inNetns(func() error {
+		path := filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter")
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("reading rp_filter of %s: %w", dev, err)
+		}
+		if strings.TrimSpace(string(b)) != "1" {
+			return nil
+		}
+		if d.cfg.StateDir != "" {
+			if err := os.MkdirAll(d.cfg.StateDir, 0o755); err != nil {
+				return fmt.Errorf("creating state dir: %w", err)
+			}
+			if err := os.WriteFile(filepath.Join(d.cfg.StateDir, "rp_filter."+dev), b, 0o644); err != nil {
+				return fmt.Errorf("saving rp_filter of %s: %w", dev, err)
+			}
+		}
+		if err := os.WriteFile(path, []byte("2"), 0o644); err != nil {
+			return fmt.Errorf("setting rp_filter of %s to loose: %w", dev, err)
+		}
+		klog.InfoS("Set reverse path filter to loose for forwarded pinned traffic", "interface", dev)
+		return nil
+	})
+}
+
+func (d *Dataplane) restoreRPFilter() error {
+	if d.cfg.StateDir == "" {
+		return nil
+	}
+	saved, err := filepath.Glob(filepath.Join(d.cfg.StateDir, "rp_filter.*"))
+	if err != nil {
+		return err
+	}
+	return d.inNetns(func() error {
+		for _, f := range saved {
+			dev := strings.TrimPrefix(filepath.Base(f), "rp_filter.")
+			b, err := os.ReadFile(f)
+			if err != nil {
+				return fmt.Errorf("reading saved rp_filter: %w", err)
+			}
+			err = os.WriteFile(filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter"), b, 0o644)
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("restoring rp_filter of %s: %w", dev, err)
+			}
+			if err := os.Remove(f); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// inNetns runs fn with the calling OS thread in cfg.NetNS (sockets and /proc/sys/net
+// belong to the namespace of the thread that opens them).
+func (d *Dataplane) inNetns(fn func() error) error {
+	if !d.cfg.NetNS.IsOpen() {
+		return fn()
+	}
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("getting current netns: %w", err)
+	}
+	defer orig.Close()
+	if err := netns.Set(d.cfg.NetNS); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("entering netns: %w", err)
+	}
+	ferr := fn()
+	if err := netns.Set(orig); err != nil {
+		// Leave the thread locked: the runtime then ends it rather than reuse a thread
+		// stuck in the wrong namespace.
+		return errors.Join(ferr, fmt.Errorf("returning to original netns: %w", err))
+	}
+	runtime.UnlockOSThread()
+	return ferr
+}

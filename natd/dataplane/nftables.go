@@ -1,0 +1,327 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// elementsPerMessage bounds one netlink message; all messages still go in one batch,
+// so the kernel applies them as one transaction.
+const elementsPerMessage = 4096
+
+// nftApplier keeps natd's table in line with a Ruleset. It remembers what it applied
+// last so that a change of a few pods costs a few set elements, not the whole table.
+type nftApplier struct {
+	newConn func() (*nftables.Conn, error)
+	applied *Ruleset // nil: unknown, next apply rebuilds the table
+}
+
+func (a *nftApplier) table() *nftables.Table {
+	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
+}
+
+// apply converges the table to rs: element updates when only set contents changed and
+// the kernel still has the table as natd left it, a whole-table replacement otherwise.
+// It returns whether the table was rebuilt.
+func (a *nftApplier) apply(rs *Ruleset) (rebuilt bool, err error) {
+	conn, err := a.newConn()
+	if err != nil {
+		return false, fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	if a.applied != nil && sameShape(a.applied, rs) {
+		intact, err := a.intact(conn, rs)
+		if err != nil {
+			return false, err
+		}
+		if intact {
+			if err := a.updateElements(conn, a.applied, rs); err == nil {
+				a.applied = rs
+				return false, nil
+			}
+			// Fall through: a rebuild repairs whatever made the update fail.
+		}
+	}
+	a.applied = nil
+	if err := a.rebuild(conn, rs); err != nil {
+		return true, err
+	}
+	a.applied = rs
+	return true, nil
+}
+
+// rebuild replaces the whole table in one transaction: packets see either the old
+// ruleset or the new one, never a mix.
+func (a *nftApplier) rebuild(conn *nftables.Conn, rs *Ruleset) error {
+	t := a.table()
+	// Adding before deleting makes the delete succeed whether or not the table exists.
+	conn.AddTable(t)
+	conn.DelTable(t)
+	conn.AddTable(t)
+	chains := map[string]*nftables.Chain{}
+	for _, c := range rs.Chains {
+		nc := &nftables.Chain{Name: c.Name, Table: t}
+		if c.Hook != nil {
+			prio := nftables.ChainPriority(c.Priority)
+			policy := nftables.ChainPolicyAccept
+			nc.Type, nc.Hooknum, nc.Priority, nc.Policy = c.Type, c.Hook, &prio, &policy
+		}
+		chains[c.Name] = conn.AddChain(nc)
+	}
+	sets := map[string]*nftables.Set{}
+	for _, s := range rs.Sets {
+		ns := toNftSet(t, s)
+		if err := conn.AddSet(ns, nil); err != nil {
+			return fmt.Errorf("adding set %s: %w", s.Name, err)
+		}
+		sets[s.Name] = ns
+	}
+	for _, c := range rs.Chains {
+		for _, r := range c.Rules {
+			conn.AddRule(&nftables.Rule{Table: t, Chain: chains[c.Name], Exprs: withSetIDs(r.Exprs, sets)})
+		}
+	}
+	for _, s := range rs.Sets {
+		if err := addElements(conn, sets[s.Name], s, s.Elements); err != nil {
+			return err
+		}
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("replacing nftables table %s: %w", TableName, err)
+	}
+	return nil
+}
+
+// intact reports whether the kernel's table still has every chain with the rules natd
+// put there: someone may have deleted or flushed it since.
+func (a *nftApplier) intact(conn *nftables.Conn, rs *Ruleset) (bool, error) {
+	chains, err := conn.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
+	if err != nil {
+		return false, fmt.Errorf("listing nftables chains: %w", err)
+	}
+	have := map[string]*nftables.Chain{}
+	for _, c := range chains {
+		if c.Table.Name == TableName {
+			have[c.Name] = c
+		}
+	}
+	if len(have) != len(rs.Chains) {
+		return false, nil
+	}
+	for _, c := range rs.Chains {
+		kc, ok := have[c.Name]
+		if !ok {
+			return false, nil
+		}
+		rules, err := conn.GetRules(a.table(), kc)
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				return false, nil
+			}
+			return false, fmt.Errorf("listing rules of chain %s: %w", c.Name, err)
+		}
+		if len(rules) != len(c.Rules) {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// updateElements changes only the set elements that differ, in one transaction.
+func (a *nftApplier) updateElements(conn *nftables.Conn, old, cur *Ruleset) error {
+	t := a.table()
+	changed := false
+	for i, s := range cur.Sets {
+		del, add := diffElements(old.Sets[i].Elements, s.Elements)
+		if len(del) == 0 && len(add) == 0 {
+			continue
+		}
+		changed = true
+		ns := toNftSet(t, s)
+		if len(del) > 0 {
+			if err := deleteElements(conn, ns, s, del); err != nil {
+				return err
+			}
+		}
+		if err := addElements(conn, ns, s, add); err != nil {
+			return err
+		}
+	}
+	if !changed {
+		return nil
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("updating nftables set elements: %w", err)
+	}
+	return nil
+}
+
+// sameShape reports whether two rulesets differ at most in the elements of non-interval
+// sets (interval sets change rarely, and replacing ranges element-wise is fiddly).
+func sameShape(a, b *Ruleset) bool {
+	if len(a.Sets) != len(b.Sets) || len(a.Chains) != len(b.Chains) {
+		return false
+	}
+	for i := range a.Sets {
+		if a.Sets[i].Name != b.Sets[i].Name || a.Sets[i].Decl != b.Sets[i].Decl {
+			return false
+		}
+		if a.Sets[i].Interval && !sameElements(a.Sets[i].Elements, b.Sets[i].Elements) {
+			return false
+		}
+	}
+	for i := range a.Chains {
+		ca, cb := a.Chains[i], b.Chains[i]
+		if ca.Name != cb.Name || ca.Header != cb.Header || len(ca.Rules) != len(cb.Rules) {
+			return false
+		}
+		for j := range ca.Rules {
+			if ca.Rules[j].Text() != cb.Rules[j].Text() {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func sameElements(a, b []Element) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].Text != b[i].Text {
+			return false
+		}
+	}
+	return true
+}
+
+// diffElements returns the elements to delete from old and to add to reach cur. An
+// element whose value changed is deleted and added again.
+func diffElements(old, cur []Element) (del, add []Element) {
+	idx := make(map[string]string, len(old))
+	for _, e := range old {
+		idx[string(e.Key)] = e.Text
+	}
+	seen := make(map[string]struct{}, len(cur))
+	for _, e := range cur {
+		k := string(e.Key)
+		seen[k] = struct{}{}
+		text, ok := idx[k]
+		switch {
+		case !ok:
+			add = append(add, e)
+		case text != e.Text:
+			del = append(del, e)
+			add = append(add, e)
+		}
+	}
+	for _, e := range old {
+		if _, ok := seen[string(e.Key)]; !ok {
+			del = append(del, e)
+		}
+	}
+	return del, add
+}
+
+func toNftSet(t *nftables.Table, s *Set) *nftables.Set {
+	ns := &nftables.Set{Table: t, Name: s.Name, KeyType: s.KeyType, IsMap: s.IsMap, Interval: s.Interval}
+	if s.IsMap {
+		ns.DataType = s.DataType
+	}
+	if s.KeyOrder != nil {
+		ns.KeyByteOrder = s.KeyOrder
+	}
+	return ns
+}
+
+func kernelElements(s *Set, els []Element, deleting bool) []nftables.SetElement {
+	out := make([]nftables.SetElement, 0, len(els))
+	for _, e := range els {
+		ke := nftables.SetElement{Key: e.Key}
+		if !deleting {
+			ke.Val, ke.VerdictData = e.Val, e.Verdict
+		}
+		out = append(out, ke)
+		// An interval is a start element and an end element (the first address after
+		// it); a range that runs to the end of the address space has no end element.
+		if s.Interval && e.KeyEnd != nil && netip.AddrFrom4([4]byte(e.KeyEnd)) != netip.IPv4Unspecified() {
+			out = append(out, nftables.SetElement{Key: e.KeyEnd, IntervalEnd: true})
+		}
+	}
+	return out
+}
+
+func addElements(conn *nftables.Conn, ns *nftables.Set, s *Set, els []Element) error {
+	kel := kernelElements(s, els, false)
+	for start := 0; start < len(kel); start += elementsPerMessage {
+		end := min(start+elementsPerMessage, len(kel))
+		if err := conn.SetAddElements(ns, kel[start:end]); err != nil {
+			return fmt.Errorf("adding elements to %s: %w", s.Name, err)
+		}
+	}
+	return nil
+}
+
+func deleteElements(conn *nftables.Conn, ns *nftables.Set, s *Set, els []Element) error {
+	kel := kernelElements(s, els, true)
+	for start := 0; start < len(kel); start += elementsPerMessage {
+		end := min(start+elementsPerMessage, len(kel))
+		if err := conn.SetDeleteElements(ns, kel[start:end]); err != nil {
+			return fmt.Errorf("deleting elements from %s: %w", s.Name, err)
+		}
+	}
+	return nil
+}
+
+// withSetIDs fills in the batch-local IDs of the sets a rule looks up, which the kernel
+// uses to find sets created in the same transaction.
+func withSetIDs(exprs []expr.Any, sets map[string]*nftables.Set) []expr.Any {
+	for _, e := range exprs {
+		if l, ok := e.(*expr.Lookup); ok {
+			if s, ok := sets[l.SetName]; ok {
+				l.SetID = s.ID
+			}
+		}
+	}
+	return exprs
+}
+
+// heldIPsInKernel reads the egress IPs natd's table says this node holds: what a
+// previous run (or a crashed one) left on the uplink.
+func heldIPsInKernel(conn *nftables.Conn) ([]netip.Addr, error) {
+	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
+	s, err := conn.GetSetByName(t, setHeldIPs)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("reading set %s: %w", setHeldIPs, err)
+	}
+	els, err := conn.GetSetElements(s)
+	if err != nil {
+		return nil, fmt.Errorf("reading elements of %s: %w", setHeldIPs, err)
+	}
+	var out []netip.Addr
+	for _, e := range els {
+		if a, ok := netip.AddrFromSlice(e.Key); ok {
+			out = append(out, a)
+		}
+	}
+	return out, nil
+}
+
+// deleteTable removes natd's table; a missing table is not an error.
+func deleteTable(conn *nftables.Conn) error {
+	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
+	conn.AddTable(t)
+	conn.DelTable(t)
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("deleting nftables table %s: %w", TableName, err)
+	}
+	return nil
+}

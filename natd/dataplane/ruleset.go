@@ -1,0 +1,406 @@
+package dataplane
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/bits"
+	"net/netip"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// TableName is natd's one nftables table (family ip). natd touches nothing else.
+const TableName = "natd"
+
+// Names of the sets and maps in natd's table.
+const (
+	setClusterDsts   = "cluster_dsts"     // interval set: destinations that are never pinned
+	setNodeIPs       = "node_ips"         // every node's IP: the only legal next hops for un-SNATed pinned packets
+	setLocalPodCIDRs = "local_pod_cidrs"  // interval set: this node's pod CIDRs
+	setKnownPods     = "known_local_pods" // local pod IPs natd has seen in the API
+	setHeldIPs       = "held_ips"         // egress IPs this node holds (and has on its uplink)
+	mapPodEgress     = "pod_egress"       // pinned pod IP -> jump to its egress IP's chain
+	mapHeldSNAT      = "held_snat"        // mark of a held egress IP -> that egress IP
+)
+
+// Base-chain priorities. natd marks at mangle, before routing, so the mark can steer
+// policy routing. It SNATs just before srcnat (100, where iptables' and most CNIs'
+// MASQUERADE sits): the first NAT chain that binds a connection wins, so an earlier
+// binding keeps the CNI from rewriting a pinned packet. The guard runs after all NAT,
+// when the packet carries its final source address.
+const (
+	prioMark  = -150 // mangle
+	prioSNAT  = 90   // srcnat - 10
+	prioGuard = 110  // srcnat + 10
+)
+
+// Marks are the bits of the packet mark natd owns; the rest is left to others
+// (kube-proxy uses 0x4000/0x8000).
+type Marks struct {
+	Mask  uint32
+	shift uint
+}
+
+// NewMarks validates a mark mask: one contiguous run of at least 8 bits, so that 255
+// egress IPs fit.
+func NewMarks(mask uint32) (Marks, error) {
+	if mask == 0 {
+		return Marks{}, fmt.Errorf("fwmark mask must not be zero")
+	}
+	shift := uint(bits.TrailingZeros32(mask))
+	run := mask >> shift
+	if run&(run+1) != 0 {
+		return Marks{}, fmt.Errorf("fwmark mask %#08x is not one contiguous run of bits", mask)
+	}
+	if bits.OnesCount32(mask) < 8 {
+		return Marks{}, fmt.Errorf("fwmark mask %#08x has fewer than 8 bits", mask)
+	}
+	return Marks{Mask: mask, shift: shift}, nil
+}
+
+// Value is the mark of egress IP slot idx (1..MaxIndex).
+func (m Marks) Value(idx int) uint32 { return uint32(idx) << m.shift }
+
+// MaxIndex is the number of egress IPs a node can route at once.
+func (m Marks) MaxIndex() int {
+	n := int(m.Mask >> m.shift)
+	if n > 255 {
+		n = 255 // keep route table numbers in a small, documented range
+	}
+	return n
+}
+
+// Ruleset is the complete content of natd's table: built by BuildRuleset as a pure
+// function of the state, rendered as nft text for tests and humans, and turned into one
+// netlink batch by the applier.
+type Ruleset struct {
+	Sets   []*Set
+	Chains []*Chain
+}
+
+// Set is a named set or map with its elements.
+type Set struct {
+	Name     string
+	Decl     string // the "type ..." and "flags ..." lines as nft prints them
+	KeyType  nftables.SetDatatype
+	DataType nftables.SetDatatype
+	IsMap    bool
+	Interval bool
+	KeyOrder binaryutil.ByteOrder
+	Elements []Element
+}
+
+// Element is one element; Text is how nft prints it.
+type Element struct {
+	Text    string
+	Key     []byte
+	KeyEnd  []byte // interval sets: first address after the range
+	Val     []byte
+	Verdict *expr.Verdict
+}
+
+// Chain is a chain and its rules. Base chains have a hook.
+type Chain struct {
+	Name     string
+	Type     nftables.ChainType
+	Hook     *nftables.ChainHook
+	Priority int
+	Header   string // the "type ... hook ... priority ...; policy accept;" line; empty for regular chains
+	Rules    []*Rule
+}
+
+// Rule is one rule as both nft text and kernel expressions, built together by the
+// helpers below so that they cannot disagree.
+type Rule struct {
+	parts []string
+	Exprs []expr.Any
+}
+
+// Text is the rule as `nft list` prints it.
+func (r *Rule) Text() string { return strings.Join(r.parts, " ") }
+
+func (r *Rule) add(text string, exprs ...expr.Any) *Rule {
+	r.parts = append(r.parts, text)
+	r.Exprs = append(r.Exprs, exprs...)
+	return r
+}
+
+func newRule() *Rule { return &Rule{} }
+
+func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
+
+func (r *Rule) ipAddrIn(field string, set string, invert bool) *Rule {
+	offset := uint32(12)
+	if field == "daddr" {
+		offset = 16
+	}
+	op := ""
+	if invert {
+		op = "!= "
+	}
+	return r.add(fmt.Sprintf("ip %s %s@%s", field, op, set),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4},
+		&expr.Lookup{SourceRegister: 1, SetName: set, Invert: invert})
+}
+
+func (r *Rule) saddrVmap(mapName string) *Rule {
+	return r.add("ip saddr vmap @"+mapName,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 0})
+}
+
+func (r *Rule) nexthopIn(set string) *Rule {
+	return r.add("rt ip nexthop @"+set,
+		&expr.Rt{Register: 1, Key: expr.RtNexthop4},
+		&expr.Lookup{SourceRegister: 1, SetName: set})
+}
+
+func (r *Rule) loadMaskedMark(mask uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(mask), Xor: native32(0)},
+	}
+}
+
+func (r *Rule) markMaskedIsZero(mask uint32) *Rule {
+	ex := append(r.loadMaskedMark(mask), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(0)})
+	return r.add(fmt.Sprintf("meta mark & 0x%08x == 0x00000000", mask), ex...)
+}
+
+// setMarkBits sets natd's bits of the mark to value and keeps everyone else's.
+func (r *Rule) setMarkBits(mask, value uint32) *Rule {
+	return r.add(fmt.Sprintf("meta mark set meta mark & 0x%08x | 0x%08x", ^mask|value, value),
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^mask), Xor: native32(value)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
+}
+
+func (r *Rule) snatToMarkMap(mask uint32, mapName string) *Rule {
+	ex := append(r.loadMaskedMark(mask),
+		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 1},
+		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1})
+	return r.add(fmt.Sprintf("snat to meta mark & 0x%08x map @%s", mask, mapName), ex...)
+}
+
+// snatToSelf binds the connection to its own source address. It changes nothing on
+// the wire, but a connection that already has a NAT binding is not NATed again by
+// later NAT chains, which keeps the CNI's MASQUERADE off pinned packets on their way
+// to the holder.
+func (r *Rule) snatToSelf() *Rule {
+	return r.add("snat to ip saddr",
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1})
+}
+
+func (r *Rule) counter() *Rule { return r.add("counter", &expr.Counter{}) }
+
+func (r *Rule) verdict(kind expr.VerdictKind) *Rule {
+	name := map[expr.VerdictKind]string{expr.VerdictAccept: "accept", expr.VerdictDrop: "drop", expr.VerdictReturn: "return"}[kind]
+	return r.add(name, &expr.Verdict{Kind: kind})
+}
+
+// EgressChainName is the regular chain that handles packets pinned to ip.
+func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
+
+// BuildRuleset renders natd's whole table for state. index gives each egress IP its
+// slot (mark value and route table); it must hold every IP in state.Egress.
+func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
+	rs := &Ruleset{}
+	ipv4Set := func(name string, addrs []netip.Addr) *Set {
+		s := &Set{Name: name, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
+		for _, a := range addrs {
+			b := a.As4()
+			s.Elements = append(s.Elements, Element{Text: a.String(), Key: b[:]})
+		}
+		return s
+	}
+	intervalSet := func(name string, prefixes []netip.Prefix) *Set {
+		s := &Set{Name: name, Decl: "type ipv4_addr\nflags interval", KeyType: nftables.TypeIPAddr, Interval: true}
+		for _, r := range mergeRanges(prefixes) {
+			s.Elements = append(s.Elements, Element{Text: r.String(), Key: r.start[:], KeyEnd: r.end[:]})
+		}
+		return s
+	}
+
+	var held []netip.Addr
+	podEgress := &Set{Name: mapPodEgress, Decl: "type ipv4_addr : verdict", KeyType: nftables.TypeIPAddr,
+		DataType: nftables.TypeVerdict, IsMap: true}
+	heldSNAT := &Set{Name: mapHeldSNAT, Decl: "type mark : ipv4_addr", KeyType: nftables.TypeMark,
+		DataType: nftables.TypeIPAddr, IsMap: true, KeyOrder: binaryutil.NativeEndian}
+	var egressChains []*Chain
+	for _, e := range state.Egress {
+		mark := marks.Value(index[e.IP])
+		ch := &Chain{Name: EgressChainName(e.IP)}
+		switch {
+		case e.HasHolder():
+			ch.Rules = append(ch.Rules, newRule().setMarkBits(marks.Mask, mark))
+		case !e.FailOpen:
+			// Fail closed: no node can give this traffic its egress IP, so it must not
+			// leave at all.
+			ch.Rules = append(ch.Rules, newRule().counter().verdict(expr.VerdictDrop))
+		}
+		egressChains = append(egressChains, ch)
+		jump := &expr.Verdict{Kind: expr.VerdictJump, Chain: ch.Name}
+		for _, p := range e.Pods {
+			b := p.As4()
+			podEgress.Elements = append(podEgress.Elements, Element{
+				Text: p.String() + " : jump " + ch.Name, Key: b[:], Verdict: jump})
+		}
+		if e.Local {
+			held = append(held, e.IP)
+			ip := e.IP.As4()
+			heldSNAT.Elements = append(heldSNAT.Elements, Element{
+				Text: fmt.Sprintf("0x%08x : %s", mark, e.IP), Key: native32(mark), Val: ip[:]})
+		}
+	}
+
+	rs.Sets = []*Set{
+		intervalSet(setClusterDsts, state.ClusterDestinations),
+		ipv4Set(setNodeIPs, state.NodeIPs),
+		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs),
+		ipv4Set(setKnownPods, state.KnownLocalPods),
+		ipv4Set(setHeldIPs, held),
+		podEgress,
+		heldSNAT,
+	}
+
+	prerouting := &Chain{
+		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
+		Priority: prioMark, Header: "type filter hook prerouting priority mangle; policy accept;",
+		Rules: []*Rule{
+			newRule().ipAddrIn("daddr", setClusterDsts, false).verdict(expr.VerdictReturn),
+			// A new pod can send before natd has seen it in the API. Until then natd
+			// cannot know whether its namespace is pinned, so its outside traffic waits.
+			newRule().ipAddrIn("saddr", setLocalPodCIDRs, false).ipAddrIn("saddr", setKnownPods, true).
+				counter().verdict(expr.VerdictDrop),
+			newRule().saddrVmap(mapPodEgress),
+		},
+	}
+	snat := &Chain{
+		Name: "snat", Type: nftables.ChainTypeNAT, Hook: nftables.ChainHookPostrouting,
+		Priority: prioSNAT, Header: "type nat hook postrouting priority srcnat - 10; policy accept;",
+		Rules: []*Rule{
+			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
+			newRule().snatToMarkMap(marks.Mask, mapHeldSNAT),
+			newRule().snatToSelf(),
+		},
+	}
+	guard := &Chain{
+		Name: "leak_guard", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPostrouting,
+		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
+		Rules: []*Rule{
+			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
+			// SNATed here to an egress IP this node holds.
+			newRule().ipAddrIn("saddr", setHeldIPs, false).verdict(expr.VerdictAccept),
+			// On its way to the holder, still with the pod's own address.
+			newRule().ipAddrIn("saddr", setNodeIPs, true).nexthopIn(setNodeIPs).verdict(expr.VerdictAccept),
+			// Anything else would reach the partner with another source address.
+			newRule().counter().verdict(expr.VerdictDrop),
+		},
+	}
+	rs.Chains = append(egressChains, prerouting, snat, guard)
+	return rs
+}
+
+// Text renders the ruleset the way `nft list table ip natd` prints it. With terse, set
+// elements are left out (as `nft -t`).
+func (rs *Ruleset) Text(terse bool) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table ip %s {\n", TableName)
+	for _, s := range rs.Sets {
+		kind := "set"
+		if s.IsMap {
+			kind = "map"
+		}
+		fmt.Fprintf(&b, "\t%s %s {\n", kind, s.Name)
+		for _, l := range strings.Split(s.Decl, "\n") {
+			fmt.Fprintf(&b, "\t\t%s\n", l)
+		}
+		if !terse && len(s.Elements) > 0 {
+			var els []string
+			for _, e := range s.Elements {
+				els = append(els, e.Text)
+			}
+			fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(els, ", "))
+		}
+		b.WriteString("\t}\n")
+	}
+	for _, c := range rs.Chains {
+		fmt.Fprintf(&b, "\n\tchain %s {\n", c.Name)
+		if c.Header != "" {
+			fmt.Fprintf(&b, "\t\t%s\n", c.Header)
+		}
+		for _, r := range c.Rules {
+			fmt.Fprintf(&b, "\t\t%s\n", r.Text())
+		}
+		b.WriteString("\t}\n")
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+// addrRange is the half-open IPv4 range [start, end).
+type addrRange struct{ start, end [4]byte }
+
+func (r addrRange) String() string {
+	s := binary.BigEndian.Uint32(r.start[:])
+	e := binary.BigEndian.Uint32(r.end[:]) // exclusive; 0 means 2^32
+	size := uint64(e) - uint64(s)
+	if e == 0 {
+		size = (1 << 32) - uint64(s)
+	}
+	if size&(size-1) == 0 && uint64(s)%size == 0 {
+		ones := 32 - bits.TrailingZeros64(size)
+		if ones == 32 {
+			return netip.AddrFrom4(r.start).String()
+		}
+		return netip.PrefixFrom(netip.AddrFrom4(r.start), ones).String()
+	}
+	last := e - 1
+	var l [4]byte
+	binary.BigEndian.PutUint32(l[:], last)
+	return netip.AddrFrom4(r.start).String() + "-" + netip.AddrFrom4(l).String()
+}
+
+// mergeRanges turns possibly overlapping prefixes into sorted, disjoint, non-adjacent
+// ranges: the kernel rejects overlapping intervals in one set.
+func mergeRanges(prefixes []netip.Prefix) []addrRange {
+	type span struct{ s, e uint64 } // e exclusive, may be 2^32
+	var spans []span
+	for _, p := range prefixes {
+		if !p.Addr().Is4() {
+			continue
+		}
+		p = p.Masked()
+		a := p.Addr().As4()
+		s := uint64(binary.BigEndian.Uint32(a[:]))
+		spans = append(spans, span{s, s + (1 << (32 - p.Bits()))})
+	}
+	for i := 1; i < len(spans); i++ { // insertion sort: a handful of entries
+		for j := i; j > 0 && spans[j].s < spans[j-1].s; j-- {
+			spans[j], spans[j-1] = spans[j-1], spans[j]
+		}
+	}
+	var merged []span
+	for _, sp := range spans {
+		if n := len(merged); n > 0 && sp.s <= merged[n-1].e {
+			if sp.e > merged[n-1].e {
+				merged[n-1].e = sp.e
+			}
+			continue
+		}
+		merged = append(merged, sp)
+	}
+	out := make([]addrRange, 0, len(merged))
+	for _, m := range merged {
+		var r addrRange
+		binary.BigEndian.PutUint32(r.start[:], uint32(m.s))
+		binary.BigEndian.PutUint32(r.end[:], uint32(m.e)) // 2^32 wraps to 0: "to the end"
+		out = append(out, r)
+	}
+	return out
+}
