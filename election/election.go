@@ -25,26 +25,41 @@ func (Rendezvous) Holders(ips []netip.Addr, candidates []string) map[netip.Addr]
 	sorted := append([]string(nil), candidates...)
 	sort.Strings(sorted)
 	for _, ip := range ips {
-		var best string
-		var bestScore uint64
-		for i, node := range sorted {
-			s := score(ip, node)
-			if i == 0 || s > bestScore {
-				best, bestScore = node, s
-			}
-		}
-		out[ip] = best
+		b := ip.As16()
+		out[ip] = pick(b[:], sorted)
 	}
 	return out
+}
+
+// Pick chooses one of candidates for key the same way on every node: used to pick the
+// one node that reports on an object, so that N agents do not write N copies.
+func Pick(key string, candidates []string) string {
+	if len(candidates) == 0 {
+		return ""
+	}
+	sorted := append([]string(nil), candidates...)
+	sort.Strings(sorted)
+	return pick([]byte(key), sorted)
+}
+
+func pick(key []byte, sorted []string) string {
+	var best string
+	var bestScore uint64
+	for i, node := range sorted {
+		s := score(key, node)
+		if i == 0 || s > bestScore {
+			best, bestScore = node, s
+		}
+	}
+	return best
 }
 
 // score is the weight of node for ip. FNV-1a alone mixes the low bits poorly for inputs
 // that differ only at the end (node1, node2, ...), so the result goes through a 64-bit
 // finalizer (splitmix64) to spread it over the whole range.
-func score(ip netip.Addr, node string) uint64 {
+func score(key []byte, node string) uint64 {
 	h := fnv.New64a()
-	b := ip.As16()
-	h.Write(b[:])
+	h.Write(key)
 	h.Write([]byte{0})
 	h.Write([]byte(node))
 	x := h.Sum64()

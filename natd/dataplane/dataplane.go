@@ -24,9 +24,9 @@ type Config struct {
 	TableBase    int // egress IP slot i routes through table TableBase+i
 	// EgressCIDRs: /32 addresses inside them on the uplink are natd's to add and remove.
 	EgressCIDRs []netip.Prefix
-	// NetNS, when valid, is the network namespace to program (tests); otherwise the
+	// NetNS, when set, is the network namespace to program (tests); otherwise the
 	// caller's own.
-	NetNS netns.NsHandle
+	NetNS *netns.NsHandle
 	// StateDir keeps what natd changed outside its own objects (the uplink's original
 	// rp_filter) so that cleanup can restore it.
 	StateDir string
@@ -57,8 +57,8 @@ type Dataplane struct {
 func New(cfg Config) (*Dataplane, error) {
 	var nl *netlink.Handle
 	var err error
-	if cfg.NetNS.IsOpen() {
-		nl, err = netlink.NewHandleAt(cfg.NetNS)
+	if cfg.NetNS != nil {
+		nl, err = netlink.NewHandleAt(*cfg.NetNS)
 	} else {
 		nl, err = netlink.NewHandle()
 	}
@@ -75,8 +75,8 @@ func New(cfg Config) (*Dataplane, error) {
 func (d *Dataplane) Close() { d.nl.Close() }
 
 func (d *Dataplane) nftConn() (*nftables.Conn, error) {
-	if d.cfg.NetNS.IsOpen() {
-		return nftables.New(nftables.WithNetNSFd(int(d.cfg.NetNS)))
+	if d.cfg.NetNS != nil {
+		return nftables.New(nftables.WithNetNSFd(int(*d.cfg.NetNS)))
 	}
 	return nftables.New()
 }
@@ -342,7 +342,7 @@ func (d *Dataplane) restoreRPFilter() error {
 // inNetns runs fn with the calling OS thread in cfg.NetNS (sockets and /proc/sys/net
 // belong to the namespace of the thread that opens them).
 func (d *Dataplane) inNetns(fn func() error) error {
-	if !d.cfg.NetNS.IsOpen() {
+	if d.cfg.NetNS == nil {
 		return fn()
 	}
 	runtime.LockOSThread()
@@ -352,7 +352,7 @@ func (d *Dataplane) inNetns(fn func() error) error {
 		return fmt.Errorf("getting current netns: %w", err)
 	}
 	defer orig.Close()
-	if err := netns.Set(d.cfg.NetNS); err != nil {
+	if err := netns.Set(*d.cfg.NetNS); err != nil {
 		runtime.UnlockOSThread()
 		return fmt.Errorf("entering netns: %w", err)
 	}

@@ -75,7 +75,7 @@ func (ns *testNS) run(args ...string) string {
 func (ns *testNS) dataplane() *Dataplane {
 	ns.t.Helper()
 	marks, _ := NewMarks(0x00ff0000)
-	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: ns.h,
+	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
 		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.t.TempDir()})
 	if err != nil {
 		ns.t.Fatal(err)

@@ -1,0 +1,164 @@
+// Command natd-lab builds a whole natd cluster on one Linux machine: a real etcd and
+// kube-apiserver, network namespaces as nodes and pods, a router and a partner server.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"natd.dev/natd/tests/lab"
+)
+
+const usage = `natd-lab: a natd cluster in network namespaces
+
+  natd-lab up [--nodes N] [--dir DIR]          build the lab and start natd on every node
+  natd-lab down [--dir DIR]                    remove everything the lab made
+  natd-lab pod create NAMESPACE NAME --node NODE
+  natd-lab pod delete NAMESPACE NAME
+  natd-lab node restart NODE                   (re)start that node's natd
+  natd-lab probe NAMESPACE NAME [--udp]        print the source IP the partner sees from a pod
+  natd-lab partner --listen ADDR               the partner server (run by up)
+
+Every verb takes --dir DIR (default ` + lab.DefaultDir + `).
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	verb, args := os.Args[1], os.Args[2:]
+	if (verb == "pod" || verb == "node") && len(args) > 0 {
+		verb, args = verb+" "+args[0], args[1:]
+	}
+	if err := run(ctx, verb, args); err != nil {
+		fmt.Fprintln(os.Stderr, "natd-lab:", err)
+		os.Exit(1)
+	}
+}
+
+// parse accepts flags before and after positional arguments.
+func parse(fs *flag.FlagSet, args []string) []string {
+	var pos []string
+	for {
+		_ = fs.Parse(args)
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos
+		}
+		pos, args = append(pos, args[0]), args[1:]
+	}
+}
+
+func defaultKubeBins() string {
+	if c := os.Getenv("NATD_CACHE"); c != "" {
+		return filepath.Join(c, "bin")
+	}
+	if c := os.Getenv("XDG_CACHE_HOME"); c != "" {
+		return filepath.Join(c, "natd", "bin")
+	}
+	home, _ := os.UserHomeDir()
+	return filepath.Join(home, ".cache", "natd", "bin")
+}
+
+func run(ctx context.Context, verb string, args []string) error {
+	fs := flag.NewFlagSet("natd-lab "+verb, flag.ExitOnError)
+	fs.Usage = func() { fmt.Fprint(os.Stderr, usage) }
+	dir := fs.String("dir", lab.DefaultDir, "lab directory")
+	self, _ := os.Executable()
+	switch verb {
+	case "up":
+		nodes := fs.Int("nodes", 3, "number of nodes (node1 is not egress-eligible)")
+		natdBin := fs.String("natd", filepath.Join(filepath.Dir(self), "natd"), "natd binary")
+		kubeBins := fs.String("kube-bins", defaultKubeBins(), "directory with etcd, kube-apiserver and kubectl")
+		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
+		parse(fs, args)
+		natd, _ := filepath.Abs(*natdBin)
+		start := time.Now()
+		fmt.Printf("Bringing up the natd lab in %s (%d nodes)\n", *dir, *nodes)
+		t, err := lab.Up(ctx, lab.Options{Dir: *dir, Nodes: *nodes, Natd: natd, Self: self, KubeBins: *kubeBins,
+			NatdArgs: strings.Fields(*natdArgs), Out: os.Stdout})
+		if err != nil {
+			return fmt.Errorf("%w (natd-lab down --dir %s removes what was made)", err, *dir)
+		}
+		fmt.Printf("Lab up in %.1fs. kubectl: KUBECONFIG=%s %s get nodes\n", time.Since(start).Seconds(), t.Kubeconfig, t.API.KubectlBinary)
+		return nil
+	case "down":
+		parse(fs, args)
+		return lab.Down(*dir)
+	case "pod create":
+		node := fs.String("node", "", "node to run the pod on")
+		pos := parse(fs, args)
+		if len(pos) != 2 || *node == "" {
+			return fmt.Errorf("usage: natd-lab pod create NAMESPACE NAME --node NODE")
+		}
+		p, err := lab.CreatePod(ctx, *dir, pos[0], pos[1], *node)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("pod %s/%s on %s: %s (netns %s)\n", p.Namespace, p.Name, p.Node, p.IP, p.Netns)
+		return nil
+	case "pod delete":
+		pos := parse(fs, args)
+		if len(pos) != 2 {
+			return fmt.Errorf("usage: natd-lab pod delete NAMESPACE NAME")
+		}
+		return lab.DeletePod(ctx, *dir, pos[0], pos[1])
+	case "node restart":
+		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
+		pos := parse(fs, args)
+		if len(pos) != 1 {
+			return fmt.Errorf("usage: natd-lab node restart NODE")
+		}
+		t, err := lab.RestartNatd(*dir, pos[0], strings.Fields(*natdArgs))
+		if err != nil {
+			return err
+		}
+		n, _ := t.Node(pos[0])
+		fmt.Printf("natd on %s restarted (pid %d)\n", n.Name, n.NatdPid)
+		return lab.WaitNatdReady(ctx, n, 60*time.Second)
+	case "probe":
+		udp := fs.Bool("udp", false, "probe with a UDP datagram instead of TCP")
+		pos := parse(fs, args)
+		if len(pos) != 2 {
+			return fmt.Errorf("usage: natd-lab probe NAMESPACE NAME [--udp]")
+		}
+		t, err := lab.LoadTopology(*dir)
+		if err != nil {
+			return err
+		}
+		p, err := t.Pod(pos[0], pos[1])
+		if err != nil {
+			return err
+		}
+		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		defer cancel()
+		addr := fmt.Sprintf("%s:%d", t.Partner.IP, t.Partner.Port)
+		var src string
+		if *udp {
+			src, err = lab.SourceSeenUDP(pctx, p.Netns, addr)
+		} else {
+			src, err = lab.SourceSeenTCP(pctx, p.Netns, addr)
+		}
+		if err != nil {
+			return fmt.Errorf("no answer from the partner: %w", err)
+		}
+		fmt.Println(src)
+		return nil
+	case "partner":
+		listen := fs.String("listen", fmt.Sprintf("0.0.0.0:%d", lab.PartnerPort), "address to serve on")
+		parse(fs, args)
+		return lab.ServePartner(ctx, *listen, os.Stdout)
+	}
+	fmt.Fprint(os.Stderr, usage)
+	return fmt.Errorf("unknown verb %q", verb)
+}

@@ -1,0 +1,60 @@
+// Command natd is the node agent. `natd cleanup` removes everything it put in the
+// kernel on this node.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"k8s.io/klog/v2"
+	"natd.dev/natd/natd"
+)
+
+func main() {
+	cmd := "run"
+	args := os.Args[1:]
+	if len(args) > 0 && (args[0] == "cleanup" || args[0] == "run") {
+		cmd, args = args[0], args[1:]
+	}
+	fs := flag.NewFlagSet("natd "+cmd, flag.ExitOnError)
+	klog.InitFlags(fs)
+	var cfg natd.Config
+	cfg.RegisterFlags(fs)
+	_ = fs.Parse(args)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch cmd {
+	case "cleanup":
+		err = natd.Cleanup(&cfg)
+	default:
+		err = run(ctx, &cfg)
+	}
+	klog.Flush()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "natd:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, cfg *natd.Config) error {
+	a, metrics, err := natd.Setup(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Addr: cfg.MetricsAddr, Handler: metrics.Handler()}
+	go func() {
+		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			klog.ErrorS(err, "Metrics server failed", "addr", cfg.MetricsAddr)
+		}
+	}()
+	defer srv.Close()
+	return a.Run(ctx)
+}

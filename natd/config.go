@@ -1,0 +1,152 @@
+// Package natd is the agent: it watches Namespaces, Pods and Nodes, computes what this
+// node's kernel must do so that pinned namespaces leave the cluster with their egress
+// IP, and hands that to the dataplane.
+package natd
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+)
+
+// Names of the user interface (see CONTRACT.md).
+const (
+	AnnotationEgressIP = "egress.natd.dev/ip"
+	LabelEgressNode    = "egress.natd.dev/node"
+)
+
+// Config is the agent's configuration, from flags.
+type Config struct {
+	NodeName     string
+	NodeIP       netip.Addr // optional: taken from the Node object when unset
+	Kubeconfig   string
+	EgressCIDRs  []netip.Prefix
+	ClusterCIDRs []netip.Prefix
+	ServiceCIDRs []netip.Prefix
+	ExcludeCIDRs []netip.Prefix
+	FailOpen     bool
+	MetricsAddr  string
+	ResyncPeriod time.Duration
+	FwmarkMask   uint32
+	RulePriority int
+	TableBase    int
+	StateDir     string
+}
+
+// prefixList is a repeatable flag of CIDRs; commas also separate values.
+type prefixList struct{ list *[]netip.Prefix }
+
+func (p prefixList) String() string {
+	if p.list == nil {
+		return ""
+	}
+	var s []string
+	for _, x := range *p.list {
+		s = append(s, x.String())
+	}
+	return strings.Join(s, ",")
+}
+
+func (p prefixList) Set(v string) error {
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		pr, err := netip.ParsePrefix(part)
+		if err != nil {
+			return fmt.Errorf("not a CIDR: %q", part)
+		}
+		if pr != pr.Masked() {
+			return fmt.Errorf("%s has host bits set (did you mean %s?)", pr, pr.Masked())
+		}
+		*p.list = append(*p.list, pr)
+	}
+	return nil
+}
+
+type addrFlag struct{ a *netip.Addr }
+
+func (f addrFlag) String() string {
+	if f.a == nil || !f.a.IsValid() {
+		return ""
+	}
+	return f.a.String()
+}
+
+func (f addrFlag) Set(v string) error {
+	a, err := netip.ParseAddr(v)
+	if err != nil {
+		return fmt.Errorf("not an IP address: %q", v)
+	}
+	*f.a = a
+	return nil
+}
+
+type hexUint32 struct{ v *uint32 }
+
+func (h hexUint32) String() string {
+	if h.v == nil {
+		return ""
+	}
+	return fmt.Sprintf("%#08x", *h.v)
+}
+
+func (h hexUint32) Set(s string) error {
+	var v uint32
+	if _, err := fmt.Sscan(s, &v); err != nil {
+		return fmt.Errorf("not a number: %q", s)
+	}
+	*h.v = v
+	return nil
+}
+
+// RegisterFlags binds the agent's flags to fs with their defaults.
+func (c *Config) RegisterFlags(fs *flag.FlagSet) {
+	c.NodeName = os.Getenv("NODE_NAME")
+	c.MetricsAddr = ":9793"
+	c.ResyncPeriod = 30 * time.Second
+	c.FwmarkMask = 0x00ff0000
+	c.RulePriority = 7000
+	c.TableBase = 7100
+	c.StateDir = "/run/natd"
+	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "name of this node's Node object (default $NODE_NAME)")
+	fs.Var(addrFlag{&c.NodeIP}, "node-ip", "this node's IP (default: the Node's InternalIP)")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster config)")
+	fs.Var(prefixList{&c.EgressCIDRs}, "egress-cidr", "CIDR egress IPs may be taken from (repeatable, required)")
+	fs.Var(prefixList{&c.ClusterCIDRs}, "cluster-cidr", "pod CIDR of the cluster, never SNATed (repeatable, required)")
+	fs.Var(prefixList{&c.ServiceCIDRs}, "service-cidr", "service CIDR of the cluster, never SNATed (repeatable)")
+	fs.Var(prefixList{&c.ExcludeCIDRs}, "exclude-cidr", "more destinations that are never SNATed (repeatable)")
+	fs.BoolVar(&c.FailOpen, "fail-open", false, "when no egress node is healthy, send pinned traffic the normal way instead of dropping it")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz")
+	fs.DurationVar(&c.ResyncPeriod, "resync-period", c.ResyncPeriod, "how often the node is re-synced to repair drift")
+	fs.Var(hexUint32{&c.FwmarkMask}, "fwmark-mask", "bits of the packet mark natd owns (one contiguous run of at least 8 bits)")
+	fs.IntVar(&c.RulePriority, "rule-priority", c.RulePriority, "priority of natd's ip rules")
+	fs.IntVar(&c.TableBase, "route-table-base", c.TableBase, "natd uses route tables base+1 .. base+255")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "where natd keeps what it must restore on cleanup")
+}
+
+// Validate checks the configuration for the agent.
+func (c *Config) Validate() error {
+	switch {
+	case c.NodeName == "":
+		return fmt.Errorf("--node-name (or $NODE_NAME) is required")
+	case len(c.EgressCIDRs) == 0:
+		return fmt.Errorf("at least one --egress-cidr is required")
+	case len(c.ClusterCIDRs) == 0:
+		return fmt.Errorf("at least one --cluster-cidr is required")
+	case c.ResyncPeriod <= 0:
+		return fmt.Errorf("--resync-period must be positive")
+	}
+	for _, list := range [][]netip.Prefix{c.EgressCIDRs, c.ClusterCIDRs, c.ServiceCIDRs, c.ExcludeCIDRs} {
+		for _, p := range list {
+			if !p.Addr().Is4() {
+				return fmt.Errorf("%s: only IPv4 is supported for now", p)
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,135 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// ServePartner is the external partner: HTTP `GET /` answers with the source address
+// it saw, and every UDP datagram is echoed back prefixed with that address.
+func ServePartner(ctx context.Context, listen string, log io.Writer) error {
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return err
+	}
+	pc, err := net.ListenPacket("udp", listen)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		fmt.Fprintf(log, "tcp %s\n", r.RemoteAddr)
+		fmt.Fprintln(w, host)
+	}), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+		pc.Close()
+	}()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			host, _, _ := net.SplitHostPort(from.String())
+			pc.WriteTo(append([]byte(host+" "), buf[:n]...), from)
+		}
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// SourceSeenTCP asks the partner, from inside network namespace ns, which source
+// address it saw for a fresh TCP connection.
+func SourceSeenTCP(ctx context.Context, ns string, addr string) (string, error) {
+	c, err := DialIn(ctx, ns, "tcp", addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	fmt.Fprintf(c, "GET / HTTP/1.0\r\nHost: partner\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(body)), nil
+}
+
+// SourceSeenUDP sends one datagram from inside ns and returns the source address the
+// echo says the partner saw.
+func SourceSeenUDP(ctx context.Context, ns string, addr string) (string, error) {
+	c, err := DialIn(ctx, ns, "udp", addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	payload := fmt.Sprintf("probe-%d", time.Now().UnixNano())
+	buf := make([]byte, 2048)
+	// UDP may be lost; send a few times within the deadline.
+	for {
+		if _, err := c.Write([]byte(payload)); err != nil {
+			return "", err
+		}
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		n, err := c.Read(buf)
+		if err == nil {
+			host, rest, _ := strings.Cut(string(buf[:n]), " ")
+			if rest == payload {
+				return host, nil
+			}
+			continue
+		}
+		if ctx.Err() != nil {
+			return "", fmt.Errorf("no UDP echo: %w", ctx.Err())
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			continue
+		}
+		// ECONNREFUSED after an ICMP error, e.g. a drop with reject: keep trying.
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		return "", err
+	}
+}
+
+// withLock serialises changes to a lab's topology between natd-lab processes.
+func withLock(dir string, fn func() error) error {
+	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		return err
+	}
+	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return fn()
+}

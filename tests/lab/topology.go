@@ -1,0 +1,176 @@
+package lab
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// DefaultDir is where the lab lives unless --dir says otherwise.
+const DefaultDir = "/tmp/natd-lab"
+
+// Topology is DIR/topology.json, the lab's one machine-readable description
+// (CONTRACT.md fixes its fields).
+type Topology struct {
+	Kubeconfig  string  `json:"kubeconfig"`
+	NodeCIDR    string  `json:"nodeCIDR"`
+	EgressCIDR  string  `json:"egressCIDR"`
+	ClusterCIDR string  `json:"clusterCIDR"`
+	ServiceCIDR string  `json:"serviceCIDR"`
+	Nodes       []Node  `json:"nodes"`
+	Pods        []Pod   `json:"pods"`
+	Partner     Partner `json:"partner"`
+	Router      Router  `json:"router"`
+	// API is where the API server listens, for tools that want more than kubeconfig.
+	API API `json:"api"`
+}
+
+type Node struct {
+	Name    string `json:"name"`
+	Netns   string `json:"netns"`
+	IP      string `json:"ip"`
+	PodCIDR string `json:"podCIDR"`
+	Egress  bool   `json:"egress"`
+	NatdPid int    `json:"natdPid"`
+	NatdLog string `json:"natdLog"`
+}
+
+type Pod struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	Node      string `json:"node"`
+	Netns     string `json:"netns"`
+	IP        string `json:"ip"`
+}
+
+type Partner struct {
+	Netns string `json:"netns"`
+	IP    string `json:"ip"`
+	Port  int    `json:"port"`
+	Pid   int    `json:"pid"`
+}
+
+type Router struct {
+	Netns string `json:"netns"`
+}
+
+type API struct {
+	Netns         string `json:"netns"`
+	Server        string `json:"server"`
+	EtcdPid       int    `json:"etcdPid"`
+	APIServerPid  int    `json:"apiserverPid"`
+	APIServerLog  string `json:"apiserverLog"`
+	NatdBinary    string `json:"natdBinary"`
+	KubectlBinary string `json:"kubectlBinary"`
+}
+
+// LoadTopology reads DIR/topology.json.
+func LoadTopology(dir string) (*Topology, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "topology.json"))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("no lab in %s (run natd-lab up): %w", dir, err)
+		}
+		return nil, err
+	}
+	var t Topology
+	if err := json.Unmarshal(b, &t); err != nil {
+		return nil, fmt.Errorf("reading %s/topology.json: %w", dir, err)
+	}
+	return &t, nil
+}
+
+// Save writes DIR/topology.json atomically.
+func (t *Topology) Save(dir string) error {
+	return writeJSON(filepath.Join(dir, "topology.json"), t)
+}
+
+func (t *Topology) Node(name string) (*Node, error) {
+	for i := range t.Nodes {
+		if t.Nodes[i].Name == name {
+			return &t.Nodes[i], nil
+		}
+	}
+	return nil, fmt.Errorf("no node %q in the lab", name)
+}
+
+func (t *Topology) Pod(namespace, name string) (*Pod, error) {
+	for i := range t.Pods {
+		if t.Pods[i].Namespace == namespace && t.Pods[i].Name == name {
+			return &t.Pods[i], nil
+		}
+	}
+	return nil, fmt.Errorf("no pod %s/%s in the lab", namespace, name)
+}
+
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// ledger records, before each step of `up`, what the step is about to create, so that
+// `down` can remove everything even after a crash half-way through.
+type ledger struct {
+	path       string
+	CreatedDir bool     `json:"createdDir"`
+	Netns      []string `json:"netns"`
+	HostLinks  []string `json:"hostLinks"`
+	Pids       []proc   `json:"pids"`
+}
+
+type proc struct {
+	Pid    int    `json:"pid"`
+	Binary string `json:"binary"`
+}
+
+func loadLedger(dir string) (*ledger, error) {
+	l := &ledger{path: filepath.Join(dir, "lab-ledger.json")}
+	b, err := os.ReadFile(l.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return l, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(b, l); err != nil {
+		return nil, fmt.Errorf("reading %s: %w", l.path, err)
+	}
+	return l, nil
+}
+
+func (l *ledger) save() error { return writeJSON(l.path, l) }
+
+func (l *ledger) addNetns(name string) error {
+	for _, n := range l.Netns {
+		if n == name {
+			return nil
+		}
+	}
+	l.Netns = append(l.Netns, name)
+	return l.save()
+}
+
+func (l *ledger) removeNetns(name string) error {
+	out := l.Netns[:0]
+	for _, n := range l.Netns {
+		if n != name {
+			out = append(out, n)
+		}
+	}
+	l.Netns = out
+	return l.save()
+}
+
+func (l *ledger) addPid(pid int, binary string) error {
+	l.Pids = append(l.Pids, proc{Pid: pid, Binary: binary})
+	return l.save()
+}

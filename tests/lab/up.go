@@ -1,0 +1,543 @@
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-iptables/iptables"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"sigs.k8s.io/yaml"
+
+	"natd.dev/natd/manifests"
+)
+
+// Addresses of the lab (CONTRACT.md).
+const (
+	NodeCIDR    = "198.18.0.0/24"
+	EgressCIDR  = "198.18.0.192/26"
+	ClusterCIDR = "10.244.0.0/16"
+	ServiceCIDR = "10.96.0.0/12"
+	PartnerIP   = "203.0.113.10"
+	PartnerPort = 8080
+
+	routerNodeIP    = "198.18.0.1"
+	routerPartnerIP = "203.0.113.1"
+	apiNodeIP       = "198.18.0.2"
+	apiHostIP       = "198.18.1.2"
+	hostLinkIP      = "198.18.1.1"
+	hostLink        = "natd-api0"
+
+	nsRouter  = "natd-router"
+	nsPartner = "natd-partner"
+	nsAPI     = "natd-api"
+
+	agentGroup = "natd:agents"
+)
+
+// NodeIP is node i's address (i from 1).
+func NodeIP(i int) string { return fmt.Sprintf("198.18.0.%d", 10+i) }
+
+// Options of `natd-lab up`.
+type Options struct {
+	Dir      string
+	Nodes    int
+	Natd     string // natd binary
+	Self     string // natd-lab binary (runs the partner)
+	KubeBins string // directory with etcd, kube-apiserver, kubectl
+	NatdArgs []string
+	Out      io.Writer
+}
+
+// Up builds the lab. On failure it leaves what it made recorded in the ledger for Down.
+func Up(ctx context.Context, o Options) (*Topology, error) {
+	if o.Nodes < 1 || o.Nodes > 200 {
+		return nil, fmt.Errorf("--nodes must be between 1 and 200")
+	}
+	if _, err := os.Stat(filepath.Join(o.Dir, "lab-ledger.json")); err == nil {
+		return nil, fmt.Errorf("a lab already exists in %s; run natd-lab down first", o.Dir)
+	}
+	for _, b := range []string{o.Natd, o.Self, filepath.Join(o.KubeBins, "etcd"), filepath.Join(o.KubeBins, "kube-apiserver")} {
+		if _, err := os.Stat(b); err != nil {
+			return nil, fmt.Errorf("missing %s (make build kube-bins builds it): %w", b, err)
+		}
+	}
+	if out, err := Run("ip", "-o", "addr", "show", "to", "198.18.1.0/30"); err != nil || strings.TrimSpace(out) != "" {
+		return nil, fmt.Errorf("the host already has an address in 198.18.1.0/30, which the lab needs for its API link: %s", out)
+	}
+	created := false
+	if _, err := os.Stat(o.Dir); errors.Is(err, os.ErrNotExist) {
+		created = true
+	}
+	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return nil, err
+	}
+	dir, err := filepath.Abs(o.Dir)
+	if err != nil {
+		return nil, err
+	}
+	l, _ := loadLedger(dir)
+	l.CreatedDir = created
+	if err := l.save(); err != nil {
+		return nil, err
+	}
+	u := &upper{o: o, dir: dir, l: l}
+	return u.up(ctx)
+}
+
+type upper struct {
+	o   Options
+	dir string
+	l   *ledger
+	pki *pki
+}
+
+func (u *upper) say(format string, args ...any) {
+	if u.o.Out != nil {
+		fmt.Fprintf(u.o.Out, "  • "+format+"\n", args...)
+	}
+}
+
+func (u *upper) up(ctx context.Context) (*Topology, error) {
+	t := &Topology{
+		Kubeconfig: filepath.Join(u.dir, "kubeconfig"), NodeCIDR: NodeCIDR, EgressCIDR: EgressCIDR,
+		ClusterCIDR: ClusterCIDR, ServiceCIDR: ServiceCIDR,
+		Partner: Partner{Netns: nsPartner, IP: PartnerIP, Port: PartnerPort},
+		Router:  Router{Netns: nsRouter},
+		API: API{Netns: nsAPI, Server: "https://" + apiHostIP + ":6443", NatdBinary: u.o.Natd,
+			KubectlBinary: filepath.Join(u.o.KubeBins, "kubectl"), APIServerLog: filepath.Join(u.dir, "kube-apiserver.log")},
+	}
+	for i := 1; i <= u.o.Nodes; i++ {
+		name := fmt.Sprintf("node%d", i)
+		t.Nodes = append(t.Nodes, Node{Name: name, Netns: "natd-" + name, IP: NodeIP(i),
+			PodCIDR: fmt.Sprintf("10.244.%d.0/24", i),
+			// node1 is a plain worker; every other node may hold egress IPs.
+			Egress:  i != 1 || u.o.Nodes == 1,
+			NatdLog: filepath.Join(u.dir, "natd-"+name+".log")})
+	}
+	u.say("network: router, partner, API server namespace")
+	if err := u.network(t); err != nil {
+		return nil, err
+	}
+	u.say("certificates and kubeconfigs")
+	if err := u.credentials(t); err != nil {
+		return nil, err
+	}
+	u.say("etcd and kube-apiserver")
+	if err := u.controlPlane(ctx, t); err != nil {
+		return nil, err
+	}
+	client, err := Client(t.Kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	u.say("RBAC and Node objects")
+	if err := u.objects(ctx, client, t); err != nil {
+		return nil, err
+	}
+	u.say("partner server on %s:%d", PartnerIP, PartnerPort)
+	pid, err := u.start(nsPartner, u.o.Self, filepath.Join(u.dir, "partner.log"),
+		"partner", "--listen", fmt.Sprintf("0.0.0.0:%d", PartnerPort))
+	if err != nil {
+		return nil, err
+	}
+	t.Partner.Pid = pid
+	for i := range t.Nodes {
+		n := &t.Nodes[i]
+		u.say("natd on %s", n.Name)
+		if n.NatdPid, err = StartNatd(u.dir, t, n, u.o.NatdArgs); err != nil {
+			return nil, err
+		}
+		if err := u.l.addPid(n.NatdPid, t.API.NatdBinary); err != nil {
+			return nil, err
+		}
+	}
+	if err := t.Save(u.dir); err != nil {
+		return nil, err
+	}
+	for i := range t.Nodes {
+		if err := WaitNatdReady(ctx, &t.Nodes[i], 60*time.Second); err != nil {
+			return nil, err
+		}
+	}
+	return t, nil
+}
+
+func (u *upper) netns(name string) error {
+	if err := u.l.addNetns(name); err != nil {
+		return err
+	}
+	if _, err := Run("ip", "netns", "add", name); err != nil {
+		return err
+	}
+	_, err := NsRun(name, "ip", "link", "set", "lo", "up")
+	return err
+}
+
+func (u *upper) cmds(ns string, cmds ...string) error {
+	for _, c := range cmds {
+		if _, err := NsRun(ns, strings.Fields(c)...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (u *upper) network(t *Topology) error {
+	for _, ns := range []string{nsRouter, nsPartner, nsAPI} {
+		if err := u.netns(ns); err != nil {
+			return err
+		}
+	}
+	// The router bridges the node network and routes to the partner network. It never
+	// NATs: a source address that arrives at the partner is the one a node sent.
+	if err := u.cmds(nsRouter,
+		"ip link add br0 type bridge", "ip link set br0 up",
+		"ip addr add "+routerNodeIP+"/24 dev br0",
+		"ip link add eth-partner type veth peer name eth0 netns "+nsPartner,
+		"ip addr add "+routerPartnerIP+"/24 dev eth-partner", "ip link set eth-partner up",
+		"sysctl -qw net.ipv4.ip_forward=1",
+	); err != nil {
+		return err
+	}
+	if err := u.cmds(nsPartner,
+		"ip addr add "+PartnerIP+"/24 dev eth0", "ip link set eth0 up",
+		"ip route add default via "+routerPartnerIP,
+	); err != nil {
+		return err
+	}
+	// The API server sits on the node network (for the agents) and has one link to the
+	// host (for kubectl and the tests): the only thing the lab adds to the host.
+	if err := u.cmds(nsRouter,
+		"ip link add api-eth0 type veth peer name eth0 netns "+nsAPI,
+		"ip link set api-eth0 master br0", "ip link set api-eth0 up"); err != nil {
+		return err
+	}
+	u.l.HostLinks = append(u.l.HostLinks, hostLink)
+	if err := u.l.save(); err != nil {
+		return err
+	}
+	if _, err := Run("ip", "link", "add", hostLink, "type", "veth", "peer", "name", "eth1", "netns", nsAPI); err != nil {
+		return err
+	}
+	if _, err := Run("ip", "addr", "add", hostLinkIP+"/30", "dev", hostLink); err != nil {
+		return err
+	}
+	if _, err := Run("ip", "link", "set", hostLink, "up"); err != nil {
+		return err
+	}
+	if err := u.cmds(nsAPI,
+		"ip addr add "+apiNodeIP+"/24 dev eth0", "ip link set eth0 up",
+		"ip addr add "+apiHostIP+"/30 dev eth1", "ip link set eth1 up"); err != nil {
+		return err
+	}
+	for i := range t.Nodes {
+		if err := u.node(t, i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// node builds one node: uplink to the router's bridge, a cni0 bridge for its pods,
+// host-gateway routes to the other nodes' pods, and the CNI's masquerade rule.
+func (u *upper) node(t *Topology, i int) error {
+	n := t.Nodes[i]
+	if err := u.netns(n.Netns); err != nil {
+		return err
+	}
+	port := fmt.Sprintf("n%d", i+1)
+	if err := u.cmds(nsRouter,
+		"ip link add "+port+" type veth peer name eth0 netns "+n.Netns,
+		"ip link set "+port+" master br0", "ip link set "+port+" up"); err != nil {
+		return err
+	}
+	gw := strings.TrimSuffix(n.PodCIDR, "0/24") + "1"
+	cmds := []string{
+		"ip addr add " + n.IP + "/24 dev eth0", "ip link set eth0 up",
+		"ip route add default via " + routerNodeIP,
+		"ip link add cni0 type bridge", "ip addr add " + gw + "/24 dev cni0", "ip link set cni0 up",
+		"sysctl -qw net.ipv4.ip_forward=1",
+		// As many distributions ship it: strict reverse path filtering on the uplink.
+		"sysctl -qw net.ipv4.conf.all.rp_filter=1", "sysctl -qw net.ipv4.conf.eth0.rp_filter=1",
+	}
+	for j, other := range t.Nodes {
+		if j != i {
+			cmds = append(cmds, "ip route add "+other.PodCIDR+" via "+other.IP)
+		}
+	}
+	if err := u.cmds(n.Netns, cmds...); err != nil {
+		return err
+	}
+	// The CNI's masquerade, as ip-masq-agent or flannel install it: pod traffic to
+	// anything outside the cluster and node networks leaves with the node's IP.
+	return InNetns(n.Netns, func() error {
+		ipt, err := iptables.New()
+		if err != nil {
+			return err
+		}
+		if err := ipt.NewChain("nat", "LAB-CNI-MASQ"); err != nil {
+			return err
+		}
+		for _, r := range [][]string{
+			{"-d", ClusterCIDR, "-j", "RETURN"},
+			{"-d", NodeCIDR, "-j", "RETURN"},
+			{"-j", "MASQUERADE"},
+		} {
+			if err := ipt.Append("nat", "LAB-CNI-MASQ", r...); err != nil {
+				return err
+			}
+		}
+		return ipt.Append("nat", "POSTROUTING", "-s", ClusterCIDR, "-j", "LAB-CNI-MASQ")
+	})
+}
+
+func (u *upper) credentials(t *Topology) error {
+	p, err := newPKI(filepath.Join(u.dir, "pki"))
+	if err != nil {
+		return err
+	}
+	u.pki = p
+	if err := p.serviceAccountKey(); err != nil {
+		return err
+	}
+	if _, _, err := p.issue("apiserver", "kube-apiserver", nil,
+		[]net.IP{net.ParseIP(apiNodeIP), net.ParseIP(apiHostIP), net.ParseIP("10.96.0.1"), net.ParseIP("127.0.0.1")},
+		[]string{"kubernetes", "kubernetes.default", "kubernetes.default.svc", "localhost"}); err != nil {
+		return err
+	}
+	cert, key, err := p.issue("admin", "natd-lab-admin", []string{"system:masters"}, nil, nil)
+	if err != nil {
+		return err
+	}
+	if err := writeKubeconfig(t.Kubeconfig, "https://"+apiHostIP+":6443", p.caPEM, cert, key); err != nil {
+		return err
+	}
+	for _, n := range t.Nodes {
+		// Each agent is its own user in a group bound to natd's ClusterRole.
+		cert, key, err := p.issue("natd-"+n.Name, "natd:"+n.Name, []string{agentGroup}, nil, nil)
+		if err != nil {
+			return err
+		}
+		if err := writeKubeconfig(filepath.Join(u.dir, n.Name+".kubeconfig"), "https://"+apiNodeIP+":6443", p.caPEM, cert, key); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func writeKubeconfig(path, server string, ca, cert, key []byte) error {
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["natd-lab"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: ca}
+	cfg.AuthInfos["user"] = &clientcmdapi.AuthInfo{ClientCertificateData: cert, ClientKeyData: key}
+	cfg.Contexts["natd-lab"] = &clientcmdapi.Context{Cluster: "natd-lab", AuthInfo: "user"}
+	cfg.CurrentContext = "natd-lab"
+	return clientcmd.WriteToFile(*cfg, path)
+}
+
+// start runs a long-lived process inside a network namespace, detached from natd-lab,
+// logging to logPath, and records its PID in the ledger.
+func (u *upper) start(ns, bin, logPath string, args ...string) (int, error) {
+	pid, err := startIn(ns, bin, logPath, args...)
+	if err != nil {
+		return 0, err
+	}
+	return pid, u.l.addPid(pid, bin)
+}
+
+func startIn(ns, bin, logPath string, args ...string) (int, error) {
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return 0, err
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, bin}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("starting %s in %s: %w", filepath.Base(bin), ns, err)
+	}
+	pid := cmd.Process.Pid
+	// Reap it when it exits while natd-lab still runs; after that, init does.
+	go cmd.Wait()
+	return pid, nil
+}
+
+func (u *upper) controlPlane(ctx context.Context, t *Topology) error {
+	bins := u.o.KubeBins
+	pid, err := u.start(nsAPI, filepath.Join(bins, "etcd"), filepath.Join(u.dir, "etcd.log"),
+		"--data-dir", filepath.Join(u.dir, "etcd"), "--name", "natd-lab",
+		"--listen-client-urls", "http://127.0.0.1:2379", "--advertise-client-urls", "http://127.0.0.1:2379",
+		"--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+		"--initial-cluster", "natd-lab=http://127.0.0.1:2380", "--unsafe-no-fsync")
+	if err != nil {
+		return err
+	}
+	t.API.EtcdPid = pid
+	pki := filepath.Join(u.dir, "pki")
+	pid, err = u.start(nsAPI, filepath.Join(bins, "kube-apiserver"), t.API.APIServerLog,
+		"--etcd-servers", "http://127.0.0.1:2379",
+		"--bind-address", "0.0.0.0", "--secure-port", "6443", "--advertise-address", apiNodeIP,
+		"--tls-cert-file", filepath.Join(pki, "apiserver.crt"), "--tls-private-key-file", filepath.Join(pki, "apiserver.key"),
+		"--client-ca-file", filepath.Join(pki, "ca.crt"),
+		"--service-account-key-file", filepath.Join(pki, "sa.pub"),
+		"--service-account-signing-key-file", filepath.Join(pki, "sa.key"),
+		"--service-account-issuer", "https://kubernetes.default.svc",
+		"--service-cluster-ip-range", ServiceCIDR,
+		"--authorization-mode", "RBAC",
+		// No controller-manager runs to create default ServiceAccounts.
+		"--disable-admission-plugins", "ServiceAccount")
+	if err != nil {
+		return err
+	}
+	t.API.APIServerPid = pid
+	return WaitAPIReady(ctx, t.Kubeconfig, 90*time.Second)
+}
+
+// Client returns a client for the lab's API server.
+func Client(kubeconfig string) (*kubernetes.Clientset, error) {
+	rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	rc.QPS, rc.Burst = 200, 400
+	return kubernetes.NewForConfig(rc)
+}
+
+// WaitAPIReady waits until the API server answers /readyz.
+func WaitAPIReady(ctx context.Context, kubeconfig string, timeout time.Duration) error {
+	client, err := Client(kubeconfig)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(timeout)
+	var last error
+	for time.Now().Before(deadline) {
+		rctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		_, last = client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(rctx)
+		cancel()
+		if last == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("API server not ready after %s: %w", timeout, last)
+}
+
+func (u *upper) objects(ctx context.Context, client kubernetes.Interface, t *Topology) error {
+	var role rbacv1.ClusterRole
+	if err := yaml.Unmarshal(manifests.ClusterRole, &role); err != nil {
+		return fmt.Errorf("reading manifests' ClusterRole: %w", err)
+	}
+	if _, err := client.RbacV1().ClusterRoles().Create(ctx, &role, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	binding := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "natd-lab-agents"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: "Group", APIGroup: "rbac.authorization.k8s.io", Name: agentGroup}},
+	}
+	if _, err := client.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	for _, n := range t.Nodes {
+		node := &corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{"kubernetes.io/hostname": n.Name}},
+			Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR, PodCIDRs: []string{n.PodCIDR}},
+		}
+		if n.Egress {
+			node.Labels["egress.natd.dev/node"] = "true"
+		}
+		created, err := client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
+		if err != nil {
+			return err
+		}
+		now := metav1.Now()
+		created.Status = corev1.NodeStatus{
+			Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue,
+				Reason: "KubeletReady", Message: "natd lab node", LastHeartbeatTime: now, LastTransitionTime: now}},
+			Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.IP}, {Type: corev1.NodeHostName, Address: n.Name}},
+		}
+		if _, err := client.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// StartNatd starts natd for node n inside its namespace and returns its PID.
+func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
+	args := []string{
+		"--node-name", n.Name, "--kubeconfig", filepath.Join(dir, n.Name+".kubeconfig"),
+		"--egress-cidr", EgressCIDR, "--cluster-cidr", ClusterCIDR, "--service-cidr", ServiceCIDR,
+		"--state-dir", filepath.Join(dir, "state-"+n.Name), "--resync-period", "10s", "-v", "2",
+	}
+	return startIn(n.Netns, t.API.NatdBinary, n.NatdLog, append(args, extra...)...)
+}
+
+// WaitNatdReady waits until the node's natd answers /readyz (its first sync is done).
+func WaitNatdReady(ctx context.Context, n *Node, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if ready(ctx, n) {
+			return nil
+		}
+		if !Alive(n.NatdPid) {
+			return fmt.Errorf("natd on %s exited; see %s", n.Name, n.NatdLog)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("natd on %s not ready after %s; see %s", n.Name, timeout, n.NatdLog)
+}
+
+func ready(ctx context.Context, n *Node) bool {
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	c, err := DialIn(rctx, n.Netns, "tcp", "127.0.0.1:9793")
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	fmt.Fprintf(c, "GET /readyz HTTP/1.0\r\n\r\n")
+	b, _ := io.ReadAll(c)
+	return strings.HasPrefix(string(b), "HTTP/1.0 200") || strings.HasPrefix(string(b), "HTTP/1.1 200")
+}
+
+// Alive reports whether pid is a running (not zombie) process.
+func Alive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i > 0 && i+2 < len(s) && s[i+2] != 'Z'
+}
