@@ -45,6 +45,9 @@ func ParseEgressIP(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.A
 	if !ip.Is4() {
 		return netip.Addr{}, reject(ReasonNotSupported, "%s=%q: only IPv4 egress IPs are supported for now", AnnotationEgressIP, value)
 	}
+	if node, ok := nodeIPs[ip]; ok {
+		return netip.Addr{}, reject(ReasonNodeIP, "egress IP %s is the IP of node %s", ip, node)
+	}
 	var in netip.Prefix
 	for _, p := range egressCIDRs {
 		if p.Contains(ip) {
@@ -62,9 +65,6 @@ func ParseEgressIP(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.A
 		if ip == lastAddr(in) {
 			return netip.Addr{}, reject(ReasonReservedAddress, "egress IP %s is the broadcast address of %s", ip, in)
 		}
-	}
-	if node, ok := nodeIPs[ip]; ok {
-		return netip.Addr{}, reject(ReasonNodeIP, "egress IP %s is the IP of node %s", ip, node)
 	}
 	return ip, nil
 }

@@ -75,6 +75,9 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (*Pod, er
 		{p.Netns, "ip", "addr", "add", p.IP + "/24", "dev", "eth0"},
 		{p.Netns, "ip", "link", "set", "eth0", "up"},
 		{p.Netns, "ip", "route", "add", "default", "via", gw},
+		// The IP may have belonged to a deleted pod: forget its old MAC now rather than
+		// after the neighbour entry times out, as a CNI's ARP on sandbox start does.
+		{n.Netns, "ip", "neigh", "flush", "to", p.IP},
 	} {
 		if _, err := NsRun(c[0], c[1:]...); err != nil {
 			return nil, err

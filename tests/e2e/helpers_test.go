@@ -1,0 +1,190 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"natd.dev/natd/tests/lab"
+)
+
+func partnerAddr() string { return fmt.Sprintf("%s:%d", topo.Partner.IP, topo.Partner.Port) }
+
+// newPod creates a lab pod and removes it when the test ends.
+func newPod(t *testing.T, ns, name, node string) *lab.Pod {
+	t.Helper()
+	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node)
+	if err != nil {
+		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
+	}
+	t.Cleanup(func() {
+		if err := lab.DeletePod(context.Background(), labDir, ns, name); err != nil {
+			t.Errorf("deleting pod %s/%s: %v", ns, name, err)
+		}
+	})
+	return p
+}
+
+// annotate sets (or with ip "" removes) a namespace's egress annotation.
+func annotate(t *testing.T, ns, ip string) {
+	t.Helper()
+	value := "null"
+	if ip != "" {
+		value = fmt.Sprintf("%q", ip)
+	}
+	patch := fmt.Sprintf(`{"metadata":{"annotations":{"egress.natd.dev/ip":%s}}}`, value)
+	if _, err := client.CoreV1().Namespaces().Patch(context.Background(), ns, types.MergePatchType,
+		[]byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatalf("annotating %s: %v", ns, err)
+	}
+}
+
+// ensureNamespace creates ns (lab pods create theirs; some tests need one without pods).
+func ensureNamespace(t *testing.T, ns string) {
+	t.Helper()
+	_, err := client.CoreV1().Namespaces().Create(context.Background(),
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+}
+
+// unpinOnCleanup removes the annotation when the test ends, so tests stay independent.
+func unpinOnCleanup(t *testing.T, ns string) {
+	t.Cleanup(func() { annotate(t, ns, "") })
+}
+
+type proto string
+
+const (
+	tcp proto = "tcp"
+	udp proto = "udp"
+)
+
+// seen asks the partner which source address it sees from pod p now.
+func seen(p *lab.Pod, pr proto, timeout time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if pr == udp {
+		return lab.SourceSeenUDP(ctx, p.Netns, partnerAddr())
+	}
+	return lab.SourceSeenTCP(ctx, p.Netns, partnerAddr())
+}
+
+// waitSeen waits until the partner sees want from p, and fails if it ever sees an
+// address in forbidden meanwhile.
+func waitSeen(t *testing.T, p *lab.Pod, pr proto, want string, forbidden ...string) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	var last string
+	var lastErr error
+	for time.Now().Before(deadline) {
+		got, err := seen(p, pr, time.Second)
+		if err == nil {
+			for _, f := range forbidden {
+				if got == f {
+					t.Fatalf("%s/%s over %s reached the partner from %s (forbidden)", p.Namespace, p.Name, pr, got)
+				}
+			}
+			if got == want {
+				return
+			}
+		}
+		last, lastErr = got, err
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s/%s over %s: partner never saw %s (last: %q, %v)", p.Namespace, p.Name, pr, want, last, lastErr)
+}
+
+// assertSeen checks both protocols now, with no waiting for convergence.
+func assertSeen(t *testing.T, p *lab.Pod, want string) {
+	t.Helper()
+	for _, pr := range []proto{tcp, udp} {
+		got, err := seen(p, pr, 3*time.Second)
+		if err != nil || got != want {
+			t.Errorf("%s/%s on %s over %s: partner saw %q (%v), want %s", p.Namespace, p.Name, p.Node, pr, got, err, want)
+		}
+	}
+}
+
+// assertBlocked checks that pod p cannot reach the partner at all.
+func assertBlocked(t *testing.T, p *lab.Pod) {
+	t.Helper()
+	for _, pr := range []proto{tcp, udp} {
+		if got, err := seen(p, pr, 1500*time.Millisecond); err == nil {
+			t.Errorf("%s/%s over %s reached the partner from %s; want it dropped", p.Namespace, p.Name, pr, got)
+		}
+	}
+}
+
+func nodeIP(name string) string {
+	n, err := topo.Node(name)
+	if err != nil {
+		panic(err)
+	}
+	return n.IP
+}
+
+func nodeIPs() []string {
+	var out []string
+	for _, n := range topo.Nodes {
+		out = append(out, n.IP)
+	}
+	return out
+}
+
+// holderOf finds the node that has ip on its uplink.
+func holderOf(t *testing.T, ip string) string {
+	t.Helper()
+	var holders []string
+	for _, n := range topo.Nodes {
+		out, err := lab.NsRun(n.Netns, "ip", "-o", "addr", "show", "dev", "eth0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(out, " "+ip+"/32 ") {
+			holders = append(holders, n.Name)
+		}
+	}
+	if len(holders) > 1 {
+		t.Fatalf("%s is on more than one node: %v", ip, holders)
+	}
+	if len(holders) == 0 {
+		return ""
+	}
+	return holders[0]
+}
+
+// waitHolder waits until exactly one node holds ip and returns it.
+func waitHolder(t *testing.T, ip string) string {
+	t.Helper()
+	for i := 0; i < 100; i++ {
+		if h := holderOf(t, ip); h != "" {
+			return h
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("no node holds %s", ip)
+	return ""
+}
+
+// setNodeLabel sets or (value "") removes the egress label of a node.
+func setEgressLabel(t *testing.T, node, value string) {
+	t.Helper()
+	v := "null"
+	if value != "" {
+		v = fmt.Sprintf("%q", value)
+	}
+	patch := fmt.Sprintf(`{"metadata":{"labels":{"egress.natd.dev/node":%s}}}`, v)
+	if _, err := client.CoreV1().Nodes().Patch(context.Background(), node, types.MergePatchType, []byte(patch),
+		metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,100 @@
+// Package e2e runs natd end to end in the lab: a real kube-apiserver, one natd per node
+// namespace, and every result observed at the partner.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+
+	"natd.dev/natd/tests/lab"
+)
+
+var (
+	labDir string
+	topo   *lab.Topology
+	client *kubernetes.Clientset
+)
+
+// TestMain builds natd and natd-lab, brings a lab up (or uses the one named by
+// NATD_LAB_DIR), runs the tests and takes the lab down. With NATD_E2E=required a lab
+// that cannot be built fails the run instead of skipping it.
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	required := os.Getenv("NATD_E2E") == "required"
+	skip := func(format string, args ...any) int {
+		msg := fmt.Sprintf(format, args...)
+		if required {
+			fmt.Fprintln(os.Stderr, "e2e: cannot run (NATD_E2E=required):", msg)
+			return 1
+		}
+		fmt.Fprintln(os.Stderr, "e2e: skipped:", msg)
+		return 0
+	}
+	if os.Geteuid() != 0 {
+		return skip("needs root for network namespaces")
+	}
+	ctx := context.Background()
+	if dir := os.Getenv("NATD_LAB_DIR"); dir != "" {
+		labDir = dir
+	} else {
+		bins, err := os.MkdirTemp("", "natd-e2e-bin-")
+		if err != nil {
+			return skip("%v", err)
+		}
+		defer os.RemoveAll(bins)
+		_, file, _, _ := runtime.Caller(0)
+		root := filepath.Join(filepath.Dir(file), "..", "..")
+		build := exec.Command("go", "build", "-o", bins+"/", "./cmd/natd", "./cmd/natd-lab")
+		build.Dir, build.Stdout, build.Stderr = root, os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			return skip("building natd: %v", err)
+		}
+		kubeBins := os.Getenv("NATD_KUBE_BINS")
+		if kubeBins == "" {
+			home, _ := os.UserHomeDir()
+			kubeBins = filepath.Join(home, ".cache", "natd", "bin")
+			if c := os.Getenv("NATD_CACHE"); c != "" {
+				kubeBins = filepath.Join(c, "bin")
+			}
+		}
+		if _, err := os.Stat(filepath.Join(kubeBins, "kube-apiserver")); err != nil {
+			return skip("no kube-apiserver in %s (make kube-bins builds it)", kubeBins)
+		}
+		labDir, err = os.MkdirTemp("", "natd-e2e-lab-")
+		if err != nil {
+			return skip("%v", err)
+		}
+		os.Remove(labDir) // Up creates it, and Down then removes it whole
+		start := time.Now()
+		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: 3, Natd: filepath.Join(bins, "natd"),
+			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, Out: os.Stderr})
+		defer func() {
+			if err := lab.Down(labDir); err != nil {
+				fmt.Fprintln(os.Stderr, "e2e: lab down:", err)
+			}
+		}()
+		if err != nil {
+			return skip("lab up: %v", err)
+		}
+		fmt.Fprintf(os.Stderr, "e2e: lab up in %s\n", time.Since(start).Round(time.Millisecond))
+	}
+	var err error
+	if topo, err = lab.LoadTopology(labDir); err != nil {
+		return skip("%v", err)
+	}
+	if client, err = lab.Client(topo.Kubeconfig); err != nil {
+		return skip("%v", err)
+	}
+	return m.Run()
+}
