@@ -3,7 +3,6 @@ package dataplane
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -12,15 +11,15 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
 // testNS is a fresh network namespace with one dummy uplink carrying the node IP.
 type testNS struct {
-	t    *testing.T
-	name string
-	h    netns.NsHandle
+	t        *testing.T
+	name     string
+	h        netns.NsHandle
+	stateDir string
 }
 
 func newTestNS(t *testing.T, nodeIP string) *testNS {
@@ -34,7 +33,7 @@ func newTestNS(t *testing.T, nodeIP string) *testNS {
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		requireKernel(t, "ip netns add: "+err.Error()+": "+string(out))
 	}
-	ns := &testNS{t: t, name: name}
+	ns := &testNS{t: t, name: name, stateDir: t.TempDir()}
 	t.Cleanup(func() {
 		if ns.h.IsOpen() {
 			ns.h.Close()
@@ -76,7 +75,7 @@ func (ns *testNS) dataplane() *Dataplane {
 	ns.t.Helper()
 	marks, _ := NewMarks(0x00ff0000)
 	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
-		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.t.TempDir()})
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir})
 	if err != nil {
 		ns.t.Fatal(err)
 	}
@@ -137,7 +136,177 @@ func TestKernelApplyMatchesRenderedRuleset(t *testing.T) {
 	}
 }
 
-func TestKernelDummy(t *testing.T) {
-	_ = net.IPv4zero
-	_ = netlink.Addr{}
+// snapshot is natd's kernel state in a namespace, as text a human would compare.
+func (ns *testNS) snapshot() string {
+	ns.t.Helper()
+	var b strings.Builder
+	table, err := exec.Command("ip", "netns", "exec", ns.name, "nft", "-s", "list", "table", "ip", TableName).CombinedOutput()
+	if err != nil {
+		table = []byte("no table")
+	}
+	b.WriteString(normalize(string(table)) + "\n")
+	// Rules of one priority list in insertion order; a repaired rule comes last.
+	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "7000")), "\n")
+	sort.Strings(rules)
+	b.WriteString(strings.Join(rules, "\n") + "\n")
+	b.WriteString(ns.run("ip", "route", "show", "table", "all", "proto", "78"))
+	b.WriteString(ns.run("ip", "-o", "-4", "addr", "show", "dev", "uplink0"))
+	return b.String()
+}
+
+func TestKernelReapplyIsIdempotent(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	st := sampleState()
+	res, err := d.Apply(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Rebuilt || len(res.Announced) != 1 || res.Announced[0] != netip.MustParseAddr("198.18.0.200") {
+		t.Fatalf("first apply: %+v; want a rebuild announcing 198.18.0.200", res)
+	}
+	first := ns.snapshot()
+	for i := 0; i < 3; i++ {
+		res, err := d.Apply(st)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Rebuilt || len(res.Announced) != 0 || len(res.Released) != 0 {
+			t.Fatalf("re-apply %d changed something: %+v", i, res)
+		}
+	}
+	if again := ns.snapshot(); again != first {
+		t.Fatalf("re-applying changed the kernel\n--- first:\n%s\n--- after:\n%s", first, again)
+	}
+	// One rule and one route per egress IP with a remote holder; no duplicates.
+	if n := strings.Count(first, "fwmark"); n != 3 {
+		t.Errorf("%d ip rules, want 3 (one per egress IP):\n%s", n, first)
+	}
+	if n := strings.Count(first, "default via"); n != 1 {
+		t.Errorf("%d routes, want 1 (to the remote holder):\n%s", n, first)
+	}
+	// A fresh Dataplane (natd restarted) on the same kernel converges to the same state.
+	d2 := ns.dataplane()
+	if _, err := d2.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	if again := ns.snapshot(); again != first {
+		t.Fatalf("a restarted natd changed the kernel\n--- first:\n%s\n--- after:\n%s", first, again)
+	}
+}
+
+func TestKernelReplacingState(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	st := sampleState()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	// 198.18.0.200 moves away to node .11, .201 comes here, .202 is no longer used,
+	// and a pod joins .201 (an element-only change would not cover the rest).
+	next := sampleState()
+	next.Egress = []EgressIP{
+		{IP: netip.MustParseAddr("198.18.0.200"), HolderIP: netip.MustParseAddr("198.18.0.11"),
+			Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}},
+		{IP: netip.MustParseAddr("198.18.0.201"), Local: true, HolderIP: netip.MustParseAddr("198.18.0.12"),
+			Pods: []netip.Addr{netip.MustParseAddr("10.244.1.11"), netip.MustParseAddr("10.244.2.10")}},
+	}
+	res, err := d.Apply(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Announced) != 1 || res.Announced[0].String() != "198.18.0.201" ||
+		len(res.Released) != 1 || res.Released[0].String() != "198.18.0.200" {
+		t.Fatalf("apply: %+v; want 198.18.0.201 announced and 198.18.0.200 released", res)
+	}
+	got := ns.snapshot()
+	want := normalize(BuildRuleset(next, d.cfg.Marks, d.slots).Text(false))
+	if !strings.HasPrefix(got, want+"\n") {
+		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
+	}
+	if strings.Count(got, "fwmark") != 2 || !strings.Contains(got, "default via 198.18.0.11") ||
+		strings.Count(got, "default via") != 1 {
+		t.Errorf("want two ip rules and one route (to .11 for .200):\n%s", got)
+	}
+	if !strings.Contains(got, "198.18.0.201/32") || strings.Contains(got, "198.18.0.200/32") {
+		t.Errorf("want only 198.18.0.201 on the uplink:\n%s", got)
+	}
+
+	// Only pods change: element updates, no rebuild.
+	next.Egress[1].Pods = append(next.Egress[1].Pods, netip.MustParseAddr("10.244.2.11"))
+	res, err = d.Apply(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Rebuilt {
+		t.Error("adding one pod rebuilt the whole table")
+	}
+	if out := ns.run("nft", "list", "map", "ip", TableName, mapPodEgress); !strings.Contains(out, "10.244.2.11 : jump egress_198.18.0.201") {
+		t.Errorf("new pod missing from %s:\n%s", mapPodEgress, out)
+	}
+}
+
+// Someone deletes or flushes natd's table: the next Apply puts it back whole.
+func TestKernelRepairsDeletedOrFlushedTable(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	st := sampleState()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	want := ns.snapshot()
+	for _, vandal := range [][]string{
+		{"nft", "delete", "table", "ip", TableName},
+		{"nft", "flush", "table", "ip", TableName},
+		{"nft", "flush", "chain", "ip", TableName, "leak_guard"},
+		{"ip", "rule", "del", "priority", "7000"},
+	} {
+		ns.run(vandal...)
+		res, err := d.Apply(st)
+		if err != nil {
+			t.Fatalf("after %v: %v", vandal, err)
+		}
+		if got := ns.snapshot(); got != want {
+			t.Fatalf("after %v and a sync (%+v) the kernel differs\n--- got:\n%s\n--- want:\n%s", vandal, res, got, want)
+		}
+	}
+}
+
+func TestKernelCleanupRemovesEverything(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	ns.run("sysctl", "-qw", "net.ipv4.conf.uplink0.rp_filter=1")
+	before := ns.snapshot()
+	d := ns.dataplane()
+	if _, err := d.Apply(sampleState()); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(ns.run("sysctl", "-n", "net.ipv4.conf.uplink0.rp_filter")); got != "2" {
+		t.Errorf("holder's uplink rp_filter = %s, want 2 (loose) for forwarded pinned traffic", got)
+	}
+	// Somebody else's rule, route and table in the same namespace must survive.
+	ns.run("ip", "rule", "add", "fwmark", "0x1", "lookup", "100", "priority", "7000")
+	ns.run("ip", "route", "add", "default", "via", "198.18.0.1", "table", "100")
+	ns.run("nft", "add", "table", "ip", "someone-else")
+
+	// A new Dataplane, as `natd cleanup` runs in a fresh process.
+	if err := ns.dataplane().Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	ns.run("ip", "rule", "del", "priority", "7000", "fwmark", "0x1")
+	if out := ns.run("nft", "list", "tables"); !strings.Contains(out, "someone-else") {
+		t.Errorf("cleanup removed another table:\n%s", out)
+	}
+	ns.run("nft", "delete", "table", "ip", "someone-else")
+	if out := ns.run("ip", "route", "show", "table", "100"); !strings.Contains(out, "default via 198.18.0.1") {
+		t.Errorf("cleanup removed another route: %q", out)
+	}
+	if after := ns.snapshot(); after != before {
+		t.Fatalf("cleanup left state behind\n--- before apply:\n%s\n--- after cleanup:\n%s", before, after)
+	}
+	if got := strings.TrimSpace(ns.run("sysctl", "-n", "net.ipv4.conf.uplink0.rp_filter")); got != "1" {
+		t.Errorf("rp_filter after cleanup = %s, want the original 1", got)
+	}
+	if err := ns.dataplane().Cleanup(); err != nil {
+		t.Fatalf("cleanup of a clean node: %v", err)
+	}
 }

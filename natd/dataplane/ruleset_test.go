@@ -1,0 +1,154 @@
+package dataplane
+
+import (
+	"net/netip"
+	"testing"
+)
+
+func TestBuildRulesetText(t *testing.T) {
+	marks, err := NewMarks(0x00ff0000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := sampleState()
+	index := map[netip.Addr]int{
+		netip.MustParseAddr("198.18.0.200"): 1,
+		netip.MustParseAddr("198.18.0.201"): 2,
+		netip.MustParseAddr("198.18.0.202"): 3,
+	}
+	got := BuildRuleset(st, marks, index).Text(false)
+	want := `table ip natd {
+	set cluster_dsts {
+		type ipv4_addr
+		flags interval
+		elements = { 10.96.0.0/12, 10.244.0.0/16, 198.18.0.11-198.18.0.12 }
+	}
+	set node_ips {
+		type ipv4_addr
+		elements = { 198.18.0.11, 198.18.0.12 }
+	}
+	set local_pod_cidrs {
+		type ipv4_addr
+		flags interval
+		elements = { 10.244.2.0/24 }
+	}
+	set known_local_pods {
+		type ipv4_addr
+		elements = { 10.244.2.10 }
+	}
+	set held_ips {
+		type ipv4_addr
+		elements = { 198.18.0.200 }
+	}
+	map pod_egress {
+		type ipv4_addr : verdict
+		elements = { 10.244.1.10 : jump egress_198.18.0.200, 10.244.2.10 : jump egress_198.18.0.200, 10.244.1.11 : jump egress_198.18.0.201, 10.244.1.12 : jump egress_198.18.0.202 }
+	}
+	map held_snat {
+		type mark : ipv4_addr
+		elements = { 0x00010000 : 198.18.0.200 }
+	}
+
+	chain egress_198.18.0.200 {
+		meta mark set meta mark & 0xff01ffff | 0x00010000
+	}
+
+	chain egress_198.18.0.201 {
+		meta mark set meta mark & 0xff02ffff | 0x00020000
+	}
+
+	chain egress_198.18.0.202 {
+		counter drop
+	}
+
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		ip daddr @cluster_dsts return
+		ip saddr @local_pod_cidrs ip saddr != @known_local_pods counter drop
+		ip saddr vmap @pod_egress
+	}
+
+	chain snat {
+		type nat hook postrouting priority srcnat - 10; policy accept;
+		meta mark & 0x00ff0000 == 0x00000000 return
+		snat to meta mark & 0x00ff0000 map @held_snat
+		snat to ip saddr
+	}
+
+	chain leak_guard {
+		type filter hook postrouting priority srcnat + 10; policy accept;
+		meta mark & 0x00ff0000 == 0x00000000 return
+		ip saddr @held_ips accept
+		ip saddr != @node_ips rt ip nexthop @node_ips accept
+		counter drop
+	}
+}
+`
+	if got != want {
+		t.Fatalf("rendered ruleset differs\n--- got:\n%s\n--- want:\n%s", got, want)
+	}
+}
+
+func TestFailOpenEgressChainIsEmpty(t *testing.T) {
+	marks, _ := NewMarks(0x00ff0000)
+	st := State{Egress: []EgressIP{{IP: netip.MustParseAddr("198.18.0.200"), FailOpen: true,
+		Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}}}}
+	rs := BuildRuleset(st, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1})
+	if c := rs.Chains[0]; c.Name != "egress_198.18.0.200" || len(c.Rules) != 0 {
+		t.Fatalf("fail-open chain without holder: %+v; want no rules (packet goes the normal way)", c)
+	}
+}
+
+func TestMergeRanges(t *testing.T) {
+	var in []netip.Prefix
+	for _, s := range []string{"10.0.0.0/8", "10.1.0.0/16", "192.168.0.1/32", "192.168.0.2/31", "192.168.0.0/32", "0.0.0.0/0"} {
+		in = append(in, netip.MustParsePrefix(s))
+	}
+	got := mergeRanges(in[:5])
+	var txt []string
+	for _, r := range got {
+		txt = append(txt, r.String())
+	}
+	if want := "10.0.0.0/8 192.168.0.0/30"; join(txt) != want {
+		t.Errorf("mergeRanges = %q, want %q", join(txt), want)
+	}
+	if all := mergeRanges(in); len(all) != 1 || all[0].String() != "0.0.0.0/0" {
+		t.Errorf("mergeRanges with 0.0.0.0/0 = %v", all)
+	}
+}
+
+func join(s []string) string {
+	out := ""
+	for i, x := range s {
+		if i > 0 {
+			out += " "
+		}
+		out += x
+	}
+	return out
+}
+
+func TestNewMarks(t *testing.T) {
+	for _, bad := range []uint32{0, 0x00f0f000, 0x0000000f} {
+		if _, err := NewMarks(bad); err == nil {
+			t.Errorf("NewMarks(%#x) accepted", bad)
+		}
+	}
+	m, err := NewMarks(0xff000000)
+	if err != nil || m.Value(1) != 0x01000000 || m.MaxIndex() != 255 {
+		t.Errorf("NewMarks(0xff000000) = %+v, %v", m, err)
+	}
+}
+
+func TestDiffElements(t *testing.T) {
+	el := func(k, text string) Element { return Element{Key: []byte(k), Text: text} }
+	del, add := diffElements(
+		[]Element{el("a", "a:1"), el("b", "b:1"), el("c", "c:1")},
+		[]Element{el("a", "a:1"), el("b", "b:2"), el("d", "d:1")})
+	if len(del) != 2 || del[0].Text != "b:2" || del[1].Text != "c:1" {
+		t.Errorf("del = %v", del)
+	}
+	if len(add) != 2 || add[0].Text != "b:2" || add[1].Text != "d:1" {
+		t.Errorf("add = %v", add)
+	}
+}

@@ -1,0 +1,175 @@
+package natd
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"natd.dev/natd/election"
+)
+
+func testConfig(node string) *Config {
+	return &Config{
+		NodeName:     node,
+		EgressCIDRs:  []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")},
+		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+		ServiceCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")},
+		ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")},
+	}
+}
+
+func node(name, ip string, egress, ready bool) *corev1.Node {
+	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{}}}
+	if egress {
+		n.Labels[LabelEgressNode] = "true"
+	}
+	status := corev1.ConditionFalse
+	if ready {
+		status = corev1.ConditionTrue
+	}
+	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: status}}
+	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: ip}}
+	n.Spec.PodCIDRs = []string{"10.244." + strings.TrimPrefix(ip, "198.18.0.") + ".0/24"}
+	return n
+}
+
+func ns(name, egress string) *corev1.Namespace {
+	n := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	if egress != "" {
+		n.Annotations = map[string]string{AnnotationEgressIP: egress}
+	}
+	return n
+}
+
+func pod(namespace, name, nodeName, ip string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
+		Spec:       corev1.PodSpec{NodeName: nodeName},
+		Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}},
+	}
+}
+
+func cluster() Cluster {
+	hostNet := pod("team-a", "host", "node1", "198.18.0.11")
+	hostNet.Spec.HostNetwork = true
+	done := pod("team-a", "done", "node1", "10.244.11.99")
+	done.Status.Phase = corev1.PodSucceeded
+	return Cluster{
+		Nodes: []*corev1.Node{
+			node("node1", "198.18.0.11", false, true),
+			node("node2", "198.18.0.12", true, true),
+			node("node3", "198.18.0.13", true, false), // eligible but not Ready
+		},
+		Namespaces: []*corev1.Namespace{
+			ns("team-a", "198.18.0.200"), ns("team-b", "198.18.0.200"), ns("team-c", ""),
+			ns("bad", "198.18.0.12"),
+		},
+		Pods: []*corev1.Pod{
+			pod("team-a", "a1", "node1", "10.244.11.10"),
+			pod("team-a", "a2", "node2", "10.244.12.10"),
+			pod("team-b", "b1", "node3", "10.244.13.10"),
+			pod("team-c", "c1", "node1", "10.244.11.11"),
+			pod("bad", "x1", "node1", "10.244.11.12"),
+			hostNet, done,
+		},
+	}
+}
+
+func TestPlanOnWorker(t *testing.T) {
+	p := &Planner{Config: testConfig("node1"), Holders: election.Rendezvous{}}
+	plan, err := p.Plan(cluster())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := plan.State
+	if st.NodeIP.String() != "198.18.0.11" {
+		t.Errorf("NodeIP = %s", st.NodeIP)
+	}
+	if got := prefixes(st.ClusterDestinations); got != "10.96.0.0/12 10.244.0.0/16 192.0.2.0/24 198.18.0.11/32 198.18.0.12/32 198.18.0.13/32" {
+		t.Errorf("ClusterDestinations = %s", got)
+	}
+	if got := addrs(st.KnownLocalPods); got != "10.244.11.10 10.244.11.11 10.244.11.12" {
+		t.Errorf("KnownLocalPods = %s (host-network and finished pods must be left out)", got)
+	}
+	if len(st.Egress) != 1 {
+		t.Fatalf("Egress = %+v; want one IP shared by team-a and team-b", st.Egress)
+	}
+	e := st.Egress[0]
+	if e.IP.String() != "198.18.0.200" || e.Local || e.HolderIP.String() != "198.18.0.12" {
+		t.Errorf("egress = %+v; want 198.18.0.200 held by node2 (node3 is not Ready)", e)
+	}
+	if got := addrs(e.Pods); got != "10.244.11.10 10.244.12.10 10.244.13.10" {
+		t.Errorf("pinned pods = %s; want every pod of team-a and team-b on every node", got)
+	}
+	if got := strings.Join(plan.Namespaces[e.IP], " "); got != "team-a team-b" {
+		t.Errorf("namespaces = %s", got)
+	}
+	if r := plan.Rejected["bad"]; r == nil || r.Reason != ReasonNodeIP {
+		t.Errorf("rejected = %+v; want bad rejected for naming node2's IP", plan.Rejected)
+	}
+}
+
+func TestPlanOnHolderAndWithoutEligibleNode(t *testing.T) {
+	p := &Planner{Config: testConfig("node2"), Holders: election.Rendezvous{}}
+	plan, err := p.Plan(cluster())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := plan.State.Egress[0]; !e.Local {
+		t.Errorf("node2 should hold %s: %+v", e.IP, e)
+	}
+	c := cluster()
+	c.Nodes[1].Labels = nil // node2 no longer eligible; node3 is not Ready
+	plan, err = p.Plan(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := plan.State.Egress[0]; e.HasHolder() || e.FailOpen {
+		t.Errorf("with no eligible node: %+v; want no holder, fail closed", e)
+	}
+	if plan.Holders[plan.State.Egress[0].IP] != "" {
+		t.Errorf("Holders = %v", plan.Holders)
+	}
+}
+
+func TestPlanNeedsOwnNode(t *testing.T) {
+	p := &Planner{Config: testConfig("node9"), Holders: election.Rendezvous{}}
+	if _, err := p.Plan(cluster()); err == nil {
+		t.Fatal("planning for a node the API does not know succeeded")
+	}
+}
+
+// Every node computes the same holders from the same inputs.
+func TestPlanAgreesAcrossNodes(t *testing.T) {
+	var holder string
+	for _, n := range []string{"node1", "node2", "node3"} {
+		plan, err := (&Planner{Config: testConfig(n), Holders: election.Rendezvous{}}).Plan(cluster())
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := plan.Holders[netip.MustParseAddr("198.18.0.200")]
+		if holder != "" && h != holder {
+			t.Fatalf("%s thinks the holder is %s, others %s", n, h, holder)
+		}
+		holder = h
+	}
+}
+
+func prefixes(ps []netip.Prefix) string {
+	var s []string
+	for _, p := range ps {
+		s = append(s, p.String())
+	}
+	return strings.Join(s, " ")
+}
+
+func addrs(as []netip.Addr) string {
+	var s []string
+	for _, a := range as {
+		s = append(s, a.String())
+	}
+	return strings.Join(s, " ")
+}
