@@ -9,7 +9,6 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -28,6 +27,9 @@ type Kernel interface {
 	Apply(dataplane.State) (dataplane.Result, error)
 }
 
+// podNodeIndex indexes pods by spec.nodeName, to find this node's pods without a scan.
+const podNodeIndex = "nodeName"
+
 // syncKey is the only key in the queue: every event leads to one sync of the whole node.
 const syncKey = "node"
 
@@ -41,7 +43,7 @@ type Agent struct {
 
 	factory    informers.SharedInformerFactory
 	namespaces corelisters.NamespaceLister
-	pods       corelisters.PodLister
+	pods       cache.Indexer // of *podRecord, by namespace and by node
 	nodes      corelisters.NodeLister
 	queue      workqueue.TypedRateLimitingInterface[string]
 
@@ -54,7 +56,8 @@ type Agent struct {
 func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel, holders HolderChooser,
 	recorder record.EventRecorder, metrics *Metrics) *Agent {
 	// Only the fields the planner reads are kept: at 50k pods, full Pod objects would
-	// cost the agent hundreds of megabytes.
+	// cost the agent hundreds of megabytes. Pods become podRecords, so the pod informer
+	// is read through its indexer, never through a typed Pod lister.
 	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(slimObject))
 	a := &Agent{
 		cfg:        cfg,
@@ -64,7 +67,6 @@ func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel, holders H
 		metrics:    metrics,
 		factory:    factory,
 		namespaces: factory.Core().V1().Namespaces().Lister(),
-		pods:       factory.Core().V1().Pods().Lister(),
 		nodes:      factory.Core().V1().Nodes().Lister(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 10*time.Second),
@@ -72,6 +74,16 @@ func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel, holders H
 		reported: map[string]string{},
 		held:     map[netip.Addr]bool{},
 	}
+	podInformer := factory.Core().V1().Pods().Informer()
+	if err := podInformer.AddIndexers(cache.Indexers{podNodeIndex: func(obj any) ([]string, error) {
+		if p, ok := obj.(*podRecord); ok && p.nodeName != "" {
+			return []string{p.nodeName}, nil
+		}
+		return nil, nil
+	}}); err != nil {
+		panic(err) // only fails once the informer has started
+	}
+	a.pods = podInformer.GetIndexer()
 	enqueue := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { a.queue.Add(syncKey) },
 		UpdateFunc: func(_, _ any) { a.queue.Add(syncKey) },
@@ -153,9 +165,15 @@ func (a *Agent) sync() error {
 	if c.Namespaces, err = a.namespaces.List(labels.Everything()); err != nil {
 		return err
 	}
-	if c.Pods, err = a.pods.List(labels.Everything()); err != nil {
+	c.PodsIn = func(ns string) []*podRecord {
+		objs, _ := a.pods.ByIndex(cache.NamespaceIndex, ns) // the index exists: never fails
+		return records(objs)
+	}
+	local, err := a.pods.ByIndex(podNodeIndex, a.cfg.NodeName)
+	if err != nil {
 		return err
 	}
+	c.LocalPods = records(local)
 	if c.Nodes, err = a.nodes.List(labels.Everything()); err != nil {
 		return err
 	}
@@ -215,6 +233,16 @@ func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan) {
 
 // namespaceRef places a Namespace's Events inside that namespace, where
 // `kubectl get events -n NS` finds them.
+func records(objs []any) []*podRecord {
+	out := make([]*podRecord, 0, len(objs))
+	for _, o := range objs {
+		if r, ok := o.(*podRecord); ok {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
 func namespaceRef(ns *corev1.Namespace) *corev1.ObjectReference {
 	return &corev1.ObjectReference{Kind: "Namespace", APIVersion: "v1", Name: ns.Name, Namespace: ns.Name, UID: ns.UID}
 }
@@ -223,12 +251,7 @@ func namespaceRef(ns *corev1.Namespace) *corev1.ObjectReference {
 func slimObject(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:
-		return &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID,
-				ResourceVersion: o.ResourceVersion, DeletionTimestamp: o.DeletionTimestamp},
-			Spec:   corev1.PodSpec{NodeName: o.Spec.NodeName, HostNetwork: o.Spec.HostNetwork},
-			Status: corev1.PodStatus{Phase: o.Status.Phase, PodIP: o.Status.PodIP, PodIPs: o.Status.PodIPs},
-		}, nil
+		return recordOf(o)
 	case *corev1.Node:
 		o.ManagedFields = nil
 		o.Status.Images = nil

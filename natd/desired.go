@@ -17,11 +17,16 @@ type HolderChooser interface {
 	Holders(ips []netip.Addr, candidates []string) map[netip.Addr]string
 }
 
-// Cluster is what the planner reads from the API: the listers' current content.
+// Cluster is what the planner reads from the API: the listers' current content. Pods
+// are read through indexes, so that the cost of a sync grows with the pinned pods and
+// this node's pods, not with every pod of the cluster.
 type Cluster struct {
 	Namespaces []*corev1.Namespace
-	Pods       []*corev1.Pod
 	Nodes      []*corev1.Node
+	// PodsIn lists the pods of a namespace.
+	PodsIn func(namespace string) []*podRecord
+	// LocalPods are the pods bound to this node.
+	LocalPods []*podRecord
 }
 
 // Plan is the outcome of one planning pass: the node's kernel state and what the
@@ -99,6 +104,7 @@ func (p *Planner) Plan(c Cluster) (*Plan, error) {
 		st.ClusterDestinations = append(st.ClusterDestinations, netip.PrefixFrom(ip, 32))
 	}
 	slices.SortFunc(st.NodeIPs, netip.Addr.Compare)
+	st.PodCIDRs = cfg.ClusterCIDRs
 	for _, list := range [][]netip.Prefix{cfg.ClusterCIDRs, cfg.ServiceCIDRs, cfg.ExcludeCIDRs} {
 		st.ClusterDestinations = append(st.ClusterDestinations, list...)
 	}
@@ -119,7 +125,7 @@ func (p *Planner) Plan(c Cluster) (*Plan, error) {
 		}
 	}
 
-	egressOf := map[string]netip.Addr{}
+	pods := map[netip.Addr][]netip.Addr{}
 	for _, ns := range c.Namespaces {
 		v, ok := ns.Annotations[AnnotationEgressIP]
 		if !ok {
@@ -130,21 +136,18 @@ func (p *Planner) Plan(c Cluster) (*Plan, error) {
 			plan.Rejected[ns.Name] = aerr
 			continue
 		}
-		egressOf[ns.Name] = ip
 		plan.Namespaces[ip] = append(plan.Namespaces[ip], ns.Name)
+		list := pods[ip]
+		for _, pod := range c.PodsIn(ns.Name) {
+			if !pod.inert {
+				list = pod.appendIPs(list)
+			}
+		}
+		pods[ip] = list
 	}
-
-	pods := map[netip.Addr][]netip.Addr{}
-	for _, pod := range c.Pods {
-		if pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
-			continue
-		}
-		ips := podIPv4s(pod)
-		if pod.Spec.NodeName == cfg.NodeName {
-			st.KnownLocalPods = append(st.KnownLocalPods, ips...)
-		}
-		if eip, ok := egressOf[pod.Namespace]; ok {
-			pods[eip] = append(pods[eip], ips...)
+	for _, pod := range c.LocalPods {
+		if !pod.inert && pod.nodeName == cfg.NodeName {
+			st.KnownLocalPods = pod.appendIPs(st.KnownLocalPods)
 		}
 	}
 	slices.SortFunc(st.KnownLocalPods, netip.Addr.Compare)
@@ -158,9 +161,9 @@ func (p *Planner) Plan(c Cluster) (*Plan, error) {
 	holders := p.Holders.Holders(ips, candidates)
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
-		podIPs := pods[ip]
-		slices.SortFunc(podIPs, netip.Addr.Compare)
-		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: slices.Compact(podIPs)}
+		// Pods stay in lister order: sorting 50k addresses would cost more than the
+		// dataplane's diff, which does not need an order.
+		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip]}
 		holder := holders[ip]
 		plan.Holders[ip] = holder
 		if holder != "" {
@@ -193,16 +196,3 @@ func isReady(n *corev1.Node) bool {
 	return false
 }
 
-func podIPv4s(p *corev1.Pod) []netip.Addr {
-	var out []netip.Addr
-	add := func(s string) {
-		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() && !slices.Contains(out, ip) {
-			out = append(out, ip)
-		}
-	}
-	for _, pip := range p.Status.PodIPs {
-		add(pip.IP)
-	}
-	add(p.Status.PodIP)
-	return out
-}

@@ -2,6 +2,7 @@ package natd
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -57,25 +58,37 @@ func cluster() Cluster {
 	hostNet.Spec.HostNetwork = true
 	done := pod("team-a", "done", "node1", "10.244.11.99")
 	done.Status.Phase = corev1.PodSucceeded
-	return Cluster{
-		Nodes: []*corev1.Node{
+	return clusterOf([]*corev1.Node{
 			node("node1", "198.18.0.11", false, true),
 			node("node2", "198.18.0.12", true, true),
-			node("node3", "198.18.0.13", true, false), // eligible but not Ready
-		},
-		Namespaces: []*corev1.Namespace{
-			ns("team-a", "198.18.0.200"), ns("team-b", "198.18.0.200"), ns("team-c", ""),
-			ns("bad", "198.18.0.12"),
-		},
-		Pods: []*corev1.Pod{
-			pod("team-a", "a1", "node1", "10.244.11.10"),
-			pod("team-a", "a2", "node2", "10.244.12.10"),
-			pod("team-b", "b1", "node3", "10.244.13.10"),
-			pod("team-c", "c1", "node1", "10.244.11.11"),
-			pod("bad", "x1", "node1", "10.244.11.12"),
-			hostNet, done,
-		},
+		node("node3", "198.18.0.13", true, false), // eligible but not Ready
+	}, []*corev1.Namespace{
+		ns("team-a", "198.18.0.200"), ns("team-b", "198.18.0.200"), ns("team-c", ""),
+		ns("bad", "198.18.0.12"),
+	}, []*corev1.Pod{
+		pod("team-a", "a1", "node1", "10.244.11.10"),
+		pod("team-a", "a2", "node2", "10.244.12.10"),
+		pod("team-b", "b1", "node3", "10.244.13.10"),
+		pod("team-c", "c1", "node1", "10.244.11.11"),
+		pod("bad", "x1", "node1", "10.244.11.12"),
+		hostNet, done,
+	}, "node1")
+}
+
+// clusterOf indexes pods as the agent's informer does: by namespace and by node.
+func clusterOf(nodes []*corev1.Node, namespaces []*corev1.Namespace, pods []*corev1.Pod, self string) Cluster {
+	byNS := map[string][]*podRecord{}
+	var local []*podRecord
+	for _, p := range pods {
+		o, _ := recordOf(p)
+		r := o.(*podRecord)
+		byNS[p.Namespace] = append(byNS[p.Namespace], r)
+		if p.Spec.NodeName == self {
+			local = append(local, r)
+		}
 	}
+	return Cluster{Nodes: nodes, Namespaces: namespaces, LocalPods: local,
+		PodsIn: func(ns string) []*podRecord { return byNS[ns] }}
 }
 
 func TestPlanOnWorker(t *testing.T) {
@@ -167,6 +180,8 @@ func prefixes(ps []netip.Prefix) string {
 }
 
 func addrs(as []netip.Addr) string {
+	as = slices.Clone(as)
+	slices.SortFunc(as, netip.Addr.Compare)
 	var s []string
 	for _, a := range as {
 		s = append(s, a.String())

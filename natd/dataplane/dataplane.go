@@ -12,8 +12,10 @@ import (
 	"strings"
 
 	"github.com/google/nftables"
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
@@ -74,11 +76,41 @@ func New(cfg Config) (*Dataplane, error) {
 // Close releases the netlink handle.
 func (d *Dataplane) Close() { d.nl.Close() }
 
-func (d *Dataplane) nftConn() (*nftables.Conn, error) {
+// nftConn opens an nftables connection whose socket can take a batch of sendBuf bytes.
+// google/nftables sends a whole batch in one sendmsg, and the default socket buffer
+// (net.core.wmem_default, ~200 KiB) holds only a few thousand set elements: beyond it
+// sendmsg fails with EMSGSIZE. SO_SNDBUFFORCE (CAP_NET_ADMIN) lifts the wmem_max cap,
+// as nft itself does for large batches.
+func (d *Dataplane) nftConn(sendBuf int) (*nftables.Conn, error) {
+	opts := []nftables.ConnOption{nftables.WithSockOptions(func(c *mdnetlink.Conn) error {
+		if sendBuf <= 0 {
+			return nil
+		}
+		raw, err := c.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var serr error
+		if err := raw.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sendBuf)
+		}); err != nil {
+			return err
+		}
+		// An error ack carries the failed request back unless NETLINK_CAP_ACK is set;
+		// for a message of thousands of elements that overflows the receive buffer and
+		// hides the real error behind ENOBUFS.
+		if err := c.SetOption(mdnetlink.CapAcknowledge, true); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("setting SO_SNDBUFFORCE to %d: %w", sendBuf, serr)
+		}
+		return nil
+	})}
 	if d.cfg.NetNS != nil {
-		return nftables.New(nftables.WithNetNSFd(int(*d.cfg.NetNS)))
+		opts = append(opts, nftables.WithNetNSFd(int(*d.cfg.NetNS)))
 	}
-	return nftables.New()
+	return nftables.New(opts...)
 }
 
 // Apply converges the node's kernel to state. Its order keeps the promise that a pinned
@@ -182,7 +214,7 @@ func (d *Dataplane) loadStale() error {
 	if d.firstDone {
 		return nil
 	}
-	conn, err := d.nftConn()
+	conn, err := d.nftConn(0)
 	if err != nil {
 		return fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
@@ -242,7 +274,7 @@ func (d *Dataplane) allocateSlots(egress []EgressIP) {
 // rules, route tables, the egress IPs it held, and the uplink's rp_filter setting.
 func (d *Dataplane) Cleanup() error {
 	var errs []error
-	conn, err := d.nftConn()
+	conn, err := d.nftConn(0)
 	if err != nil {
 		return fmt.Errorf("opening nftables netlink socket: %w", err)
 	}

@@ -109,6 +109,7 @@ func sampleState() State {
 			netip.MustParsePrefix("198.18.0.11/32"), netip.MustParsePrefix("198.18.0.12/32"),
 		},
 		NodeIPs:        []netip.Addr{netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")},
+		PodCIDRs:       []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
 		LocalPodCIDRs:  []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
 		KnownLocalPods: []netip.Addr{netip.MustParseAddr("10.244.2.10")},
 		Egress: []EgressIP{

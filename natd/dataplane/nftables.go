@@ -10,14 +10,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// elementsPerMessage bounds one netlink message; all messages still go in one batch,
-// so the kernel applies them as one transaction.
-const elementsPerMessage = 4096
+// elementsPerMessage bounds one netlink message. The elements of a message sit in one
+// nested attribute, whose length field is 16 bits: past 64 KiB it wraps and the kernel
+// reads garbage (seen as ENOENT). 512 elements of the largest kind (a verdict naming a
+// chain) stay near 50 KiB. All messages still go in one batch, so the kernel applies
+// them as one transaction.
+const elementsPerMessage = 512
 
 // nftApplier keeps natd's table in line with a Ruleset. It remembers what it applied
 // last so that a change of a few pods costs a few set elements, not the whole table.
 type nftApplier struct {
-	newConn func() (*nftables.Conn, error)
+	newConn func(sendBuf int) (*nftables.Conn, error)
 	applied *Ruleset // nil: unknown, next apply rebuilds the table
 }
 
@@ -29,7 +32,7 @@ func (a *nftApplier) table() *nftables.Table {
 // the kernel still has the table as natd left it, a whole-table replacement otherwise.
 // It returns whether the table was rebuilt.
 func (a *nftApplier) apply(rs *Ruleset) (rebuilt bool, err error) {
-	conn, err := a.newConn()
+	conn, err := a.newConn(batchBytes(rs))
 	if err != nil {
 		return false, fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
@@ -52,6 +55,16 @@ func (a *nftApplier) apply(rs *Ruleset) (rebuilt bool, err error) {
 	}
 	a.applied = rs
 	return true, nil
+}
+
+// batchBytes estimates the netlink batch that replaces the whole table for rs, with
+// room to spare: an element takes well under 128 bytes on the wire.
+func batchBytes(rs *Ruleset) int {
+	n := 0
+	for _, s := range rs.Sets {
+		n += len(s.Elements)
+	}
+	return 1<<20 + 2*n*128
 }
 
 // rebuild replaces the whole table in one transaction: packets see either the old
@@ -193,7 +206,7 @@ func sameElements(a, b []Element) bool {
 		return false
 	}
 	for i := range a {
-		if a[i].Text != b[i].Text {
+		if a[i] != b[i] {
 			return false
 		}
 	}
@@ -203,25 +216,31 @@ func sameElements(a, b []Element) bool {
 // diffElements returns the elements to delete from old and to add to reach cur. An
 // element whose value changed is deleted and added again.
 func diffElements(old, cur []Element) (del, add []Element) {
-	idx := make(map[string]string, len(old))
-	for _, e := range old {
-		idx[string(e.Key)] = e.Text
+	// Both lists come from the same deterministic builder, so an unchanged set is
+	// usually identical element by element: check that first, it is far cheaper
+	// than hashing every key.
+	if sameElements(old, cur) {
+		return nil, nil
 	}
-	seen := make(map[string]struct{}, len(cur))
+	idx := make(map[[4]byte]int, len(old))
+	for i, e := range old {
+		idx[e.Key] = i
+	}
 	for _, e := range cur {
-		k := string(e.Key)
-		seen[k] = struct{}{}
-		text, ok := idx[k]
+		i, ok := idx[e.Key]
 		switch {
 		case !ok:
 			add = append(add, e)
-		case text != e.Text:
+		case old[i] != e:
 			del = append(del, e)
 			add = append(add, e)
 		}
+		if ok {
+			idx[e.Key] = -1
+		}
 	}
 	for _, e := range old {
-		if _, ok := seen[string(e.Key)]; !ok {
+		if idx[e.Key] >= 0 {
 			del = append(del, e)
 		}
 	}
@@ -241,16 +260,26 @@ func toNftSet(t *nftables.Table, s *Set) *nftables.Set {
 
 func kernelElements(s *Set, els []Element, deleting bool) []nftables.SetElement {
 	out := make([]nftables.SetElement, 0, len(els))
+	verdicts := map[string]*expr.Verdict{}
 	for _, e := range els {
-		ke := nftables.SetElement{Key: e.Key}
-		if !deleting {
-			ke.Val, ke.VerdictData = e.Val, e.Verdict
+		ke := nftables.SetElement{Key: append([]byte(nil), e.Key[:]...)}
+		if !deleting && s.IsMap {
+			if e.Chain != "" {
+				v, ok := verdicts[e.Chain]
+				if !ok {
+					v = &expr.Verdict{Kind: expr.VerdictJump, Chain: e.Chain}
+					verdicts[e.Chain] = v
+				}
+				ke.VerdictData = v
+			} else {
+				ke.Val = append([]byte(nil), e.Val[:]...)
+			}
 		}
 		out = append(out, ke)
 		// An interval is a start element and an end element (the first address after
 		// it); a range that runs to the end of the address space has no end element.
-		if s.Interval && e.KeyEnd != nil && netip.AddrFrom4([4]byte(e.KeyEnd)) != netip.IPv4Unspecified() {
-			out = append(out, nftables.SetElement{Key: e.KeyEnd, IntervalEnd: true})
+		if s.Interval && e.KeyEnd != [4]byte{} {
+			out = append(out, nftables.SetElement{Key: append([]byte(nil), e.KeyEnd[:]...), IntervalEnd: true})
 		}
 	}
 	return out

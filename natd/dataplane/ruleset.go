@@ -20,6 +20,7 @@ const TableName = "natd"
 const (
 	setClusterDsts   = "cluster_dsts"     // interval set: destinations that are never pinned
 	setNodeIPs       = "node_ips"         // every node's IP: the only legal next hops for un-SNATed pinned packets
+	setPodCIDRs      = "pod_cidrs"        // interval set: the cluster's pod CIDRs
 	setLocalPodCIDRs = "local_pod_cidrs"  // interval set: this node's pod CIDRs
 	setKnownPods     = "known_local_pods" // local pod IPs natd has seen in the API
 	setHeldIPs       = "held_ips"         // egress IPs this node holds (and has on its uplink)
@@ -94,13 +95,35 @@ type Set struct {
 	Elements []Element
 }
 
-// Element is one element; Text is how nft prints it.
+// Element is one element. Every key and value natd uses is 4 bytes (an IPv4 address or
+// a mark), so an element is a small value: at 50k pods, building and comparing the sets
+// each sync allocates nothing per element.
 type Element struct {
-	Text    string
-	Key     []byte
-	KeyEnd  []byte // interval sets: first address after the range
-	Val     []byte
-	Verdict *expr.Verdict
+	Key    [4]byte // IPv4 address (network order) or mark (host order)
+	KeyEnd [4]byte // interval sets: first address after the range (0.0.0.0: to the end)
+	Val    [4]byte // maps to ipv4_addr
+	Chain  string  // verdict maps: the chain to jump to (shared by all elements of a group)
+}
+
+// ElementText is how nft prints e as an element of s.
+func (s *Set) ElementText(e Element) string {
+	var key string
+	switch {
+	case s.Interval:
+		key = addrRange{e.Key, e.KeyEnd}.String()
+	case s.KeyType.Name == nftables.TypeMark.Name:
+		key = fmt.Sprintf("0x%08x", binaryutil.NativeEndian.Uint32(e.Key[:]))
+	default:
+		key = netip.AddrFrom4(e.Key).String()
+	}
+	switch {
+	case !s.IsMap:
+		return key
+	case e.Chain != "":
+		return key + " : jump " + e.Chain
+	default:
+		return key + " : " + netip.AddrFrom4(e.Val).String()
+	}
 }
 
 // Chain is a chain and its rules. Base chains have a hook.
@@ -212,16 +235,16 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 	rs := &Ruleset{}
 	ipv4Set := func(name string, addrs []netip.Addr) *Set {
 		s := &Set{Name: name, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
+		s.Elements = make([]Element, 0, len(addrs))
 		for _, a := range addrs {
-			b := a.As4()
-			s.Elements = append(s.Elements, Element{Text: a.String(), Key: b[:]})
+			s.Elements = append(s.Elements, Element{Key: a.As4()})
 		}
 		return s
 	}
 	intervalSet := func(name string, prefixes []netip.Prefix) *Set {
 		s := &Set{Name: name, Decl: "type ipv4_addr\nflags interval", KeyType: nftables.TypeIPAddr, Interval: true}
 		for _, r := range mergeRanges(prefixes) {
-			s.Elements = append(s.Elements, Element{Text: r.String(), Key: r.start[:], KeyEnd: r.end[:]})
+			s.Elements = append(s.Elements, Element{Key: r.start, KeyEnd: r.end})
 		}
 		return s
 	}
@@ -231,6 +254,11 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 		DataType: nftables.TypeVerdict, IsMap: true}
 	heldSNAT := &Set{Name: mapHeldSNAT, Decl: "type mark : ipv4_addr", KeyType: nftables.TypeMark,
 		DataType: nftables.TypeIPAddr, IsMap: true, KeyOrder: binaryutil.NativeEndian}
+	n := 0
+	for _, e := range state.Egress {
+		n += len(e.Pods)
+	}
+	podEgress.Elements = make([]Element, 0, n)
 	var egressChains []*Chain
 	for _, e := range state.Egress {
 		mark := marks.Value(index[e.IP])
@@ -244,23 +272,19 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 			ch.Rules = append(ch.Rules, newRule().counter().verdict(expr.VerdictDrop))
 		}
 		egressChains = append(egressChains, ch)
-		jump := &expr.Verdict{Kind: expr.VerdictJump, Chain: ch.Name}
 		for _, p := range e.Pods {
-			b := p.As4()
-			podEgress.Elements = append(podEgress.Elements, Element{
-				Text: p.String() + " : jump " + ch.Name, Key: b[:], Verdict: jump})
+			podEgress.Elements = append(podEgress.Elements, Element{Key: p.As4(), Chain: ch.Name})
 		}
 		if e.Local {
 			held = append(held, e.IP)
-			ip := e.IP.As4()
-			heldSNAT.Elements = append(heldSNAT.Elements, Element{
-				Text: fmt.Sprintf("0x%08x : %s", mark, e.IP), Key: native32(mark), Val: ip[:]})
+			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: [4]byte(native32(mark)), Val: e.IP.As4()})
 		}
 	}
 
 	rs.Sets = []*Set{
 		intervalSet(setClusterDsts, state.ClusterDestinations),
 		ipv4Set(setNodeIPs, state.NodeIPs),
+		intervalSet(setPodCIDRs, state.PodCIDRs),
 		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs),
 		ipv4Set(setKnownPods, state.KnownLocalPods),
 		ipv4Set(setHeldIPs, held),
@@ -278,6 +302,12 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 			newRule().ipAddrIn("saddr", setLocalPodCIDRs, false).ipAddrIn("saddr", setKnownPods, true).
 				counter().verdict(expr.VerdictDrop),
 			newRule().saddrVmap(mapPodEgress),
+			// Another node's pod sending outside through this node: only pinned traffic
+			// is routed here, so this node does not know the pod as pinned yet (its
+			// informer lags the sender's). Let it through and the CNI would masquerade
+			// it with this node's IP.
+			newRule().ipAddrIn("saddr", setPodCIDRs, false).ipAddrIn("saddr", setLocalPodCIDRs, true).
+				markMaskedIsZero(marks.Mask).counter().verdict(expr.VerdictDrop),
 		},
 	}
 	snat := &Chain{
@@ -323,7 +353,7 @@ func (rs *Ruleset) Text(terse bool) string {
 		if !terse && len(s.Elements) > 0 {
 			var els []string
 			for _, e := range s.Elements {
-				els = append(els, e.Text)
+				els = append(els, s.ElementText(e))
 			}
 			fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(els, ", "))
 		}

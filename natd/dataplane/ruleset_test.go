@@ -27,6 +27,11 @@ func TestBuildRulesetText(t *testing.T) {
 		type ipv4_addr
 		elements = { 198.18.0.11, 198.18.0.12 }
 	}
+	set pod_cidrs {
+		type ipv4_addr
+		flags interval
+		elements = { 10.244.0.0/16 }
+	}
 	set local_pod_cidrs {
 		type ipv4_addr
 		flags interval
@@ -66,6 +71,7 @@ func TestBuildRulesetText(t *testing.T) {
 		ip daddr @cluster_dsts return
 		ip saddr @local_pod_cidrs ip saddr != @known_local_pods counter drop
 		ip saddr vmap @pod_egress
+		ip saddr @pod_cidrs ip saddr != @local_pod_cidrs meta mark & 0x00ff0000 == 0x00000000 counter drop
 	}
 
 	chain snat {
@@ -141,14 +147,17 @@ func TestNewMarks(t *testing.T) {
 }
 
 func TestDiffElements(t *testing.T) {
-	el := func(k, text string) Element { return Element{Key: []byte(k), Text: text} }
+	el := func(k byte, chain string) Element { return Element{Key: [4]byte{10, 0, 0, k}, Chain: chain} }
 	del, add := diffElements(
-		[]Element{el("a", "a:1"), el("b", "b:1"), el("c", "c:1")},
-		[]Element{el("a", "a:1"), el("b", "b:2"), el("d", "d:1")})
-	if len(del) != 2 || del[0].Text != "b:2" || del[1].Text != "c:1" {
+		[]Element{el(1, "x"), el(2, "x"), el(3, "x")},
+		[]Element{el(1, "x"), el(2, "y"), el(4, "x")})
+	if len(del) != 2 || del[0] != el(2, "y") || del[1] != el(3, "x") {
 		t.Errorf("del = %v", del)
 	}
-	if len(add) != 2 || add[0].Text != "b:2" || add[1].Text != "d:1" {
+	if len(add) != 2 || add[0] != el(2, "y") || add[1] != el(4, "x") {
 		t.Errorf("add = %v", add)
+	}
+	if del, add := diffElements([]Element{el(1, "x")}, []Element{el(1, "x")}); del != nil || add != nil {
+		t.Errorf("identical lists: del %v add %v", del, add)
 	}
 }

@@ -19,6 +19,8 @@ type State struct {
 	NodeIP netip.Addr
 	// ClusterDestinations are never SNATed: pod and service CIDRs, node IPs, excludes.
 	ClusterDestinations []netip.Prefix
+	// PodCIDRs are the cluster's pod CIDRs (all nodes).
+	PodCIDRs []netip.Prefix
 	// NodeIPs are the addresses of all nodes (next hops towards a remote holder).
 	NodeIPs []netip.Addr
 	// LocalPodCIDRs are this node's pod CIDRs. Traffic from an address in them that
@@ -41,7 +43,7 @@ type EgressIP struct {
 	// FailOpen lets pinned traffic leave the normal way when there is no holder,
 	// instead of dropping it.
 	FailOpen bool
-	// Pods are the pinned pods' IPs (all nodes, sorted): the holder SNATs traffic
+	// Pods are the pinned pods' IPs (all nodes, any order): the holder SNATs traffic
 	// that other nodes forward to it, so it must know every one of them.
 	Pods []netip.Addr
 }

@@ -140,8 +140,9 @@ func nodeIPs() []string {
 	return out
 }
 
-// holderOf finds the node that has ip on its uplink.
-func holderOf(t *testing.T, ip string) string {
+// holdersOf lists the nodes that have ip on their uplink. While an IP moves, the old
+// and the new holder may both have it for a moment.
+func holdersOf(t *testing.T, ip string) []string {
 	t.Helper()
 	var holders []string
 	for _, n := range topo.Nodes {
@@ -153,26 +154,34 @@ func holderOf(t *testing.T, ip string) string {
 			holders = append(holders, n.Name)
 		}
 	}
-	if len(holders) > 1 {
-		t.Fatalf("%s is on more than one node: %v", ip, holders)
-	}
-	if len(holders) == 0 {
-		return ""
-	}
-	return holders[0]
+	return holders
 }
 
 // waitHolder waits until exactly one node holds ip and returns it.
 func waitHolder(t *testing.T, ip string) string {
 	t.Helper()
+	var h []string
 	for i := 0; i < 100; i++ {
-		if h := holderOf(t, ip); h != "" {
-			return h
+		if h = holdersOf(t, ip); len(h) == 1 {
+			return h[0]
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("no node holds %s", ip)
+	t.Fatalf("%s is not held by exactly one node: %v", ip, h)
 	return ""
+}
+
+// waitNoHolder waits until no node has ip.
+func waitNoHolder(t *testing.T, ip string) {
+	t.Helper()
+	var h []string
+	for i := 0; i < 100; i++ {
+		if h = holdersOf(t, ip); len(h) == 0 {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s is still held by %v", ip, h)
 }
 
 // setNodeLabel sets or (value "") removes the egress label of a node.

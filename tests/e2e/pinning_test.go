@@ -106,12 +106,7 @@ func TestAnnotationRemovedOrChanged(t *testing.T) {
 	waitSeen(t, p, tcp, "198.18.0.203", nodeIP("node1"))
 	assertSeen(t, p, "198.18.0.203")
 	waitHolder(t, "198.18.0.203")
-	for deadline := time.Now().Add(10 * time.Second); holderOf(t, "198.18.0.202") != ""; {
-		if time.Now().After(deadline) {
-			t.Fatal("198.18.0.202 is still on a node after no namespace uses it")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitNoHolder(t, "198.18.0.202") // no namespace uses it any more
 
 	annotate(t, "pin-change", "")
 	waitSeen(t, p, tcp, nodeIP("node1"))
@@ -174,13 +169,7 @@ func TestNoEligibleNodeFailsClosed(t *testing.T) {
 	for _, n := range eligible {
 		setEgressLabel(t, n, "")
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for holderOf(t, ip) != "" {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s still held with no eligible node", ip)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitNoHolder(t, ip)
 	for _, p := range pods {
 		assertBlocked(t, p)
 	}

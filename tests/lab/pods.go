@@ -38,7 +38,7 @@ func CreatePod(ctx context.Context, dir, namespace, name, node string) (*Pod, er
 	return p, err
 }
 
-func createPod(ctx context.Context, dir, namespace, name, node string) (*Pod, error) {
+func createPod(ctx context.Context, dir, namespace, name, node string) (p *Pod, err error) {
 	t, err := LoadTopology(dir)
 	if err != nil {
 		return nil, err
@@ -54,7 +54,8 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (*Pod, er
 	if err != nil {
 		return nil, err
 	}
-	p := Pod{Namespace: namespace, Name: name, Node: node, Netns: podNetns(namespace, name), IP: ip.String()}
+	pod := Pod{Namespace: namespace, Name: name, Node: node, Netns: podNetns(namespace, name), IP: ip.String()}
+	p = &pod
 	l, err := loadLedger(dir)
 	if err != nil {
 		return nil, err
@@ -63,10 +64,19 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (*Pod, er
 		return nil, err
 	}
 	veth := hostVeth(namespace, name)
+	defer func() {
+		if err != nil { // undo the half-made pod so that the same name can be tried again
+			_, _ = NsRun(n.Netns, "ip", "link", "del", veth)
+			_, _ = Run("ip", "netns", "del", pod.Netns)
+			_ = l.removeNetns(pod.Netns)
+		}
+	}()
 	gw := strings.TrimSuffix(n.PodCIDR, "0/24") + "1"
 	if _, err := Run("ip", "netns", "add", p.Netns); err != nil {
 		return nil, err
 	}
+	// A pod of the same name may just have been deleted; its veth may still be there.
+	_, _ = NsRun(n.Netns, "ip", "link", "del", veth)
 	for _, c := range [][]string{
 		{n.Netns, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", p.Netns},
 		{n.Netns, "ip", "link", "set", veth, "master", "cni0"},
@@ -91,12 +101,12 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (*Pod, er
 		metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return nil, err
 	}
-	pod := &corev1.Pod{
+	obj := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace, Labels: map[string]string{"app": name}},
 		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "app", Image: "natd.dev/lab-pod"}},
 			AutomountServiceAccountToken: ptr.To(false)},
 	}
-	created, err := client.CoreV1().Pods(namespace).Create(ctx, pod, metav1.CreateOptions{})
+	created, err := client.CoreV1().Pods(namespace).Create(ctx, obj, metav1.CreateOptions{})
 	if err != nil {
 		return nil, err
 	}
@@ -105,8 +115,8 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (*Pod, er
 	if _, err := client.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
 		return nil, err
 	}
-	t.Pods = append(t.Pods, p)
-	return &p, t.Save(dir)
+	t.Pods = append(t.Pods, pod)
+	return p, t.Save(dir)
 }
 
 func freePodIP(t *Topology, n *Node) (netip.Addr, error) {
@@ -147,6 +157,11 @@ func deletePod(ctx context.Context, dir, namespace, name string) error {
 	}
 	if err := client.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil && !apierrors.IsNotFound(err) {
 		return err
+	}
+	// Delete the veth first: a namespace is torn down asynchronously, and its veth
+	// would linger on the node and block a pod of the same name.
+	if n, err := t.Node(p.Node); err == nil {
+		_, _ = NsRun(n.Netns, "ip", "link", "del", hostVeth(namespace, name))
 	}
 	if _, err := Run("ip", "netns", "del", p.Netns); err != nil {
 		return err

@@ -271,7 +271,11 @@ func (u *upper) node(t *Topology, i int) error {
 	cmds := []string{
 		"ip addr add " + n.IP + "/24 dev eth0", "ip link set eth0 up",
 		"ip route add default via " + routerNodeIP,
-		"ip link add cni0 type bridge", "ip addr add " + gw + "/24 dev cni0", "ip link set cni0 up",
+		// A bridge without a MAC of its own takes the lowest MAC of its ports, so it
+		// would change as pods come and go and strand the pods' ARP entries for their
+		// gateway; CNIs' bridges fix theirs the same way.
+		fmt.Sprintf("ip link add cni0 address 02:00:00:00:%02x:01 type bridge", i+1),
+		"ip addr add " + gw + "/24 dev cni0", "ip link set cni0 up",
 		"sysctl -qw net.ipv4.ip_forward=1",
 		// As many distributions ship it: strict reverse path filtering on the uplink.
 		"sysctl -qw net.ipv4.conf.all.rp_filter=1", "sysctl -qw net.ipv4.conf.eth0.rp_filter=1",
