@@ -1,0 +1,47 @@
+# natd — see README.md. `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+GO    ?= go
+CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
+export NATD_CACHE := $(CACHE)
+LAB_DIR ?= /tmp/natd-lab
+
+.PHONY: all build deps kube-bins test test-e2e bench demo lab-up lab-down vet clean
+
+all: build
+
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+deps:
+	@scripts/install-deps.sh
+
+# etcd, kube-apiserver and kubectl, built from source once and cached in $(CACHE)/bin.
+kube-bins:
+	@scripts/build-kube.sh >/dev/null
+
+vet:
+	$(GO) vet ./...
+
+# Unit tests, kernel tests (each in a fresh network namespace) and end-to-end tests in
+# the lab. NATD_E2E=required (CI) turns a test that cannot run into a failure.
+test: deps kube-bins vet
+	$(GO) test -count=1 -timeout 20m ./...
+
+test-e2e: deps kube-bins
+	$(GO) test -count=1 -v ./tests/e2e/
+
+# Sync cost at 1k/10k/50k pinned pods, one pod added at 50k, agent memory at 50k pods.
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 20x ./natd/ ./election/
+
+demo: deps kube-bins build
+	@KEEP=$(KEEP) LAB_DIR=$(LAB_DIR) scripts/demo.sh
+
+lab-up: deps kube-bins build
+	bin/natd-lab up --dir $(LAB_DIR)
+
+lab-down:
+	bin/natd-lab down --dir $(LAB_DIR)
+
+clean:
+	rm -rf bin/

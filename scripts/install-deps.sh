@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the system packages natd's tests and lab use, when they are missing:
+# nft (debugging and kernel tests), iptables (the lab's CNI masquerade), iproute2.
+set -euo pipefail
+need=()
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v sysctl >/dev/null 2>&1 || need+=(procps)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing packages: ${need[*]}; install them as root (apt-get install ${need[*]})" >&2
+  exit 1
+fi
+echo "==> installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq "${need[@]}" >/dev/null
