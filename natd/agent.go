@@ -9,6 +9,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -84,17 +85,22 @@ func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel, holders H
 		panic(err) // only fails once the informer has started
 	}
 	a.pods = podInformer.GetIndexer()
-	enqueue := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { a.queue.Add(syncKey) },
-		UpdateFunc: func(_, _ any) { a.queue.Add(syncKey) },
-		DeleteFunc: func(any) { a.queue.Add(syncKey) },
-	}
 	for _, inf := range []cache.SharedIndexInformer{
 		factory.Core().V1().Namespaces().Informer(),
-		factory.Core().V1().Pods().Informer(),
+		podInformer,
 		factory.Core().V1().Nodes().Informer(),
 	} {
-		if _, err := inf.AddEventHandler(enqueue); err != nil {
+		if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { a.queue.Add(syncKey) },
+			// Kubelets update Pods and Nodes all the time (container states,
+			// heartbeats); only changes to what the planner reads cause a sync.
+			UpdateFunc: func(old, cur any) {
+				if relevantChange(old, cur) {
+					a.queue.Add(syncKey)
+				}
+			},
+			DeleteFunc: func(any) { a.queue.Add(syncKey) },
+		}); err != nil {
 			panic(err) // only fails on a stopped informer, impossible before Start
 		}
 	}
@@ -233,6 +239,26 @@ func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan) {
 
 // namespaceRef places a Namespace's Events inside that namespace, where
 // `kubectl get events -n NS` finds them.
+// relevantChange reports whether an update changes anything the planner reads.
+func relevantChange(old, cur any) bool {
+	switch c := cur.(type) {
+	case *podRecord:
+		o, ok := old.(*podRecord)
+		return !ok || o.ipv4 != c.ipv4 || o.nIPv4 != c.nIPv4 || o.inert != c.inert || o.nodeName != c.nodeName
+	case *corev1.Namespace:
+		o, ok := old.(*corev1.Namespace)
+		return !ok || o.Annotations[AnnotationEgressIP] != c.Annotations[AnnotationEgressIP]
+	case *corev1.Node:
+		o, ok := old.(*corev1.Node)
+		return !ok || o.Labels[LabelEgressNode] != c.Labels[LabelEgressNode] ||
+			isReady(o) != isReady(c) || o.Spec.Unschedulable != c.Spec.Unschedulable ||
+			!equality.Semantic.DeepEqual(o.Status.Addresses, c.Status.Addresses) ||
+			!equality.Semantic.DeepEqual(o.Spec.PodCIDRs, c.Spec.PodCIDRs) ||
+			(o.DeletionTimestamp == nil) != (c.DeletionTimestamp == nil)
+	}
+	return true
+}
+
 func records(objs []any) []*podRecord {
 	out := make([]*podRecord, 0, len(objs))
 	for _, o := range objs {

@@ -188,3 +188,31 @@ func addrs(as []netip.Addr) string {
 	}
 	return strings.Join(s, " ")
 }
+
+func TestRelevantChange(t *testing.T) {
+	rec := func(p *corev1.Pod) any { r, _ := recordOf(p); return r }
+	a := pod("ns", "a", "node1", "10.244.1.10")
+	b := a.DeepCopy()
+	b.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: "app", Ready: true}}
+	if relevantChange(rec(a), rec(b)) {
+		t.Error("a container status change triggers a sync")
+	}
+	b.Status.PodIPs = []corev1.PodIP{{IP: "10.244.1.11"}}
+	if !relevantChange(rec(a), rec(b)) {
+		t.Error("a pod IP change does not trigger a sync")
+	}
+	n := node("node1", "198.18.0.11", false, true)
+	m := n.DeepCopy()
+	m.Status.Conditions[0].LastHeartbeatTime = metav1.Now()
+	if relevantChange(n, m) {
+		t.Error("a node heartbeat triggers a sync")
+	}
+	m.Labels[LabelEgressNode] = "true"
+	if !relevantChange(n, m) {
+		t.Error("an egress label change does not trigger a sync")
+	}
+	x, y := ns("team", ""), ns("team", "198.18.0.200")
+	if !relevantChange(x, y) {
+		t.Error("an annotation change does not trigger a sync")
+	}
+}
