@@ -1,0 +1,114 @@
+package election
+
+import (
+	"net/netip"
+	"slices"
+	"sort"
+)
+
+// Claim is a member's statement that it holds an egress IP. Gen orders claims of one
+// IP: whoever takes an IP over claims one more than the highest generation seen for it,
+// so the newest holder wins any conflict, and a restarted natd that still has an old
+// claim in its kernel loses to the node that took over meanwhile.
+type Claim struct {
+	IP  netip.Addr
+	Gen uint32
+}
+
+// Input is everything Assign needs; every node builds the same Input from the same
+// membership view and API objects.
+type Input struct {
+	IPs []netip.Addr
+	// Candidates may be given new IPs: alive, eligible, not draining.
+	Candidates []string
+	// Keepers are members whose claims stand: the candidates, plus eligible members
+	// that went down for a planned restart and are still within their grace time.
+	Keepers []string
+	// Claims by member (only the keepers' are considered).
+	Claims map[string][]Claim
+	// MaxGen is the highest generation seen for each IP, from any member, alive or not.
+	MaxGen map[netip.Addr]uint32
+	// MaxPerNode caps how many IPs one node is given (0: no cap). Claims are kept even
+	// beyond it: moving an IP breaks connections.
+	MaxPerNode int
+}
+
+// Assignment is the holder of one egress IP.
+type Assignment struct {
+	Holder string // "" when no node can hold it
+	Gen    uint32
+	// Claimed is true when Holder already claims the IP (it is not a new assignment).
+	Claimed bool
+}
+
+// Assign decides the holder of every IP. It is sticky: an IP stays with a keeper that
+// claims it (the claim with the highest generation wins, then the highest
+// rendezvous score). Unclaimed IPs go to the least loaded candidate, ties broken by
+// rendezvous score, so IPs spread evenly.
+func Assign(in Input) map[netip.Addr]Assignment {
+	out := make(map[netip.Addr]Assignment, len(in.IPs))
+	keeper := map[string]bool{}
+	for _, k := range in.Keepers {
+		keeper[k] = true
+	}
+	claimants := map[netip.Addr][]string{}
+	gens := map[string]map[netip.Addr]uint32{}
+	members := make([]string, 0, len(in.Claims))
+	for m := range in.Claims {
+		members = append(members, m)
+	}
+	sort.Strings(members)
+	for _, m := range members {
+		if !keeper[m] {
+			continue
+		}
+		gens[m] = map[netip.Addr]uint32{}
+		for _, c := range in.Claims[m] {
+			claimants[c.IP] = append(claimants[c.IP], m)
+			gens[m][c.IP] = c.Gen
+		}
+	}
+	load := map[string]int{}
+	ips := slices.Clone(in.IPs)
+	slices.SortFunc(ips, netip.Addr.Compare)
+	var unclaimed []netip.Addr
+	for _, ip := range ips {
+		cs := claimants[ip]
+		if len(cs) == 0 {
+			unclaimed = append(unclaimed, ip)
+			continue
+		}
+		key := ip.As16()
+		best := cs[0]
+		for _, m := range cs[1:] {
+			gb, gm := gens[best][ip], gens[m][ip]
+			if gm > gb || (gm == gb && score(key[:], m) > score(key[:], best)) {
+				best = m
+			}
+		}
+		out[ip] = Assignment{Holder: best, Gen: gens[best][ip], Claimed: true}
+		load[best]++
+	}
+	cands := slices.Clone(in.Candidates)
+	sort.Strings(cands)
+	for _, ip := range unclaimed {
+		key := ip.As16()
+		best := ""
+		for _, c := range cands {
+			if in.MaxPerNode > 0 && load[c] >= in.MaxPerNode {
+				continue
+			}
+			if best == "" || load[c] < load[best] ||
+				(load[c] == load[best] && score(key[:], c) > score(key[:], best)) {
+				best = c
+			}
+		}
+		a := Assignment{Holder: best}
+		if best != "" {
+			a.Gen = in.MaxGen[ip] + 1
+			load[best]++
+		}
+		out[ip] = a
+	}
+	return out
+}

@@ -1,0 +1,139 @@
+package election
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+)
+
+var (
+	ipA = netip.MustParseAddr("198.18.0.200")
+	ipB = netip.MustParseAddr("198.18.0.201")
+	ipC = netip.MustParseAddr("198.18.0.202")
+)
+
+func TestAssignIsSticky(t *testing.T) {
+	in := Input{
+		IPs:        []netip.Addr{ipA},
+		Candidates: []string{"node2", "node3", "node4"},
+		Keepers:    []string{"node2", "node3", "node4"},
+		Claims:     map[string][]Claim{"node4": {{IP: ipA, Gen: 3}}},
+	}
+	if a := Assign(in)[ipA]; a.Holder != "node4" || a.Gen != 3 || !a.Claimed {
+		t.Fatalf("claimed IP moved: %+v", a)
+	}
+	// A node that comes back without a claim does not pull the IP back.
+	in.Candidates = append(in.Candidates, "node1")
+	in.Keepers = append(in.Keepers, "node1")
+	if a := Assign(in)[ipA]; a.Holder != "node4" {
+		t.Fatalf("IP moved to a returning node: %+v", a)
+	}
+}
+
+func TestAssignNewestClaimWins(t *testing.T) {
+	in := Input{
+		IPs:        []netip.Addr{ipA},
+		Candidates: []string{"node2", "node3"},
+		Keepers:    []string{"node2", "node3"},
+		// node2 restarted with its old claim; node3 took over meanwhile.
+		Claims: map[string][]Claim{"node2": {{IP: ipA, Gen: 4}}, "node3": {{IP: ipA, Gen: 5}}},
+	}
+	if a := Assign(in)[ipA]; a.Holder != "node3" || a.Gen != 5 {
+		t.Fatalf("got %+v, want node3 (newer claim)", a)
+	}
+	// Equal generations (two simultaneous takeovers): every node picks the same one.
+	in.Claims["node2"][0].Gen = 5
+	first := Assign(in)[ipA]
+	in.Candidates = []string{"node3", "node2"}
+	if again := Assign(in)[ipA]; again != first {
+		t.Fatalf("tie broken differently: %+v vs %+v", first, again)
+	}
+}
+
+func TestAssignIgnoresNonKeepers(t *testing.T) {
+	in := Input{
+		IPs:        []netip.Addr{ipA},
+		Candidates: []string{"node3"},
+		Keepers:    []string{"node3"},
+		Claims:     map[string][]Claim{"node2": {{IP: ipA, Gen: 7}}}, // node2 dead or draining
+		MaxGen:     map[netip.Addr]uint32{ipA: 7},
+	}
+	if a := Assign(in)[ipA]; a.Holder != "node3" || a.Gen != 8 || a.Claimed {
+		t.Fatalf("got %+v, want node3 taking over with generation 8", a)
+	}
+}
+
+func TestAssignSpreadsAndCaps(t *testing.T) {
+	var ips []netip.Addr
+	a := netip.MustParseAddr("198.18.0.193")
+	for i := 0; i < 9; i++ {
+		ips = append(ips, a)
+		a = a.Next()
+	}
+	nodes := []string{"node2", "node3", "node4"}
+	got := Assign(Input{IPs: ips, Candidates: nodes, Keepers: nodes})
+	count := map[string]int{}
+	for _, as := range got {
+		count[as.Holder]++
+	}
+	for _, n := range nodes {
+		if count[n] != 3 {
+			t.Fatalf("uneven: %v", count)
+		}
+	}
+	got = Assign(Input{IPs: ips, Candidates: nodes, Keepers: nodes, MaxPerNode: 2})
+	count = map[string]int{}
+	for _, as := range got {
+		count[as.Holder]++
+	}
+	if count[""] != 3 || count["node2"] != 2 {
+		t.Fatalf("cap 2 per node over 3 nodes and 9 IPs: %v, want 3 unassigned", count)
+	}
+}
+
+func TestAssignNoCandidates(t *testing.T) {
+	if a := Assign(Input{IPs: []netip.Addr{ipA}})[ipA]; a.Holder != "" {
+		t.Fatalf("got %+v with no candidates", a)
+	}
+}
+
+func TestMetaRoundTrip(t *testing.T) {
+	m := Meta{Draining: true, RestartGrace: 20 * time.Second,
+		Claims: []Claim{{IP: ipA, Gen: 1}, {IP: ipB, Gen: 1 << 30}, {IP: ipC}}}
+	b, err := m.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := DecodeMeta(b)
+	if err != nil || got.Draining != m.Draining || got.RestartGrace != m.RestartGrace || len(got.Claims) != 3 ||
+		got.Claims[1] != m.Claims[1] {
+		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	var many Meta
+	for i := 0; i <= MaxClaims; i++ {
+		many.Claims = append(many.Claims, Claim{IP: ipA})
+	}
+	if _, err := many.Encode(); err == nil {
+		t.Fatal("encoded more claims than fit in 512 bytes")
+	}
+	for _, bad := range [][]byte{{1}, {2, 0, 0, 0}, {1, 0, 0, 0, 1, 2, 3}} {
+		if _, err := DecodeMeta(bad); err == nil {
+			t.Errorf("DecodeMeta(%v) accepted garbage", bad)
+		}
+	}
+}
+
+func FuzzDecodeMeta(f *testing.F) {
+	b, _ := Meta{Claims: []Claim{{IP: ipA, Gen: 2}}}.Encode()
+	f.Add(b)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := DecodeMeta(b)
+		if err != nil {
+			return
+		}
+		if again, err := m.Encode(); err != nil || (len(b) > 0 && len(again) != len(b)) {
+			t.Fatalf("decoded %x to %+v but it encodes to %x, %v", b, m, again, err)
+		}
+	})
+}

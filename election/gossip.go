@@ -1,0 +1,271 @@
+package election
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"log"
+	"math"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"k8s.io/klog/v2"
+)
+
+// GossipConfig configures a node's membership in the natd cluster.
+type GossipConfig struct {
+	NodeName string
+	BindIP   netip.Addr
+	Port     int
+	// Key encrypts and authenticates all gossip (16, 24 or 32 bytes); nil means
+	// plain text, which only --insecure-gossip allows.
+	Key []byte
+	// Failure detection: a member is probed every ProbeInterval, must answer within
+	// ProbeTimeout, and is declared dead after SuspicionMult probe intervals of
+	// suspicion (scaled by log10 of the cluster size, as memberlist does).
+	ProbeInterval time.Duration
+	ProbeTimeout  time.Duration
+	SuspicionMult int
+	// Clock, for tests; time.Now when nil.
+	Now func() time.Time
+}
+
+// MinDetection is the shortest time after which a member that stopped answering can be
+// declared dead, for n members: no failover can start sooner.
+func (c GossipConfig) MinDetection(n int) time.Duration {
+	scale := math.Max(1, math.Log10(math.Max(1, float64(n)))) // as memberlist scales it
+	return time.Duration(float64(c.SuspicionMult) * scale * float64(c.ProbeInterval))
+}
+
+// Member is one member as this node sees it.
+type Member struct {
+	Name  string
+	Addr  netip.Addr
+	Alive bool // alive or suspected; false once declared dead
+	Meta  Meta
+	// DownSince is when this node learned the member was dead.
+	DownSince time.Time
+}
+
+// View is a snapshot of the membership.
+type View struct {
+	Self    string
+	Members map[string]Member // every member ever seen and not gone (left or forgotten)
+	At      time.Time
+}
+
+// Alive reports whether name is a live member.
+func (v View) Alive(name string) bool { return v.Members[name].Alive }
+
+// InGrace reports whether name is down for a planned restart and its claims still stand.
+func (v View) InGrace(name string) bool {
+	m, ok := v.Members[name]
+	return ok && !m.Alive && m.Meta.RestartGrace > 0 && v.At.Before(m.DownSince.Add(m.Meta.RestartGrace))
+}
+
+// Gossip is this node's membership in the natd cluster, on hashicorp/memberlist.
+type Gossip struct {
+	cfg  GossipConfig
+	list *memberlist.Memberlist
+
+	mu      sync.Mutex
+	local   Meta
+	members map[string]*Member
+	changed chan struct{}
+}
+
+// NewGossip starts gossiping on cfg.BindIP:cfg.Port. Join adds it to the cluster.
+func NewGossip(cfg GossipConfig) (*Gossip, error) {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1)}
+	mc := memberlist.DefaultLANConfig()
+	mc.Name = cfg.NodeName
+	mc.BindAddr = cfg.BindIP.String()
+	mc.BindPort = cfg.Port
+	mc.AdvertiseAddr = cfg.BindIP.String()
+	mc.AdvertisePort = cfg.Port
+	mc.ProbeInterval = cfg.ProbeInterval
+	mc.ProbeTimeout = cfg.ProbeTimeout
+	mc.SuspicionMult = cfg.SuspicionMult
+	// Spread updates (claims above all) quickly: a takeover is announced in tens of ms.
+	mc.GossipInterval = 50 * time.Millisecond
+	mc.PushPullInterval = 10 * time.Second
+	mc.TCPTimeout = 2 * time.Second
+	mc.Delegate = (*delegate)(g)
+	mc.Events = (*events)(g)
+	mc.Logger = log.New(klogWriter{}, "", 0)
+	if cfg.Key != nil {
+		kr, err := memberlist.NewKeyring(nil, cfg.Key)
+		if err != nil {
+			return nil, fmt.Errorf("gossip key: %w", err)
+		}
+		mc.Keyring = kr
+		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
+	}
+	list, err := memberlist.Create(mc)
+	if err != nil {
+		return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
+	}
+	g.list = list
+	return g, nil
+}
+
+// Join contacts peers (host or host:port) and merges their view. It returns how many
+// answered.
+func (g *Gossip) Join(peers []string) (int, error) {
+	if len(peers) == 0 {
+		return 0, nil
+	}
+	return g.list.Join(peers)
+}
+
+// Port is the port gossip listens on (useful when the config asked for port 0).
+func (g *Gossip) Port() int { return int(g.list.LocalNode().Port) }
+
+// Changed is signalled (coalesced) whenever the membership or a member's metadata
+// changes.
+func (g *Gossip) Changed() <-chan struct{} { return g.changed }
+
+func (g *Gossip) signal() {
+	select {
+	case g.changed <- struct{}{}:
+	default:
+	}
+}
+
+// SetLocal changes what this node gossips about itself and spreads it, waiting at most
+// timeout for the broadcast to go out.
+func (g *Gossip) SetLocal(m Meta, timeout time.Duration) error {
+	if _, err := m.Encode(); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	g.local = m
+	g.mu.Unlock()
+	return g.list.UpdateNode(timeout)
+}
+
+// Local is what this node currently gossips about itself.
+func (g *Gossip) Local() Meta {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.local
+}
+
+// View returns a snapshot of the membership.
+func (g *Gossip) View() View {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	v := View{Self: g.cfg.NodeName, Members: make(map[string]Member, len(g.members)), At: g.cfg.Now()}
+	for name, m := range g.members {
+		v.Members[name] = *m
+	}
+	if self, ok := v.Members[g.cfg.NodeName]; ok {
+		self.Meta = g.local // our own claims, even before memberlist echoes them
+		v.Members[g.cfg.NodeName] = self
+	}
+	return v
+}
+
+// Forget drops members that are down and no longer Nodes in the API.
+func (g *Gossip) Forget(keep func(name string) bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for name, m := range g.members {
+		if !m.Alive && !keep(name) {
+			delete(g.members, name)
+		}
+	}
+}
+
+// Leave announces that this node leaves the cluster for good.
+func (g *Gossip) Leave(timeout time.Duration) error { return g.list.Leave(timeout) }
+
+// Shutdown stops gossiping without a goodbye: the others will see this node fail.
+func (g *Gossip) Shutdown() error { return g.list.Shutdown() }
+
+func (g *Gossip) update(n *memberlist.Node, alive bool) {
+	meta, err := DecodeMeta(n.Meta)
+	if err != nil {
+		klog.InfoS("Ignoring unreadable gossip metadata", "member", n.Name, "err", err)
+		meta = Meta{}
+	}
+	addr, _ := netip.AddrFromSlice(n.Addr.To4())
+	g.mu.Lock()
+	m, ok := g.members[n.Name]
+	if !ok {
+		m = &Member{Name: n.Name}
+		g.members[n.Name] = m
+	}
+	if m.Alive && !alive {
+		m.DownSince = g.cfg.Now()
+	}
+	m.Alive, m.Addr = alive, addr
+	if alive || len(n.Meta) > 0 {
+		m.Meta = meta // a dead member keeps its last words (claims, restart grace)
+	}
+	g.mu.Unlock()
+	g.signal()
+}
+
+type delegate Gossip
+
+func (d *delegate) NodeMeta(limit int) []byte {
+	g := (*Gossip)(d)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	b, err := g.local.Encode()
+	if err != nil || len(b) > limit {
+		return nil
+	}
+	return b
+}
+func (d *delegate) NotifyMsg([]byte)                  {}
+func (d *delegate) GetBroadcasts(_, _ int) [][]byte   { return nil }
+func (d *delegate) LocalState(bool) []byte            { return nil }
+func (d *delegate) MergeRemoteState(_ []byte, _ bool) {}
+
+type events Gossip
+
+func (e *events) NotifyJoin(n *memberlist.Node)   { (*Gossip)(e).update(n, true) }
+func (e *events) NotifyUpdate(n *memberlist.Node) { (*Gossip)(e).update(n, true) }
+func (e *events) NotifyLeave(n *memberlist.Node) {
+	g := (*Gossip)(e)
+	if n.State == memberlist.StateLeft {
+		g.mu.Lock()
+		delete(g.members, n.Name)
+		g.mu.Unlock()
+		g.signal()
+		return
+	}
+	g.update(n, false)
+}
+
+// klogWriter turns memberlist's log lines into structured logs: errors and warnings
+// (a garbage packet, a peer with the wrong key) at the default level, the rest at 4.
+type klogWriter struct{}
+
+func (klogWriter) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(bytes.TrimRight(p, "\n")))
+	switch {
+	case strings.Contains(line, "[ERR]"), strings.Contains(line, "[WARN]"):
+		klog.InfoS("Gossip", "msg", line)
+	default:
+		klog.V(4).InfoS("Gossip", "msg", line)
+	}
+	return len(p), nil
+}
+
+var _ io.Writer = klogWriter{}
+
+// PeerAddr is a peer's gossip address.
+func PeerAddr(ip netip.Addr, port int) string {
+	return net.JoinHostPort(ip.String(), strconv.Itoa(port))
+}
