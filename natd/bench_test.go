@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
@@ -187,7 +188,7 @@ func BenchmarkAgentMemory50k(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		rs := dataplane.BuildRuleset(plan.State, mustMarks(), map[netip.Addr]int{})
+		rs := dataplane.BuildRuleset(plan.State, mustMarks(), map[netip.Addr]int{}, time.Second)
 		runtime.GC()
 		var after runtime.MemStats
 		runtime.ReadMemStats(&after)

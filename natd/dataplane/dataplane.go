@@ -10,6 +10,8 @@ import (
 	"runtime"
 	"sort"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/google/nftables"
 	mdnetlink "github.com/mdlayher/netlink"
@@ -32,6 +34,14 @@ type Config struct {
 	// StateDir keeps what natd changed outside its own objects (the uplink's original
 	// rp_filter) so that cleanup can restore it.
 	StateDir string
+	// Lease is how long a held egress IP keeps working in the kernel (SNAT, ARP
+	// answers) unless RenewLeases is called again: a holder whose natd dies stops
+	// serving its IPs by itself. 0: forever.
+	Lease time.Duration
+	// Announce is when gratuitous ARPs go out after a takeover, counted from it; the
+	// repeats reach neighbours that ignored the first (Linux ignores an update within
+	// neigh locktime, 1 s by default, of the last one) or lost it.
+	Announce []time.Duration
 }
 
 // Result says what an Apply did.
@@ -44,6 +54,8 @@ type Result struct {
 // Dataplane programs one node's kernel. It is not safe for concurrent use: the agent
 // calls it from its single sync loop.
 type Dataplane struct {
+	mu     sync.Mutex // Apply, lease renewal and cleanup take turns
+	frozen bool       // leases were extended for a restart: renewing stops
 	cfg    Config
 	nl     *netlink.Handle
 	nft    nftApplier
@@ -53,6 +65,8 @@ type Dataplane struct {
 	// unless still held.
 	stale     map[netip.Addr]bool
 	firstDone bool
+	// announcing cancels the gratuitous ARP repeats of an IP that is released.
+	announcing map[netip.Addr]chan struct{}
 }
 
 // New opens netlink handles for cfg.NetNS (or the current namespace).
@@ -67,7 +81,8 @@ func New(cfg Config) (*Dataplane, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
-	d := &Dataplane{cfg: cfg, nl: nl, slots: map[netip.Addr]int{}, stale: map[netip.Addr]bool{}}
+	d := &Dataplane{cfg: cfg, nl: nl, slots: map[netip.Addr]int{}, stale: map[netip.Addr]bool{},
+		announcing: map[netip.Addr]chan struct{}{}}
 	d.nft.newConn = d.nftConn
 	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase}
 	return d, nil
@@ -118,6 +133,8 @@ func (d *Dataplane) nftConn(sendBuf int) (*nftables.Conn, error) {
 // addresses for the new state are put in place first, then nftables switches over in
 // one transaction, and only then is what the old state needed removed.
 func (d *Dataplane) Apply(state State) (Result, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	var res Result
 	if err := d.loadStale(); err != nil {
 		return res, err
@@ -139,7 +156,7 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 		}
 		slots = append(slots, s)
 	}
-	rs := BuildRuleset(state, d.cfg.Marks, d.slots)
+	rss := []*Ruleset{BuildRuleset(state, d.cfg.Marks, d.slots, d.cfg.Lease), BuildARPRuleset(state, d.cfg.Lease)}
 
 	if len(held) > 0 {
 		if err := d.loosenRPFilter(uplink.Attrs().Name); err != nil {
@@ -166,17 +183,12 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 		}
 		res.Announced = append(res.Announced, ip)
 	}
-	for _, ip := range res.Announced {
-		if err := d.inNetns(func() error {
-			return sendGratuitousARP(uplink.Attrs().Index, uplink.Attrs().HardwareAddr, ip)
-		}); err != nil {
-			// The IP works without it; neighbours learn it on their next ARP.
-			klog.ErrorS(err, "Gratuitous ARP failed", "egressIP", ip)
-		}
-	}
-
-	if res.Rebuilt, err = d.nft.apply(rs); err != nil {
+	if res.Rebuilt, err = d.nft.apply(rss); err != nil {
 		return res, err
+	}
+	// Announce once SNAT is in place: the first replies may come at once.
+	for _, ip := range res.Announced {
+		d.announce(uplink, ip)
 	}
 
 	if err := d.router.prune(slots); err != nil {
@@ -189,6 +201,10 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 	for _, ip := range present {
 		if keep[ip] {
 			continue
+		}
+		if stop, ok := d.announcing[ip]; ok {
+			close(stop)
+			delete(d.announcing, ip)
 		}
 		if err := d.nl.AddrDel(uplink, hostAddr(ip)); err != nil {
 			return res, fmt.Errorf("removing egress IP %s from %s: %w", ip, uplink.Attrs().Name, err)
@@ -218,12 +234,12 @@ func (d *Dataplane) loadStale() error {
 	if err != nil {
 		return fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
-	ips, err := heldIPsInKernel(conn)
+	held, err := heldAddrsInKernel(conn)
 	if err != nil {
 		return err
 	}
-	for _, ip := range ips {
-		d.stale[ip] = true
+	for _, h := range held {
+		d.stale[h.IP] = true
 	}
 	d.firstDone = true
 	return nil
@@ -273,17 +289,19 @@ func (d *Dataplane) allocateSlots(egress []EgressIP) {
 // Cleanup removes everything natd put into this node's kernel: its nftables table, ip
 // rules, route tables, the egress IPs it held, and the uplink's rp_filter setting.
 func (d *Dataplane) Cleanup() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	var errs []error
 	conn, err := d.nftConn(0)
 	if err != nil {
 		return fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
-	held, err := heldIPsInKernel(conn)
+	held, err := heldAddrsInKernel(conn)
 	if err != nil {
 		errs = append(errs, err)
 	}
-	for _, ip := range held {
-		d.stale[ip] = true
+	for _, h := range held {
+		d.stale[h.IP] = true
 	}
 	links, err := d.nl.LinkList()
 	if err != nil {
@@ -301,7 +319,7 @@ func (d *Dataplane) Cleanup() error {
 			}
 		}
 	}
-	if err := deleteTable(conn); err != nil {
+	if err := deleteTables(conn); err != nil {
 		errs = append(errs, err)
 	}
 	if err := d.router.prune(nil); err != nil {
@@ -312,6 +330,83 @@ func (d *Dataplane) Cleanup() error {
 	}
 	d.nft.applied = nil
 	return errors.Join(errs...)
+}
+
+// KernelClaims returns the egress IPs the kernel says this node holds, with their claim
+// generations: how a restarted natd learns what it had.
+func (d *Dataplane) KernelClaims() ([]HeldAddr, error) {
+	conn, err := d.nftConn(0)
+	if err != nil {
+		return nil, fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	return heldAddrsInKernel(conn)
+}
+
+// RenewLeases pushes the expiry of every held IP's lease to Lease from now. natd calls
+// it several times per lease; when natd dies, the leases lapse and the node stops
+// SNATing and answering ARP for its egress IPs by itself.
+func (d *Dataplane) RenewLeases() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.frozen || d.cfg.Lease == 0 {
+		return nil
+	}
+	return d.renew(d.cfg.Lease)
+}
+
+// HoldLeases extends every lease to grace and stops renewing: natd is stopping for a
+// restart, and the kernel keeps serving its IPs until the next natd takes over.
+func (d *Dataplane) HoldLeases(grace time.Duration) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.frozen = true
+	if d.cfg.Lease == 0 {
+		return nil
+	}
+	return d.renew(grace)
+}
+
+func (d *Dataplane) renew(timeout time.Duration) error {
+	if d.nft.applied == nil {
+		return nil
+	}
+	conn, err := d.nftConn(0)
+	if err != nil {
+		return fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	return d.nft.renewLeases(conn, timeout)
+}
+
+// announce sends gratuitous ARPs for ip now and at the configured repeats, until ip is
+// released.
+func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr) {
+	if old, ok := d.announcing[ip]; ok {
+		close(old)
+	}
+	stop := make(chan struct{})
+	d.announcing[ip] = stop
+	ifindex, mac := uplink.Attrs().Index, uplink.Attrs().HardwareAddr
+	send := func() {
+		if err := d.inNetns(func() error { return sendGratuitousARP(ifindex, mac, ip) }); err != nil {
+			// The IP works without it; neighbours learn it on their next ARP.
+			klog.ErrorS(err, "Gratuitous ARP failed", "egressIP", ip)
+		}
+	}
+	send()
+	if len(d.cfg.Announce) == 0 {
+		return
+	}
+	go func() {
+		start := time.Now()
+		for _, at := range d.cfg.Announce {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Until(start.Add(at))):
+				send()
+			}
+		}
+	}()
 }
 
 // loosenRPFilter sets the uplink's rp_filter to loose (2) when it is strict (1). A holder

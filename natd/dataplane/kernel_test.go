@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netns"
 )
@@ -75,7 +76,8 @@ func (ns *testNS) dataplane() *Dataplane {
 	ns.t.Helper()
 	marks, _ := NewMarks(0x00ff0000)
 	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
-		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir})
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir,
+		Lease: time.Minute})
 	if err != nil {
 		ns.t.Fatal(err)
 	}
@@ -84,11 +86,13 @@ func (ns *testNS) dataplane() *Dataplane {
 }
 
 var elementsRe = regexp.MustCompile(`elements = \{([^}]*)\}`)
+var expiresRe = regexp.MustCompile(` expires [0-9hms]+`)
 var spaceRe = regexp.MustCompile(`\s+`)
 
 // normalize folds white space and sorts set elements, which nft prints in the kernel's
 // hash order and wraps at its own line width.
 func normalize(s string) string {
+	s = expiresRe.ReplaceAllString(s, "")
 	s = elementsRe.ReplaceAllStringFunc(s, func(m string) string {
 		inner := elementsRe.FindStringSubmatch(m)[1]
 		var els []string
@@ -113,7 +117,7 @@ func sampleState() State {
 		LocalPodCIDRs:  []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
 		KnownLocalPods: []netip.Addr{netip.MustParseAddr("10.244.2.10")},
 		Egress: []EgressIP{
-			{IP: netip.MustParseAddr("198.18.0.200"), Local: true, HolderIP: netip.MustParseAddr("198.18.0.12"),
+			{IP: netip.MustParseAddr("198.18.0.200"), Local: true, Gen: 3, HolderIP: netip.MustParseAddr("198.18.0.12"),
 				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("10.244.2.10")}},
 			{IP: netip.MustParseAddr("198.18.0.201"), HolderIP: netip.MustParseAddr("198.18.0.11"),
 				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.11")}},
@@ -131,7 +135,7 @@ func TestKernelApplyMatchesRenderedRuleset(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := ns.run("nft", "-s", "list", "table", "ip", TableName)
-	want := BuildRuleset(st, d.cfg.Marks, d.slots).Text(false)
+	want := BuildRuleset(st, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false)
 	if normalize(got) != normalize(want) {
 		t.Fatalf("kernel ruleset differs from rendered one\n--- kernel:\n%s\n--- rendered:\n%s", got, want)
 	}
@@ -146,6 +150,11 @@ func (ns *testNS) snapshot() string {
 		table = []byte("no table")
 	}
 	b.WriteString(normalize(string(table)) + "\n")
+	arp, err := exec.Command("ip", "netns", "exec", ns.name, "nft", "-s", "list", "table", "arp", TableName).CombinedOutput()
+	if err != nil {
+		arp = []byte("no arp table")
+	}
+	b.WriteString(normalize(string(arp)) + "\n")
 	// Rules of one priority list in insertion order; a repaired rule comes last.
 	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "7000")), "\n")
 	sort.Strings(rules)
@@ -221,7 +230,7 @@ func TestKernelReplacingState(t *testing.T) {
 		t.Fatalf("apply: %+v; want 198.18.0.201 announced and 198.18.0.200 released", res)
 	}
 	got := ns.snapshot()
-	want := normalize(BuildRuleset(next, d.cfg.Marks, d.slots).Text(false))
+	want := normalize(BuildRuleset(next, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false))
 	if !strings.HasPrefix(got, want+"\n") {
 		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
 	}
@@ -309,5 +318,56 @@ func TestKernelCleanupRemovesEverything(t *testing.T) {
 	}
 	if err := ns.dataplane().Cleanup(); err != nil {
 		t.Fatalf("cleanup of a clean node: %v", err)
+	}
+}
+
+// A held IP works only while natd renews its lease: when natd stops renewing (it was
+// killed), SNAT and ARP answers for the IP end by themselves.
+func TestKernelLeasesLapseUnlessRenewed(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	d.cfg.Lease = 300 * time.Millisecond
+	if _, err := d.Apply(sampleState()); err != nil {
+		t.Fatal(err)
+	}
+	leased := func() string {
+		return ns.run("nft", "list", "set", "ip", TableName, setLeasedIPs) +
+			ns.run("nft", "list", "map", "ip", TableName, mapHeldSNAT) +
+			ns.run("nft", "list", "set", "arp", TableName, setLeasedIPs)
+	}
+	if got := leased(); strings.Count(got, "198.18.0.200") != 3 {
+		t.Fatalf("lease missing right after apply:\n%s", got)
+	}
+	for i := 0; i < 5; i++ { // renewed every 100 ms, it outlives its 300 ms
+		time.Sleep(100 * time.Millisecond)
+		if err := d.RenewLeases(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := leased(); strings.Count(got, "198.18.0.200") != 3 {
+		t.Fatalf("renewed lease lapsed:\n%s", got)
+	}
+	time.Sleep(450 * time.Millisecond)
+	if got := leased(); strings.Contains(got, "198.18.0.200") {
+		t.Fatalf("lease still there after it was not renewed:\n%s", got)
+	}
+	// The address stays listed as natd's (for cleanup and restart) with its generation.
+	if got := ns.run("nft", "list", "set", "ip", TableName, setHeldAddrs); !strings.Contains(got, `198.18.0.200 comment "gen=3"`) {
+		t.Fatalf("held_addrs lost the IP:\n%s", got)
+	}
+	claims, err := d.KernelClaims()
+	if err != nil || len(claims) != 1 || claims[0].IP.String() != "198.18.0.200" || claims[0].Gen != 3 {
+		t.Fatalf("KernelClaims = %v, %v", claims, err)
+	}
+	// Stopping for a restart: the lease is held for the grace time, renewal stops.
+	if err := d.RenewLeases(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.HoldLeases(3 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if got := leased(); strings.Count(got, "198.18.0.200") != 3 {
+		t.Fatalf("held lease lapsed:\n%s", got)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -17,60 +18,83 @@ import (
 // them as one transaction.
 const elementsPerMessage = 512
 
-// nftApplier keeps natd's table in line with a Ruleset. It remembers what it applied
-// last so that a change of a few pods costs a few set elements, not the whole table.
+// nftApplier keeps natd's tables (ip and arp) in line with their Rulesets. It remembers
+// what it applied last so that a change of a few pods costs a few set elements, not
+// whole tables.
 type nftApplier struct {
 	newConn func(sendBuf int) (*nftables.Conn, error)
-	applied *Ruleset // nil: unknown, next apply rebuilds the table
+	applied []*Ruleset // nil: unknown, next apply rebuilds the tables
 }
 
-func (a *nftApplier) table() *nftables.Table {
-	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
+func tableOf(rs *Ruleset) *nftables.Table {
+	return &nftables.Table{Name: TableName, Family: rs.Family}
 }
 
-// apply converges the table to rs: element updates when only set contents changed and
-// the kernel still has the table as natd left it, a whole-table replacement otherwise.
-// It returns whether the table was rebuilt.
-func (a *nftApplier) apply(rs *Ruleset) (rebuilt bool, err error) {
-	conn, err := a.newConn(batchBytes(rs))
+// apply converges the tables to rss, in one transaction: element updates when only set
+// contents changed and the kernel still has the tables as natd left them, whole-table
+// replacements otherwise. It returns whether the tables were rebuilt.
+func (a *nftApplier) apply(rss []*Ruleset) (rebuilt bool, err error) {
+	conn, err := a.newConn(batchBytes(rss))
 	if err != nil {
 		return false, fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
-	if a.applied != nil && sameShape(a.applied, rs) {
-		intact, err := a.intact(conn, rs)
-		if err != nil {
-			return false, err
+	if a.applied != nil && len(a.applied) == len(rss) {
+		ok := true
+		for i, rs := range rss {
+			if !sameShape(a.applied[i], rs) {
+				ok = false
+				break
+			}
+			intact, err := a.intact(conn, rs)
+			if err != nil {
+				return false, err
+			}
+			ok = ok && intact
 		}
-		if intact {
-			if err := a.updateElements(conn, a.applied, rs); err == nil {
-				a.applied = rs
+		if ok {
+			if err := a.updateElements(conn, a.applied, rss); err == nil {
+				a.applied = rss
 				return false, nil
 			}
 			// Fall through: a rebuild repairs whatever made the update fail.
 		}
 	}
 	a.applied = nil
-	if err := a.rebuild(conn, rs); err != nil {
+	if err := a.rebuild(conn, rss); err != nil {
 		return true, err
 	}
-	a.applied = rs
+	a.applied = rss
 	return true, nil
 }
 
-// batchBytes estimates the netlink batch that replaces the whole table for rs, with
-// room to spare: an element takes well under 128 bytes on the wire.
-func batchBytes(rs *Ruleset) int {
+// batchBytes estimates the netlink batch that replaces whole tables, with room to
+// spare: an element takes well under 128 bytes on the wire.
+func batchBytes(rss []*Ruleset) int {
 	n := 0
-	for _, s := range rs.Sets {
-		n += len(s.Elements)
+	for _, rs := range rss {
+		for _, s := range rs.Sets {
+			n += len(s.Elements)
+		}
 	}
 	return 1<<20 + 2*n*128
 }
 
-// rebuild replaces the whole table in one transaction: packets see either the old
-// ruleset or the new one, never a mix.
-func (a *nftApplier) rebuild(conn *nftables.Conn, rs *Ruleset) error {
-	t := a.table()
+// rebuild replaces whole tables in one transaction: packets see either the old
+// rulesets or the new ones, never a mix.
+func (a *nftApplier) rebuild(conn *nftables.Conn, rss []*Ruleset) error {
+	for _, rs := range rss {
+		if err := a.rebuildTable(conn, rs); err != nil {
+			return err
+		}
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("replacing nftables table %s: %w", TableName, err)
+	}
+	return nil
+}
+
+func (a *nftApplier) rebuildTable(conn *nftables.Conn, rs *Ruleset) error {
+	t := tableOf(rs)
 	// Adding before deleting makes the delete succeed whether or not the table exists.
 	conn.AddTable(t)
 	conn.DelTable(t)
@@ -99,12 +123,9 @@ func (a *nftApplier) rebuild(conn *nftables.Conn, rs *Ruleset) error {
 		}
 	}
 	for _, s := range rs.Sets {
-		if err := addElements(conn, sets[s.Name], s, s.Elements); err != nil {
+		if err := addElements(conn, sets[s.Name], s, s.Elements, s.Timeout); err != nil {
 			return err
 		}
-	}
-	if err := conn.Flush(); err != nil {
-		return fmt.Errorf("replacing nftables table %s: %w", TableName, err)
 	}
 	return nil
 }
@@ -112,7 +133,7 @@ func (a *nftApplier) rebuild(conn *nftables.Conn, rs *Ruleset) error {
 // intact reports whether the kernel's table still has every chain with the rules natd
 // put there: someone may have deleted or flushed it since.
 func (a *nftApplier) intact(conn *nftables.Conn, rs *Ruleset) (bool, error) {
-	chains, err := conn.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
+	chains, err := conn.ListChainsOfTableFamily(rs.Family)
 	if err != nil {
 		return false, fmt.Errorf("listing nftables chains: %w", err)
 	}
@@ -130,7 +151,7 @@ func (a *nftApplier) intact(conn *nftables.Conn, rs *Ruleset) (bool, error) {
 		if !ok {
 			return false, nil
 		}
-		rules, err := conn.GetRules(a.table(), kc)
+		rules, err := conn.GetRules(tableOf(rs), kc)
 		if err != nil {
 			if errors.Is(err, unix.ENOENT) {
 				return false, nil
@@ -145,23 +166,31 @@ func (a *nftApplier) intact(conn *nftables.Conn, rs *Ruleset) (bool, error) {
 }
 
 // updateElements changes only the set elements that differ, in one transaction.
-func (a *nftApplier) updateElements(conn *nftables.Conn, old, cur *Ruleset) error {
-	t := a.table()
+func (a *nftApplier) updateElements(conn *nftables.Conn, old, cur []*Ruleset) error {
 	changed := false
-	for i, s := range cur.Sets {
-		del, add := diffElements(old.Sets[i].Elements, s.Elements)
-		if len(del) == 0 && len(add) == 0 {
-			continue
-		}
-		changed = true
-		ns := toNftSet(t, s)
-		if len(del) > 0 {
-			if err := deleteElements(conn, ns, s, del); err != nil {
+	for r, rs := range cur {
+		t := tableOf(rs)
+		for i, s := range rs.Sets {
+			del, add := diffElements(old[r].Sets[i].Elements, s.Elements)
+			if len(del) == 0 && len(add) == 0 {
+				continue
+			}
+			changed = true
+			ns := toNftSet(t, s)
+			if s.Timeout > 0 {
+				// Leased elements may have lapsed in the kernel already, and deleting
+				// an element that is gone fails the whole transaction: replace them all
+				// (there are only as many as IPs this node holds).
+				conn.FlushSet(ns)
+				add = s.Elements
+			} else if len(del) > 0 {
+				if err := deleteElements(conn, ns, s, del); err != nil {
+					return err
+				}
+			}
+			if err := addElements(conn, ns, s, add, s.Timeout); err != nil {
 				return err
 			}
-		}
-		if err := addElements(conn, ns, s, add); err != nil {
-			return err
 		}
 	}
 	if !changed {
@@ -247,8 +276,36 @@ func diffElements(old, cur []Element) (del, add []Element) {
 	return del, add
 }
 
+// renewLeases re-adds every leased element of the applied tables with the given
+// timeout, in one transaction.
+func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) error {
+	n := 0
+	for _, rs := range a.applied {
+		t := tableOf(rs)
+		for _, s := range rs.Sets {
+			if s.Timeout == 0 {
+				continue
+			}
+			ns := toNftSet(t, s)
+			conn.FlushSet(ns)
+			if err := addElements(conn, ns, s, s.Elements, timeout); err != nil {
+				return err
+			}
+			n++
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("renewing leases: %w", err)
+	}
+	return nil
+}
+
 func toNftSet(t *nftables.Table, s *Set) *nftables.Set {
-	ns := &nftables.Set{Table: t, Name: s.Name, KeyType: s.KeyType, IsMap: s.IsMap, Interval: s.Interval}
+	ns := &nftables.Set{Table: t, Name: s.Name, KeyType: s.KeyType, IsMap: s.IsMap, Interval: s.Interval,
+		HasTimeout: s.Timeout > 0}
 	if s.IsMap {
 		ns.DataType = s.DataType
 	}
@@ -258,11 +315,14 @@ func toNftSet(t *nftables.Table, s *Set) *nftables.Set {
 	return ns
 }
 
-func kernelElements(s *Set, els []Element, deleting bool) []nftables.SetElement {
+func kernelElements(s *Set, els []Element, deleting bool, timeout time.Duration) []nftables.SetElement {
 	out := make([]nftables.SetElement, 0, len(els))
 	verdicts := map[string]*expr.Verdict{}
 	for _, e := range els {
 		ke := nftables.SetElement{Key: append([]byte(nil), e.Key[:]...)}
+		if !deleting {
+			ke.Timeout, ke.Comment = timeout, e.Comment
+		}
 		if !deleting && s.IsMap {
 			if e.Chain != "" {
 				v, ok := verdicts[e.Chain]
@@ -285,8 +345,8 @@ func kernelElements(s *Set, els []Element, deleting bool) []nftables.SetElement 
 	return out
 }
 
-func addElements(conn *nftables.Conn, ns *nftables.Set, s *Set, els []Element) error {
-	kel := kernelElements(s, els, false)
+func addElements(conn *nftables.Conn, ns *nftables.Set, s *Set, els []Element, timeout time.Duration) error {
+	kel := kernelElements(s, els, false, timeout)
 	for start := 0; start < len(kel); start += elementsPerMessage {
 		end := min(start+elementsPerMessage, len(kel))
 		if err := conn.SetAddElements(ns, kel[start:end]); err != nil {
@@ -297,7 +357,7 @@ func addElements(conn *nftables.Conn, ns *nftables.Set, s *Set, els []Element) e
 }
 
 func deleteElements(conn *nftables.Conn, ns *nftables.Set, s *Set, els []Element) error {
-	kel := kernelElements(s, els, true)
+	kel := kernelElements(s, els, true, 0)
 	for start := 0; start < len(kel); start += elementsPerMessage {
 		end := min(start+elementsPerMessage, len(kel))
 		if err := conn.SetDeleteElements(ns, kel[start:end]); err != nil {
@@ -320,37 +380,48 @@ func withSetIDs(exprs []expr.Any, sets map[string]*nftables.Set) []expr.Any {
 	return exprs
 }
 
-// heldIPsInKernel reads the egress IPs natd's table says this node holds: what a
-// previous run (or a crashed one) left on the uplink.
-func heldIPsInKernel(conn *nftables.Conn) ([]netip.Addr, error) {
+// HeldAddr is an egress IP natd's table says this node holds, with the generation of
+// its claim: what a previous run (or a crashed one) left on the uplink.
+type HeldAddr struct {
+	IP  netip.Addr
+	Gen uint32
+}
+
+func heldAddrsInKernel(conn *nftables.Conn) ([]HeldAddr, error) {
 	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
-	s, err := conn.GetSetByName(t, setHeldIPs)
+	s, err := conn.GetSetByName(t, setHeldAddrs)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return nil, nil
 		}
-		return nil, fmt.Errorf("reading set %s: %w", setHeldIPs, err)
+		return nil, fmt.Errorf("reading set %s: %w", setHeldAddrs, err)
 	}
 	els, err := conn.GetSetElements(s)
 	if err != nil {
-		return nil, fmt.Errorf("reading elements of %s: %w", setHeldIPs, err)
+		return nil, fmt.Errorf("reading elements of %s: %w", setHeldAddrs, err)
 	}
-	var out []netip.Addr
+	var out []HeldAddr
 	for _, e := range els {
-		if a, ok := netip.AddrFromSlice(e.Key); ok {
-			out = append(out, a)
+		a, ok := netip.AddrFromSlice(e.Key)
+		if !ok {
+			continue
 		}
+		h := HeldAddr{IP: a}
+		fmt.Sscanf(e.Comment, "gen=%d", &h.Gen) // no comment: generation 0
+		out = append(out, h)
 	}
 	return out, nil
 }
 
-// deleteTable removes natd's table; a missing table is not an error.
-func deleteTable(conn *nftables.Conn) error {
-	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
-	conn.AddTable(t)
-	conn.DelTable(t)
+// deleteTables removes natd's tables; missing tables are not an error.
+func deleteTables(conn *nftables.Conn) error {
+	for _, f := range []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyARP} {
+		t := &nftables.Table{Name: TableName, Family: f}
+		conn.AddTable(t)
+		conn.DelTable(t)
+	}
 	if err := conn.Flush(); err != nil {
-		return fmt.Errorf("deleting nftables table %s: %w", TableName, err)
+		return fmt.Errorf("deleting nftables tables %s: %w", TableName, err)
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"strings"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -23,9 +24,10 @@ const (
 	setPodCIDRs      = "pod_cidrs"        // interval set: the cluster's pod CIDRs
 	setLocalPodCIDRs = "local_pod_cidrs"  // interval set: this node's pod CIDRs
 	setKnownPods     = "known_local_pods" // local pod IPs natd has seen in the API
-	setHeldIPs       = "held_ips"         // egress IPs this node holds (and has on its uplink)
+	setHeldAddrs     = "held_addrs"       // egress IPs on this node's uplink, with their claim generation
+	setLeasedIPs     = "leased_ips"       // held egress IPs whose lease natd keeps renewing
 	mapPodEgress     = "pod_egress"       // pinned pod IP -> jump to its egress IP's chain
-	mapHeldSNAT      = "held_snat"        // mark of a held egress IP -> that egress IP
+	mapHeldSNAT      = "held_snat"        // mark of a leased egress IP -> that egress IP (expires with the lease)
 )
 
 // Base-chain priorities. natd marks at mangle, before routing, so the mark can steer
@@ -75,12 +77,20 @@ func (m Marks) MaxIndex() int {
 	return n
 }
 
-// Ruleset is the complete content of natd's table: built by BuildRuleset as a pure
-// function of the state, rendered as nft text for tests and humans, and turned into one
-// netlink batch by the applier.
+// Ruleset is the complete content of one of natd's tables: built by BuildRuleset as a
+// pure function of the state, rendered as nft text for tests and humans, and turned into
+// one netlink batch by the applier.
 type Ruleset struct {
+	Family nftables.TableFamily
 	Sets   []*Set
 	Chains []*Chain
+}
+
+func (rs *Ruleset) familyName() string {
+	if rs.Family == nftables.TableFamilyARP {
+		return "arp"
+	}
+	return "ip"
 }
 
 // Set is a named set or map with its elements.
@@ -91,6 +101,9 @@ type Set struct {
 	DataType nftables.SetDatatype
 	IsMap    bool
 	Interval bool
+	// Timeout, when set, is given to every element: the element disappears from the
+	// kernel unless natd re-adds it in time (a lease).
+	Timeout  time.Duration
 	KeyOrder binaryutil.ByteOrder
 	Elements []Element
 }
@@ -103,6 +116,8 @@ type Element struct {
 	KeyEnd [4]byte // interval sets: first address after the range (0.0.0.0: to the end)
 	Val    [4]byte // maps to ipv4_addr
 	Chain  string  // verdict maps: the chain to jump to (shared by all elements of a group)
+	// Comment is kept in the kernel with the element (held_addrs: the claim generation).
+	Comment string
 }
 
 // ElementText is how nft prints e as an element of s.
@@ -116,6 +131,12 @@ func (s *Set) ElementText(e Element) string {
 	default:
 		key = netip.AddrFrom4(e.Key).String()
 	}
+	if s.Timeout > 0 {
+		key += " timeout " + nftDuration(s.Timeout)
+	}
+	if e.Comment != "" {
+		key += fmt.Sprintf(" comment %q", e.Comment)
+	}
 	switch {
 	case !s.IsMap:
 		return key
@@ -124,6 +145,21 @@ func (s *Set) ElementText(e Element) string {
 	default:
 		return key + " : " + netip.AddrFrom4(e.Val).String()
 	}
+}
+
+// nftDuration prints a duration the way nft does: 400ms, 2s, 1m30s.
+func nftDuration(d time.Duration) string {
+	var b strings.Builder
+	for _, u := range []struct {
+		d    time.Duration
+		name string
+	}{{time.Hour, "h"}, {time.Minute, "m"}, {time.Second, "s"}, {time.Millisecond, "ms"}} {
+		if n := d / u.d; n > 0 {
+			fmt.Fprintf(&b, "%d%s", n, u.name)
+			d -= n * u.d
+		}
+	}
+	return b.String()
 }
 
 // Chain is a chain and its rules. Base chains have a hook.
@@ -155,6 +191,20 @@ func (r *Rule) add(text string, exprs ...expr.Any) *Rule {
 func newRule() *Rule { return &Rule{} }
 
 func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
+
+func (r *Rule) arpAddrIn(field string, set string, invert bool) *Rule {
+	offset := uint32(14) // sender protocol address, for Ethernet/IPv4 ARP
+	if field == "daddr" {
+		offset = 24 // target protocol address
+	}
+	op := ""
+	if invert {
+		op = "!= "
+	}
+	return r.add(fmt.Sprintf("arp %s ip %s@%s", field, op, set),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4},
+		&expr.Lookup{SourceRegister: 1, SetName: set, Invert: invert})
+}
 
 func (r *Rule) ipAddrIn(field string, set string, invert bool) *Rule {
 	offset := uint32(12)
@@ -229,10 +279,11 @@ func (r *Rule) verdict(kind expr.VerdictKind) *Rule {
 // EgressChainName is the regular chain that handles packets pinned to ip.
 func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
 
-// BuildRuleset renders natd's whole table for state. index gives each egress IP its
-// slot (mark value and route table); it must hold every IP in state.Egress.
-func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
-	rs := &Ruleset{}
+// BuildRuleset renders natd's whole ip table for state. index gives each egress IP its
+// slot (mark value and route table); it must hold every IP in state.Egress. lease is
+// how long SNAT to a held egress IP lasts unless natd renews it (0: forever).
+func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time.Duration) *Ruleset {
+	rs := &Ruleset{Family: nftables.TableFamilyIPv4}
 	ipv4Set := func(name string, addrs []netip.Addr) *Set {
 		s := &Set{Name: name, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
 		s.Elements = make([]Element, 0, len(addrs))
@@ -249,11 +300,14 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 		return s
 	}
 
-	var held []netip.Addr
+	var held []EgressIP
 	podEgress := &Set{Name: mapPodEgress, Decl: "type ipv4_addr : verdict", KeyType: nftables.TypeIPAddr,
 		DataType: nftables.TypeVerdict, IsMap: true}
 	heldSNAT := &Set{Name: mapHeldSNAT, Decl: "type mark : ipv4_addr", KeyType: nftables.TypeMark,
-		DataType: nftables.TypeIPAddr, IsMap: true, KeyOrder: binaryutil.NativeEndian}
+		DataType: nftables.TypeIPAddr, IsMap: true, KeyOrder: binaryutil.NativeEndian, Timeout: lease}
+	if lease > 0 {
+		heldSNAT.Decl += "\nflags timeout"
+	}
 	n := 0
 	for _, e := range state.Egress {
 		n += len(e.Pods)
@@ -276,7 +330,7 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 			podEgress.Elements = append(podEgress.Elements, Element{Key: p.As4(), Chain: ch.Name})
 		}
 		if e.Local {
-			held = append(held, e.IP)
+			held = append(held, e)
 			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: [4]byte(native32(mark)), Val: e.IP.As4()})
 		}
 	}
@@ -287,7 +341,8 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 		intervalSet(setPodCIDRs, state.PodCIDRs),
 		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs),
 		ipv4Set(setKnownPods, state.KnownLocalPods),
-		ipv4Set(setHeldIPs, held),
+		heldAddrsSet(held),
+		leasedSet(held, lease),
 		podEgress,
 		heldSNAT,
 	}
@@ -324,8 +379,8 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
 		Rules: []*Rule{
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
-			// SNATed here to an egress IP this node holds.
-			newRule().ipAddrIn("saddr", setHeldIPs, false).verdict(expr.VerdictAccept),
+			// SNATed here to an egress IP this node holds (and its lease is current).
+			newRule().ipAddrIn("saddr", setLeasedIPs, false).verdict(expr.VerdictAccept),
 			// On its way to the holder, still with the pod's own address.
 			newRule().ipAddrIn("saddr", setNodeIPs, true).nexthopIn(setNodeIPs).verdict(expr.VerdictAccept),
 			// Anything else would reach the partner with another source address.
@@ -336,11 +391,70 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int) *Ruleset {
 	return rs
 }
 
+// heldAddrsSet lists the egress IPs on the uplink with their claim generation: after a
+// restart or a crash, natd reads its claims back from here.
+func heldAddrsSet(held []EgressIP) *Set {
+	s := &Set{Name: setHeldAddrs, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
+	for _, e := range held {
+		s.Elements = append(s.Elements, Element{Key: e.IP.As4(), Comment: genComment(e.Gen)})
+	}
+	return s
+}
+
+// leasedSet lists the held egress IPs whose lease is current.
+func leasedSet(held []EgressIP, lease time.Duration) *Set {
+	s := &Set{Name: setLeasedIPs, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr, Timeout: lease}
+	if lease > 0 {
+		s.Decl += "\nflags timeout"
+	}
+	for _, e := range held {
+		s.Elements = append(s.Elements, Element{Key: e.IP.As4()})
+	}
+	return s
+}
+
+func genComment(gen uint32) string { return fmt.Sprintf("gen=%d", gen) }
+
+// The arp family numbers its hooks on its own (NF_ARP_IN, NF_ARP_OUT in
+// linux/netfilter_arp.h); the inet numbers google/nftables names mean other hooks
+// there, and the kernel rejects them with EOPNOTSUPP.
+const (
+	arpHookIn  nftables.ChainHook = 0
+	arpHookOut nftables.ChainHook = 1
+)
+
+// BuildARPRuleset renders natd's arp table: a node stops answering ARP for an egress IP
+// (and stops using it as an ARP sender) as soon as its lease lapses, even while the
+// address is still on the uplink — when natd is killed, say, and another node takes the
+// IP over.
+func BuildARPRuleset(state State, lease time.Duration) *Ruleset {
+	var held []EgressIP
+	for _, e := range state.Egress {
+		if e.Local {
+			held = append(held, e)
+		}
+	}
+	return &Ruleset{
+		Family: nftables.TableFamilyARP,
+		Sets:   []*Set{heldAddrsSet(held), leasedSet(held, lease)},
+		Chains: []*Chain{
+			{Name: "input", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookRef(arpHookIn), Priority: 0,
+				Header: "type filter hook input priority filter; policy accept;",
+				Rules: []*Rule{newRule().arpAddrIn("daddr", setHeldAddrs, false).
+					arpAddrIn("daddr", setLeasedIPs, true).counter().verdict(expr.VerdictDrop)}},
+			{Name: "output", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookRef(arpHookOut), Priority: 0,
+				Header: "type filter hook output priority filter; policy accept;",
+				Rules: []*Rule{newRule().arpAddrIn("saddr", setHeldAddrs, false).
+					arpAddrIn("saddr", setLeasedIPs, true).counter().verdict(expr.VerdictDrop)}},
+		},
+	}
+}
+
 // Text renders the ruleset the way `nft list table ip natd` prints it. With terse, set
 // elements are left out (as `nft -t`).
 func (rs *Ruleset) Text(terse bool) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "table ip %s {\n", TableName)
+	fmt.Fprintf(&b, "table %s %s {\n", rs.familyName(), TableName)
 	for _, s := range rs.Sets {
 		kind := "set"
 		if s.IsMap {

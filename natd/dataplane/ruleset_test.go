@@ -3,6 +3,7 @@ package dataplane
 import (
 	"net/netip"
 	"testing"
+	"time"
 )
 
 func TestBuildRulesetText(t *testing.T) {
@@ -16,7 +17,7 @@ func TestBuildRulesetText(t *testing.T) {
 		netip.MustParseAddr("198.18.0.201"): 2,
 		netip.MustParseAddr("198.18.0.202"): 3,
 	}
-	got := BuildRuleset(st, marks, index).Text(false)
+	got := BuildRuleset(st, marks, index, 400*time.Millisecond).Text(false)
 	want := `table ip natd {
 	set cluster_dsts {
 		type ipv4_addr
@@ -41,9 +42,14 @@ func TestBuildRulesetText(t *testing.T) {
 		type ipv4_addr
 		elements = { 10.244.2.10 }
 	}
-	set held_ips {
+	set held_addrs {
 		type ipv4_addr
-		elements = { 198.18.0.200 }
+		elements = { 198.18.0.200 comment "gen=3" }
+	}
+	set leased_ips {
+		type ipv4_addr
+		flags timeout
+		elements = { 198.18.0.200 timeout 400ms }
 	}
 	map pod_egress {
 		type ipv4_addr : verdict
@@ -51,7 +57,8 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 	map held_snat {
 		type mark : ipv4_addr
-		elements = { 0x00010000 : 198.18.0.200 }
+		flags timeout
+		elements = { 0x00010000 timeout 400ms : 198.18.0.200 }
 	}
 
 	chain egress_198.18.0.200 {
@@ -84,7 +91,7 @@ func TestBuildRulesetText(t *testing.T) {
 	chain leak_guard {
 		type filter hook postrouting priority srcnat + 10; policy accept;
 		meta mark & 0x00ff0000 == 0x00000000 return
-		ip saddr @held_ips accept
+		ip saddr @leased_ips accept
 		ip saddr != @node_ips rt ip nexthop @node_ips accept
 		counter drop
 	}
@@ -95,11 +102,38 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 }
 
+func TestBuildARPRulesetText(t *testing.T) {
+	got := BuildARPRuleset(sampleState(), time.Second).Text(true)
+	want := `table arp natd {
+	set held_addrs {
+		type ipv4_addr
+	}
+	set leased_ips {
+		type ipv4_addr
+		flags timeout
+	}
+
+	chain input {
+		type filter hook input priority filter; policy accept;
+		arp daddr ip @held_addrs arp daddr ip != @leased_ips counter drop
+	}
+
+	chain output {
+		type filter hook output priority filter; policy accept;
+		arp saddr ip @held_addrs arp saddr ip != @leased_ips counter drop
+	}
+}
+`
+	if got != want {
+		t.Fatalf("rendered arp ruleset differs\n--- got:\n%s\n--- want:\n%s", got, want)
+	}
+}
+
 func TestFailOpenEgressChainIsEmpty(t *testing.T) {
 	marks, _ := NewMarks(0x00ff0000)
 	st := State{Egress: []EgressIP{{IP: netip.MustParseAddr("198.18.0.200"), FailOpen: true,
 		Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}}}}
-	rs := BuildRuleset(st, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1})
+	rs := BuildRuleset(st, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0)
 	if c := rs.Chains[0]; c.Name != "egress_198.18.0.200" || len(c.Rules) != 0 {
 		t.Fatalf("fail-open chain without holder: %+v; want no rules (packet goes the normal way)", c)
 	}

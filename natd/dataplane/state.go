@@ -40,6 +40,9 @@ type EgressIP struct {
 	HolderIP netip.Addr
 	// Local is true when this node is the holder.
 	Local bool
+	// Gen is the generation of this node's claim (Local only); it is kept in the
+	// kernel so that a restarted natd knows which claims it had.
+	Gen uint32
 	// FailOpen lets pinned traffic leave the normal way when there is no holder,
 	// instead of dropping it.
 	FailOpen bool
