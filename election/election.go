@@ -1,35 +1,18 @@
-// Package election decides which egress-eligible node holds each egress IP.
+// Package election decides which node holds each egress IP, and carries what every
+// node needs to know for that over gossip.
 //
-// Every node runs the same pure function over the same inputs, so all nodes agree on
-// the holder without talking to each other. Rendezvous (highest-random-weight) hashing
-// spreads IPs evenly and moves only the IPs of a node that leaves the candidate set.
+// Every node runs the same pure function (Assign) over the same inputs: the egress-
+// eligible nodes whose natd gossip says is alive, and the IPs each member claims. It is
+// sticky (a live holder keeps its IPs), orders competing claims by generation (the
+// newest takeover wins), and spreads new IPs over the least loaded nodes, ties broken by
+// rendezvous (highest-random-weight) hashing. Gossip (hashicorp/memberlist) tells who is
+// alive, within a second, without the API server.
 package election
 
 import (
 	"hash/fnv"
-	"net/netip"
 	"sort"
 )
-
-// Rendezvous picks holders by highest-random-weight hashing over the candidates.
-type Rendezvous struct{}
-
-// Holders returns the holder of every IP in ips, chosen among candidates (node names).
-// IPs without any candidate are absent from the result.
-func (Rendezvous) Holders(ips []netip.Addr, candidates []string) map[netip.Addr]string {
-	out := make(map[netip.Addr]string, len(ips))
-	if len(candidates) == 0 {
-		return out
-	}
-	// Sort a copy so ties (astronomically unlikely) break the same way on every node.
-	sorted := append([]string(nil), candidates...)
-	sort.Strings(sorted)
-	for _, ip := range ips {
-		b := ip.As16()
-		out[ip] = pick(b[:], sorted)
-	}
-	return out
-}
 
 // Pick chooses one of candidates for key the same way on every node: used to pick the
 // one node that reports on an object, so that N agents do not write N copies.
@@ -39,14 +22,10 @@ func Pick(key string, candidates []string) string {
 	}
 	sorted := append([]string(nil), candidates...)
 	sort.Strings(sorted)
-	return pick([]byte(key), sorted)
-}
-
-func pick(key []byte, sorted []string) string {
 	var best string
 	var bestScore uint64
 	for i, node := range sorted {
-		s := score(key, node)
+		s := score([]byte(key), node)
 		if i == 0 || s > bestScore {
 			best, bestScore = node, s
 		}
@@ -54,9 +33,9 @@ func pick(key []byte, sorted []string) string {
 	return best
 }
 
-// score is the weight of node for ip. FNV-1a alone mixes the low bits poorly for inputs
-// that differ only at the end (node1, node2, ...), so the result goes through a 64-bit
-// finalizer (splitmix64) to spread it over the whole range.
+// score is the rendezvous weight of node for key. FNV-1a alone mixes the low bits
+// poorly for inputs that differ only at the end (node1, node2, ...), so the result goes
+// through a 64-bit finalizer (splitmix64) to spread it over the whole range.
 func score(key []byte, node string) uint64 {
 	h := fnv.New64a()
 	h.Write(key)

@@ -6,78 +6,39 @@ import (
 	"testing"
 )
 
-func ips(n int) []netip.Addr {
-	var out []netip.Addr
-	a := netip.MustParseAddr("198.18.0.192")
-	for i := 0; i < n; i++ {
-		out = append(out, a)
-		a = a.Next()
-	}
-	return out
-}
-
-func TestHoldersDeterministicAndOrderIndependent(t *testing.T) {
-	r := Rendezvous{}
-	a := r.Holders(ips(50), []string{"node2", "node3", "node4"})
-	b := r.Holders(ips(50), []string{"node4", "node2", "node3"})
-	for ip, h := range a {
-		if b[ip] != h {
-			t.Fatalf("holder of %s differs with candidate order: %s vs %s", ip, h, b[ip])
-		}
-	}
-	if len(a) != 50 {
-		t.Fatalf("got %d holders, want 50", len(a))
-	}
-}
-
-func TestHoldersNoCandidates(t *testing.T) {
-	if got := (Rendezvous{}).Holders(ips(3), nil); len(got) != 0 {
-		t.Fatalf("want no holders without candidates, got %v", got)
-	}
-}
-
-func TestHoldersSpreadEvenly(t *testing.T) {
+func TestPickIsDeterministicAndSpreads(t *testing.T) {
 	nodes := []string{"node1", "node2", "node3", "node4"}
 	count := map[string]int{}
-	for _, h := range (Rendezvous{}).Holders(ips(4000), nodes) {
-		count[h]++
+	for i := 0; i < 4000; i++ {
+		key := fmt.Sprintf("team-%d", i)
+		got := Pick(key, nodes)
+		if again := Pick(key, []string{"node4", "node3", "node2", "node1"}); again != got {
+			t.Fatalf("Pick(%s) depends on candidate order: %s vs %s", key, got, again)
+		}
+		count[got]++
 	}
 	for _, n := range nodes {
-		// 1000 expected per node; allow ±15%.
-		if count[n] < 850 || count[n] > 1150 {
-			t.Fatalf("uneven spread: %v", count)
+		if count[n] < 850 || count[n] > 1150 { // 1000 expected; ±15%
+			t.Fatalf("uneven: %v", count)
 		}
+	}
+	if Pick("x", nil) != "" {
+		t.Fatal("Pick with no candidates")
 	}
 }
 
-func TestHoldersMoveOnlyTheLostNodesIPs(t *testing.T) {
-	r := Rendezvous{}
-	before := r.Holders(ips(300), []string{"node1", "node2", "node3"})
-	after := r.Holders(ips(300), []string{"node1", "node3"})
-	moved := 0
-	for ip, h := range before {
-		if h != "node2" && after[ip] != h {
-			t.Fatalf("%s moved from %s to %s although its holder stayed", ip, h, after[ip])
-		}
-		if h == "node2" {
-			moved++
-			if after[ip] == "node2" {
-				t.Fatalf("%s still on removed node2", ip)
-			}
-		}
-	}
-	if moved == 0 {
-		t.Fatal("node2 held nothing; test is meaningless")
-	}
-}
-
-func BenchmarkHolders(b *testing.B) {
+func BenchmarkAssign(b *testing.B) {
 	var nodes []string
 	for i := 0; i < 100; i++ {
 		nodes = append(nodes, fmt.Sprintf("node%d", i))
 	}
-	in := ips(200)
+	var ips []netip.Addr
+	a := netip.MustParseAddr("198.18.0.1")
+	for i := 0; i < 200; i++ {
+		ips = append(ips, a)
+		a = a.Next()
+	}
 	for b.Loop() {
-		(Rendezvous{}).Holders(in, nodes)
+		Assign(Input{IPs: ips, Candidates: nodes, Keepers: nodes})
 	}
 }

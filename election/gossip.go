@@ -35,6 +35,16 @@ type GossipConfig struct {
 	Now func() time.Time
 }
 
+// ContactWindow is how long a live member may go without answering this node's probes
+// before this node stops counting it towards a majority. Members are probed in turn,
+// one per probe interval, so each is probed once every n-1 intervals; three rounds of
+// that is far beyond normal jitter, and far below how long it takes a cut-off node's
+// own failure detector (slowed down by memberlist's health awareness as its probes
+// fail) to declare everyone else dead.
+func (c GossipConfig) ContactWindow(n int) time.Duration {
+	return time.Duration(3*max(1, n-1))*c.ProbeInterval + c.ProbeTimeout
+}
+
 // MinDetection is the shortest time after which a member that stopped answering can be
 // declared dead, for n members: no failover can start sooner.
 func (c GossipConfig) MinDetection(n int) time.Duration {
@@ -50,6 +60,9 @@ type Member struct {
 	Meta  Meta
 	// DownSince is when this node learned the member was dead.
 	DownSince time.Time
+	// LastContact is when this node last heard from the member directly: it joined,
+	// or answered one of this node's probes.
+	LastContact time.Time
 }
 
 // View is a snapshot of the membership.
@@ -100,6 +113,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.TCPTimeout = 2 * time.Second
 	mc.Delegate = (*delegate)(g)
 	mc.Events = (*events)(g)
+	mc.Ping = (*pings)(g)
 	mc.Logger = log.New(klogWriter{}, "", 0)
 	if cfg.Key != nil {
 		kr, err := memberlist.NewKeyring(nil, cfg.Key)
@@ -204,8 +218,14 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 		m = &Member{Name: n.Name}
 		g.members[n.Name] = m
 	}
+	if m.Alive != alive || !ok {
+		klog.V(2).InfoS("Member state", "member", n.Name, "alive", alive)
+	}
 	if m.Alive && !alive {
 		m.DownSince = g.cfg.Now()
+	}
+	if alive && !m.Alive {
+		m.LastContact = g.cfg.Now()
 	}
 	m.Alive, m.Addr = alive, addr
 	if alive || len(n.Meta) > 0 {
@@ -231,6 +251,19 @@ func (d *delegate) NotifyMsg([]byte)                  {}
 func (d *delegate) GetBroadcasts(_, _ int) [][]byte   { return nil }
 func (d *delegate) LocalState(bool) []byte            { return nil }
 func (d *delegate) MergeRemoteState(_ []byte, _ bool) {}
+
+// pings records when each member last answered a probe of this node's.
+type pings Gossip
+
+func (p *pings) AckPayload() []byte { return nil }
+func (p *pings) NotifyPingComplete(other *memberlist.Node, _ time.Duration, _ []byte) {
+	g := (*Gossip)(p)
+	g.mu.Lock()
+	if m, ok := g.members[other.Name]; ok {
+		m.LastContact = g.cfg.Now()
+	}
+	g.mu.Unlock()
+}
 
 type events Gossip
 

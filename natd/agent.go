@@ -23,9 +23,22 @@ import (
 	"natd.dev/natd/natd/dataplane"
 )
 
-// Kernel applies a node state to the kernel; dataplane.Dataplane implements it.
+// Kernel programs the node; dataplane.Dataplane implements it.
 type Kernel interface {
 	Apply(dataplane.State) (dataplane.Result, error)
+	RenewLeases() error
+	HoldLeases(grace time.Duration) error
+	KernelClaims() ([]dataplane.HeldAddr, error)
+}
+
+// Membership is this node's place in the gossip cluster; election.Gossip implements it.
+type Membership interface {
+	View() election.View
+	SetLocal(m election.Meta, timeout time.Duration) error
+	Join(peers []string) (int, error)
+	Changed() <-chan struct{}
+	Leave(timeout time.Duration) error
+	Shutdown() error
 }
 
 // podNodeIndex indexes pods by spec.nodeName, to find this node's pods without a scan.
@@ -34,46 +47,54 @@ const podNodeIndex = "nodeName"
 // syncKey is the only key in the queue: every event leads to one sync of the whole node.
 const syncKey = "node"
 
-// Agent is natd on one node: informers feed a queue, one worker converges the kernel.
+// Agent is natd on one node: informers and gossip feed a queue, one worker converges
+// the kernel.
 type Agent struct {
-	cfg      *Config
-	planner  *Planner
-	kernel   Kernel
-	recorder record.EventRecorder
-	metrics  *Metrics
+	cfg           *Config
+	planner       *Planner
+	kernel        Kernel
+	newMembership func(nodeIP netip.Addr) (Membership, error)
+	recorder      record.EventRecorder
+	metrics       *Metrics
 
 	factory    informers.SharedInformerFactory
 	namespaces corelisters.NamespaceLister
 	pods       cache.Indexer // of *podRecord, by namespace and by node
 	nodes      corelisters.NodeLister
 	queue      workqueue.TypedRateLimitingInterface[string]
+	members    Membership
 
-	mu       sync.Mutex
-	reported map[string]string // namespace -> last rejection reported, so events are not repeated
-	held     map[netip.Addr]bool
+	mu          sync.Mutex
+	reported    map[string]string // namespace -> last rejection reported, so events are not repeated
+	held        map[netip.Addr]Holding
+	quorumSince time.Time
+	draining    bool
+	publish     chan struct{} // wakes the claim publisher
 }
 
 // NewAgent wires an agent. The recorder may be nil (no Events).
-func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel, holders HolderChooser,
-	recorder record.EventRecorder, metrics *Metrics) *Agent {
+func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel,
+	newMembership func(nodeIP netip.Addr) (Membership, error), recorder record.EventRecorder, metrics *Metrics) *Agent {
 	// Only the fields the planner reads are kept: at 50k pods, full Pod objects would
 	// cost the agent hundreds of megabytes. Pods become podRecords, so the pod informer
 	// is read through its indexer, never through a typed Pod lister.
 	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(slimObject))
 	a := &Agent{
-		cfg:        cfg,
-		planner:    &Planner{Config: cfg, Holders: holders},
-		kernel:     kernel,
-		recorder:   recorder,
-		metrics:    metrics,
-		factory:    factory,
-		namespaces: factory.Core().V1().Namespaces().Lister(),
-		nodes:      factory.Core().V1().Nodes().Lister(),
+		cfg:           cfg,
+		planner:       &Planner{Config: cfg},
+		kernel:        kernel,
+		newMembership: newMembership,
+		recorder:      recorder,
+		metrics:       metrics,
+		factory:       factory,
+		namespaces:    factory.Core().V1().Namespaces().Lister(),
+		nodes:         factory.Core().V1().Nodes().Lister(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
-			workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 10*time.Second),
+			workqueue.NewTypedItemExponentialFailureRateLimiter[string](50*time.Millisecond, 5*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "natd"}),
 		reported: map[string]string{},
-		held:     map[netip.Addr]bool{},
+		held:     map[netip.Addr]Holding{},
+		publish:  make(chan struct{}, 1),
 	}
 	podInformer := factory.Core().V1().Pods().Informer()
 	if err := podInformer.AddIndexers(cache.Indexers{podNodeIndex: func(obj any) ([]string, error) {
@@ -107,9 +128,14 @@ func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel, holders H
 	return a
 }
 
-// Run syncs until ctx ends. It waits for the caches first: a sync from a partial view
-// would unpin namespaces it has not seen yet.
-func (a *Agent) Run(ctx context.Context) error {
+// Run syncs until ctx ends or, after drain is closed, until this node's egress IPs
+// have been handed over.
+//
+// A stop through ctx is a restart: the kernel keeps serving this node's IPs for
+// --restart-grace and the other nodes wait that long before taking them over, so a
+// rolling restart moves nothing. A drain hands every IP over (make-before-break) and
+// leaves the cluster.
+func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	defer a.queue.ShutDown()
 	a.factory.Start(ctx.Done())
 	defer a.factory.Shutdown()
@@ -120,35 +146,224 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	klog.InfoS("Informer caches synced")
-	a.queue.Add(syncKey)
+	if err := a.joinCluster(ctx); err != nil {
+		return err
+	}
+	workerDone := make(chan struct{})
 	go func() {
-		t := time.NewTicker(a.cfg.ResyncPeriod)
-		defer t.Stop()
+		defer close(workerDone)
+		for a.processNext() {
+		}
+	}()
+	a.queue.Add(syncKey)
+	go a.every(ctx, a.cfg.ResyncPeriod, func() { a.queue.Add(syncKey) })
+	go a.every(ctx, a.cfg.Lease/4, func() {
+		if err := a.kernel.RenewLeases(); err != nil {
+			klog.ErrorS(err, "Renewing leases failed")
+		}
+	})
+	go a.every(ctx, 10*time.Second, a.rejoin)
+	go a.publishClaims(ctx)
+	go func() {
 		for {
 			select {
 			case <-ctx.Done():
 				return
-			case <-t.C:
+			case <-a.members.Changed():
 				a.queue.Add(syncKey)
 			}
 		}
 	}()
-	go func() {
-		<-ctx.Done()
-		a.queue.ShutDown()
-	}()
-	for a.processNext(ctx) {
+
+	select {
+	case <-ctx.Done():
+		a.stopForRestart()
+	case <-drain:
+		a.drain(ctx)
 	}
+	a.queue.ShutDown()
+	<-workerDone
 	return nil
 }
 
-func (a *Agent) processNext(ctx context.Context) bool {
+// joinCluster starts gossip with what the kernel says this node holds, and joins the
+// other nodes before the first sync: a natd that synced before it heard the others
+// would think itself alone and claim every IP.
+func (a *Agent) joinCluster(ctx context.Context) error {
+	var nodeIP netip.Addr
+	for !nodeIP.IsValid() {
+		nodeIP = a.cfg.NodeIP
+		if n, err := a.nodes.Get(a.cfg.NodeName); err == nil && !nodeIP.IsValid() {
+			nodeIP = internalIP(n)
+		}
+		if nodeIP.IsValid() {
+			break
+		}
+		klog.InfoS("Waiting for this node's IP in the API", "node", a.cfg.NodeName)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+	claims, err := a.kernel.KernelClaims()
+	if err != nil {
+		return err
+	}
+	var meta election.Meta
+	for _, c := range claims {
+		a.held[c.IP] = Holding{Gen: c.Gen}
+		meta.Claims = append(meta.Claims, election.Claim{IP: c.IP, Gen: c.Gen})
+	}
+	if len(claims) > 0 {
+		klog.InfoS("Found egress IPs held before this start", "claims", meta.Claims)
+	}
+	if a.members, err = a.newMembership(nodeIP); err != nil {
+		return err
+	}
+	if err := a.members.SetLocal(meta, 0); err != nil {
+		return err
+	}
+	peers := a.peers(func(string) bool { return true })
+	if len(peers) == 0 {
+		return nil
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		n, err := a.members.Join(peers)
+		if n > 0 {
+			klog.InfoS("Joined the natd cluster", "contacted", n, "peers", len(peers))
+			return nil
+		}
+		if time.Now().After(deadline) {
+			// The first natd of a cluster, or one cut off: it goes on alone, and
+			// without a majority it holds nothing.
+			klog.InfoS("No peer answered; going on alone", "peers", len(peers), "err", err)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// peers lists the gossip addresses of the other nodes (from the API) that want says.
+func (a *Agent) peers(want func(name string) bool) []string {
+	nodes, _ := a.nodes.List(labels.Everything())
+	var out []string
+	for _, n := range nodes {
+		if ip := internalIP(n); n.Name != a.cfg.NodeName && ip.IsValid() && want(n.Name) {
+			out = append(out, election.PeerAddr(ip, a.cfg.GossipPort))
+		}
+	}
+	return out
+}
+
+// rejoin contacts nodes that gossip does not see alive, so that a node that was away
+// longer than memberlist keeps talking to the dead comes back, and partitions heal.
+func (a *Agent) rejoin() {
+	v := a.members.View()
+	if peers := a.peers(func(name string) bool { return !v.Alive(name) }); len(peers) > 0 {
+		if n, _ := a.members.Join(peers); n > 0 {
+			klog.V(2).InfoS("Rejoined members", "contacted", n)
+		}
+	}
+}
+
+func (a *Agent) every(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
+		}
+	}
+}
+
+// publishClaims gossips this node's claims whenever they change. It runs apart from the
+// sync loop: a broadcast takes a few gossip rounds.
+func (a *Agent) publishClaims(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.publish:
+		}
+		if err := a.members.SetLocal(a.localMeta(0), time.Second); err != nil {
+			klog.V(2).InfoS("Claims not confirmed sent yet", "err", err)
+		}
+	}
+}
+
+func (a *Agent) localMeta(grace time.Duration) election.Meta {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := election.Meta{Draining: a.draining, RestartGrace: grace}
+	for ip, h := range a.held {
+		m.Claims = append(m.Claims, election.Claim{IP: ip, Gen: h.Gen})
+	}
+	return m
+}
+
+// stopForRestart keeps this node's IPs served by the kernel for --restart-grace and
+// tells the others to wait that long, then stops gossiping without leaving.
+func (a *Agent) stopForRestart() {
+	klog.InfoS("Stopping for a restart; the kernel keeps serving this node's egress IPs", "grace", a.cfg.RestartGrace)
+	if err := a.kernel.HoldLeases(a.cfg.RestartGrace); err != nil {
+		klog.ErrorS(err, "Extending leases failed")
+	}
+	if err := a.members.SetLocal(a.localMeta(a.cfg.RestartGrace), time.Second); err != nil {
+		klog.ErrorS(err, "Announcing the restart failed")
+	}
+	a.members.Shutdown()
+}
+
+// drain hands this node's IPs over: it stops being a candidate, the others take its IPs
+// and claim them, and this node lets go of each once it is claimed. Then it leaves.
+func (a *Agent) drain(ctx context.Context) {
+	klog.InfoS("Draining: handing egress IPs over")
+	a.mu.Lock()
+	a.draining = true
+	a.mu.Unlock()
+	a.signalPublish()
+	deadline := time.Now().Add(a.cfg.DrainTimeout)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		a.mu.Lock()
+		n := len(a.held)
+		a.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		a.queue.Add(syncKey)
+		time.Sleep(50 * time.Millisecond)
+	}
+	a.mu.Lock()
+	left := len(a.held)
+	a.mu.Unlock()
+	klog.InfoS("Drained; leaving the cluster", "stillHeld", left)
+	a.members.Leave(time.Second)
+	a.members.Shutdown()
+}
+
+func (a *Agent) signalPublish() {
+	select {
+	case a.publish <- struct{}{}:
+	default:
+	}
+}
+
+func (a *Agent) processNext() bool {
 	key, quit := a.queue.Get()
 	if quit {
 		return false
 	}
 	defer a.queue.Done(key)
-	if err := a.Sync(ctx); err != nil {
+	if err := a.Sync(); err != nil {
 		klog.ErrorS(err, "Sync failed; retrying", "retries", a.queue.NumRequeues(key))
 		a.queue.AddRateLimited(key)
 		return true
@@ -157,8 +372,8 @@ func (a *Agent) processNext(ctx context.Context) bool {
 	return true
 }
 
-// Sync converges the whole node to the listers' current view.
-func (a *Agent) Sync(ctx context.Context) error {
+// Sync converges the whole node to the listers' current view and the gossip view.
+func (a *Agent) Sync() error {
 	start := time.Now()
 	err := a.sync()
 	a.metrics.observeSync(time.Since(start), err)
@@ -183,7 +398,15 @@ func (a *Agent) sync() error {
 	if c.Nodes, err = a.nodes.List(labels.Everything()); err != nil {
 		return err
 	}
-	plan, err := a.planner.Plan(c)
+	a.mu.Lock()
+	el := Election{View: a.members.View(), Held: a.held, QuorumSince: a.quorumSince, Now: time.Now()}
+	if a.draining {
+		self := el.View.Members[a.cfg.NodeName]
+		self.Meta.Draining = true
+		el.View.Members[a.cfg.NodeName] = self
+	}
+	a.mu.Unlock()
+	plan, err := a.planner.Plan(c, el)
 	if err != nil {
 		return err
 	}
@@ -191,25 +414,57 @@ func (a *Agent) sync() error {
 	if err != nil {
 		return fmt.Errorf("programming the kernel: %w", err)
 	}
-	held := 0
-	for _, e := range plan.State.Egress {
-		if e.Local {
-			held++
+	a.mu.Lock()
+	changed := !sameClaims(a.held, plan.Held)
+	a.held, a.quorumSince = plan.Held, plan.QuorumSince
+	a.mu.Unlock()
+	if changed {
+		a.signalPublish()
+	}
+	if plan.RetryAfter > 0 {
+		a.queue.AddAfter(syncKey, plan.RetryAfter)
+	}
+	if !plan.Quorum {
+		var alive []string
+		for _, m := range el.View.Members {
+			if m.Alive {
+				alive = append(alive, m.Name)
+			}
+		}
+		klog.V(2).InfoS("No majority of the cluster in sight; holding no egress IPs", "alive", alive, "apiNodes", len(c.Nodes))
+	}
+	a.metrics.EgressIPsHeld.Set(float64(len(plan.Held)))
+	alive := 0
+	for _, m := range el.View.Members {
+		if m.Alive {
+			alive++
 		}
 	}
-	a.metrics.EgressIPsHeld.Set(float64(held))
+	a.metrics.MembersAlive.Set(float64(alive))
 	for _, ip := range res.Announced {
-		klog.InfoS("Took over egress IP", "egressIP", ip, "namespaces", plan.Namespaces[ip])
+		klog.InfoS("Took over egress IP", "egressIP", ip, "generation", plan.Held[ip].Gen, "namespaces", plan.Namespaces[ip])
 	}
 	for _, ip := range res.Released {
-		klog.InfoS("Released egress IP", "egressIP", ip)
+		klog.InfoS("Released egress IP", "egressIP", ip, "newHolder", plan.Holders[ip])
 	}
 	if res.Rebuilt {
-		klog.InfoS("Replaced nftables table", "egressIPs", len(plan.State.Egress))
+		klog.InfoS("Replaced nftables tables", "egressIPs", len(plan.State.Egress))
 	}
-	klog.V(2).InfoS("Synced node", "egressIPs", len(plan.State.Egress), "held", held)
+	klog.V(2).InfoS("Synced node", "egressIPs", len(plan.State.Egress), "held", len(plan.Held), "quorum", plan.Quorum)
 	a.report(c.Namespaces, plan)
 	return nil
+}
+
+func sameClaims(a, b map[netip.Addr]Holding) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for ip, h := range a {
+		if g, ok := b[ip]; !ok || g.Gen != h.Gen {
+			return false
+		}
+	}
+	return true
 }
 
 // report emits a Warning Event for every newly rejected annotation. One node, chosen by
@@ -239,6 +494,10 @@ func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan) {
 
 // namespaceRef places a Namespace's Events inside that namespace, where
 // `kubectl get events -n NS` finds them.
+func namespaceRef(ns *corev1.Namespace) *corev1.ObjectReference {
+	return &corev1.ObjectReference{Kind: "Namespace", APIVersion: "v1", Name: ns.Name, Namespace: ns.Name, UID: ns.UID}
+}
+
 // relevantChange reports whether an update changes anything the planner reads.
 func relevantChange(old, cur any) bool {
 	switch c := cur.(type) {
@@ -267,10 +526,6 @@ func records(objs []any) []*podRecord {
 		}
 	}
 	return out
-}
-
-func namespaceRef(ns *corev1.Namespace) *corev1.ObjectReference {
-	return &corev1.ObjectReference{Kind: "Namespace", APIVersion: "v1", Name: ns.Name, Namespace: ns.Name, UID: ns.UID}
 }
 
 // slimObject drops what natd never reads from cached objects.

@@ -13,7 +13,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/cache"
 
-	"natd.dev/natd/election"
 	"natd.dev/natd/natd/dataplane"
 )
 
@@ -39,6 +38,14 @@ func benchCluster(n int) ([]*corev1.Node, []*corev1.Namespace, []*corev1.Pod) {
 func benchClusterOf(n int) Cluster {
 	nodes, namespaces, pods := benchCluster(n)
 	return clusterOf(nodes, namespaces, pods, "node1")
+}
+
+func benchElection() Election {
+	var alive []string
+	for i := 1; i <= 100; i++ {
+		alive = append(alive, fmt.Sprintf("node%d", i))
+	}
+	return elect("node1", alive...)
 }
 
 func benchConfig() *Config {
@@ -91,10 +98,10 @@ func BenchmarkSyncFull(b *testing.B) {
 		b.Run(fmt.Sprintf("pods=%d", n), func(b *testing.B) {
 			h := benchNetns(b)
 			c := benchClusterOf(n)
-			p := &Planner{Config: benchConfig(), Holders: election.Rendezvous{}}
+			p := &Planner{Config: benchConfig()}
 			for b.Loop() {
 				d := benchDataplane(b, h) // a fresh one has no applied state: full rebuild
-				plan, err := p.Plan(c)
+				plan, err := p.Plan(c, benchElection())
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -125,9 +132,9 @@ func BenchmarkSyncOnePodAdded(b *testing.B) {
 		}
 		return others(ns)
 	}
-	p := &Planner{Config: benchConfig(), Holders: election.Rendezvous{}}
+	p := &Planner{Config: benchConfig()}
 	d := benchDataplane(b, h)
-	plan, err := p.Plan(c)
+	plan, err := p.Plan(c, benchElection())
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -145,7 +152,7 @@ func BenchmarkSyncOnePodAdded(b *testing.B) {
 			current = team1
 		}
 		i++
-		plan, err := p.Plan(c)
+		plan, err := p.Plan(c, benchElection())
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -184,7 +191,7 @@ func BenchmarkAgentMemory50k(b *testing.B) {
 			byNS[r.Namespace] = append(byNS[r.Namespace], r)
 		}
 		c := Cluster{Nodes: nodes, Namespaces: namespaces, PodsIn: func(ns string) []*podRecord { return byNS[ns] }}
-		plan, err := (&Planner{Config: benchConfig(), Holders: election.Rendezvous{}}).Plan(c)
+		plan, err := (&Planner{Config: benchConfig()}).Plan(c, benchElection())
 		if err != nil {
 			b.Fatal(err)
 		}

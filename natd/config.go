@@ -10,6 +10,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"natd.dev/natd/election"
 )
 
 // Names of the user interface (see CONTRACT.md).
@@ -34,6 +36,18 @@ type Config struct {
 	RulePriority int
 	TableBase    int
 	StateDir     string
+
+	GossipPort          int
+	GossipKeyFile       string
+	InsecureGossip      bool
+	GossipProbeInterval time.Duration
+	GossipProbeTimeout  time.Duration
+	GossipSuspicionMult int
+	Lease               time.Duration
+	MaxEgressIPs        int
+	RestartGrace        time.Duration
+	HandoverTimeout     time.Duration
+	DrainTimeout        time.Duration
 }
 
 // prefixList is a repeatable flag of CIDRs; commas also separate values.
@@ -113,6 +127,15 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	c.RulePriority = 7000
 	c.TableBase = 7100
 	c.StateDir = "/run/natd"
+	c.GossipPort = 7946
+	c.GossipProbeInterval = 150 * time.Millisecond
+	c.GossipProbeTimeout = 75 * time.Millisecond
+	c.GossipSuspicionMult = 3
+	c.Lease = 400 * time.Millisecond
+	c.MaxEgressIPs = 32
+	c.RestartGrace = 30 * time.Second
+	c.HandoverTimeout = 3 * time.Second
+	c.DrainTimeout = 10 * time.Second
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "name of this node's Node object (default $NODE_NAME)")
 	fs.Var(addrFlag{&c.NodeIP}, "node-ip", "this node's IP (default: the Node's InternalIP)")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster config)")
@@ -127,6 +150,27 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.RulePriority, "rule-priority", c.RulePriority, "priority of natd's ip rules")
 	fs.IntVar(&c.TableBase, "route-table-base", c.TableBase, "natd uses route tables base+1 .. base+255")
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "where natd keeps what it must restore on cleanup")
+	fs.IntVar(&c.GossipPort, "gossip-port", c.GossipPort, "memberlist port (TCP and UDP) on the node IP")
+	fs.StringVar(&c.GossipKeyFile, "gossip-key-file", "", "file with the base64 gossip encryption key (16, 24 or 32 bytes; `natd gen-key` makes one)")
+	fs.BoolVar(&c.InsecureGossip, "insecure-gossip", false, "allow unencrypted, unauthenticated gossip (no --gossip-key-file)")
+	fs.DurationVar(&c.GossipProbeInterval, "gossip-probe-interval", c.GossipProbeInterval, "how often each member is probed")
+	fs.DurationVar(&c.GossipProbeTimeout, "gossip-probe-timeout", c.GossipProbeTimeout, "how long a probe may take before it counts as failed")
+	fs.IntVar(&c.GossipSuspicionMult, "gossip-suspicion-mult", c.GossipSuspicionMult, "probe intervals a suspected member has to refute before it is declared dead")
+	fs.DurationVar(&c.Lease, "lease", c.Lease, "how long a holder's kernel keeps serving its egress IPs without natd renewing them; must be shorter than the fastest failure detection")
+	fs.IntVar(&c.MaxEgressIPs, "max-egress-ips", c.MaxEgressIPs, "most egress IPs one node is given")
+	fs.DurationVar(&c.RestartGrace, "restart-grace", c.RestartGrace, "on SIGTERM, how long the kernel keeps serving this node's IPs and the others wait for natd to come back")
+	fs.DurationVar(&c.HandoverTimeout, "handover-timeout", c.HandoverTimeout, "in a planned move, how long the old holder keeps an IP waiting for the new one to claim it")
+	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGUSR1 (drain), how long natd waits for its IPs to be taken over before it exits")
+}
+
+// ContactWindow: see election.GossipConfig.ContactWindow.
+func (c *Config) ContactWindow(members int) time.Duration {
+	return election.GossipConfig{ProbeInterval: c.GossipProbeInterval, ProbeTimeout: c.GossipProbeTimeout}.ContactWindow(members)
+}
+
+// MinDetection is the shortest time gossip can take to declare a member dead.
+func (c *Config) MinDetection() time.Duration {
+	return time.Duration(c.GossipSuspicionMult) * c.GossipProbeInterval
 }
 
 // Validate checks the configuration for the agent.
@@ -140,6 +184,15 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("at least one --cluster-cidr is required")
 	case c.ResyncPeriod <= 0:
 		return fmt.Errorf("--resync-period must be positive")
+	case c.GossipKeyFile == "" && !c.InsecureGossip:
+		return fmt.Errorf("--gossip-key-file is required (or --insecure-gossip, which lets anyone on the network take egress IPs)")
+	case c.Lease <= 0 || c.Lease >= c.MinDetection():
+		// A holder whose natd died must have stopped serving before anyone can take over.
+		return fmt.Errorf("--lease (%s) must be positive and shorter than the fastest failure detection, --gossip-suspicion-mult × --gossip-probe-interval (%s)", c.Lease, c.MinDetection())
+	case c.GossipProbeTimeout >= c.GossipProbeInterval:
+		return fmt.Errorf("--gossip-probe-timeout must be shorter than --gossip-probe-interval")
+	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > election.MaxClaims:
+		return fmt.Errorf("--max-egress-ips must be between 1 and %d", election.MaxClaims)
 	}
 	for _, list := range [][]netip.Prefix{c.EgressCIDRs, c.ClusterCIDRs, c.ServiceCIDRs, c.ExcludeCIDRs} {
 		for _, p := range list {

@@ -5,16 +5,30 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 
+	"natd.dev/natd/election"
 	"natd.dev/natd/natd/dataplane"
 )
 
-// HolderChooser decides which candidate node holds each egress IP. The election
-// package implements it; every node must get the same answer from the same inputs.
-type HolderChooser interface {
-	Holders(ips []netip.Addr, candidates []string) map[netip.Addr]string
+// Holding is an egress IP this node holds.
+type Holding struct {
+	Gen uint32 // generation of this node's claim
+	// HandoverSince is set while this node keeps an IP that another node is to take
+	// (make-before-break): it lets go once the new holder claims the IP.
+	HandoverSince time.Time
+}
+
+// Election is the planner's view of who may hold what.
+type Election struct {
+	View election.View
+	// Held is what this node holds now.
+	Held map[netip.Addr]Holding
+	// QuorumSince is when this node last came to see a majority (zero: it does not).
+	QuorumSince time.Time
+	Now         time.Time
 }
 
 // Cluster is what the planner reads from the API: the listers' current content. Pods
@@ -41,17 +55,27 @@ type Plan struct {
 	Rejected map[string]*AnnotationError
 	// ReadyNodes are the names of all Ready nodes (for choosing who reports).
 	ReadyNodes []string
+	// Held is what this node holds once the plan is applied; Claims is the same as the
+	// node gossips it.
+	Held   map[netip.Addr]Holding
+	Claims []election.Claim
+	// Quorum: this node sees a majority of the cluster alive. Without it, it holds nothing.
+	Quorum bool
+	// QuorumSince carries Election.QuorumSince forward.
+	QuorumSince time.Time
+	// RetryAfter, when set, asks for another sync that soon: a handover or a takeover
+	// is waiting on time.
+	RetryAfter time.Duration
 }
 
 // Planner computes Plans. It is a pure function of its inputs.
 type Planner struct {
-	Config  *Config
-	Holders HolderChooser
+	Config *Config
 }
 
 // Plan computes what this node must do. It fails only when this node's own Node object
 // or IP is unknown: without them nothing sensible can be programmed.
-func (p *Planner) Plan(c Cluster) (*Plan, error) {
+func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	cfg := p.Config
 	plan := &Plan{
 		Holders:    map[netip.Addr]string{},
@@ -61,7 +85,7 @@ func (p *Planner) Plan(c Cluster) (*Plan, error) {
 
 	nodeIPs := map[netip.Addr]string{}
 	nodeIPOf := map[string]netip.Addr{}
-	var candidates []string
+	var eligible []string
 	var self *corev1.Node
 	for _, n := range c.Nodes {
 		ip := internalIP(n)
@@ -81,9 +105,12 @@ func (p *Planner) Plan(c Cluster) (*Plan, error) {
 		}
 		if isReady(n) && n.DeletionTimestamp == nil {
 			plan.ReadyNodes = append(plan.ReadyNodes, n.Name)
-			if n.Labels[LabelEgressNode] == "true" && ip.IsValid() {
-				candidates = append(candidates, n.Name)
-			}
+		}
+		// Readiness is not asked: whether a node's natd is alive is gossip's to say,
+		// faster than the node lifecycle controller, and without the API.
+		// A cordoned node is being emptied for maintenance: its IPs move away, planned.
+		if n.Labels[LabelEgressNode] == "true" && !n.Spec.Unschedulable && n.DeletionTimestamp == nil && ip.IsValid() {
+			eligible = append(eligible, n.Name)
 		}
 	}
 	if self == nil {
@@ -158,22 +185,119 @@ func (p *Planner) Plan(c Cluster) (*Plan, error) {
 		ips = append(ips, ip)
 	}
 	slices.SortFunc(ips, netip.Addr.Compare)
-	holders := p.Holders.Holders(ips, candidates)
+	assigned := p.elect(ips, eligible, len(c.Nodes), el, plan)
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
 		// Pods stay in lister order: sorting 50k addresses would cost more than the
 		// dataplane's diff, which does not need an order.
 		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip]}
-		holder := holders[ip]
+		holder := assigned[ip].Holder
 		plan.Holders[ip] = holder
-		if holder != "" {
+		if h, ok := plan.Held[ip]; ok {
+			e.Local, e.Gen, e.HolderIP = true, h.Gen, st.NodeIP
+		} else if holder != "" && holder != cfg.NodeName {
 			e.HolderIP = nodeIPOf[holder]
-			e.Local = holder == cfg.NodeName
 		}
 		st.Egress = append(st.Egress, e)
 	}
 	sort.Strings(plan.ReadyNodes)
 	return plan, nil
+}
+
+// elect decides who holds each IP (election.Assign over the gossip view) and what this
+// node holds: it takes what is assigned to it, and lets go of an IP only when the new
+// holder has claimed it, when nobody may hold it, when the handover times out, or when
+// this node has lost contact with the majority (the minority side of a partition must
+// not keep answering for its IPs).
+func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el Election, plan *Plan) map[netip.Addr]election.Assignment {
+	cfg, v, self := p.Config, el.View, p.Config.NodeName
+	// A majority counts members that are alive and have answered this node lately: a
+	// node cut off from the others notices within the contact window, long before its
+	// failure detector declares them dead.
+	window := cfg.ContactWindow(len(v.Members))
+	reachable := 0
+	for name, m := range v.Members {
+		if m.Alive && (name == self || v.At.Sub(m.LastContact) <= window) {
+			reachable++
+		}
+	}
+	size := max(apiNodes, len(v.Members))
+	plan.Quorum = 2*reachable > size
+	switch {
+	case !plan.Quorum:
+	case el.QuorumSince.IsZero():
+		plan.QuorumSince = el.Now
+	default:
+		plan.QuorumSince = el.QuorumSince
+	}
+	// A node that has just come to see a majority (it started, or a partition healed)
+	// may not have heard the newest claims yet: it keeps what it holds but takes
+	// nothing new until it has been in touch for a contact window.
+	settled := plan.Quorum && el.Now.Sub(plan.QuorumSince) >= window
+	retry := func(d time.Duration) {
+		if plan.RetryAfter == 0 || d < plan.RetryAfter {
+			plan.RetryAfter = max(d, 10*time.Millisecond)
+		}
+	}
+	in := election.Input{IPs: ips, Claims: map[string][]election.Claim{}, MaxGen: map[netip.Addr]uint32{},
+		MaxPerNode: cfg.MaxEgressIPs}
+	for _, n := range eligible {
+		m := v.Members[n]
+		switch {
+		case m.Alive && !m.Meta.Draining:
+			in.Candidates = append(in.Candidates, n)
+			in.Keepers = append(in.Keepers, n)
+		case v.InGrace(n):
+			in.Keepers = append(in.Keepers, n)
+		}
+	}
+	for name, m := range v.Members {
+		in.Claims[name] = m.Meta.Claims
+		for _, c := range m.Meta.Claims {
+			in.MaxGen[c.IP] = max(in.MaxGen[c.IP], c.Gen)
+		}
+	}
+	// This node's claims are what it holds, not what it last managed to gossip.
+	in.Claims[self] = nil
+	for ip, h := range el.Held {
+		in.Claims[self] = append(in.Claims[self], election.Claim{IP: ip, Gen: h.Gen})
+		in.MaxGen[ip] = max(in.MaxGen[ip], h.Gen)
+	}
+	assigned := election.Assign(in)
+
+	plan.Held = map[netip.Addr]Holding{}
+	for _, ip := range ips {
+		a := assigned[ip]
+		h, holding := el.Held[ip]
+		switch {
+		case !plan.Quorum:
+			// Lost the majority: hold nothing.
+		case a.Holder == self && holding:
+			gen := a.Gen
+			if !a.Claimed {
+				gen = h.Gen
+			}
+			plan.Held[ip] = Holding{Gen: gen}
+		case a.Holder == self && !settled:
+			retry(window - el.Now.Sub(plan.QuorumSince))
+		case a.Holder == self:
+			plan.Held[ip] = Holding{Gen: a.Gen}
+		case !holding, a.Holder == "", a.Claimed:
+			// Not ours; or nobody may hold it (fail closed); or the new holder has it.
+		case h.HandoverSince.IsZero():
+			plan.Held[ip] = Holding{Gen: h.Gen, HandoverSince: el.Now}
+			retry(cfg.HandoverTimeout / 4)
+		case el.Now.Sub(h.HandoverSince) < cfg.HandoverTimeout:
+			plan.Held[ip] = h
+			retry(cfg.HandoverTimeout / 4)
+		}
+	}
+	for _, ip := range ips {
+		if h, ok := plan.Held[ip]; ok {
+			plan.Claims = append(plan.Claims, election.Claim{IP: ip, Gen: h.Gen})
+		}
+	}
+	return assigned
 }
 
 func internalIP(n *corev1.Node) netip.Addr {
@@ -195,4 +319,3 @@ func isReady(n *corev1.Node) bool {
 	}
 	return false
 }
-

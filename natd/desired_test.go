@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -14,11 +15,15 @@ import (
 
 func testConfig(node string) *Config {
 	return &Config{
-		NodeName:     node,
-		EgressCIDRs:  []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")},
-		ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
-		ServiceCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")},
-		ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")},
+		NodeName:            node,
+		HandoverTimeout:     3 * time.Second,
+		GossipProbeInterval: 150 * time.Millisecond,
+		GossipProbeTimeout:  75 * time.Millisecond,
+		MaxEgressIPs:        32,
+		EgressCIDRs:         []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")},
+		ClusterCIDRs:        []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+		ServiceCIDRs:        []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")},
+		ExcludeCIDRs:        []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")},
 	}
 }
 
@@ -59,8 +64,8 @@ func cluster() Cluster {
 	done := pod("team-a", "done", "node1", "10.244.11.99")
 	done.Status.Phase = corev1.PodSucceeded
 	return clusterOf([]*corev1.Node{
-			node("node1", "198.18.0.11", false, true),
-			node("node2", "198.18.0.12", true, true),
+		node("node1", "198.18.0.11", false, true),
+		node("node2", "198.18.0.12", true, true),
 		node("node3", "198.18.0.13", true, false), // eligible but not Ready
 	}, []*corev1.Namespace{
 		ns("team-a", "198.18.0.200"), ns("team-b", "198.18.0.200"), ns("team-c", ""),
@@ -91,9 +96,24 @@ func clusterOf(nodes []*corev1.Node, namespaces []*corev1.Namespace, pods []*cor
 		PodsIn: func(ns string) []*podRecord { return byNS[ns] }}
 }
 
+// view is a gossip view in which the named members are alive and claim nothing.
+func view(self string, alive ...string) election.View {
+	v := election.View{Self: self, Members: map[string]election.Member{}, At: time.Now()}
+	for _, n := range alive {
+		v.Members[n] = election.Member{Name: n, Alive: true, LastContact: v.At}
+	}
+	return v
+}
+
+// elect is an election input for a node that has seen a majority for a long time.
+func elect(self string, alive ...string) Election {
+	now := time.Now()
+	return Election{View: view(self, alive...), Now: now, QuorumSince: now.Add(-time.Hour)}
+}
+
 func TestPlanOnWorker(t *testing.T) {
-	p := &Planner{Config: testConfig("node1"), Holders: election.Rendezvous{}}
-	plan, err := p.Plan(cluster())
+	p := &Planner{Config: testConfig("node1")}
+	plan, err := p.Plan(cluster(), elect("node1", "node1", "node2")) // node3's natd is down
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +132,7 @@ func TestPlanOnWorker(t *testing.T) {
 	}
 	e := st.Egress[0]
 	if e.IP.String() != "198.18.0.200" || e.Local || e.HolderIP.String() != "198.18.0.12" {
-		t.Errorf("egress = %+v; want 198.18.0.200 held by node2 (node3 is not Ready)", e)
+		t.Errorf("egress = %+v; want 198.18.0.200 held by node2 (node3's natd is down)", e)
 	}
 	if got := addrs(e.Pods); got != "10.244.11.10 10.244.12.10 10.244.13.10" {
 		t.Errorf("pinned pods = %s; want every pod of team-a and team-b on every node", got)
@@ -126,17 +146,17 @@ func TestPlanOnWorker(t *testing.T) {
 }
 
 func TestPlanOnHolderAndWithoutEligibleNode(t *testing.T) {
-	p := &Planner{Config: testConfig("node2"), Holders: election.Rendezvous{}}
-	plan, err := p.Plan(cluster())
+	p := &Planner{Config: testConfig("node2")}
+	plan, err := p.Plan(cluster(), elect("node2", "node1", "node2"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e := plan.State.Egress[0]; !e.Local {
-		t.Errorf("node2 should hold %s: %+v", e.IP, e)
+	if e := plan.State.Egress[0]; !e.Local || e.Gen != 1 || len(plan.Claims) != 1 {
+		t.Errorf("node2 should take %s with generation 1: %+v, claims %v", e.IP, e, plan.Claims)
 	}
 	c := cluster()
-	c.Nodes[1].Labels = nil // node2 no longer eligible; node3 is not Ready
-	plan, err = p.Plan(c)
+	c.Nodes[1].Labels = nil // node2 no longer eligible; node3's natd is down
+	plan, err = p.Plan(c, elect("node2", "node1", "node2"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,8 +169,8 @@ func TestPlanOnHolderAndWithoutEligibleNode(t *testing.T) {
 }
 
 func TestPlanNeedsOwnNode(t *testing.T) {
-	p := &Planner{Config: testConfig("node9"), Holders: election.Rendezvous{}}
-	if _, err := p.Plan(cluster()); err == nil {
+	p := &Planner{Config: testConfig("node9")}
+	if _, err := p.Plan(cluster(), elect("node9", "node9")); err == nil {
 		t.Fatal("planning for a node the API does not know succeeded")
 	}
 }
@@ -159,7 +179,7 @@ func TestPlanNeedsOwnNode(t *testing.T) {
 func TestPlanAgreesAcrossNodes(t *testing.T) {
 	var holder string
 	for _, n := range []string{"node1", "node2", "node3"} {
-		plan, err := (&Planner{Config: testConfig(n), Holders: election.Rendezvous{}}).Plan(cluster())
+		plan, err := (&Planner{Config: testConfig(n)}).Plan(cluster(), elect(n, "node1", "node2", "node3"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -214,5 +234,158 @@ func TestRelevantChange(t *testing.T) {
 	x, y := ns("team", ""), ns("team", "198.18.0.200")
 	if !relevantChange(x, y) {
 		t.Error("an annotation change does not trigger a sync")
+	}
+}
+
+var eip = netip.MustParseAddr("198.18.0.200")
+
+func claim(v election.View, node string, gen uint32) election.View {
+	m := v.Members[node]
+	m.Meta.Claims = []election.Claim{{IP: eip, Gen: gen}}
+	v.Members[node] = m
+	return v
+}
+
+// A holder keeps its IP when another eligible node comes back (no move back).
+func TestPlanIsSticky(t *testing.T) {
+	el := elect("node2", "node1", "node2", "node3")
+	el.View = claim(el.View, "node3", 4)
+	plan, err := (&Planner{Config: testConfig("node2")}).Plan(cluster(), el)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := plan.State.Egress[0]; e.Local || e.HolderIP.String() != "198.18.0.13" {
+		t.Fatalf("node2 took node3's IP: %+v", e)
+	}
+}
+
+// Planned move: the old holder keeps the IP until the new holder claims it.
+func TestPlanMakeBeforeBreak(t *testing.T) {
+	c := cluster()
+	c.Nodes[1].Spec.Unschedulable = true // node2 cordoned: its IP moves
+	p := &Planner{Config: testConfig("node2")}
+	now := time.Now()
+	el := elect("node2", "node1", "node2", "node3")
+	el.View = claim(el.View, "node2", 4)
+	el.Held = map[netip.Addr]Holding{eip: {Gen: 4}}
+	el.Now = now
+	plan, err := p.Plan(c, el)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h, ok := plan.Held[eip]; !ok || h.HandoverSince != now || plan.RetryAfter == 0 {
+		t.Fatalf("old holder let go before the new one claimed: %+v", plan.Held)
+	}
+	if plan.Holders[eip] != "node3" {
+		t.Fatalf("new holder %q, want node3", plan.Holders[eip])
+	}
+	// node3 claims it: node2 lets go.
+	el.Held = plan.Held
+	el.View = claim(el.View, "node3", 5)
+	plan, _ = p.Plan(c, el)
+	if _, ok := plan.Held[eip]; ok {
+		t.Fatal("old holder kept the IP after the new one claimed it")
+	}
+	// node3 never claims: node2 lets go after the handover timeout.
+	el.View = claim(el.View, "node3", 0)
+	el.View.Members["node3"] = election.Member{Name: "node3", Alive: true, LastContact: el.View.At}
+	el.Held = map[netip.Addr]Holding{eip: {Gen: 4, HandoverSince: now}}
+	el.Now = now.Add(4 * time.Second)
+	plan, _ = p.Plan(c, el)
+	if _, ok := plan.Held[eip]; ok {
+		t.Fatal("old holder kept the IP past the handover timeout")
+	}
+}
+
+// The new holder takes over a dead holder's IP with a newer generation; a restarted
+// natd with the old claim then loses.
+func TestPlanTakeoverAndRestartedClaimLoses(t *testing.T) {
+	el := elect("node3", "node1", "node3")
+	el.View.Members["node2"] = election.Member{Name: "node2", Alive: false,
+		Meta: election.Meta{Claims: []election.Claim{{IP: eip, Gen: 4}}}}
+	plan, err := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h, ok := plan.Held[eip]; !ok || h.Gen != 5 {
+		t.Fatalf("node3 did not take over with generation 5: %+v", plan.Held)
+	}
+	// node2's natd restarts with its kernel's claim (generation 4) and sees node3's.
+	el = elect("node2", "node1", "node2", "node3")
+	el.View = claim(el.View, "node3", 5)
+	el.View = claim(el.View, "node2", 4)
+	el.Held = map[netip.Addr]Holding{eip: {Gen: 4}}
+	plan, _ = (&Planner{Config: testConfig("node2")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; ok {
+		t.Fatal("a restarted natd re-claimed an IP another node took over")
+	}
+}
+
+// A member down for a planned restart keeps its IPs for its grace time.
+func TestPlanRestartGrace(t *testing.T) {
+	el := elect("node3", "node1", "node3")
+	el.View.Members["node2"] = election.Member{Name: "node2", Alive: false, DownSince: el.View.At,
+		Meta: election.Meta{RestartGrace: 30 * time.Second, Claims: []election.Claim{{IP: eip, Gen: 4}}}}
+	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; ok || plan.Holders[eip] != "node2" {
+		t.Fatalf("IP moved during a restart grace: held %v, holder %q", plan.Held, plan.Holders[eip])
+	}
+	m := el.View.Members["node2"]
+	m.DownSince = el.View.At.Add(-31 * time.Second)
+	el.View.Members["node2"] = m
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; !ok {
+		t.Fatal("IP not taken over after the restart grace")
+	}
+}
+
+// A node whose peers are alive in gossip but have not answered it for longer than the
+// contact window is cut off: it holds nothing.
+func TestPlanCutOffHoldsNothing(t *testing.T) {
+	el := elect("node2", "node1", "node2", "node3")
+	for _, n := range []string{"node1", "node3"} {
+		m := el.View.Members[n]
+		m.LastContact = el.View.At.Add(-5 * time.Second)
+		el.View.Members[n] = m
+	}
+	el.Held = map[netip.Addr]Holding{eip: {Gen: 4}}
+	plan, _ := (&Planner{Config: testConfig("node2")}).Plan(cluster(), el)
+	if len(plan.Held) != 0 || plan.Quorum {
+		t.Fatalf("cut-off node holds %v (quorum %v)", plan.Held, plan.Quorum)
+	}
+}
+
+// A node that has only just come to see a majority keeps what it holds but takes
+// nothing new until it has heard the others for a while.
+func TestPlanNoTakeoverRightAfterQuorum(t *testing.T) {
+	el := elect("node3", "node1", "node3")
+	el.QuorumSince = time.Time{} // it has just (re)joined
+	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if len(plan.Held) != 0 || plan.RetryAfter == 0 || plan.QuorumSince != el.Now {
+		t.Fatalf("took over right after regaining quorum: held %v, retry %s", plan.Held, plan.RetryAfter)
+	}
+	el.QuorumSince, el.Now = plan.QuorumSince, el.Now.Add(2*time.Second)
+	el.View.At = el.Now
+	for _, n := range []string{"node1", "node3"} {
+		m := el.View.Members[n]
+		m.LastContact = el.Now
+		el.View.Members[n] = m
+	}
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; !ok {
+		t.Fatal("no takeover once settled")
+	}
+}
+
+// Without a majority in sight, a node holds nothing.
+func TestPlanMinorityHoldsNothing(t *testing.T) {
+	el := elect("node2", "node2") // node1 and node3 unreachable
+	el.View.Members["node1"] = election.Member{Name: "node1"}
+	el.View.Members["node3"] = election.Member{Name: "node3"}
+	el.View = claim(el.View, "node2", 4)
+	el.Held = map[netip.Addr]Holding{eip: {Gen: 4}}
+	plan, _ := (&Planner{Config: testConfig("node2")}).Plan(cluster(), el)
+	if len(plan.Held) != 0 || plan.Quorum {
+		t.Fatalf("minority node holds %v (quorum %v)", plan.Held, plan.Quorum)
 	}
 }

@@ -17,6 +17,7 @@ type Metrics struct {
 	SyncFailures     prometheus.Counter
 	LastSuccessfulAt prometheus.Gauge
 	EgressIPsHeld    prometheus.Gauge
+	MembersAlive     prometheus.Gauge
 	synced           atomic.Bool
 }
 
@@ -33,8 +34,10 @@ func NewMetrics() *Metrics {
 			Name: "natd_last_successful_sync_timestamp_seconds", Help: "Unix time of the last successful sync."}),
 		EgressIPsHeld: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "natd_egress_ips_held", Help: "Egress IPs this node holds."}),
+		MembersAlive: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "natd_gossip_members_alive", Help: "natd agents this node's gossip sees alive, itself included."}),
 	}
-	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld,
+	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld, m.MembersAlive,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -2,7 +2,13 @@ package natd
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
@@ -23,7 +29,10 @@ func dataplaneConfig(cfg *Config) (dataplane.Config, error) {
 		return dataplane.Config{}, err
 	}
 	return dataplane.Config{Marks: marks, RulePriority: cfg.RulePriority, TableBase: cfg.TableBase,
-		EgressCIDRs: cfg.EgressCIDRs, StateDir: cfg.StateDir}, nil
+		EgressCIDRs: cfg.EgressCIDRs, StateDir: cfg.StateDir, Lease: cfg.Lease,
+		// Repeats reach neighbours that ignored the first announcement (Linux ignores
+		// an ARP update within neigh locktime, 1 s, of the previous one) or lost it.
+		Announce: []time.Duration{250 * time.Millisecond, 1100 * time.Millisecond, 2500 * time.Millisecond, 5 * time.Second}}, nil
 }
 
 // Setup builds the agent from its configuration: API client, kernel programmer,
@@ -58,9 +67,47 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 	broadcaster.StartStructuredLogging(2)
 	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
 	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "natd", Host: cfg.NodeName})
+	key, err := gossipKey(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	newMembership := func(nodeIP netip.Addr) (Membership, error) {
+		return election.NewGossip(election.GossipConfig{NodeName: cfg.NodeName, BindIP: nodeIP, Port: cfg.GossipPort,
+			Key: key, ProbeInterval: cfg.GossipProbeInterval, ProbeTimeout: cfg.GossipProbeTimeout,
+			SuspicionMult: cfg.GossipSuspicionMult})
+	}
 	metrics := NewMetrics()
-	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen)
-	return NewAgent(cfg, client, dp, election.Rendezvous{}, recorder, metrics), metrics, nil
+	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
+		"encryptedGossip", key != nil, "lease", cfg.Lease, "minDetection", cfg.MinDetection())
+	return NewAgent(cfg, client, dp, newMembership, recorder, metrics), metrics, nil
+}
+
+// gossipKey reads the base64 key in --gossip-key-file; nil with --insecure-gossip.
+func gossipKey(cfg *Config) ([]byte, error) {
+	if cfg.GossipKeyFile == "" {
+		return nil, nil // Validate allowed it: --insecure-gossip
+	}
+	b, err := os.ReadFile(cfg.GossipKeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("reading --gossip-key-file: %w", err)
+	}
+	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil {
+		return nil, fmt.Errorf("--gossip-key-file %s is not base64: %w", cfg.GossipKeyFile, err)
+	}
+	if n := len(key); n != 16 && n != 24 && n != 32 {
+		return nil, fmt.Errorf("--gossip-key-file %s holds a %d-byte key; it must be 16, 24 or 32 bytes", cfg.GossipKeyFile, n)
+	}
+	return key, nil
+}
+
+// GenerateKey returns a new gossip key, base64-encoded, for --gossip-key-file.
+func GenerateKey() (string, error) {
+	key := make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
+		return "", err
+	}
+	return base64.StdEncoding.EncodeToString(key), nil
 }
 
 // Cleanup removes everything natd put into this node's kernel.

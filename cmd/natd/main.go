@@ -19,8 +19,17 @@ import (
 func main() {
 	cmd := "run"
 	args := os.Args[1:]
-	if len(args) > 0 && (args[0] == "cleanup" || args[0] == "run") {
+	if len(args) > 0 && (args[0] == "cleanup" || args[0] == "run" || args[0] == "gen-key") {
 		cmd, args = args[0], args[1:]
+	}
+	if cmd == "gen-key" {
+		key, err := natd.GenerateKey()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "natd:", err)
+			os.Exit(1)
+		}
+		fmt.Println(key)
+		return
 	}
 	fs := flag.NewFlagSet("natd "+cmd, flag.ExitOnError)
 	klog.InitFlags(fs)
@@ -28,14 +37,23 @@ func main() {
 	cfg.RegisterFlags(fs)
 	_ = fs.Parse(args)
 
+	// SIGTERM and SIGINT stop natd for a restart: its egress IPs stay where they are.
+	// SIGUSR1 drains: the IPs are handed to other nodes first, then natd exits.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	drain := make(chan struct{})
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	go func() {
+		<-usr1
+		close(drain)
+	}()
 	var err error
 	switch cmd {
 	case "cleanup":
 		err = natd.Cleanup(&cfg)
 	default:
-		err = run(ctx, &cfg)
+		err = run(ctx, &cfg, drain)
 	}
 	klog.Flush()
 	if err != nil {
@@ -44,7 +62,7 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, cfg *natd.Config) error {
+func run(ctx context.Context, cfg *natd.Config, drain <-chan struct{}) error {
 	a, metrics, err := natd.Setup(ctx, cfg)
 	if err != nil {
 		return err
@@ -56,5 +74,5 @@ func run(ctx context.Context, cfg *natd.Config) error {
 		}
 	}()
 	defer srv.Close()
-	return a.Run(ctx)
+	return a.Run(ctx, drain)
 }

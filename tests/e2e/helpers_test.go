@@ -197,3 +197,44 @@ func setEgressLabel(t *testing.T, node, value string) {
 		t.Fatal(err)
 	}
 }
+
+// testing.TB variants for helpers shared with the failover benchmark.
+
+func newPodTB(t testing.TB, ns, name, node string) *lab.Pod {
+	t.Helper()
+	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node)
+	if err != nil {
+		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
+	}
+	t.Cleanup(func() {
+		if err := lab.DeletePod(context.Background(), labDir, ns, name); err != nil {
+			t.Errorf("deleting pod %s/%s: %v", ns, name, err)
+		}
+	})
+	return p
+}
+
+func annotateTB(t testing.TB, ns, ip string) {
+	t.Helper()
+	value := "null"
+	if ip != "" {
+		value = fmt.Sprintf("%q", ip)
+	}
+	patch := fmt.Sprintf(`{"metadata":{"annotations":{"egress.natd.dev/ip":%s}}}`, value)
+	if _, err := client.CoreV1().Namespaces().Patch(context.Background(), ns, types.MergePatchType,
+		[]byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatalf("annotating %s: %v", ns, err)
+	}
+}
+
+func waitSeenTB(t testing.TB, p *lab.Pod, want string) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if got, err := seen(p, tcp, time.Second); err == nil && got == want {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s/%s: partner never saw %s", p.Namespace, p.Name, want)
+}

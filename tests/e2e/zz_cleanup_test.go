@@ -45,8 +45,10 @@ func TestCleanupRemovesEverything(t *testing.T) {
 		"--state-dir", filepath.Join(labDir, "state-"+holder)); err != nil {
 		t.Fatalf("natd cleanup: %v\n%s", err, out)
 	}
-	if out, err := lab.NsRun(n.Netns, "nft", "list", "table", "ip", "natd"); err == nil {
-		t.Errorf("natd's table is still there:\n%s", out)
+	for _, family := range []string{"ip", "arp"} {
+		if out, err := lab.NsRun(n.Netns, "nft", "list", "table", family, "natd"); err == nil {
+			t.Errorf("natd's %s table is still there:\n%s", family, out)
+		}
 	}
 	for _, c := range [][]string{
 		{"ip", "rule", "show", "priority", "7000"},

@@ -61,7 +61,7 @@ func Down(dir string) error {
 		return os.RemoveAll(dir)
 	}
 	for _, name := range []string{"pki", "etcd", "topology.json", "lab-ledger.json", "kubeconfig", "partner.log",
-		"etcd.log", "kube-apiserver.log"} {
+		"etcd.log", "kube-apiserver.log", "gossip.key", ".lock"} {
 		os.RemoveAll(filepath.Join(dir, name))
 	}
 	for _, pattern := range []string{"natd-*.log", "*.kubeconfig", "state-*"} {

@@ -3,6 +3,7 @@ package lab
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -10,13 +11,46 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
 
+// Arrival is one datagram (or request) of a stream as the partner saw it.
+type Arrival struct {
+	Seq int       `json:"seq"`
+	Src string    `json:"src"`
+	At  time.Time `json:"at"`
+}
+
+// streams records numbered datagrams and requests by stream id, so that a test can
+// tell which source address each one arrived with.
+type streams struct {
+	mu sync.Mutex
+	m  map[string][]Arrival
+}
+
+func (s *streams) add(id string, seq int, src string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[string][]Arrival{}
+	}
+	s.m[id] = append(s.m[id], Arrival{Seq: seq, Src: src, At: time.Now()})
+}
+
+func (s *streams) get(id string) []Arrival {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Arrival(nil), s.m[id]...)
+}
+
 // ServePartner is the external partner: HTTP `GET /` answers with the source address
-// it saw, and every UDP datagram is echoed back prefixed with that address.
+// it saw, and every UDP datagram is echoed back prefixed with that address. Datagrams
+// "stream ID SEQ" and requests "GET /?stream=ID&seq=SEQ" are also recorded, and
+// `GET /stream?id=ID` returns what arrived, with source and time.
 func ServePartner(ctx context.Context, listen string, log io.Writer) error {
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
@@ -26,11 +60,23 @@ func ServePartner(ctx context.Context, listen string, log io.Writer) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	var st streams
+	mux := http.NewServeMux()
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(st.get(r.URL.Query().Get("id")))
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		host, _, _ := net.SplitHostPort(r.RemoteAddr)
-		fmt.Fprintf(log, "tcp %s\n", r.RemoteAddr)
+		if id := r.URL.Query().Get("stream"); id != "" {
+			seq, _ := strconv.Atoi(r.URL.Query().Get("seq"))
+			st.add(id, seq, host)
+		} else {
+			fmt.Fprintf(log, "tcp %s\n", r.RemoteAddr)
+		}
 		fmt.Fprintln(w, host)
-	}), ReadHeaderTimeout: 5 * time.Second}
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -44,6 +90,10 @@ func ServePartner(ctx context.Context, listen string, log io.Writer) error {
 				return
 			}
 			host, _, _ := net.SplitHostPort(from.String())
+			if f := strings.Fields(string(buf[:n])); len(f) == 3 && f[0] == "stream" {
+				seq, _ := strconv.Atoi(f[2])
+				st.add(f[1], seq, host)
+			}
 			pc.WriteTo(append([]byte(host+" "), buf[:n]...), from)
 		}
 	}()
@@ -51,6 +101,26 @@ func ServePartner(ctx context.Context, listen string, log io.Writer) error {
 		return err
 	}
 	return nil
+}
+
+// StreamArrivals asks the partner what arrived of stream id.
+func StreamArrivals(ctx context.Context, t *Topology, id string) ([]Arrival, error) {
+	c, err := DialIn(ctx, t.Partner.Netns, "tcp", fmt.Sprintf("127.0.0.1:%d", t.Partner.Port))
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	fmt.Fprintf(c, "GET /stream?id=%s HTTP/1.0\r\n\r\n", id)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var out []Arrival
+	return out, json.NewDecoder(resp.Body).Decode(&out)
 }
 
 // SourceSeenTCP asks the partner, from inside network namespace ns, which source

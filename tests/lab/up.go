@@ -2,6 +2,8 @@ package lab
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -325,6 +327,14 @@ func (u *upper) credentials(t *Topology) error {
 		[]string{"kubernetes", "kubernetes.default", "kubernetes.default.svc", "localhost"}); err != nil {
 		return err
 	}
+	// The gossip key the agents share (a Secret in a real deployment).
+	gk := make([]byte, 32)
+	if _, err := rand.Read(gk); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(u.dir, "gossip.key"), []byte(base64.StdEncoding.EncodeToString(gk)+"\n"), 0o600); err != nil {
+		return err
+	}
 	cert, key, err := p.issue("admin", "natd-lab-admin", []string{"system:masters"}, nil, nil)
 	if err != nil {
 		return err
@@ -494,6 +504,7 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 		"--node-name", n.Name, "--kubeconfig", filepath.Join(dir, n.Name+".kubeconfig"),
 		"--egress-cidr", EgressCIDR, "--cluster-cidr", ClusterCIDR, "--service-cidr", ServiceCIDR,
 		"--state-dir", filepath.Join(dir, "state-"+n.Name), "--resync-period", "10s", "-v", "2",
+		"--gossip-key-file", filepath.Join(dir, "gossip.key"),
 	}
 	return startIn(n.Netns, t.API.NatdBinary, n.NatdLog, append(args, extra...)...)
 }

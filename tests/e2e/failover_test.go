@@ -1,0 +1,431 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"natd.dev/natd/tests/lab"
+)
+
+// stream sends numbered UDP datagrams (every 10 ms) and HTTP requests over a kept-open
+// TCP connection (every 50 ms) from a pod to the partner, which records the source
+// address each one arrived with.
+type stream struct {
+	id   string
+	pod  *lab.Pod
+	mu   sync.Mutex
+	sent []time.Time // by sequence number
+	stop chan struct{}
+	done sync.WaitGroup
+}
+
+func startStream(t *testing.T, p *lab.Pod, id string) *stream {
+	t.Helper()
+	s := &stream{id: id, pod: p, stop: make(chan struct{})}
+	c, err := lab.DialIn(context.Background(), p.Netns, "udp", partnerAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.done.Add(2)
+	go func() {
+		defer s.done.Done()
+		defer c.Close()
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for seq := 0; ; seq++ {
+			s.mu.Lock()
+			s.sent = append(s.sent, time.Now())
+			s.mu.Unlock()
+			fmt.Fprintf(c, "stream %s %d", id, seq)
+			select {
+			case <-s.stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	go func() {
+		defer s.done.Done()
+		var conn net.Conn
+		var rd *bufio.Reader
+		for seq := 0; ; seq++ {
+			select {
+			case <-s.stop:
+				if conn != nil {
+					conn.Close()
+				}
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			if conn == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				conn, _ = lab.DialIn(ctx, p.Netns, "tcp", partnerAddr())
+				cancel()
+				if conn == nil {
+					continue
+				}
+				rd = bufio.NewReader(conn)
+			}
+			conn.SetDeadline(time.Now().Add(time.Second))
+			fmt.Fprintf(conn, "GET /?stream=%s-tcp&seq=%d HTTP/1.1\r\nHost: partner\r\n\r\n", id, seq)
+			resp, err := http.ReadResponse(rd, nil)
+			if err == nil {
+				_, err = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			if err != nil { // the connection died with its holder: open a new one
+				conn.Close()
+				conn = nil
+			}
+		}
+	}()
+	return s
+}
+
+func (s *stream) halt() {
+	close(s.stop)
+	s.done.Wait()
+}
+
+// outcome is what the partner saw of a stream around a fault.
+type outcome struct {
+	recovery time.Duration // fault to the first datagram sent after it that arrived with the egress IP
+	leaked   int           // datagrams and requests that arrived with another source
+	lost     int           // datagrams sent that never arrived
+	sent     int
+}
+
+func (s *stream) outcome(t testing.TB, egressIP string, faultAt time.Time) outcome {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	udp, err := lab.StreamArrivals(ctx, topo, s.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcp, err := lab.StreamArrivals(ctx, topo, s.id+"-tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	sent := append([]time.Time(nil), s.sent...)
+	s.mu.Unlock()
+	o := outcome{sent: len(sent), recovery: -1}
+	seen := map[int]bool{}
+	for _, a := range udp {
+		seen[a.Seq] = true
+	}
+	// The outage starts with the first datagram sent after the fault that never
+	// arrived (a holder whose natd died keeps serving until its lease lapses); the
+	// stream is back with the first egress-IP datagram sent after that one.
+	firstLost := -1
+	for seq, at := range sent {
+		if at.After(faultAt) && !seen[seq] {
+			firstLost = seq
+			break
+		}
+	}
+	sort.Slice(udp, func(i, j int) bool { return udp[i].At.Before(udp[j].At) })
+	for _, a := range udp {
+		if a.Src != egressIP {
+			o.leaked++
+			t.Errorf("datagram %d of %s arrived from %s, not %s", a.Seq, s.id, a.Src, egressIP)
+			continue
+		}
+		if o.recovery >= 0 || a.Seq >= len(sent) || !sent[a.Seq].After(faultAt) {
+			continue
+		}
+		if firstLost < 0 || a.Seq > firstLost {
+			o.recovery = max(0, a.At.Sub(faultAt))
+			if firstLost < 0 {
+				o.recovery = 0 // no datagram lost: no interruption
+			}
+		}
+	}
+	for _, a := range tcp {
+		if a.Src != egressIP {
+			o.leaked++
+			t.Errorf("TCP request %d of %s arrived from %s, not %s", a.Seq, s.id, a.Src, egressIP)
+		}
+	}
+	for seq := range sent {
+		if !seen[seq] {
+			o.lost++
+		}
+	}
+	return o
+}
+
+// servedBy lists the nodes whose kernel serves ip: its lease is current in natd's
+// table (a node whose natd was killed may still have the address, but not the lease).
+func servedBy(t testing.TB, ip string) []string {
+	t.Helper()
+	var out []string
+	for _, n := range topo.Nodes {
+		set, _ := lab.NsRun(n.Netns, "nft", "list", "set", "ip", "natd", "leased_ips")
+		if strings.Contains(set, ip+" ") || strings.Contains(set, ip+",") {
+			out = append(out, n.Name)
+		}
+	}
+	return out
+}
+
+// waitServedBy waits until exactly one node serves ip, and returns it.
+func waitServedBy(t testing.TB, ip string, timeout time.Duration) string {
+	t.Helper()
+	var s []string
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if s = servedBy(t, ip); len(s) == 1 {
+			return s[0]
+		}
+	}
+	t.Fatalf("%s is served by %v, want exactly one node", ip, s)
+	return ""
+}
+
+// waitGossipHealthy waits until every running natd sees all nodes alive.
+func waitGossipHealthy(t testing.TB) {
+	t.Helper()
+	want := fmt.Sprintf("natd_gossip_members_alive %d", len(topo.Nodes))
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		ok := true
+		for _, n := range topo.Nodes {
+			if m := metrics(n.Netns); !strings.Contains(m, want) {
+				ok = false
+			}
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("gossip did not heal: not every natd reports %q", want)
+		}
+	}
+}
+
+func metrics(ns string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c, err := lab.DialIn(ctx, ns, "tcp", "127.0.0.1:9793")
+	if err != nil {
+		return ""
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	fmt.Fprintf(c, "GET /metrics HTTP/1.0\r\n\r\n")
+	b, _ := io.ReadAll(c)
+	return string(b)
+}
+
+func restartNatd(t testing.TB, node string) {
+	t.Helper()
+	cur, err := lab.RestartNatd(labDir, node, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := cur.Node(node)
+	if err := lab.WaitNatdReady(context.Background(), n, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	topo = cur
+}
+
+// fault injects a failure of the holder and returns how to heal it.
+type fault func(t testing.TB, holder string) (heal func())
+
+// failover pins a namespace, streams from its pod on node1 through the holder, injects
+// the fault, and checks what the partner and the router saw. It returns the holder
+// before and after, and the outcome.
+func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, after string, o outcome) {
+	t.Helper()
+	waitGossipHealthy(t)
+	ns := "fo-" + name
+	p := newPodTB(t, ns, "app", "node1")
+	annotateTB(t, ns, ip)
+	t.Cleanup(func() { annotateTB(t, ns, "") })
+	waitSeenTB(t, p, ip)
+	before = waitServedBy(t, ip, 10*time.Second)
+
+	s := startStream(t.(*testing.T), p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
+	time.Sleep(500 * time.Millisecond)
+	faultAt := time.Now()
+	heal := f(t, before)
+	healed := false
+	defer func() {
+		if !healed {
+			heal()
+		}
+	}()
+	// Recovered: after the outage (if any), datagrams arrive with the egress IP again.
+	// A fault that causes no loss is over when nothing was lost for 3 s.
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if o = s.outcome(t, ip, faultAt); o.recovery > 0 || (o.recovery == 0 && time.Since(faultAt) > 3*time.Second) {
+			break
+		}
+	}
+	time.Sleep(1500 * time.Millisecond) // let gratuitous ARP repeats and handovers settle
+	s.halt()
+	o = s.outcome(t, ip, faultAt)
+	if o.recovery < 0 {
+		t.Fatalf("%s: the partner never again saw the pod with %s", name, ip)
+	}
+	after = waitServedBy(t, ip, 5*time.Second)
+	if expectMove && after == before {
+		t.Errorf("%s: %s still served by %s after the fault", name, ip, before)
+	}
+	if !expectMove && after != before {
+		t.Errorf("%s: %s moved from %s to %s; it should not move", name, ip, before, after)
+	}
+	checkRouterPointsAt(t, ip, after)
+	t.Logf("%s: %s %s → %s; recovery %s, %d/%d datagrams lost, %d leaked",
+		name, ip, before, after, o.recovery.Round(time.Millisecond), o.lost, o.sent, o.leaked)
+	heal()
+	healed = true
+	return before, after, o
+}
+
+func checkRouterPointsAt(t testing.TB, ip, node string) {
+	t.Helper()
+	want, err := lab.UplinkMAC(topo, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if got, _ = lab.RouterNeighbour(topo, ip); got == want {
+			return
+		}
+	}
+	t.Errorf("router's neighbour entry for %s is %q, want %s's MAC %s", ip, got, node, want)
+}
+
+// afterwards checks that, once the failed node is back, the IP does not move back and
+// the pod still leaves with it.
+func afterwards(t testing.TB, ip, holder string) {
+	t.Helper()
+	waitGossipHealthy(t)
+	time.Sleep(time.Second)
+	if s := servedBy(t, ip); len(s) != 1 || s[0] != holder {
+		t.Errorf("after the failed node came back, %s is served by %v; want it to stay on %s", ip, s, holder)
+	}
+	checkRouterPointsAt(t, ip, holder)
+}
+
+func TestFailoverUplinkCut(t *testing.T) {
+	const ip = "198.18.0.230"
+	_, after, _ := failover(t, "uplink", ip, func(t testing.TB, holder string) func() {
+		heal, err := lab.CutUplink(topo, holder)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return func() {
+			if err := heal(); err != nil {
+				t.Error(err)
+			}
+		}
+	}, true)
+	afterwards(t, ip, after)
+}
+
+func TestFailoverNatdKilled(t *testing.T) {
+	const ip = "198.18.0.231"
+	var victim string
+	_, after, _ := failover(t, "sigkill", ip, func(t testing.TB, holder string) func() {
+		victim = holder
+		if err := lab.KillNatd(topo, holder); err != nil {
+			t.Fatal(err)
+		}
+		return func() { restartNatd(t, victim) }
+	}, true)
+	afterwards(t, ip, after) // the restarted natd does not re-claim the IP
+}
+
+func TestFailoverPartition(t *testing.T) {
+	const ip = "198.18.0.232"
+	_, after, _ := failover(t, "partition", ip, func(t testing.TB, holder string) func() {
+		heal, err := lab.Partition(topo, holder)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return func() {
+			if err := heal(); err != nil {
+				t.Error(err)
+			}
+		}
+	}, true)
+	afterwards(t, ip, after)
+}
+
+func TestFailoverWithAPIServerDown(t *testing.T) {
+	const ip = "198.18.0.233"
+	var victim string
+	_, after, _ := failover(t, "apidown", ip, func(t testing.TB, holder string) func() {
+		victim = holder
+		healAPI, err := lab.StopAPIServer(topo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(500 * time.Millisecond) // the API is down before the holder fails
+		heal, err := lab.CutUplink(topo, holder)
+		if err != nil {
+			healAPI()
+			t.Fatal(err)
+		}
+		return func() {
+			heal()
+			if err := healAPI(); err != nil {
+				t.Error(err)
+			}
+		}
+	}, true)
+	_ = victim
+	afterwards(t, ip, after)
+}
+
+func TestPlannedMoveLabelRemoved(t *testing.T) {
+	const ip = "198.18.0.234"
+	var old string
+	_, after, o := failover(t, "unlabel", ip, func(t testing.TB, holder string) func() {
+		old = holder
+		setEgressLabel(t.(*testing.T), holder, "")
+		return func() { setEgressLabel(t.(*testing.T), old, "true") }
+	}, true)
+	if o.recovery > 300*time.Millisecond {
+		t.Errorf("planned move interrupted the stream for %s", o.recovery)
+	}
+	afterwards(t, ip, after)
+}
+
+func TestDrainHandsOver(t *testing.T) {
+	const ip = "198.18.0.235"
+	var old string
+	_, after, o := failover(t, "drain", ip, func(t testing.TB, holder string) func() {
+		old = holder
+		if err := lab.DrainNatd(topo, holder); err != nil {
+			t.Fatal(err)
+		}
+		return func() { restartNatd(t, old) }
+	}, true)
+	if o.recovery > 300*time.Millisecond {
+		t.Errorf("drain interrupted the stream for %s", o.recovery)
+	}
+	afterwards(t, ip, after)
+}
+
+// A plain restart of the holder's natd (SIGTERM, start again) moves nothing.
+func TestRestartDoesNotMove(t *testing.T) {
+	const ip = "198.18.0.236"
+	failover(t, "restart", ip, func(t testing.TB, holder string) func() {
+		restartNatd(t, holder)
+		return func() {}
+	}, false)
+}
