@@ -5,7 +5,7 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build deps kube-bins test test-e2e bench demo lab-up lab-down vet clean
+.PHONY: all build deps kube-bins test test-e2e bench bench-failover demo lab-up lab-down vet clean
 
 all: build
 
@@ -33,6 +33,12 @@ test-e2e: deps kube-bins
 # Sync cost at 1k/10k/50k pinned pods, one pod added at 50k, agent memory at 50k pods.
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 20x ./natd/ ./election/
+
+# Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner,
+# and gossip failure detection with 50 and 200 members on loopback.
+bench-failover: deps kube-bins
+	$(GO) test -run '^$$' -bench Detection -benchtime 5x ./election/
+	$(GO) test -run '^$$' -bench Failover -benchtime 1x -timeout 40m ./tests/e2e/
 
 demo: deps kube-bins build
 	@KEEP=$(KEEP) LAB_DIR=$(LAB_DIR) scripts/demo.sh

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -28,7 +30,7 @@ type stream struct {
 	done sync.WaitGroup
 }
 
-func startStream(t *testing.T, p *lab.Pod, id string) *stream {
+func startStream(t testing.TB, p *lab.Pod, id string) *stream {
 	t.Helper()
 	s := &stream{id: id, pod: p, stop: make(chan struct{})}
 	c, err := lab.DialIn(context.Background(), p.Netns, "udp", partnerAddr())
@@ -255,7 +257,7 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 	waitSeenTB(t, p, ip)
 	before = waitServedBy(t, ip, 10*time.Second)
 
-	s := startStream(t.(*testing.T), p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
+	s := startStream(t, p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
 	time.Sleep(500 * time.Millisecond)
 	faultAt := time.Now()
 	heal := f(t, before)
@@ -320,32 +322,46 @@ func afterwards(t testing.TB, ip, holder string) {
 	checkRouterPointsAt(t, ip, holder)
 }
 
+func cutUplink(t testing.TB, holder string) func() {
+	heal, err := lab.CutUplink(topo, holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if err := heal(); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func killNatd(t testing.TB, holder string) func() {
+	if err := lab.KillNatd(topo, holder); err != nil {
+		t.Fatal(err)
+	}
+	return func() { restartNatd(t, holder) }
+}
+
+func removeLabel(t testing.TB, holder string) func() {
+	setEgressLabel(t, holder, "")
+	return func() { setEgressLabel(t, holder, "true") }
+}
+
+func drainNatd(t testing.TB, holder string) func() {
+	if err := lab.DrainNatd(topo, holder); err != nil {
+		t.Fatal(err)
+	}
+	return func() { restartNatd(t, holder) }
+}
+
 func TestFailoverUplinkCut(t *testing.T) {
 	const ip = "198.18.0.230"
-	_, after, _ := failover(t, "uplink", ip, func(t testing.TB, holder string) func() {
-		heal, err := lab.CutUplink(topo, holder)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return func() {
-			if err := heal(); err != nil {
-				t.Error(err)
-			}
-		}
-	}, true)
+	_, after, _ := failover(t, "uplink", ip, cutUplink, true)
 	afterwards(t, ip, after)
 }
 
 func TestFailoverNatdKilled(t *testing.T) {
 	const ip = "198.18.0.231"
-	var victim string
-	_, after, _ := failover(t, "sigkill", ip, func(t testing.TB, holder string) func() {
-		victim = holder
-		if err := lab.KillNatd(topo, holder); err != nil {
-			t.Fatal(err)
-		}
-		return func() { restartNatd(t, victim) }
-	}, true)
+	_, after, _ := failover(t, "sigkill", ip, killNatd, true)
 	afterwards(t, ip, after) // the restarted natd does not re-claim the IP
 }
 
@@ -393,12 +409,7 @@ func TestFailoverWithAPIServerDown(t *testing.T) {
 
 func TestPlannedMoveLabelRemoved(t *testing.T) {
 	const ip = "198.18.0.234"
-	var old string
-	_, after, o := failover(t, "unlabel", ip, func(t testing.TB, holder string) func() {
-		old = holder
-		setEgressLabel(t.(*testing.T), holder, "")
-		return func() { setEgressLabel(t.(*testing.T), old, "true") }
-	}, true)
+	_, after, o := failover(t, "unlabel", ip, removeLabel, true)
 	if o.recovery > 300*time.Millisecond {
 		t.Errorf("planned move interrupted the stream for %s", o.recovery)
 	}
@@ -407,14 +418,7 @@ func TestPlannedMoveLabelRemoved(t *testing.T) {
 
 func TestDrainHandsOver(t *testing.T) {
 	const ip = "198.18.0.235"
-	var old string
-	_, after, o := failover(t, "drain", ip, func(t testing.TB, holder string) func() {
-		old = holder
-		if err := lab.DrainNatd(topo, holder); err != nil {
-			t.Fatal(err)
-		}
-		return func() { restartNatd(t, old) }
-	}, true)
+	_, after, o := failover(t, "drain", ip, drainNatd, true)
 	if o.recovery > 300*time.Millisecond {
 		t.Errorf("drain interrupted the stream for %s", o.recovery)
 	}
@@ -428,4 +432,50 @@ func TestRestartDoesNotMove(t *testing.T) {
 		restartNatd(t, holder)
 		return func() {}
 	}, false)
+}
+
+// BenchmarkFailover repeats each kind of failover NATD_FAILOVER_ROUNDS times (20 by
+// default) and reports, from what the partner saw, the time from the fault to the first
+// datagram after the outage (p50, p99, max), datagrams leaked with another source
+// (must be 0), and datagrams lost.
+func BenchmarkFailover(b *testing.B) {
+	rounds := 20
+	if v := os.Getenv("NATD_FAILOVER_ROUNDS"); v != "" {
+		fmt.Sscan(v, &rounds)
+	}
+	kinds := []struct {
+		name string
+		ip   string
+		f    fault
+	}{
+		{"uplink-cut", "198.18.0.240", cutUplink},
+		{"natd-sigkill", "198.18.0.241", killNatd},
+		{"label-removed", "198.18.0.242", removeLabel},
+		{"drain", "198.18.0.243", drainNatd},
+	}
+	for _, k := range kinds {
+		b.Run(k.name, func(b *testing.B) {
+			var rec []time.Duration
+			leaked, lost, sent := 0, 0, 0
+			for b.Loop() {
+				for i := 0; i < rounds; i++ {
+					_, _, o := failover(b, fmt.Sprintf("bench-%s-%d-%d", k.name, i, time.Now().Unix()), k.ip, k.f, true)
+					rec = append(rec, o.recovery)
+					leaked += o.leaked
+					lost += o.lost
+					sent += o.sent
+				}
+			}
+			slices.Sort(rec)
+			pct := func(p float64) time.Duration { return rec[min(len(rec)-1, int(p*float64(len(rec))))] }
+			b.ReportMetric(float64(pct(0.50).Milliseconds()), "p50-ms")
+			b.ReportMetric(float64(pct(0.99).Milliseconds()), "p99-ms")
+			b.ReportMetric(float64(rec[len(rec)-1].Milliseconds()), "max-ms")
+			b.ReportMetric(float64(leaked), "leaked")
+			b.ReportMetric(float64(lost)/float64(len(rec)), "lost/failover")
+			fmt.Printf("failover %-14s n=%d p50=%s p99=%s max=%s leaked=%d lost=%d of %d datagrams\n", k.name, len(rec),
+				pct(0.50).Round(time.Millisecond), pct(0.99).Round(time.Millisecond), rec[len(rec)-1].Round(time.Millisecond),
+				leaked, lost, sent)
+		})
+	}
 }

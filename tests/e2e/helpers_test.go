@@ -185,7 +185,7 @@ func waitNoHolder(t *testing.T, ip string) {
 }
 
 // setNodeLabel sets or (value "") removes the egress label of a node.
-func setEgressLabel(t *testing.T, node, value string) {
+func setEgressLabel(t testing.TB, node, value string) {
 	t.Helper()
 	v := "null"
 	if value != "" {
