@@ -211,6 +211,9 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 		}
 		res.Released = append(res.Released, ip)
 	}
+	if err := d.flushStaleFlows(state, res.Announced, res.Released); err != nil {
+		return res, err
+	}
 	d.stale = map[netip.Addr]bool{}
 	for ip := range d.slots {
 		if !inEgress(state.Egress, ip) {
@@ -220,9 +223,15 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 	return res, nil
 }
 
-func inEgress(list []EgressIP, ip netip.Addr) bool {
+func inEgress(list []EgressIP, ip netip.Addr) bool { return egressIndex(list, ip) >= 0 }
+
+// egressIndex finds ip in list (sorted by IP), or -1.
+func egressIndex(list []EgressIP, ip netip.Addr) int {
 	i := sort.Search(len(list), func(i int) bool { return !list[i].IP.Less(ip) })
-	return i < len(list) && list[i].IP == ip
+	if i < len(list) && list[i].IP == ip {
+		return i
+	}
+	return -1
 }
 
 // loadStale reads, once, which egress IPs a previous natd run held on this node.

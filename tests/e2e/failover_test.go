@@ -278,7 +278,15 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 	s.halt()
 	o = s.outcome(t, ip, faultAt)
 	if o.recovery < 0 {
-		t.Fatalf("%s: the partner never again saw the pod with %s", name, ip)
+		mac, _ := lab.RouterNeighbour(topo, ip)
+		diag := fmt.Sprintf("served by %v; router has %s for it;", servedBy(t, ip), mac)
+		for _, n := range topo.Nodes {
+			rt, _ := lab.NsRun(n.Netns, "ip", "route", "show", "table", "all", "proto", "78")
+			m, _ := lab.UplinkMAC(topo, n.Name)
+			diag += fmt.Sprintf(" %s (%s) routes: %q;", n.Name, m, strings.TrimSpace(rt))
+		}
+		t.Fatalf("%s: the partner never again saw the pod with %s (%d of %d datagrams arrived): %s",
+			name, ip, o.sent-o.lost, o.sent, diag)
 	}
 	after = waitServedBy(t, ip, 5*time.Second)
 	if expectMove && after == before {

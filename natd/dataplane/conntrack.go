@@ -1,0 +1,67 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+)
+
+// A connection's NAT binding is decided by its first packet and kept by conntrack.
+// When an egress IP moves, bindings made under the old assignment would keep steering
+// the connection's later packets wrongly: a node that forwarded a pinned flow to the
+// old holder (an identity binding) and now holds the IP itself would go on sending that
+// flow un-SNATed (the leak guard drops it, forever, as long as the flow lives); an old
+// holder would go on SNATing flows that must now go to the new holder. So when this
+// node takes or gives up an IP, the affected entries are deleted, and the flows' next
+// packets are NATed anew under the current rules.
+
+// staleFlows matches the conntrack entries to delete after a change of holders.
+type staleFlows struct {
+	// pinnedTo maps pinned pod IPs of IPs this node just took to that egress IP:
+	// their entries not SNATed to it are stale.
+	pinnedTo map[netip.Addr]netip.Addr
+	// released are egress IPs this node gave up: entries SNATed to them are stale.
+	released map[netip.Addr]bool
+}
+
+func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
+	src, _ := netip.AddrFromSlice(f.Forward.SrcIP.To4())
+	natted, _ := netip.AddrFromSlice(f.Reverse.DstIP.To4()) // the source replies go back to
+	if s.released[natted] {
+		return true
+	}
+	if eip, ok := s.pinnedTo[src]; ok && natted != eip {
+		return true
+	}
+	return false
+}
+
+// flushStaleFlows deletes conntrack entries made stale by IPs this node took (taken)
+// or gave up (released).
+func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr) error {
+	if len(taken) == 0 && len(released) == 0 {
+		return nil
+	}
+	s := &staleFlows{pinnedTo: map[netip.Addr]netip.Addr{}, released: map[netip.Addr]bool{}}
+	for _, ip := range released {
+		s.released[ip] = true
+	}
+	for _, ip := range taken {
+		if i := egressIndex(state.Egress, ip); i >= 0 {
+			for _, p := range state.Egress[i].Pods {
+				s.pinnedTo[p] = ip
+			}
+		}
+	}
+	n, err := d.nl.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, s)
+	if err != nil {
+		return fmt.Errorf("deleting stale conntrack entries: %w", err)
+	}
+	if n > 0 {
+		klog.V(2).InfoS("Deleted stale conntrack entries", "entries", n, "taken", taken, "released", released)
+	}
+	return nil
+}
