@@ -37,6 +37,7 @@ type Membership interface {
 	SetLocal(m election.Meta, timeout time.Duration) error
 	Join(peers []string) (int, error)
 	Changed() <-chan struct{}
+	Forget(keep func(name string) bool)
 	Leave(timeout time.Duration) error
 	Shutdown() error
 }
@@ -175,14 +176,19 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 		}
 	}()
 
+	stopWorker := func() {
+		a.queue.ShutDown()
+		<-workerDone
+	}
 	select {
 	case <-ctx.Done():
+		// No sync may run after the leases are extended: it would shorten them again.
+		stopWorker()
 		a.stopForRestart()
 	case <-drain:
-		a.drain(ctx)
+		a.drain(ctx) // the worker keeps syncing while the IPs are handed over
+		stopWorker()
 	}
-	a.queue.ShutDown()
-	<-workerDone
 	return nil
 }
 
@@ -264,6 +270,15 @@ func (a *Agent) peers(want func(name string) bool) []string {
 // rejoin contacts nodes that gossip does not see alive, so that a node that was away
 // longer than memberlist keeps talking to the dead comes back, and partitions heal.
 func (a *Agent) rejoin() {
+	// Members that are down and no longer Nodes in the API would count against the
+	// majority for ever.
+	nodes := map[string]bool{}
+	if list, err := a.nodes.List(labels.Everything()); err == nil {
+		for _, n := range list {
+			nodes[n.Name] = true
+		}
+		a.members.Forget(func(name string) bool { return nodes[name] })
+	}
 	v := a.members.View()
 	if peers := a.peers(func(name string) bool { return !v.Alive(name) }); len(peers) > 0 {
 		if n, _ := a.members.Join(peers); n > 0 {
