@@ -251,10 +251,10 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 	t.Helper()
 	waitGossipHealthy(t)
 	ns := "fo-" + name
-	p := newPodTB(t, ns, "app", "node1")
-	annotateTB(t, ns, ip)
-	t.Cleanup(func() { annotateTB(t, ns, "") })
-	waitSeenTB(t, p, ip)
+	p := newPod(t, ns, "app", "node1")
+	annotate(t, ns, ip)
+	t.Cleanup(func() { annotate(t, ns, "") })
+	waitSeen(t, p, tcp, ip)
 	before = waitServedBy(t, ip, 10*time.Second)
 
 	s := startStream(t, p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
@@ -373,45 +373,41 @@ func TestFailoverNatdKilled(t *testing.T) {
 	afterwards(t, ip, after) // the restarted natd does not re-claim the IP
 }
 
+func partition(t testing.TB, holder string) func() {
+	heal, err := lab.Partition(topo, holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if err := heal(); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
 func TestFailoverPartition(t *testing.T) {
 	const ip = "198.18.0.232"
-	_, after, _ := failover(t, "partition", ip, func(t testing.TB, holder string) func() {
-		heal, err := lab.Partition(topo, holder)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return func() {
-			if err := heal(); err != nil {
-				t.Error(err)
-			}
-		}
-	}, true)
+	_, after, _ := failover(t, "partition", ip, partition, true)
 	afterwards(t, ip, after)
 }
 
 func TestFailoverWithAPIServerDown(t *testing.T) {
 	const ip = "198.18.0.233"
-	var victim string
 	_, after, _ := failover(t, "apidown", ip, func(t testing.TB, holder string) func() {
-		victim = holder
 		healAPI, err := lab.StopAPIServer(topo)
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() { healAPI() }) // SIGCONT again is harmless; a frozen API is not
 		time.Sleep(500 * time.Millisecond) // the API is down before the holder fails
-		heal, err := lab.CutUplink(topo, holder)
-		if err != nil {
-			healAPI()
-			t.Fatal(err)
-		}
+		healUplink := cutUplink(t, holder)
 		return func() {
-			heal()
+			healUplink()
 			if err := healAPI(); err != nil {
 				t.Error(err)
 			}
 		}
 	}, true)
-	_ = victim
 	afterwards(t, ip, after)
 }
 

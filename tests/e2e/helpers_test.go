@@ -18,7 +18,7 @@ import (
 func partnerAddr() string { return fmt.Sprintf("%s:%d", topo.Partner.IP, topo.Partner.Port) }
 
 // newPod creates a lab pod and removes it when the test ends.
-func newPod(t *testing.T, ns, name, node string) *lab.Pod {
+func newPod(t testing.TB, ns, name, node string) *lab.Pod {
 	t.Helper()
 	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node)
 	if err != nil {
@@ -33,7 +33,7 @@ func newPod(t *testing.T, ns, name, node string) *lab.Pod {
 }
 
 // annotate sets (or with ip "" removes) a namespace's egress annotation.
-func annotate(t *testing.T, ns, ip string) {
+func annotate(t testing.TB, ns, ip string) {
 	t.Helper()
 	value := "null"
 	if ip != "" {
@@ -80,7 +80,7 @@ func seen(p *lab.Pod, pr proto, timeout time.Duration) (string, error) {
 
 // waitSeen waits until the partner sees want from p, and fails if it ever sees an
 // address in forbidden meanwhile.
-func waitSeen(t *testing.T, p *lab.Pod, pr proto, want string, forbidden ...string) {
+func waitSeen(t testing.TB, p *lab.Pod, pr proto, want string, forbidden ...string) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	var last string
@@ -196,45 +196,4 @@ func setEgressLabel(t testing.TB, node, value string) {
 		metav1.PatchOptions{}); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// testing.TB variants for helpers shared with the failover benchmark.
-
-func newPodTB(t testing.TB, ns, name, node string) *lab.Pod {
-	t.Helper()
-	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node)
-	if err != nil {
-		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
-	}
-	t.Cleanup(func() {
-		if err := lab.DeletePod(context.Background(), labDir, ns, name); err != nil {
-			t.Errorf("deleting pod %s/%s: %v", ns, name, err)
-		}
-	})
-	return p
-}
-
-func annotateTB(t testing.TB, ns, ip string) {
-	t.Helper()
-	value := "null"
-	if ip != "" {
-		value = fmt.Sprintf("%q", ip)
-	}
-	patch := fmt.Sprintf(`{"metadata":{"annotations":{"egress.natd.dev/ip":%s}}}`, value)
-	if _, err := client.CoreV1().Namespaces().Patch(context.Background(), ns, types.MergePatchType,
-		[]byte(patch), metav1.PatchOptions{}); err != nil {
-		t.Fatalf("annotating %s: %v", ns, err)
-	}
-}
-
-func waitSeenTB(t testing.TB, p *lab.Pod, want string) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for time.Now().Before(deadline) {
-		if got, err := seen(p, tcp, time.Second); err == nil && got == want {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("%s/%s: partner never saw %s", p.Namespace, p.Name, want)
 }
