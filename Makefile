@@ -32,7 +32,7 @@ test-e2e: deps kube-bins
 
 # Sync cost at 1k/10k/50k pinned pods, one pod added at 50k, agent memory at 50k pods.
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchtime 20x ./natd/ ./election/
+	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign' -benchtime 20x ./natd/ ./election/
 
 # Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner,
 # and gossip failure detection with 50 and 200 members on loopback.

@@ -83,7 +83,7 @@ func benchNetns(b *testing.B) *netns.NsHandle {
 func benchDataplane(b *testing.B, h *netns.NsHandle) *dataplane.Dataplane {
 	marks, _ := dataplane.NewMarks(0x00ff0000)
 	d, err := dataplane.New(dataplane.Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: h,
-		EgressCIDRs: benchConfig().EgressCIDRs, StateDir: b.TempDir()})
+		EgressCIDRs: benchConfig().EgressCIDRs, StateDir: b.TempDir(), VerifyEvery: time.Second})
 	if err != nil {
 		b.Fatal(err)
 	}

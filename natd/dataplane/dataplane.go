@@ -38,6 +38,9 @@ type Config struct {
 	// answers) unless RenewLeases is called again: a holder whose natd dies stops
 	// serving its IPs by itself. 0: forever.
 	Lease time.Duration
+	// VerifyEvery bounds how often Apply reads natd's tables back to repair drift
+	// (0: every Apply).
+	VerifyEvery time.Duration
 	// Announce is when gratuitous ARPs go out after a takeover, counted from it; the
 	// repeats reach neighbours that ignored the first (Linux ignores an update within
 	// neigh locktime, 1 s by default, of the last one) or lost it.
@@ -84,6 +87,7 @@ func New(cfg Config) (*Dataplane, error) {
 	d := &Dataplane{cfg: cfg, nl: nl, slots: map[netip.Addr]int{}, stale: map[netip.Addr]bool{},
 		announcing: map[netip.Addr]chan struct{}{}}
 	d.nft.newConn = d.nftConn
+	d.nft.verifyEvery = cfg.VerifyEvery
 	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase}
 	return d, nil
 }

@@ -24,6 +24,11 @@ const elementsPerMessage = 512
 type nftApplier struct {
 	newConn func(sendBuf int) (*nftables.Conn, error)
 	applied []*Ruleset // nil: unknown, next apply rebuilds the tables
+	// verifyEvery bounds how often apply reads the tables back to find drift
+	// (someone flushed or deleted them): a burst of syncs pays for it once. Drift that
+	// breaks an element update (a deleted table) is repaired at once regardless.
+	verifyEvery time.Duration
+	verified    time.Time
 }
 
 func tableOf(rs *Ruleset) *nftables.Table {
@@ -40,16 +45,23 @@ func (a *nftApplier) apply(rss []*Ruleset) (rebuilt bool, err error) {
 	}
 	if a.applied != nil && len(a.applied) == len(rss) {
 		ok := true
+		verify := time.Since(a.verified) >= a.verifyEvery
 		for i, rs := range rss {
 			if !sameShape(a.applied[i], rs) {
 				ok = false
 				break
+			}
+			if !verify {
+				continue
 			}
 			intact, err := a.intact(conn, rs)
 			if err != nil {
 				return false, err
 			}
 			ok = ok && intact
+		}
+		if verify {
+			a.verified = time.Now()
 		}
 		if ok {
 			if err := a.updateElements(conn, a.applied, rss); err == nil {
@@ -63,7 +75,7 @@ func (a *nftApplier) apply(rss []*Ruleset) (rebuilt bool, err error) {
 	if err := a.rebuild(conn, rss); err != nil {
 		return true, err
 	}
-	a.applied = rss
+	a.applied, a.verified = rss, time.Now()
 	return true, nil
 }
 
