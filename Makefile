@@ -5,7 +5,7 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build deps kube-bins test test-e2e bench bench-failover demo lab-up lab-down vet clean
+.PHONY: all build deps kube-bins generate check-generated test test-e2e bench bench-failover demo lab-up lab-down vet clean
 
 all: build
 
@@ -22,9 +22,20 @@ kube-bins:
 vet:
 	$(GO) vet ./...
 
+# The EgressIP CRD, deepcopy functions and typed client, from natd/apis with the
+# Kubernetes generators.
+generate:
+	scripts/generate.sh
+
+# Fails when the generated files differ from what the generators make now.
+check-generated: generate
+	@if [ -n "$$(git status --porcelain -- manifests/crd natd/apis natd/client)" ]; then \
+		git status --short -- manifests/crd natd/apis natd/client; \
+		echo "generated files are stale: run make generate and commit the result" >&2; exit 1; fi
+
 # Unit tests, kernel tests (each in a fresh network namespace) and end-to-end tests in
 # the lab. NATD_E2E=required (CI) turns a test that cannot run into a failure.
-test: deps kube-bins vet
+test: deps kube-bins check-generated vet
 	$(GO) test -count=1 -timeout 20m ./...
 
 test-e2e: deps kube-bins

@@ -8,3 +8,8 @@ import _ "embed"
 //
 //go:embed rbac.yaml
 var ClusterRole []byte
+
+// EgressIPCRD is the EgressIP CustomResourceDefinition (generated into crd/).
+//
+//go:embed crd/egress.natd.dev_egressips.yaml
+var EgressIPCRD []byte

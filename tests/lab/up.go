@@ -148,8 +148,11 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 	if err != nil {
 		return nil, err
 	}
-	u.say("RBAC and Node objects")
+	u.say("RBAC, the EgressIP CRD and Node objects")
 	if err := u.objects(ctx, client, t); err != nil {
+		return nil, err
+	}
+	if err := applyCRD(ctx, t); err != nil {
 		return nil, err
 	}
 	u.say("partner server on %s:%d", PartnerIP, PartnerPort)
@@ -496,6 +499,27 @@ func (u *upper) objects(ctx context.Context, client kubernetes.Interface, t *Top
 		}
 	}
 	return nil
+}
+
+// applyCRD installs the EgressIP CRD with kubectl (server-side apply) and waits until
+// the API server serves it.
+func applyCRD(ctx context.Context, t *Topology) error {
+	f, err := os.CreateTemp("", "natd-crd-*.yaml")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(manifests.EgressIPCRD); err != nil {
+		return err
+	}
+	f.Close()
+	kubectl := []string{"--kubeconfig", t.Kubeconfig}
+	if _, err := Run(t.API.KubectlBinary, append(kubectl, "apply", "--server-side", "-f", f.Name())...); err != nil {
+		return err
+	}
+	_, err = Run(t.API.KubectlBinary, append(kubectl, "wait", "--for", "condition=Established", "--timeout", "60s",
+		"crd/egressips.egress.natd.dev")...)
+	return err
 }
 
 // StartNatd starts natd for node n inside its namespace and returns its PID.
