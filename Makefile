@@ -34,9 +34,10 @@ check-generated: generate
 		echo "generated files are stale: run make generate and commit the result" >&2; exit 1; fi
 
 # Unit tests, kernel tests (each in a fresh network namespace) and end-to-end tests in
-# the lab. NATD_E2E=required (CI) turns a test that cannot run into a failure.
+# the lab. NATD_E2E=required (CI) turns a test that cannot run into a failure. One
+# package at a time (-p 1): the failover tests time gossip on a 2-core machine.
 test: deps kube-bins check-generated vet
-	$(GO) test -count=1 -timeout 20m ./...
+	$(GO) test -count=1 -p 1 -timeout 20m ./...
 
 test-e2e: deps kube-bins
 	$(GO) test -count=1 -v ./tests/e2e/

@@ -166,13 +166,6 @@ func (g *Gossip) SetLocal(m Meta, timeout time.Duration) error {
 	return g.list.UpdateNode(timeout)
 }
 
-// Local is what this node currently gossips about itself.
-func (g *Gossip) Local() Meta {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.local
-}
-
 // View returns a snapshot of the membership.
 func (g *Gossip) View() View {
 	g.mu.Lock()

@@ -234,6 +234,18 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	// may not have heard the newest claims yet: it keeps what it holds but takes
 	// nothing new until it has been in touch for a contact window.
 	settled := plan.Quorum && el.Now.Sub(plan.QuorumSince) >= window
+	// Members this node saw die while it had no majority (it was the one cut off) may
+	// be alive and holding IPs it has not heard of: it takes nothing new until gossip
+	// brings them back or a while has passed (if they really died, the majority has
+	// dealt with their IPs).
+	if settled && el.Now.Sub(plan.QuorumSince) < unsureFor {
+		for _, n := range eligible {
+			if m, ok := v.Members[n]; ok && !m.Alive && !m.DownSince.After(plan.QuorumSince) && n != self {
+				settled = false
+				break
+			}
+		}
+	}
 	retry := func(d time.Duration) {
 		if plan.RetryAfter == 0 || d < plan.RetryAfter {
 			plan.RetryAfter = max(d, 10*time.Millisecond)
@@ -299,6 +311,10 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	}
 	return assigned
 }
+
+// unsureFor bounds how long a node that regained a majority waits for members it saw die
+// while cut off.
+const unsureFor = 10 * time.Second
 
 func internalIP(n *corev1.Node) netip.Addr {
 	for _, a := range n.Status.Addresses {

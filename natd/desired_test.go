@@ -377,6 +377,26 @@ func TestPlanNoTakeoverRightAfterQuorum(t *testing.T) {
 	}
 }
 
+// A node back from a partition does not take the IP of a member it saw die while it was
+// cut off: that member may be alive and hold the IP under a claim it has not heard of.
+func TestPlanBackFromPartitionTakesNothingOfTheUnsure(t *testing.T) {
+	el := elect("node3", "node1", "node3")
+	el.QuorumSince = el.Now.Add(-2 * time.Second)                                                      // majority again, settled
+	el.View.Members["node2"] = election.Member{Name: "node2", DownSince: el.Now.Add(-5 * time.Second)} // died before that
+	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; ok || plan.RetryAfter == 0 {
+		t.Fatalf("took over although node2's death was seen while cut off: %v", plan.Held)
+	}
+	// A death seen with a majority behind it is trusted.
+	m := el.View.Members["node2"]
+	m.DownSince = el.Now.Add(-time.Second)
+	el.View.Members["node2"] = m
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; !ok {
+		t.Fatal("no takeover after a death seen with a majority")
+	}
+}
+
 // Without a majority in sight, a node holds nothing.
 func TestPlanMinorityHoldsNothing(t *testing.T) {
 	el := elect("node2", "node2") // node1 and node3 unreachable

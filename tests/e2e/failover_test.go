@@ -310,7 +310,8 @@ func checkRouterPointsAt(t testing.TB, ip, node string) {
 		t.Fatal(err)
 	}
 	var got string
-	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+	// The new holder repeats its gratuitous ARP for 5 s.
+	for deadline := time.Now().Add(6 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if got, _ = lab.RouterNeighbour(topo, ip); got == want {
 			return
 		}

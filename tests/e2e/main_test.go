@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -96,5 +97,37 @@ func run(m *testing.M) int {
 	if client, err = lab.Client(topo.Kubeconfig); err != nil {
 		return skip("%v", err)
 	}
-	return m.Run()
+	code := m.Run()
+	if code != 0 {
+		dumpAgentLogs()
+	}
+	return code
+}
+
+// dumpAgentLogs prints what the agents said about holders and membership, so a failed
+// run (in CI, where the lab is gone afterwards) can be understood.
+func dumpAgentLogs() {
+	cur, err := lab.LoadTopology(labDir)
+	if err != nil {
+		return
+	}
+	for _, n := range cur.Nodes {
+		b, err := os.ReadFile(n.NatdLog)
+		if err != nil {
+			continue
+		}
+		var keep []string
+		for _, l := range strings.Split(string(b), "\n") {
+			for _, k := range []string{"Took over", "Released", "majority", "Member state", "rror", "Found egress"} {
+				if strings.Contains(l, k) {
+					keep = append(keep, l)
+					break
+				}
+			}
+		}
+		if len(keep) > 150 {
+			keep = keep[len(keep)-150:]
+		}
+		fmt.Fprintf(os.Stderr, "--- natd on %s (holder and membership lines)\n%s\n", n.Name, strings.Join(keep, "\n"))
+	}
 }
