@@ -65,12 +65,14 @@ type Agent struct {
 	queue      workqueue.TypedRateLimitingInterface[string]
 	members    Membership
 
-	mu          sync.Mutex
-	reported    map[string]string // namespace -> last rejection reported, so events are not repeated
-	held        map[netip.Addr]Holding
-	quorumSince time.Time
-	draining    bool
-	publish     chan struct{} // wakes the claim publisher
+	mu            sync.Mutex
+	reported      map[string]string // namespace -> last rejection reported, so events are not repeated
+	held          map[netip.Addr]Holding
+	quorumSince   time.Time
+	stateSyncedAt time.Time
+	seenGen       map[netip.Addr]uint32
+	draining      bool
+	publish       chan struct{} // wakes the claim publisher
 }
 
 // NewAgent wires an agent. The recorder may be nil (no Events).
@@ -287,6 +289,18 @@ func (a *Agent) rejoin() {
 	}
 }
 
+// exchangeState does a full state exchange (memberlist push/pull) with every peer, so
+// that a node that was cut off learns the claims it missed before it takes anything.
+func (a *Agent) exchangeState() {
+	start := time.Now()
+	n, err := a.members.Join(a.peers(func(string) bool { return true }))
+	a.mu.Lock()
+	a.stateSyncedAt = start
+	a.mu.Unlock()
+	klog.V(2).InfoS("Exchanged state with peers", "contacted", n, "err", err)
+	a.queue.Add(syncKey)
+}
+
 func (a *Agent) every(ctx context.Context, d time.Duration, fn func()) {
 	t := time.NewTicker(d)
 	defer t.Stop()
@@ -414,7 +428,8 @@ func (a *Agent) sync() error {
 		return err
 	}
 	a.mu.Lock()
-	el := Election{View: a.members.View(), Held: a.held, QuorumSince: a.quorumSince, Now: time.Now()}
+	el := Election{View: a.members.View(), Held: a.held, QuorumSince: a.quorumSince,
+		StateSyncedAt: a.stateSyncedAt, SeenGen: a.seenGen, Now: time.Now()}
 	if a.draining {
 		self := el.View.Members[a.cfg.NodeName]
 		self.Meta.Draining = true
@@ -431,8 +446,12 @@ func (a *Agent) sync() error {
 	}
 	a.mu.Lock()
 	changed := !sameClaims(a.held, plan.Held)
-	a.held, a.quorumSince = plan.Held, plan.QuorumSince
+	newQuorum := plan.Quorum && !plan.QuorumSince.Equal(a.quorumSince)
+	a.held, a.quorumSince, a.seenGen = plan.Held, plan.QuorumSince, plan.SeenGen
 	a.mu.Unlock()
+	if newQuorum {
+		go a.exchangeState()
+	}
 	if changed {
 		a.signalPublish()
 	}

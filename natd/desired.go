@@ -28,7 +28,13 @@ type Election struct {
 	Held map[netip.Addr]Holding
 	// QuorumSince is when this node last came to see a majority (zero: it does not).
 	QuorumSince time.Time
-	Now         time.Time
+	// StateSyncedAt is when this node last completed a full state exchange (memberlist
+	// push/pull) with its peers: claims gossiped while it was cut off reach it only so.
+	StateSyncedAt time.Time
+	// SeenGen is the highest claim generation this node has ever seen for each IP: a
+	// new claim must beat every old one, even of members long gone.
+	SeenGen map[netip.Addr]uint32
+	Now     time.Time
 }
 
 // Cluster is what the planner reads from the API: the listers' current content. Pods
@@ -61,8 +67,9 @@ type Plan struct {
 	Claims []election.Claim
 	// Quorum: this node sees a majority of the cluster alive. Without it, it holds nothing.
 	Quorum bool
-	// QuorumSince carries Election.QuorumSince forward.
+	// QuorumSince and SeenGen carry the Election's forward.
 	QuorumSince time.Time
+	SeenGen     map[netip.Addr]uint32
 	// RetryAfter, when set, asks for another sync that soon: a handover or a takeover
 	// is waiting on time.
 	RetryAfter time.Duration
@@ -215,9 +222,12 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	// node cut off from the others notices within the contact window, long before its
 	// failure detector declares them dead.
 	window := cfg.ContactWindow(len(v.Members))
+	// This node's own recent contact is the evidence: gossip may call a member dead
+	// that this node has just heard from (a healed partition's stale verdicts), and
+	// that must not make the majority side give its IPs up.
 	reachable := 0
 	for name, m := range v.Members {
-		if m.Alive && (name == self || v.At.Sub(m.LastContact) <= window) {
+		if name == self || v.At.Sub(m.LastContact) <= window {
 			reachable++
 		}
 	}
@@ -233,7 +243,9 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	// A node that has just come to see a majority (it started, or a partition healed)
 	// may not have heard the newest claims yet: it keeps what it holds but takes
 	// nothing new until it has been in touch for a contact window.
-	settled := plan.Quorum && el.Now.Sub(plan.QuorumSince) >= window
+	// ... and it has exchanged full state with its peers since: claims broadcast while
+	// it was away reach it only through such an exchange.
+	settled := plan.Quorum && el.Now.Sub(plan.QuorumSince) >= window && !el.StateSyncedAt.Before(plan.QuorumSince)
 	// Members this node saw die while it had no majority (it was the one cut off) may
 	// be alive and holding IPs it has not heard of: it takes nothing new until gossip
 	// brings them back or a while has passed (if they really died, the majority has
@@ -275,6 +287,10 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 		in.Claims[self] = append(in.Claims[self], election.Claim{IP: ip, Gen: h.Gen})
 		in.MaxGen[ip] = max(in.MaxGen[ip], h.Gen)
 	}
+	for ip, g := range el.SeenGen {
+		in.MaxGen[ip] = max(in.MaxGen[ip], g)
+	}
+	plan.SeenGen = in.MaxGen
 	assigned := election.Assign(in)
 
 	plan.Held = map[netip.Addr]Holding{}

@@ -108,7 +108,7 @@ func view(self string, alive ...string) election.View {
 // elect is an election input for a node that has seen a majority for a long time.
 func elect(self string, alive ...string) Election {
 	now := time.Now()
-	return Election{View: view(self, alive...), Now: now, QuorumSince: now.Add(-time.Hour)}
+	return Election{View: view(self, alive...), Now: now, QuorumSince: now.Add(-time.Hour), StateSyncedAt: now.Add(-time.Minute)}
 }
 
 func TestPlanOnWorker(t *testing.T) {
@@ -365,6 +365,12 @@ func TestPlanNoTakeoverRightAfterQuorum(t *testing.T) {
 		t.Fatalf("took over right after regaining quorum: held %v, retry %s", plan.Held, plan.RetryAfter)
 	}
 	el.QuorumSince, el.Now = plan.QuorumSince, el.Now.Add(2*time.Second)
+	// Not before a full state exchange since the majority came back.
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; ok {
+		t.Fatal("took over before exchanging state with the peers")
+	}
+	el.StateSyncedAt = el.QuorumSince.Add(time.Millisecond)
 	el.View.At = el.Now
 	for _, n := range []string{"node1", "node3"} {
 		m := el.View.Members[n]
@@ -383,6 +389,7 @@ func TestPlanBackFromPartitionTakesNothingOfTheUnsure(t *testing.T) {
 	el := elect("node3", "node1", "node3")
 	el.QuorumSince = el.Now.Add(-2 * time.Second)                                                      // majority again, settled
 	el.View.Members["node2"] = election.Member{Name: "node2", DownSince: el.Now.Add(-5 * time.Second)} // died before that
+	el.StateSyncedAt = el.Now.Add(-time.Second)                                                        // state exchanged since
 	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
 	if _, ok := plan.Held[eip]; ok || plan.RetryAfter == 0 {
 		t.Fatalf("took over although node2's death was seen while cut off: %v", plan.Held)
@@ -394,6 +401,22 @@ func TestPlanBackFromPartitionTakesNothingOfTheUnsure(t *testing.T) {
 	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
 	if _, ok := plan.Held[eip]; !ok {
 		t.Fatal("no takeover after a death seen with a majority")
+	}
+}
+
+// Gossip calling a member dead that this node has just heard from (a healed
+// partition's stale verdict) does not cost the majority its IPs.
+func TestPlanStaleDeathVerdictKeepsQuorum(t *testing.T) {
+	el := elect("node3", "node1", "node3")
+	el.View.Members["node2"] = election.Member{Name: "node2"} // partitioned
+	m := el.View.Members["node1"]
+	m.Alive = false // said dead by node2's gossip, but node1 answered node3 just now
+	el.View.Members["node1"] = m
+	el.View = claim(el.View, "node3", 5)
+	el.Held = map[netip.Addr]Holding{eip: {Gen: 5}}
+	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; !ok || !plan.Quorum {
+		t.Fatalf("majority holder gave its IP up over a stale death verdict: %v", plan.Held)
 	}
 }
 
