@@ -192,30 +192,31 @@ func newRule() *Rule { return &Rule{} }
 
 func native32(v uint32) []byte { return binaryutil.NativeEndian.PutUint32(v) }
 
+// arpAddrIn matches an ARP packet's sender (saddr) or target (daddr) IPv4 address
+// against a set; offsets are those of Ethernet/IPv4 ARP.
 func (r *Rule) arpAddrIn(field string, set string, invert bool) *Rule {
-	offset := uint32(14) // sender protocol address, for Ethernet/IPv4 ARP
+	offset := uint32(14)
 	if field == "daddr" {
-		offset = 24 // target protocol address
+		offset = 24
 	}
-	op := ""
-	if invert {
-		op = "!= "
-	}
-	return r.add(fmt.Sprintf("arp %s ip %s@%s", field, op, set),
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4},
-		&expr.Lookup{SourceRegister: 1, SetName: set, Invert: invert})
+	return r.addrIn("arp "+field+" ip", offset, set, invert)
 }
 
+// ipAddrIn matches an IPv4 packet's source (saddr) or destination (daddr) against a set.
 func (r *Rule) ipAddrIn(field string, set string, invert bool) *Rule {
 	offset := uint32(12)
 	if field == "daddr" {
 		offset = 16
 	}
+	return r.addrIn("ip "+field, offset, set, invert)
+}
+
+func (r *Rule) addrIn(text string, offset uint32, set string, invert bool) *Rule {
 	op := ""
 	if invert {
 		op = "!= "
 	}
-	return r.add(fmt.Sprintf("ip %s %s@%s", field, op, set),
+	return r.add(fmt.Sprintf("%s %s@%s", text, op, set),
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4},
 		&expr.Lookup{SourceRegister: 1, SetName: set, Invert: invert})
 }
