@@ -399,7 +399,7 @@ func TestFailoverWithAPIServerDown(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { healAPI() }) // SIGCONT again is harmless; a frozen API is not
+		t.Cleanup(func() { healAPI() })    // SIGCONT again is harmless; a frozen API is not
 		time.Sleep(500 * time.Millisecond) // the API is down before the holder fails
 		healUplink := cutUplink(t, holder)
 		return func() {
