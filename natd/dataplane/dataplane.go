@@ -69,7 +69,8 @@ type Dataplane struct {
 	stale     map[netip.Addr]bool
 	firstDone bool
 	// announcing cancels the gratuitous ARP repeats of an IP that is released.
-	announcing map[netip.Addr]chan struct{}
+	announcing     map[netip.Addr]chan struct{}
+	rpFilterWarned bool
 }
 
 // New opens netlink handles for cfg.NetNS (or the current namespace).
@@ -163,8 +164,11 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 	rss := []*Ruleset{BuildRuleset(state, d.cfg.Marks, d.slots, d.cfg.Lease), BuildARPRuleset(state, d.cfg.Lease)}
 
 	if len(held) > 0 {
-		if err := d.loosenRPFilter(uplink.Attrs().Name); err != nil {
-			return res, err
+		if err := d.loosenRPFilter(uplink.Attrs().Name); err != nil && !d.rpFilterWarned {
+			// Not fatal: with host-gateway routing strict filtering passes anyway, and a
+			// container may see /proc/sys read-only. Said once, not every sync.
+			klog.ErrorS(err, "Could not loosen rp_filter; with an overlay CNI, forwarded pinned traffic may be dropped", "interface", uplink.Attrs().Name)
+			d.rpFilterWarned = true
 		}
 	}
 	if err := d.router.ensure(uplink, slots); err != nil {

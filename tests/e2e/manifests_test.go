@@ -1,0 +1,48 @@
+package e2e
+
+import (
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	"natd.dev/natd/tests/lab"
+)
+
+func manifestsDir() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..", "manifests")
+}
+
+// The manifests apply as they are (server-side; no kubelet runs the DaemonSet here),
+// and the ServiceAccount they create may do what natd needs and nothing more.
+func TestManifestsApplyWithLeastPrivilege(t *testing.T) {
+	kubectl := func(args ...string) (string, error) {
+		return lab.Run(topo.API.KubectlBinary, append([]string{"--kubeconfig", topo.Kubeconfig}, args...)...)
+	}
+	if out, err := kubectl("apply", "--server-side", "--field-manager", "natd-e2e", "-k", manifestsDir()); err != nil {
+		t.Fatalf("applying manifests/: %v\n%s", err, out)
+	}
+	if out, err := kubectl("get", "daemonset", "-n", "natd-system", "natd", "-o", "jsonpath={.spec.template.spec.containers[0].securityContext.capabilities.add}"); err != nil || !strings.Contains(out, "NET_ADMIN") {
+		t.Errorf("DaemonSet not accepted as written: %q %v", out, err)
+	}
+	sa := "system:serviceaccount:natd-system:natd"
+	for _, c := range []struct {
+		verb, resource string
+		want           string
+	}{
+		{"watch", "pods", "yes"}, {"list", "namespaces", "yes"}, {"get", "nodes", "yes"}, {"create", "events", "yes"},
+		// Not needed, so not granted:
+		{"delete", "pods", "no"}, {"update", "nodes", "no"}, {"get", "secrets", "no"}, {"patch", "namespaces", "no"},
+	} {
+		out, _ := kubectl("auth", "can-i", c.verb, c.resource, "--as", sa)
+		// The answer is the last word; kubectl may warn before it.
+		got := ""
+		if f := strings.Fields(out); len(f) > 0 {
+			got = f[len(f)-1]
+		}
+		if got != c.want {
+			t.Errorf("can natd %s %s? %q, want %q", c.verb, c.resource, got, c.want)
+		}
+	}
+}
