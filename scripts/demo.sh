@@ -56,6 +56,31 @@ holder=$(for n in 1 2 3; do ip netns exec natd-node$n ip -o addr show dev eth0 |
 echo
 bold "  $EGRESS_IP is held by $holder; the other nodes route team-a's traffic to it."
 
+step "Failover: unplugging $holder from the network (its port on the router goes down)"
+port="n${holder#node}"
+ip netns exec natd-router ip link set "$port" down
+start=$(date +%s.%N)
+for i in $(seq 100); do
+  [ "$($LAB probe team-a app-1 --udp --dir "$DIR" 2>/dev/null)" = "$EGRESS_IP" ] && break
+  sleep 0.05
+done
+took=$(python3 -c "import time;print(f'{time.time()-$start:.1f}')")
+servers() { for n in 1 2 3; do ip netns exec natd-node$n nft list set ip natd leased_ips 2>/dev/null | grep -q "$EGRESS_IP " && echo node$n; done; true; }
+for i in $(seq 50); do  # the cut-off node gives the IP up once it sees it lost the majority
+  newholder=$(servers)
+  [ "$newholder" != "" ] && [ "$(echo "$newholder" | wc -l)" = 1 ] && [ "$newholder" != "$holder" ] && break
+  sleep 0.1
+done
+bold "  $EGRESS_IP moved to $newholder; team-a's pod on node1 reached the partner with it again after ${took}s."
+printf '  %-10s %-7s %-16s\n' NAMESPACE POD "PARTNER SAW/TCP"
+for p in "team-a app-1" "team-b web-1"; do
+  set -- $p
+  printf '  %-10s %-7s %-16s\n' "$1" "$2" "$($LAB probe "$1" "$2" --dir "$DIR" 2>/dev/null || echo '(no answer)')"
+done
+ip netns exec natd-router ip link set "$port" up
+sleep 3
+echo "  $holder plugged back in; 3 s later $EGRESS_IP is served by: $(servers | tr '\n' ' ')(no move back)."
+
 if [ "${KEEP:-}" = 1 ]; then
   cat <<EOT
 
@@ -63,7 +88,7 @@ The lab stays up (KEEP=1). Explore it:
   export KUBECONFIG=$DIR/kubeconfig; alias kubectl=${KUBECTL%% *}
   kubectl get nodes,pods -A -o wide
   bin/natd-lab probe team-b web-1 --dir $DIR          # source IP the partner sees
-  ip netns exec natd-$holder nft list table ip natd  # natd's ruleset on the holder
+  ip netns exec natd-$newholder nft list table ip natd  # natd's ruleset on the holder
   less $DIR/natd-node1.log                           # an agent's log
   bin/natd-lab down --dir $DIR                       # remove everything
 EOT
