@@ -40,6 +40,20 @@ func benchClusterOf(n int) Cluster {
 	return clusterOf(nodes, namespaces, pods, "node1")
 }
 
+// syncOnce is one agent sync: plan the node, apply it.
+func syncOnce(b *testing.B, p *Planner, c Cluster, d *dataplane.Dataplane) dataplane.Result {
+	b.Helper()
+	plan, err := p.Plan(c, benchElection())
+	if err != nil {
+		b.Fatal(err)
+	}
+	res, err := d.Apply(plan.State)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return res
+}
+
 func benchElection() Election {
 	var alive []string
 	for i := 1; i <= 100; i++ {
@@ -101,15 +115,7 @@ func BenchmarkSyncFull(b *testing.B) {
 			p := &Planner{Config: benchConfig()}
 			for b.Loop() {
 				d := benchDataplane(b, h) // a fresh one has no applied state: full rebuild
-				plan, err := p.Plan(c, benchElection())
-				if err != nil {
-					b.Fatal(err)
-				}
-				res, err := d.Apply(plan.State)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if !res.Rebuilt {
+				if res := syncOnce(b, p, c, d); !res.Rebuilt {
 					b.Fatal("expected a rebuild")
 				}
 				d.Close()
@@ -134,13 +140,7 @@ func BenchmarkSyncOnePodAdded(b *testing.B) {
 	}
 	p := &Planner{Config: benchConfig()}
 	d := benchDataplane(b, h)
-	plan, err := p.Plan(c, benchElection())
-	if err != nil {
-		b.Fatal(err)
-	}
-	if _, err := d.Apply(plan.State); err != nil {
-		b.Fatal(err)
-	}
+	syncOnce(b, p, c, d) // the first sync builds the table
 	o, _ := recordOf(pod("team-1", "extra", "node1", "10.200.0.1"))
 	extra := o.(*podRecord)
 	i := 0
@@ -152,15 +152,7 @@ func BenchmarkSyncOnePodAdded(b *testing.B) {
 			current = team1
 		}
 		i++
-		plan, err := p.Plan(c, benchElection())
-		if err != nil {
-			b.Fatal(err)
-		}
-		res, err := d.Apply(plan.State)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if res.Rebuilt {
+		if res := syncOnce(b, p, c, d); res.Rebuilt {
 			b.Fatal("one pod caused a rebuild")
 		}
 	}

@@ -163,14 +163,21 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGUSR1 (drain), how long natd waits for its IPs to be taken over before it exits")
 }
 
-// ContactWindow: see election.GossipConfig.ContactWindow.
-func (c *Config) ContactWindow(members int) time.Duration {
-	return election.GossipConfig{ProbeInterval: c.GossipProbeInterval, ProbeTimeout: c.GossipProbeTimeout}.ContactWindow(members)
+// Gossip is the gossip configuration the flags describe, for a member on nodeIP.
+func (c *Config) Gossip(nodeIP netip.Addr, key []byte) election.GossipConfig {
+	return election.GossipConfig{NodeName: c.NodeName, BindIP: nodeIP, Port: c.GossipPort, Key: key,
+		ProbeInterval: c.GossipProbeInterval, ProbeTimeout: c.GossipProbeTimeout, SuspicionMult: c.GossipSuspicionMult}
 }
 
-// MinDetection is the shortest time gossip can take to declare a member dead.
+// ContactWindow: see election.GossipConfig.ContactWindow.
+func (c *Config) ContactWindow(members int) time.Duration {
+	return c.Gossip(netip.Addr{}, nil).ContactWindow(members)
+}
+
+// MinDetection is the shortest time gossip can take to declare a member dead, in the
+// smallest cluster (it only grows with more members).
 func (c *Config) MinDetection() time.Duration {
-	return time.Duration(c.GossipSuspicionMult) * c.GossipProbeInterval
+	return c.Gossip(netip.Addr{}, nil).MinDetection(1)
 }
 
 // Validate checks the configuration for the agent.

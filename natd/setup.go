@@ -72,9 +72,7 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 		return nil, nil, err
 	}
 	newMembership := func(nodeIP netip.Addr) (Membership, error) {
-		return election.NewGossip(election.GossipConfig{NodeName: cfg.NodeName, BindIP: nodeIP, Port: cfg.GossipPort,
-			Key: key, ProbeInterval: cfg.GossipProbeInterval, ProbeTimeout: cfg.GossipProbeTimeout,
-			SuspicionMult: cfg.GossipSuspicionMult})
+		return election.NewGossip(cfg.Gossip(nodeIP, key))
 	}
 	metrics := NewMetrics()
 	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
