@@ -458,23 +458,17 @@ func (a *Agent) sync() error {
 	if plan.RetryAfter > 0 {
 		a.queue.AddAfter(syncKey, plan.RetryAfter)
 	}
-	if !plan.Quorum {
-		var alive []string
-		for _, m := range el.View.Members {
-			if m.Alive {
-				alive = append(alive, m.Name)
-			}
+	var alive []string
+	for _, m := range el.View.Members {
+		if m.Alive {
+			alive = append(alive, m.Name)
 		}
+	}
+	if !plan.Quorum {
 		klog.V(2).InfoS("No majority of the cluster in sight; holding no egress IPs", "alive", alive, "apiNodes", len(c.Nodes))
 	}
 	a.metrics.EgressIPsHeld.Set(float64(len(plan.Held)))
-	alive := 0
-	for _, m := range el.View.Members {
-		if m.Alive {
-			alive++
-		}
-	}
-	a.metrics.MembersAlive.Set(float64(alive))
+	a.metrics.MembersAlive.Set(float64(len(alive)))
 	for _, ip := range res.Announced {
 		klog.InfoS("Took over egress IP", "egressIP", ip, "generation", plan.Held[ip].Gen, "namespaces", plan.Namespaces[ip])
 	}

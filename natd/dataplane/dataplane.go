@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -178,12 +179,12 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 	if err != nil {
 		return res, err
 	}
-	have := map[netip.Addr]bool{}
-	for _, a := range present {
-		have[a] = true
+	keep := map[netip.Addr]bool{}
+	for _, ip := range held {
+		keep[ip] = true
 	}
 	for _, ip := range held {
-		if have[ip] {
+		if slices.Contains(present, ip) {
 			continue
 		}
 		if err := d.nl.AddrAdd(uplink, hostAddr(ip)); err != nil {
@@ -201,10 +202,6 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 
 	if err := d.router.prune(slots); err != nil {
 		return res, err
-	}
-	keep := map[netip.Addr]bool{}
-	for _, ip := range held {
-		keep[ip] = true
 	}
 	for _, ip := range present {
 		if keep[ip] {
