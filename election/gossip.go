@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -63,6 +64,8 @@ type Member struct {
 	// LastContact is when this node last heard from the member directly: it joined,
 	// or answered one of this node's probes.
 	LastContact time.Time
+	// Routes is what the member last reported to have programmed (nil: nothing heard).
+	Routes *Routes
 }
 
 // View is a snapshot of the membership.
@@ -90,6 +93,12 @@ type Gossip struct {
 	local   Meta
 	members map[string]*Member
 	changed chan struct{}
+
+	// routes holds every node's latest Routes report, this node's included; reports
+	// spread as broadcasts and with memberlist's periodic full state exchange.
+	routes        map[string]Routes
+	routesQueue   *memberlist.TransmitLimitedQueue
+	routesChanged chan struct{}
 }
 
 // NewGossip starts gossiping on cfg.BindIP:cfg.Port. Join adds it to the cluster.
@@ -97,7 +106,8 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1)}
+	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1),
+		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1)}
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = cfg.NodeName
 	mc.BindAddr = cfg.BindIP.String()
@@ -128,6 +138,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 		return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
 	}
 	g.list = list
+	g.routesQueue = &memberlist.TransmitLimitedQueue{NumNodes: list.NumMembers, RetransmitMult: mc.RetransmitMult}
 	return g, nil
 }
 
@@ -172,7 +183,11 @@ func (g *Gossip) View() View {
 	defer g.mu.Unlock()
 	v := View{Self: g.cfg.NodeName, Members: make(map[string]Member, len(g.members)), At: g.cfg.Now()}
 	for name, m := range g.members {
-		v.Members[name] = *m
+		mm := *m
+		if r, ok := g.routes[name]; ok {
+			mm.Routes = &r
+		}
+		v.Members[name] = mm
 	}
 	if self, ok := v.Members[g.cfg.NodeName]; ok {
 		self.Meta = g.local // our own claims, even before memberlist echoes them
@@ -188,8 +203,58 @@ func (g *Gossip) Forget(keep func(name string) bool) {
 	for name, m := range g.members {
 		if !m.Alive && !keep(name) {
 			delete(g.members, name)
+			delete(g.routes, name)
 		}
 	}
+}
+
+// SetRoutes reports what this node has programmed now: gossip spreads it to all.
+func (g *Gossip) SetRoutes(claims []Claim) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	old, ok := g.routes[g.cfg.NodeName]
+	if ok && old.Same(claims) {
+		return nil
+	}
+	r := Routes{Node: g.cfg.NodeName, Version: max(uint64(g.cfg.Now().UnixNano()), old.Version+1), Claims: sortedClaims(claims)}
+	msg, err := r.encode()
+	if err != nil {
+		return err
+	}
+	g.routes[r.Node] = r
+	if len(msg) <= maxBroadcast {
+		g.routesQueue.QueueBroadcast(&routesBroadcast{node: r.Node, msg: msg})
+	}
+	g.signalRoutes()
+	return nil
+}
+
+// RoutesChanged is signalled (coalesced) when a node's Routes report changes.
+func (g *Gossip) RoutesChanged() <-chan struct{} { return g.routesChanged }
+
+func (g *Gossip) signalRoutes() {
+	select {
+	case g.routesChanged <- struct{}{}:
+	default:
+	}
+}
+
+// mergeRoutes keeps r if it is newer than what this node knows of r.Node, and passes
+// it on (a report spreads like an epidemic, not only from its author). The caller
+// holds g.mu. It reports whether r was new.
+func (g *Gossip) mergeRoutes(r Routes, msg []byte) bool {
+	if old, ok := g.routes[r.Node]; ok && old.Version >= r.Version {
+		return false
+	}
+	if r.Node == g.cfg.NodeName {
+		// Our own report from before a restart: we know better; outdate it.
+		return false
+	}
+	g.routes[r.Node] = r
+	if msg != nil && len(msg) <= maxBroadcast {
+		g.routesQueue.QueueBroadcast(&routesBroadcast{node: r.Node, msg: msg})
+	}
+	return true
 }
 
 // Leave announces that this node leaves the cluster for good.
@@ -240,10 +305,54 @@ func (d *delegate) NodeMeta(limit int) []byte {
 	}
 	return b
 }
-func (d *delegate) NotifyMsg([]byte)                  {}
-func (d *delegate) GetBroadcasts(_, _ int) [][]byte   { return nil }
-func (d *delegate) LocalState(bool) []byte            { return nil }
-func (d *delegate) MergeRemoteState(_ []byte, _ bool) {}
+
+// NotifyMsg receives a Routes report. Anything unreadable is dropped with a log line:
+// it comes from the network.
+func (d *delegate) NotifyMsg(b []byte) {
+	g := (*Gossip)(d)
+	r, err := decodeRoutes(b)
+	if err != nil {
+		klog.V(2).InfoS("Ignoring unreadable gossip message", "err", err)
+		return
+	}
+	g.mu.Lock()
+	fresh := g.mergeRoutes(r, slices.Clone(b))
+	g.mu.Unlock()
+	if fresh {
+		g.signalRoutes()
+	}
+}
+
+func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return (*Gossip)(d).routesQueue.GetBroadcasts(overhead, limit)
+}
+
+// LocalState is this node's side of a full state exchange: every Routes report it
+// knows, so a node that just joined or came back learns them all at once.
+func (d *delegate) LocalState(bool) []byte {
+	g := (*Gossip)(d)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return encodeRoutesState(g.routes)
+}
+
+func (d *delegate) MergeRemoteState(b []byte, _ bool) {
+	g := (*Gossip)(d)
+	all, err := decodeRoutesState(b)
+	if err != nil {
+		klog.V(2).InfoS("Ignoring unreadable gossip state", "err", err)
+		return
+	}
+	fresh := false
+	g.mu.Lock()
+	for _, r := range all {
+		fresh = g.mergeRoutes(r, nil) || fresh
+	}
+	g.mu.Unlock()
+	if fresh {
+		g.signalRoutes()
+	}
+}
 
 // pings records when each member last answered a probe of this node's.
 type pings Gossip
@@ -267,6 +376,7 @@ func (e *events) NotifyLeave(n *memberlist.Node) {
 	if n.State == memberlist.StateLeft {
 		g.mu.Lock()
 		delete(g.members, n.Name)
+		delete(g.routes, n.Name)
 		g.mu.Unlock()
 		g.signal()
 		return

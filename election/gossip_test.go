@@ -142,3 +142,67 @@ func BenchmarkDetection(b *testing.B) {
 		})
 	}
 }
+
+func TestGossipSpreadsRoutesAndSurvivesGarbage(t *testing.T) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	a := testGossip(t, "a", key)
+	b := testGossip(t, "b", key)
+	if _, err := b.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
+		t.Fatal(err)
+	}
+	routes := []Claim{{IP: ipB, Gen: 3}, {IP: ipA, Gen: 7}}
+	if err := b.SetRoutes(routes); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b's routes at a", func() bool {
+		r := a.View().Members["b"].Routes
+		return r != nil && r.Has(ipA, 7) && r.Has(ipB, 3) && !r.Has(ipA, 6)
+	})
+	// A newer report replaces the older one; the broadcast, not a state exchange,
+	// carries it (push/pull runs every 10 s).
+	if err := b.SetRoutes([]Claim{{IP: ipA, Gen: 8}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b's new routes at a", func() bool {
+		r := a.View().Members["b"].Routes
+		return r != nil && r.Has(ipA, 8) && !r.Has(ipB, 3)
+	})
+	// Garbage in a routes message or a state exchange changes nothing.
+	before := a.View().Members["b"].Routes
+	for _, junk := range [][]byte{nil, {1}, {1, 'R', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9}} {
+		(*delegate)(a).NotifyMsg(junk)
+		(*delegate)(a).MergeRemoteState(junk, false)
+	}
+	if after := a.View().Members["b"].Routes; !after.Same(before.Claims) || after.Version != before.Version {
+		t.Errorf("garbage changed b's routes: %+v -> %+v", before, after)
+	}
+}
+
+func TestRoutesWireFormat(t *testing.T) {
+	r := Routes{Node: "node-1", Version: 42, Claims: sortedClaims([]Claim{{IP: ipB, Gen: 1}, {IP: ipA, Gen: 2}})}
+	b, err := r.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := decodeRoutes(b)
+	if err != nil || got.Node != r.Node || got.Version != 42 || !got.Same(r.Claims) {
+		t.Fatalf("round trip: %+v, %v", got, err)
+	}
+	for i := range b {
+		if _, err := decodeRoutes(b[:i]); err == nil {
+			t.Errorf("truncated to %d bytes: no error", i)
+		}
+	}
+	state := encodeRoutesState(map[string]Routes{"node-1": r, "node-2": {Node: "node-2", Version: 1}})
+	all, err := decodeRoutesState(state)
+	if err != nil || len(all) != 2 {
+		t.Fatalf("state round trip: %v, %v", all, err)
+	}
+	if _, err := decodeRoutesState(state[:len(state)-1]); err == nil {
+		t.Error("truncated state: no error")
+	}
+	if _, err := (Routes{Node: ""}).encode(); err == nil {
+		t.Error("empty node name accepted")
+	}
+}

@@ -4,6 +4,16 @@ package manifests
 
 import _ "embed"
 
+// Namespace is natd's namespace (namespace.yaml).
+//
+//go:embed namespace.yaml
+var Namespace []byte
+
+// ServiceAccount is natd's ServiceAccount and its ClusterRoleBinding (serviceaccount.yaml).
+//
+//go:embed serviceaccount.yaml
+var ServiceAccount []byte
+
 // ClusterRole is natd's ClusterRole (rbac.yaml).
 //
 //go:embed rbac.yaml

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sort"
 	"sync"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"natd.dev/natd/election"
+	"natd.dev/natd/natd/client/clientset/versioned"
 	"natd.dev/natd/natd/dataplane"
 )
 
@@ -38,6 +40,8 @@ type Membership interface {
 	Join(peers []string) (int, error)
 	Changed() <-chan struct{}
 	Forget(keep func(name string) bool)
+	SetRoutes(routes []election.Claim) error
+	RoutesChanged() <-chan struct{}
 	Leave(timeout time.Duration) error
 	Shutdown() error
 }
@@ -57,6 +61,7 @@ type Agent struct {
 	newMembership func(nodeIP netip.Addr) (Membership, error)
 	recorder      record.EventRecorder
 	metrics       *Metrics
+	status        *statusWriter // nil: no EgressIP objects are written
 
 	factory    informers.SharedInformerFactory
 	namespaces corelisters.NamespaceLister
@@ -75,8 +80,9 @@ type Agent struct {
 	publish       chan struct{} // wakes the claim publisher
 }
 
-// NewAgent wires an agent. The recorder may be nil (no Events).
-func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel,
+// NewAgent wires an agent. The recorder may be nil (no Events), and so may egress (no
+// EgressIP objects).
+func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interface, kernel Kernel,
 	newMembership func(nodeIP netip.Addr) (Membership, error), recorder record.EventRecorder, metrics *Metrics) *Agent {
 	// Only the fields the planner reads are kept: at 50k pods, full Pod objects would
 	// cost the agent hundreds of megabytes. Pods become podRecords, so the pod informer
@@ -109,6 +115,9 @@ func NewAgent(cfg *Config, client kubernetes.Interface, kernel Kernel,
 		panic(err) // only fails once the informer has started
 	}
 	a.pods = podInformer.GetIndexer()
+	if egress != nil {
+		a.status = newStatusWriter(cfg.NodeName, egress, recorder)
+	}
 	for _, inf := range []cache.SharedIndexInformer{
 		factory.Core().V1().Namespaces().Informer(),
 		podInformer,
@@ -167,6 +176,9 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	})
 	go a.every(ctx, 10*time.Second, a.rejoin)
 	go a.publishClaims(ctx)
+	if a.status != nil {
+		go a.status.run(ctx, a.members.View, a.members.RoutesChanged(), a.cfg.ResyncPeriod)
+	}
 	go func() {
 		for {
 			select {
@@ -458,18 +470,34 @@ func (a *Agent) sync() error {
 	if plan.RetryAfter > 0 {
 		a.queue.AddAfter(syncKey, plan.RetryAfter)
 	}
-	var alive []string
+	if err := a.members.SetRoutes(plan.Routes); err != nil {
+		klog.ErrorS(err, "Reporting routes to gossip failed")
+	}
+	apiNodes := map[string]bool{}
+	for _, n := range c.Nodes {
+		apiNodes[n.Name] = true
+	}
+	// Speakers are the live agents on the API's nodes: one of them, picked by hashing,
+	// speaks for what no holder speaks for (rejected annotations, IPs nobody holds).
+	var alive, speakers []string
 	for _, m := range el.View.Members {
 		if m.Alive {
 			alive = append(alive, m.Name)
+			if apiNodes[m.Name] {
+				speakers = append(speakers, m.Name)
+			}
 		}
 	}
+	sort.Strings(speakers)
 	if !plan.Quorum {
 		klog.V(2).InfoS("No majority of the cluster in sight; holding no egress IPs", "alive", alive, "apiNodes", len(c.Nodes))
 	}
 	a.metrics.EgressIPsHeld.Set(float64(len(plan.Held)))
 	a.metrics.MembersAlive.Set(float64(len(alive)))
 	for _, ip := range res.Announced {
+		if plan.Held[ip].Gen > 1 {
+			a.metrics.Failovers.Inc() // someone held it before
+		}
 		klog.InfoS("Took over egress IP", "egressIP", ip, "generation", plan.Held[ip].Gen, "namespaces", plan.Namespaces[ip])
 	}
 	for _, ip := range res.Released {
@@ -479,7 +507,12 @@ func (a *Agent) sync() error {
 		klog.InfoS("Replaced nftables tables", "egressIPs", len(plan.State.Egress))
 	}
 	klog.V(2).InfoS("Synced node", "egressIPs", len(plan.State.Egress), "held", len(plan.Held), "quorum", plan.Quorum)
-	a.report(c.Namespaces, plan)
+	a.report(c.Namespaces, plan, speakers)
+	// Without a majority this node's view may be wrong (it may be the one cut off): it
+	// writes nothing then.
+	if a.status != nil && plan.Quorum {
+		a.status.observe(statusFacts(c, plan, speakers, a.cfg.FailOpen))
+	}
 	return nil
 }
 
@@ -496,9 +529,9 @@ func sameClaims(a, b map[netip.Addr]Holding) bool {
 }
 
 // report emits a Warning Event for every newly rejected annotation. One node, chosen by
-// hashing the namespace over the Ready nodes, speaks for all, so users see one Event
+// hashing the namespace over the speakers, speaks for all, so users see one Event
 // rather than one per node.
-func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan) {
+func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan, speakers []string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	current := map[string]string{}
@@ -513,7 +546,7 @@ func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan) {
 			continue
 		}
 		klog.InfoS("Rejected egress annotation", "namespace", ns.Name, "reason", aerr.Reason, "message", aerr.Message)
-		if a.recorder != nil && election.Pick(ns.Name, plan.ReadyNodes) == a.cfg.NodeName {
+		if a.recorder != nil && election.Pick(ns.Name, speakers) == a.cfg.NodeName {
 			a.recorder.Event(namespaceRef(ns), corev1.EventTypeWarning, aerr.Reason, aerr.Message)
 		}
 	}

@@ -19,12 +19,21 @@ const (
 type AnnotationError struct {
 	Reason  string
 	Message string
+	// IP is the address the annotation names, when it is one (outside the egress
+	// CIDRs, say): its EgressIP object carries the rejection as a condition.
+	IP netip.Addr
 }
 
 func (e *AnnotationError) Error() string { return e.Message }
 
 func reject(reason, format string, args ...any) *AnnotationError {
 	return &AnnotationError{Reason: reason, Message: fmt.Sprintf(format, args...)}
+}
+
+func rejectIP(ip netip.Addr, reason, format string, args ...any) *AnnotationError {
+	e := reject(reason, format, args...)
+	e.IP = ip
+	return e
 }
 
 // ParseEgressIP validates the value of the egress annotation: one IPv4 address inside
@@ -46,7 +55,7 @@ func ParseEgressIP(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.A
 		return netip.Addr{}, reject(ReasonNotSupported, "%s=%q: only IPv4 egress IPs are supported for now", AnnotationEgressIP, value)
 	}
 	if node, ok := nodeIPs[ip]; ok {
-		return netip.Addr{}, reject(ReasonNodeIP, "egress IP %s is the IP of node %s", ip, node)
+		return netip.Addr{}, rejectIP(ip, ReasonNodeIP, "egress IP %s is the IP of node %s", ip, node)
 	}
 	var in netip.Prefix
 	for _, p := range egressCIDRs {
@@ -56,14 +65,14 @@ func ParseEgressIP(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.A
 		}
 	}
 	if !in.IsValid() {
-		return netip.Addr{}, reject(ReasonOutsideEgressCIDR, "egress IP %s is outside every egress CIDR (%s)", ip, joinPrefixes(egressCIDRs))
+		return netip.Addr{}, rejectIP(ip, ReasonOutsideEgressCIDR, "egress IP %s is outside every egress CIDR (%s)", ip, joinPrefixes(egressCIDRs))
 	}
 	if in.Bits() < 31 { // /31 and /32 have no network or broadcast address (RFC 3021)
 		if ip == in.Addr() {
-			return netip.Addr{}, reject(ReasonReservedAddress, "egress IP %s is the network address of %s", ip, in)
+			return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s is the network address of %s", ip, in)
 		}
 		if ip == lastAddr(in) {
-			return netip.Addr{}, reject(ReasonReservedAddress, "egress IP %s is the broadcast address of %s", ip, in)
+			return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s is the broadcast address of %s", ip, in)
 		}
 	}
 	return ip, nil

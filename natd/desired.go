@@ -73,6 +73,9 @@ type Plan struct {
 	// RetryAfter, when set, asks for another sync that soon: a handover or a takeover
 	// is waiting on time.
 	RetryAfter time.Duration
+	// Routes says, for each egress IP this node sends to a holder, that holder's claim
+	// (generation): gossiped once applied, it is what READY counts.
+	Routes []election.Claim
 }
 
 // Planner computes Plans. It is a pure function of its inputs.
@@ -202,8 +205,12 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		plan.Holders[ip] = holder
 		if h, ok := plan.Held[ip]; ok {
 			e.Local, e.Gen, e.HolderIP = true, h.Gen, st.NodeIP
+			plan.Routes = append(plan.Routes, election.Claim{IP: ip, Gen: h.Gen})
 		} else if holder != "" && holder != cfg.NodeName {
 			e.HolderIP = nodeIPOf[holder]
+			if e.HolderIP.IsValid() {
+				plan.Routes = append(plan.Routes, election.Claim{IP: ip, Gen: assigned[ip].Gen})
+			}
 		}
 		st.Egress = append(st.Egress, e)
 	}

@@ -18,6 +18,7 @@ type Metrics struct {
 	LastSuccessfulAt prometheus.Gauge
 	EgressIPsHeld    prometheus.Gauge
 	MembersAlive     prometheus.Gauge
+	Failovers        prometheus.Counter
 	synced           atomic.Bool
 }
 
@@ -36,8 +37,10 @@ func NewMetrics() *Metrics {
 			Name: "natd_egress_ips_held", Help: "Egress IPs this node holds."}),
 		MembersAlive: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "natd_gossip_members_alive", Help: "natd agents this node's gossip sees alive, itself included."}),
+		Failovers: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "natd_failovers_total", Help: "Egress IPs this node took over from another node."}),
 	}
-	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld, m.MembersAlive,
+	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld, m.MembersAlive, m.Failovers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

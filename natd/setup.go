@@ -20,6 +20,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"natd.dev/natd/election"
+	"natd.dev/natd/natd/client/clientset/versioned"
 	"natd.dev/natd/natd/dataplane"
 )
 
@@ -59,6 +60,10 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("creating API client: %w", err)
 	}
+	egress, err := versioned.NewForConfig(rc)
+	if err != nil {
+		return nil, nil, fmt.Errorf("creating EgressIP client: %w", err)
+	}
 	dp, err := dataplane.New(dcfg)
 	if err != nil {
 		return nil, nil, err
@@ -77,7 +82,7 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 	metrics := NewMetrics()
 	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
 		"encryptedGossip", key != nil, "lease", cfg.Lease, "minDetection", cfg.MinDetection())
-	return NewAgent(cfg, client, dp, newMembership, recorder, metrics), metrics, nil
+	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), metrics, nil
 }
 
 // gossipKey reads the base64 key in --gossip-key-file; nil with --insecure-gossip.

@@ -17,14 +17,13 @@ import (
 	"time"
 
 	"github.com/coreos/go-iptables/iptables"
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
-	"sigs.k8s.io/yaml"
+	"k8s.io/utils/ptr"
 
 	"natd.dev/natd/manifests"
 )
@@ -49,7 +48,9 @@ const (
 	nsPartner = "natd-partner"
 	nsAPI     = "natd-api"
 
-	agentGroup = "natd:agents"
+	// The manifests' ServiceAccount, which the lab's agents run as.
+	ServiceAccountNamespace = "natd-system"
+	ServiceAccountName      = "natd"
 )
 
 // NodeIP is node i's address (i from 1).
@@ -148,11 +149,14 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 	if err != nil {
 		return nil, err
 	}
-	u.say("RBAC, the EgressIP CRD and Node objects")
-	if err := u.objects(ctx, client, t); err != nil {
+	u.say("manifests (CRD, RBAC, ServiceAccount), agent tokens and Node objects")
+	if err := applyManifests(ctx, t); err != nil {
 		return nil, err
 	}
-	if err := applyCRD(ctx, t); err != nil {
+	if err := u.agentKubeconfigs(ctx, client, t); err != nil {
+		return nil, err
+	}
+	if err := u.objects(ctx, client, t); err != nil {
 		return nil, err
 	}
 	u.say("partner server on %s:%d", PartnerIP, PartnerPort)
@@ -342,26 +346,14 @@ func (u *upper) credentials(t *Topology) error {
 	if err != nil {
 		return err
 	}
-	if err := writeKubeconfig(t.Kubeconfig, "https://"+apiHostIP+":6443", p.caPEM, cert, key); err != nil {
-		return err
-	}
-	for _, n := range t.Nodes {
-		// Each agent is its own user in a group bound to natd's ClusterRole.
-		cert, key, err := p.issue("natd-"+n.Name, "natd:"+n.Name, []string{agentGroup}, nil, nil)
-		if err != nil {
-			return err
-		}
-		if err := writeKubeconfig(filepath.Join(u.dir, n.Name+".kubeconfig"), "https://"+apiNodeIP+":6443", p.caPEM, cert, key); err != nil {
-			return err
-		}
-	}
-	return nil
+	return writeKubeconfig(t.Kubeconfig, "https://"+apiHostIP+":6443", p.caPEM,
+		&clientcmdapi.AuthInfo{ClientCertificateData: cert, ClientKeyData: key})
 }
 
-func writeKubeconfig(path, server string, ca, cert, key []byte) error {
+func writeKubeconfig(path, server string, ca []byte, user *clientcmdapi.AuthInfo) error {
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["natd-lab"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: ca}
-	cfg.AuthInfos["user"] = &clientcmdapi.AuthInfo{ClientCertificateData: cert, ClientKeyData: key}
+	cfg.AuthInfos["user"] = user
 	cfg.Contexts["natd-lab"] = &clientcmdapi.Context{Cluster: "natd-lab", AuthInfo: "user"}
 	cfg.CurrentContext = "natd-lab"
 	return clientcmd.WriteToFile(*cfg, path)
@@ -461,21 +453,6 @@ func WaitAPIReady(ctx context.Context, kubeconfig string, timeout time.Duration)
 }
 
 func (u *upper) objects(ctx context.Context, client kubernetes.Interface, t *Topology) error {
-	var role rbacv1.ClusterRole
-	if err := yaml.Unmarshal(manifests.ClusterRole, &role); err != nil {
-		return fmt.Errorf("reading manifests' ClusterRole: %w", err)
-	}
-	if _, err := client.RbacV1().ClusterRoles().Create(ctx, &role, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return err
-	}
-	binding := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "natd-lab-agents"},
-		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
-		Subjects:   []rbacv1.Subject{{Kind: "Group", APIGroup: "rbac.authorization.k8s.io", Name: agentGroup}},
-	}
-	if _, err := client.RbacV1().ClusterRoleBindings().Create(ctx, binding, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return err
-	}
 	for _, n := range t.Nodes {
 		node := &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{"kubernetes.io/hostname": n.Name}},
@@ -501,25 +478,48 @@ func (u *upper) objects(ctx context.Context, client kubernetes.Interface, t *Top
 	return nil
 }
 
-// applyCRD installs the EgressIP CRD with kubectl (server-side apply) and waits until
-// the API server serves it.
-func applyCRD(ctx context.Context, t *Topology) error {
-	f, err := os.CreateTemp("", "natd-crd-*.yaml")
+// applyManifests installs what the manifests say natd needs besides the DaemonSet (its
+// namespace, the EgressIP CRD, the ClusterRole, the ServiceAccount and its binding) with
+// kubectl (server-side apply), and waits until the API server serves the CRD.
+func applyManifests(ctx context.Context, t *Topology) error {
+	dir, err := os.MkdirTemp("", "natd-manifests-")
 	if err != nil {
 		return err
 	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(manifests.EgressIPCRD); err != nil {
-		return err
+	defer os.RemoveAll(dir)
+	kubectl := []string{"--kubeconfig", t.Kubeconfig, "apply", "--server-side", "--field-manager", "natd-lab"}
+	for i, doc := range [][]byte{manifests.Namespace, manifests.EgressIPCRD, manifests.ClusterRole, manifests.ServiceAccount} {
+		f := filepath.Join(dir, fmt.Sprintf("%d.yaml", i))
+		if err := os.WriteFile(f, doc, 0o600); err != nil {
+			return err
+		}
+		kubectl = append(kubectl, "-f", f)
 	}
-	f.Close()
-	kubectl := []string{"--kubeconfig", t.Kubeconfig}
-	if _, err := Run(t.API.KubectlBinary, append(kubectl, "apply", "--server-side", "-f", f.Name())...); err != nil {
-		return err
+	if out, err := Run(t.API.KubectlBinary, kubectl...); err != nil {
+		return fmt.Errorf("applying manifests: %w\n%s", err, out)
 	}
-	_, err = Run(t.API.KubectlBinary, append(kubectl, "wait", "--for", "condition=Established", "--timeout", "60s",
-		"crd/egressips.egress.natd.dev")...)
+	_, err = Run(t.API.KubectlBinary, "--kubeconfig", t.Kubeconfig, "wait", "--for", "condition=Established", "--timeout", "60s",
+		"crd/egressips.egress.natd.dev")
 	return err
+}
+
+// agentKubeconfigs gives every agent the manifests' ServiceAccount, as the DaemonSet
+// would: a token from the TokenRequest API, so the lab proves that the ClusterRole
+// grants everything natd calls.
+func (u *upper) agentKubeconfigs(ctx context.Context, client kubernetes.Interface, t *Topology) error {
+	for _, n := range t.Nodes {
+		tr, err := client.CoreV1().ServiceAccounts(ServiceAccountNamespace).CreateToken(ctx, ServiceAccountName,
+			&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr.To(int64(30 * 24 * 3600))}},
+			metav1.CreateOptions{})
+		if err != nil {
+			return fmt.Errorf("requesting a token for natd's ServiceAccount: %w", err)
+		}
+		if err := writeKubeconfig(filepath.Join(u.dir, n.Name+".kubeconfig"), "https://"+apiNodeIP+":6443", u.pki.caPEM,
+			&clientcmdapi.AuthInfo{Token: tr.Status.Token}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // StartNatd starts natd for node n inside its namespace and returns its PID.

@@ -19,6 +19,7 @@ import (
 // +kubebuilder:printcolumn:name="NODE",type=string,JSONPath=`.status.node`
 // +kubebuilder:printcolumn:name="NAMESPACES",type=string,JSONPath=`.status.namespaceList`
 // +kubebuilder:printcolumn:name="READY",type=string,JSONPath=`.status.ready`
+// +kubebuilder:printcolumn:name="PREVIOUS",type=string,JSONPath=`.status.previousNode`,priority=1
 // +kubebuilder:printcolumn:name="FAILOVERS",type=integer,JSONPath=`.status.failovers`,priority=1
 // +kubebuilder:printcolumn:name="LAST FAILOVER",type=date,JSONPath=`.status.lastFailoverTime`,priority=1
 // +kubebuilder:printcolumn:name="AGE",type=date,JSONPath=`.metadata.creationTimestamp`
@@ -51,6 +52,10 @@ type EgressIPStatus struct {
 	// current holder, over all nodes.
 	// +optional
 	Ready string `json:"ready,omitempty"`
+	// PreviousNode held the IP before Node did; while no node holds it, the last node
+	// that did.
+	// +optional
+	PreviousNode string `json:"previousNode,omitempty"`
 	// Failovers counts the times the IP moved to another node.
 	// +optional
 	Failovers int32 `json:"failovers,omitempty"`
