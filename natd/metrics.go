@@ -8,6 +8,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/klog/v2"
+
+	"natd.dev/natd/natd/dataplane"
 )
 
 // Metrics are the agent's Prometheus metrics and health state.
@@ -56,6 +59,51 @@ func (m *Metrics) observeSync(d time.Duration, err error) {
 	}
 	m.LastSuccessfulAt.SetToCurrentTime()
 	m.synced.Store(true)
+}
+
+// kernelCounters exports natd's nftables counters, read at scrape time: SNATed packets
+// and bytes of each egress IP this node holds (an IP it no longer holds has no series),
+// and pinned packets dropped, by reason.
+type kernelCounters struct {
+	read                            func() (dataplane.Counters, error)
+	snatPackets, snatBytes, dropped *prometheus.Desc
+}
+
+// ExportCounters registers the nftables counters that read returns.
+func (m *Metrics) ExportCounters(read func() (dataplane.Counters, error)) {
+	m.Registry.MustRegister(&kernelCounters{
+		read: read,
+		snatPackets: prometheus.NewDesc("natd_snat_packets_total",
+			"Pinned packets that left this node with the egress IP (counted while the node holds it).", []string{"egress_ip"}, nil),
+		snatBytes: prometheus.NewDesc("natd_snat_bytes_total",
+			"Bytes of pinned packets that left this node with the egress IP (counted while the node holds it).", []string{"egress_ip"}, nil),
+		dropped: prometheus.NewDesc("natd_pinned_packets_dropped_total",
+			"Pinned packets dropped rather than sent with another source IP: fail_closed (no node holds the egress IP), "+
+				"leak_guard (would have left with another address), unknown_pod (pod not seen in the API yet), "+
+				"unpinned_transit (another node's pod not known as pinned here yet).", []string{"reason"}, nil),
+	})
+}
+
+func (k *kernelCounters) Describe(ch chan<- *prometheus.Desc) {
+	ch <- k.snatPackets
+	ch <- k.snatBytes
+	ch <- k.dropped
+}
+
+func (k *kernelCounters) Collect(ch chan<- prometheus.Metric) {
+	c, err := k.read()
+	if err != nil {
+		// A scrape must not fail for it; the next one reads again.
+		klog.V(2).InfoS("Reading nftables counters failed", "err", err)
+		return
+	}
+	for ip, v := range c.SNAT {
+		ch <- prometheus.MustNewConstMetric(k.snatPackets, prometheus.CounterValue, float64(v.Packets), ip.String())
+		ch <- prometheus.MustNewConstMetric(k.snatBytes, prometheus.CounterValue, float64(v.Bytes), ip.String())
+	}
+	for _, reason := range []string{dataplane.DropFailClosed, dataplane.DropLeakGuard, dataplane.DropUnknownPod, dataplane.DropUnpinnedTransit} {
+		ch <- prometheus.MustNewConstMetric(k.dropped, prometheus.CounterValue, float64(c.Drops[reason].Packets), reason)
+	}
 }
 
 // Handler serves /metrics, /healthz and /readyz (ready once the first sync succeeded).

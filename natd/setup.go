@@ -80,6 +80,7 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 		return election.NewGossip(cfg.Gossip(nodeIP, key))
 	}
 	metrics := NewMetrics()
+	metrics.ExportCounters(dp.Counters)
 	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
 		"encryptedGossip", key != nil, "lease", cfg.Lease, "minDetection", cfg.MinDetection())
 	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), metrics, nil

@@ -42,7 +42,9 @@ func routes(node string, alive bool, claims ...election.Claim) election.Member {
 	return election.Member{Name: node, Alive: alive, Routes: &election.Routes{Node: node, Claims: claims}}
 }
 
-func threeNodes() map[string]bool { return map[string]bool{"node1": true, "node2": true, "node3": true} }
+func threeNodes() map[string]bool {
+	return map[string]bool{"node1": true, "node2": true, "node3": true}
+}
 
 func events(rec *record.FakeRecorder) []string {
 	var out []string
@@ -92,7 +94,7 @@ func TestStatusHolderCreatesObjectWithReadyCount(t *testing.T) {
 
 func TestStatusFailoverCountsAndRecords(t *testing.T) {
 	old := &egressv1alpha1.EgressIP{ObjectMeta: metav1.ObjectMeta{Name: "198.18.0.200"},
-		Spec: egressv1alpha1.EgressIPSpec{IP: "198.18.0.200"},
+		Spec:   egressv1alpha1.EgressIPSpec{IP: "198.18.0.200"},
 		Status: egressv1alpha1.EgressIPStatus{Node: "node1", Namespaces: []string{"team-a"}, NamespaceList: "team-a", Ready: "3/3"}}
 	w, client, rec := writerFor(t, "node2", old)
 	all := []election.Claim{{IP: eipA, Gen: 5}}

@@ -352,7 +352,7 @@ func TestKernelLeasesLapseUnlessRenewed(t *testing.T) {
 		t.Fatalf("lease still there after it was not renewed:\n%s", got)
 	}
 	// The address stays listed as natd's (for cleanup and restart) with its generation.
-	if got := ns.run("nft", "list", "set", "ip", TableName, setHeldAddrs); !strings.Contains(got, `198.18.0.200 comment "gen=3"`) {
+	if got := ns.run("nft", "list", "set", "ip", TableName, setHeldAddrs); !strings.Contains(got, `198.18.0.200 counter packets 0 bytes 0 comment "gen=3"`) {
 		t.Fatalf("held_addrs lost the IP:\n%s", got)
 	}
 	claims, err := d.KernelClaims()

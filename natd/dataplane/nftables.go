@@ -29,6 +29,7 @@ type nftApplier struct {
 	// breaks an element update (a deleted table) is repaired at once regardless.
 	verifyEvery time.Duration
 	verified    time.Time
+	totals      counterTotals
 }
 
 func tableOf(rs *Ruleset) *nftables.Table {
@@ -71,10 +72,17 @@ func (a *nftApplier) apply(rss []*Ruleset) (rebuilt bool, err error) {
 			// Fall through: a rebuild repairs whatever made the update fail.
 		}
 	}
+	if a.applied != nil {
+		// The counters restart with the new table: keep what they have counted so far.
+		if raw, err := a.readCounters(conn); err == nil {
+			a.totals.observe(raw)
+		}
+	}
 	a.applied = nil
 	if err := a.rebuild(conn, rss); err != nil {
 		return true, err
 	}
+	a.totals.reset()
 	a.applied, a.verified = rss, time.Now()
 	return true, nil
 }
@@ -317,7 +325,7 @@ func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) err
 
 func toNftSet(t *nftables.Table, s *Set) *nftables.Set {
 	ns := &nftables.Set{Table: t, Name: s.Name, KeyType: s.KeyType, IsMap: s.IsMap, Interval: s.Interval,
-		HasTimeout: s.Timeout > 0}
+		HasTimeout: s.Timeout > 0, Counter: s.Counter}
 	if s.IsMap {
 		ns.DataType = s.DataType
 	}

@@ -103,7 +103,9 @@ type Set struct {
 	Interval bool
 	// Timeout, when set, is given to every element: the element disappears from the
 	// kernel unless natd re-adds it in time (a lease).
-	Timeout  time.Duration
+	Timeout time.Duration
+	// Counter gives every element its own packet and byte counter.
+	Counter  bool
 	KeyOrder binaryutil.ByteOrder
 	Elements []Element
 }
@@ -133,6 +135,9 @@ func (s *Set) ElementText(e Element) string {
 	}
 	if s.Timeout > 0 {
 		key += " timeout " + nftDuration(s.Timeout)
+	}
+	if s.Counter {
+		key += " counter" // as `nft -s` prints it: stateless, without the counts
 	}
 	if e.Comment != "" {
 		key += fmt.Sprintf(" comment %q", e.Comment)
@@ -177,6 +182,9 @@ type Chain struct {
 type Rule struct {
 	parts []string
 	Exprs []expr.Any
+	// Drops, when set, names why the rule drops pinned packets; its counter is
+	// exported as a metric with that reason.
+	Drops string
 }
 
 // Text is the rule as `nft list` prints it.
@@ -272,6 +280,20 @@ func (r *Rule) snatToSelf() *Rule {
 
 func (r *Rule) counter() *Rule { return r.add("counter", &expr.Counter{}) }
 
+// Reasons pinned packets are dropped, as the drop rules' counters are exported.
+const (
+	DropFailClosed      = "fail_closed"      // no node can give the traffic its egress IP
+	DropUnknownPod      = "unknown_pod"      // a local pod natd has not seen in the API yet
+	DropUnpinnedTransit = "unpinned_transit" // another node's pod this node does not know as pinned yet
+	DropLeakGuard       = "leak_guard"       // would have left with another source address
+)
+
+// countDrops is counter() for a rule that drops pinned packets for reason.
+func (r *Rule) countDrops(reason string) *Rule {
+	r.Drops = reason
+	return r.counter()
+}
+
 func (r *Rule) verdict(kind expr.VerdictKind) *Rule {
 	name := map[expr.VerdictKind]string{expr.VerdictAccept: "accept", expr.VerdictDrop: "drop", expr.VerdictReturn: "return"}[kind]
 	return r.add(name, &expr.Verdict{Kind: kind})
@@ -324,7 +346,7 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 		case !e.FailOpen:
 			// Fail closed: no node can give this traffic its egress IP, so it must not
 			// leave at all.
-			ch.Rules = append(ch.Rules, newRule().counter().verdict(expr.VerdictDrop))
+			ch.Rules = append(ch.Rules, newRule().countDrops(DropFailClosed).verdict(expr.VerdictDrop))
 		}
 		egressChains = append(egressChains, ch)
 		for _, p := range e.Pods {
@@ -342,7 +364,7 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 		intervalSet(setPodCIDRs, state.PodCIDRs),
 		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs),
 		ipv4Set(setKnownPods, state.KnownLocalPods),
-		heldAddrsSet(held),
+		heldAddrsSet(held, true),
 		leasedSet(held, lease),
 		podEgress,
 		heldSNAT,
@@ -356,14 +378,14 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 			// A new pod can send before natd has seen it in the API. Until then natd
 			// cannot know whether its namespace is pinned, so its outside traffic waits.
 			newRule().ipAddrIn("saddr", setLocalPodCIDRs, false).ipAddrIn("saddr", setKnownPods, true).
-				counter().verdict(expr.VerdictDrop),
+				countDrops(DropUnknownPod).verdict(expr.VerdictDrop),
 			newRule().saddrVmap(mapPodEgress),
 			// Another node's pod sending outside through this node: only pinned traffic
 			// is routed here, so this node does not know the pod as pinned yet (its
 			// informer lags the sender's). Let it through and the CNI would masquerade
 			// it with this node's IP.
 			newRule().ipAddrIn("saddr", setPodCIDRs, false).ipAddrIn("saddr", setLocalPodCIDRs, true).
-				markMaskedIsZero(marks.Mask).counter().verdict(expr.VerdictDrop),
+				markMaskedIsZero(marks.Mask).countDrops(DropUnpinnedTransit).verdict(expr.VerdictDrop),
 		},
 	}
 	snat := &Chain{
@@ -380,12 +402,14 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
 		Rules: []*Rule{
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
-			// SNATed here to an egress IP this node holds (and its lease is current).
-			newRule().ipAddrIn("saddr", setLeasedIPs, false).verdict(expr.VerdictAccept),
+			// SNATed here to an egress IP this node holds (and its lease is current). The
+			// second lookup counts the packet against its egress IP: held_addrs keeps a
+			// counter per element.
+			newRule().ipAddrIn("saddr", setLeasedIPs, false).ipAddrIn("saddr", setHeldAddrs, false).verdict(expr.VerdictAccept),
 			// On its way to the holder, still with the pod's own address.
 			newRule().ipAddrIn("saddr", setNodeIPs, true).nexthopIn(setNodeIPs).verdict(expr.VerdictAccept),
 			// Anything else would reach the partner with another source address.
-			newRule().counter().verdict(expr.VerdictDrop),
+			newRule().countDrops(DropLeakGuard).verdict(expr.VerdictDrop),
 		},
 	}
 	rs.Chains = append(egressChains, prerouting, snat, guard)
@@ -393,9 +417,14 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 }
 
 // heldAddrsSet lists the egress IPs on the uplink with their claim generation: after a
-// restart or a crash, natd reads its claims back from here.
-func heldAddrsSet(held []EgressIP) *Set {
-	s := &Set{Name: setHeldAddrs, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
+// restart or a crash, natd reads its claims back from here. With counter, each element
+// counts the packets that leave with its address (the SNAT metrics); the counter starts
+// at zero when the element is added, that is when the node takes the IP.
+func heldAddrsSet(held []EgressIP, counter bool) *Set {
+	s := &Set{Name: setHeldAddrs, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr, Counter: counter}
+	if counter {
+		s.Decl += "\ncounter"
+	}
 	for _, e := range held {
 		s.Elements = append(s.Elements, Element{Key: e.IP.As4(), Comment: genComment(e.Gen)})
 	}
@@ -437,7 +466,7 @@ func BuildARPRuleset(state State, lease time.Duration) *Ruleset {
 	}
 	return &Ruleset{
 		Family: nftables.TableFamilyARP,
-		Sets:   []*Set{heldAddrsSet(held), leasedSet(held, lease)},
+		Sets:   []*Set{heldAddrsSet(held, false), leasedSet(held, lease)},
 		Chains: []*Chain{
 			{Name: "input", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookRef(arpHookIn), Priority: 0,
 				Header: "type filter hook input priority filter; policy accept;",

@@ -44,7 +44,8 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 	set held_addrs {
 		type ipv4_addr
-		elements = { 198.18.0.200 comment "gen=3" }
+		counter
+		elements = { 198.18.0.200 counter comment "gen=3" }
 	}
 	set leased_ips {
 		type ipv4_addr
@@ -91,7 +92,7 @@ func TestBuildRulesetText(t *testing.T) {
 	chain leak_guard {
 		type filter hook postrouting priority srcnat + 10; policy accept;
 		meta mark & 0x00ff0000 == 0x00000000 return
-		ip saddr @leased_ips accept
+		ip saddr @leased_ips ip saddr @held_addrs accept
 		ip saddr != @node_ips rt ip nexthop @node_ips accept
 		counter drop
 	}

@@ -1,0 +1,158 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Count is a packet and byte count.
+type Count struct{ Packets, Bytes uint64 }
+
+// Counters is what natd's nftables counters say, made monotonic for the life of the
+// process (see counterTotals).
+type Counters struct {
+	// SNAT counts the packets that left this node with each egress IP it holds. An IP
+	// the node no longer holds is absent.
+	SNAT map[netip.Addr]Count
+	// Drops counts pinned packets dropped, by reason (DropFailClosed, ...).
+	Drops map[string]Count
+}
+
+// counterTotals turns kernel counters, which start again at zero whenever natd replaces
+// its table (or an element is added again), into totals that only grow. Each read adds
+// what a counter gained since the last read; a counter below its last value was reset,
+// so all of it is new. The applier reads the counters just before it replaces the
+// table, so only packets counted between that read and the replacement are lost.
+type counterTotals struct {
+	last, total map[string]Count
+}
+
+func (c *counterTotals) observe(raw map[string]Count) {
+	if c.total == nil {
+		c.last, c.total = map[string]Count{}, map[string]Count{}
+	}
+	for k, v := range raw {
+		prev := c.last[k]
+		if v.Packets < prev.Packets || v.Bytes < prev.Bytes {
+			prev = Count{}
+		}
+		t := c.total[k]
+		t.Packets += v.Packets - prev.Packets
+		t.Bytes += v.Bytes - prev.Bytes
+		c.total[k], c.last[k] = t, v
+	}
+}
+
+// reset records that the kernel's counters restart at zero (a replaced table).
+func (c *counterTotals) reset() { clear(c.last) }
+
+// forget drops a counter whose object is gone for good (an egress IP no longer held).
+func (c *counterTotals) forget(key string) {
+	delete(c.last, key)
+	delete(c.total, key)
+}
+
+// readCounters reads the counters of the ip table as applied: the per-element counters
+// of held_addrs and the counters of the rules that drop pinned packets.
+func (a *nftApplier) readCounters(conn *nftables.Conn) (map[string]Count, error) {
+	var rs *Ruleset
+	for _, r := range a.applied {
+		if r.Family == nftables.TableFamilyIPv4 {
+			rs = r
+		}
+	}
+	raw := map[string]Count{}
+	if rs == nil {
+		return raw, nil
+	}
+	t := tableOf(rs)
+	for _, s := range rs.Sets {
+		if !s.Counter {
+			continue
+		}
+		ks, err := conn.GetSetByName(t, s.Name)
+		if err != nil {
+			return nil, fmt.Errorf("reading set %s: %w", s.Name, err)
+		}
+		els, err := conn.GetSetElements(ks)
+		if err != nil {
+			return nil, fmt.Errorf("reading elements of %s: %w", s.Name, err)
+		}
+		for _, e := range els {
+			if ip, ok := netip.AddrFromSlice(e.Key); ok && e.Counter != nil {
+				raw[snatKey(ip)] = Count{Packets: e.Counter.Packets, Bytes: e.Counter.Bytes}
+			}
+		}
+	}
+	for _, c := range rs.Chains {
+		if !slices.ContainsFunc(c.Rules, func(r *Rule) bool { return r.Drops != "" }) {
+			continue
+		}
+		rules, err := conn.GetRules(t, &nftables.Chain{Name: c.Name, Table: t})
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue // the table is gone: the next apply rebuilds it
+			}
+			return nil, fmt.Errorf("listing rules of chain %s: %w", c.Name, err)
+		}
+		if len(rules) != len(c.Rules) {
+			continue // not as natd left it: the next apply repairs it
+		}
+		for i, r := range c.Rules {
+			if r.Drops == "" {
+				continue
+			}
+			for _, e := range rules[i].Exprs {
+				if ctr, ok := e.(*expr.Counter); ok {
+					k := dropKey(r.Drops)
+					v := raw[k]
+					v.Packets += ctr.Packets
+					v.Bytes += ctr.Bytes
+					raw[k] = v
+				}
+			}
+		}
+	}
+	return raw, nil
+}
+
+func snatKey(ip netip.Addr) string { return "snat/" + ip.String() }
+func dropKey(reason string) string { return "drop/" + reason }
+
+// Counters reads natd's counters now.
+func (d *Dataplane) Counters() (Counters, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	conn, err := d.nft.newConn(0)
+	if err != nil {
+		return Counters{}, fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	raw, err := d.nft.readCounters(conn)
+	if err != nil {
+		return Counters{}, err
+	}
+	tot := &d.nft.totals
+	tot.observe(raw)
+	out := Counters{SNAT: map[netip.Addr]Count{}, Drops: map[string]Count{}}
+	for k, v := range tot.total {
+		switch {
+		case strings.HasPrefix(k, "drop/"):
+			out.Drops[strings.TrimPrefix(k, "drop/")] = v
+		case strings.HasPrefix(k, "snat/"):
+			ip, err := netip.ParseAddr(strings.TrimPrefix(k, "snat/"))
+			if _, held := raw[k]; err != nil || !held {
+				tot.forget(k) // released: its series goes away
+				continue
+			}
+			out.SNAT[ip] = v
+		}
+	}
+	return out, nil
+}
