@@ -5,12 +5,20 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build deps kube-bins generate check-generated test test-e2e bench bench-failover demo lab-up lab-down vet clean
+.PHONY: all build image deps kube-bins generate check-generated test test-e2e bench bench-failover demo lab-up lab-down vet clean
 
 all: build
 
 build:
 	$(GO) build -o bin/ ./cmd/...
+
+# The DaemonSet's image natd.dev/natd:dev as an OCI archive, bin/natd-image.tar, built
+# without a container engine: a static natd on an empty base. Load it with
+# `podman load -i bin/natd-image.tar` or push it with
+# `skopeo copy oci-archive:bin/natd-image.tar docker://REGISTRY/natd:TAG`.
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/natd-static ./cmd/natd
+	$(GO) run ./cmd/natd-image --binary bin/natd-static --out bin/natd-image.tar
 
 deps:
 	@scripts/install-deps.sh
