@@ -320,7 +320,7 @@ func desiredStatus(old egressv1alpha1.EgressIPStatus, f ipFacts, self string, re
 	switch {
 	case f.Rejected != nil:
 		assigned = metav1.Condition{Type: ConditionAssigned, Status: metav1.ConditionFalse, Reason: f.Rejected.Reason,
-			Message: f.Rejected.Message + "; the pinned namespaces' outside traffic is " + fate}
+			Message: f.Rejected.Message + "; the namespaces naming it are not pinned: their traffic leaves the normal way"}
 	case holder == "":
 		assigned = metav1.Condition{Type: ConditionAssigned, Status: metav1.ConditionFalse, Reason: ReasonNoEligibleNode,
 			Message: fmt.Sprintf("no live node labelled %s=true can hold it; the pinned namespaces' outside traffic is %s", LabelEgressNode, fate)}

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	egressv1alpha1 "natd.dev/natd/natd/apis/egress/v1alpha1"
 	"natd.dev/natd/tests/lab"
 )
 
@@ -394,7 +395,9 @@ func TestFailoverPartition(t *testing.T) {
 
 func TestFailoverWithAPIServerDown(t *testing.T) {
 	const ip = "198.18.0.233"
-	_, after, _ := failover(t, "apidown", ip, func(t testing.TB, holder string) func() {
+	before, after, _ := failover(t, "apidown", ip, func(t testing.TB, holder string) func() {
+		// The status shows the holder before the API goes away...
+		waitEIP(t, ip, "the holder in the status", func(o *egressv1alpha1.EgressIP) bool { return o != nil && o.Status.Node == holder })
 		healAPI, err := lab.StopAPIServer(topo)
 		if err != nil {
 			t.Fatal(err)
@@ -410,6 +413,17 @@ func TestFailoverWithAPIServerDown(t *testing.T) {
 		}
 	}, true)
 	afterwards(t, ip, after)
+	// ... and catches up once it is back: the new holder, the failover counted, Events.
+	obj := waitEIP(t, ip, "the new holder in the status", func(o *egressv1alpha1.EgressIP) bool {
+		return o != nil && o.Status.Node == after && o.Status.Ready == readyAll()
+	})
+	if obj.Status.Failovers < 1 || obj.Status.LastFailoverTime == nil {
+		t.Errorf("status after the failover: %+v", obj.Status)
+	}
+	msg := fmt.Sprintf("to node %s", after)
+	waitEventAbout(t, "fo-apidown", "Namespace", "fo-apidown", "EgressIPFailover", msg)
+	waitEventAbout(t, "default", "EgressIP", ip, "EgressIPFailover", msg)
+	t.Logf("status after the API came back: %s → %s, failovers %d", before, obj.Status.Node, obj.Status.Failovers)
 }
 
 func TestPlannedMoveLabelRemoved(t *testing.T) {
