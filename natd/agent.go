@@ -510,8 +510,12 @@ func (a *Agent) sync() error {
 	a.report(c.Namespaces, plan, speakers)
 	// Without a majority this node's view may be wrong (it may be the one cut off): it
 	// writes nothing then.
-	if a.status != nil && plan.Quorum {
-		a.status.observe(statusFacts(c, plan, speakers, a.cfg.FailOpen))
+	if a.status != nil {
+		if plan.Quorum {
+			a.status.observe(statusFacts(c, plan, speakers, a.cfg.FailOpen))
+		} else {
+			a.status.observe(nil)
+		}
 	}
 	return nil
 }

@@ -163,11 +163,16 @@ func (w *statusWriter) run(ctx context.Context, view func() election.View, route
 }
 
 // observe takes the facts of a sync; objects whose facts changed are written again.
+// nil (the node lost sight of the majority) stops all writing until the next facts: a
+// node cut off from the others must not rewrite what they now know better.
 func (w *statusWriter) observe(s *statusSnapshot) {
 	w.mu.Lock()
 	old := w.snap
 	w.snap = s
 	w.mu.Unlock()
+	if s == nil {
+		return
+	}
 	if old == nil || !slices.Equal(old.Speakers, s.Speakers) || len(old.Nodes) != len(s.Nodes) {
 		w.enqueueAll()
 		return

@@ -55,6 +55,15 @@ table
 holder=$(for n in 1 2 3; do ip netns exec natd-node$n ip -o addr show dev eth0 | grep -q " $EGRESS_IP/" && echo node$n; done; true)
 echo
 bold "  $EGRESS_IP is held by $holder; the other nodes route team-a's traffic to it."
+eip() {  # wait (up to 10 s) for the EgressIP status to show $1 as holder with every node ready
+  for i in $(seq 50); do
+    [ "$($KUBECTL get eip $EGRESS_IP -o jsonpath='{.status.node} {.status.ready}' 2>/dev/null)" = "$1 3/3" ] && break
+    sleep 0.2
+  done
+  $KUBECTL get eip "$@" | sed 's/^/  /'
+}
+step "What operators see: kubectl get eip"
+eip "$holder"
 
 step "Failover: unplugging $holder from the network (its port on the router goes down)"
 port="n${holder#node}"
@@ -77,6 +86,12 @@ for p in "team-a app-1" "team-b web-1"; do
   set -- $p
   printf '  %-10s %-7s %-16s\n' "$1" "$2" "$($LAB probe "$1" "$2" --dir "$DIR" 2>/dev/null || echo '(no answer)')"
 done
+step "kubectl get eip -o wide, and the Events of the move"
+eip "$newholder" -o wide
+$KUBECTL get events -n team-a --field-selector reason=EgressIPFailover -o custom-columns=REASON:.reason,MESSAGE:.message,FROM:.source.host | sed 's/^/  /'
+echo
+metric=$(ip netns exec natd-$newholder curl -s localhost:9793/metrics 2>/dev/null | grep "^natd_snat_packets_total{egress_ip=\"$EGRESS_IP\"}" || true)
+[ -n "$metric" ] && echo "  $newholder's metrics: $metric"
 ip netns exec natd-router ip link set "$port" up
 sleep 3
 echo "  $holder plugged back in; 3 s later $EGRESS_IP is served by: $(servers | tr '\n' ' ')(no move back)."
