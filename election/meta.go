@@ -46,11 +46,19 @@ func (m Meta) Encode() ([]byte, error) {
 	}
 	binary.BigEndian.PutUint16(b[2:], uint16(grace))
 	for _, c := range m.Claims {
-		ip := c.IP.As4()
-		b = append(b, ip[:]...)
-		b = binary.BigEndian.AppendUint32(b, c.Gen)
+		b = appendClaim(b, c)
 	}
 	return b, nil
+}
+
+// A claim on the wire (in metadata and in routes reports): IPv4 address, generation.
+func appendClaim(b []byte, c Claim) []byte {
+	ip := c.IP.As4()
+	return binary.BigEndian.AppendUint32(append(b, ip[:]...), c.Gen)
+}
+
+func readClaim(b []byte) Claim {
+	return Claim{IP: netip.AddrFrom4([4]byte(b[:4])), Gen: binary.BigEndian.Uint32(b[4:8])}
 }
 
 // ErrBadMeta is returned for metadata natd cannot read: a member with it holds nothing.
@@ -69,8 +77,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	m.Draining = b[1]&flagDraining != 0
 	m.RestartGrace = time.Duration(binary.BigEndian.Uint16(b[2:])) * graceUnit
 	for rest := b[metaHeader:]; len(rest) > 0; rest = rest[claimSize:] {
-		ip := netip.AddrFrom4([4]byte(rest[:4]))
-		m.Claims = append(m.Claims, Claim{IP: ip, Gen: binary.BigEndian.Uint32(rest[4:8])})
+		m.Claims = append(m.Claims, readClaim(rest))
 	}
 	return m, nil
 }

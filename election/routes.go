@@ -68,9 +68,7 @@ func (r Routes) encode() ([]byte, error) {
 	b = append(b, r.Node...)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(r.Claims)))
 	for _, c := range r.Claims {
-		ip := c.IP.As4()
-		b = append(b, ip[:]...)
-		b = binary.BigEndian.AppendUint32(b, c.Gen)
+		b = appendClaim(b, c)
 	}
 	return b, nil
 }
@@ -100,7 +98,7 @@ func decodeRoutes(b []byte) (Routes, error) {
 	}
 	r.Claims = make([]Claim, 0, count)
 	for ; len(rest) > 0; rest = rest[claimSize:] {
-		c := Claim{IP: netip.AddrFrom4([4]byte(rest[:4])), Gen: binary.BigEndian.Uint32(rest[4:8])}
+		c := readClaim(rest)
 		if len(r.Claims) > 0 && r.Claims[len(r.Claims)-1].IP.Compare(c.IP) >= 0 {
 			return bad("routes not sorted")
 		}
