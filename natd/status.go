@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -178,7 +179,8 @@ func (w *statusWriter) observe(s *statusSnapshot) {
 		return
 	}
 	for name, f := range s.IPs {
-		if o, ok := old.IPs[name]; !ok || !equality.Semantic.DeepEqual(o, f) {
+		// reflect, not equality.Semantic: that one refuses netip.Addr's unexported fields.
+		if o, ok := old.IPs[name]; !ok || !reflect.DeepEqual(o, f) {
 			w.queue.Add(name)
 		}
 	}

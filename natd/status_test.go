@@ -3,6 +3,7 @@ package natd
 import (
 	"context"
 	"net/netip"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
 
 	"natd.dev/natd/election"
 	egressv1alpha1 "natd.dev/natd/natd/apis/egress/v1alpha1"
@@ -211,5 +213,47 @@ func TestStatusFactsFromPlan(t *testing.T) {
 	}
 	if f := s.IPs["10.1.1.1"]; f.Rejected == nil || strings.Join(f.Namespaces, ",") != "far-1,far-2" {
 		t.Errorf("rejected IP: %+v", f)
+	}
+}
+
+func TestStatusObserveEnqueuesWhatChanged(t *testing.T) {
+	w, _, _ := writerFor(t, "node1")
+	w.queue = workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]())
+	defer w.queue.ShutDown()
+	facts := func(holder string) map[string]ipFacts {
+		return map[string]ipFacts{
+			"198.18.0.200": {IP: eipA, Namespaces: []string{"team-a"}, Holder: holder,
+				Rejected: &AnnotationError{Reason: "r", IP: eipA}},
+			"198.18.0.201": {IP: netip.MustParseAddr("198.18.0.201"), Holder: "node2"},
+		}
+	}
+	snap := func(holder string) *statusSnapshot {
+		return &statusSnapshot{IPs: facts(holder), Speakers: []string{"node1", "node2"}, Nodes: threeNodes()}
+	}
+	drain := func() []string {
+		var keys []string
+		for w.queue.Len() > 0 {
+			k, _ := w.queue.Get()
+			w.queue.Done(k)
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		return keys
+	}
+	w.observe(snap("node1"))
+	if got := drain(); strings.Join(got, " ") != "198.18.0.200 198.18.0.201" {
+		t.Errorf("first facts enqueued %q, want every IP", got)
+	}
+	w.observe(snap("node1"))
+	if got := drain(); len(got) != 0 {
+		t.Errorf("unchanged facts enqueued %q", got)
+	}
+	w.observe(snap("node3"))
+	if got := drain(); strings.Join(got, " ") != "198.18.0.200" {
+		t.Errorf("a holder change enqueued %q, want only its IP", got)
+	}
+	w.observe(nil)
+	if w.snap != nil {
+		t.Error("no majority: the writer still has facts to write from")
 	}
 }
