@@ -55,9 +55,10 @@ bench: deps
 	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign' -benchtime 20x ./natd/ ./election/
 
 # Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner,
-# and gossip failure detection with 50 and 200 members on loopback.
+# gossip failure detection with 50 and 200 members on loopback, and how long the routes
+# reports READY counts take to reach one member after all re-point at once (50, 100).
 bench-failover: deps kube-bins
-	$(GO) test -run '^$$' -bench Detection -benchtime 5x ./election/
+	$(GO) test -run '^$$' -bench 'Detection|RoutesSpread' -benchtime 5x ./election/
 	$(GO) test -run '^$$' -bench Failover -benchtime 1x -timeout 40m ./tests/e2e/
 
 demo: deps kube-bins build

@@ -211,22 +211,33 @@ func (g *Gossip) Forget(keep func(name string) bool) {
 // SetRoutes reports what this node has programmed now: gossip spreads it to all.
 func (g *Gossip) SetRoutes(claims []Claim) error {
 	g.mu.Lock()
-	defer g.mu.Unlock()
 	old, ok := g.routes[g.cfg.NodeName]
 	if ok && old.Same(claims) {
+		g.mu.Unlock()
 		return nil
 	}
 	r := Routes{Node: g.cfg.NodeName, Version: max(uint64(g.cfg.Now().UnixNano()), old.Version+1), Claims: sortedClaims(claims)}
 	msg, err := r.encode()
 	if err != nil {
+		g.mu.Unlock()
 		return err
 	}
 	g.routes[r.Node] = r
-	if len(msg) <= maxBroadcast {
-		g.routesQueue.QueueBroadcast(&routesBroadcast{node: r.Node, msg: msg})
-	}
+	g.mu.Unlock()
+	g.broadcastRoutes(r.Node, msg)
 	g.signalRoutes()
 	return nil
+}
+
+// broadcastRoutes queues a report for gossip. It must not be called with g.mu held: g.mu
+// is a leaf lock. memberlist calls the event delegate (which takes g.mu) while holding
+// its node lock, and the broadcast queue's GetBroadcasts takes that node lock while
+// holding the queue's lock; queueing under g.mu would close the cycle (found as a
+// deadlock of 200 members all reporting at once).
+func (g *Gossip) broadcastRoutes(node string, msg []byte) {
+	if len(msg) <= maxBroadcast {
+		g.routesQueue.QueueBroadcast(&routesBroadcast{node: node, msg: msg})
+	}
 }
 
 // RoutesChanged is signalled (coalesced) when a node's Routes report changes.
@@ -239,21 +250,19 @@ func (g *Gossip) signalRoutes() {
 	}
 }
 
-// mergeRoutes keeps r if it is newer than what this node knows of r.Node, and passes
-// it on (a report spreads like an epidemic, not only from its author). The caller
-// holds g.mu. It reports whether r was new.
-func (g *Gossip) mergeRoutes(r Routes, msg []byte) bool {
+// mergeRoutes keeps r if it is newer than what this node knows of r.Node. The caller
+// holds g.mu. It reports whether r was new; the caller then passes it on with
+// broadcastRoutes, once it has let go of g.mu (a report spreads like an epidemic, not
+// only from its author).
+func (g *Gossip) mergeRoutes(r Routes) bool {
 	if old, ok := g.routes[r.Node]; ok && old.Version >= r.Version {
 		return false
 	}
 	if r.Node == g.cfg.NodeName {
-		// Our own report from before a restart: we know better; outdate it.
+		// Our own report from before a restart: we know better.
 		return false
 	}
 	g.routes[r.Node] = r
-	if msg != nil && len(msg) <= maxBroadcast {
-		g.routesQueue.QueueBroadcast(&routesBroadcast{node: r.Node, msg: msg})
-	}
 	return true
 }
 
@@ -316,9 +325,10 @@ func (d *delegate) NotifyMsg(b []byte) {
 		return
 	}
 	g.mu.Lock()
-	fresh := g.mergeRoutes(r, slices.Clone(b))
+	fresh := g.mergeRoutes(r)
 	g.mu.Unlock()
 	if fresh {
+		g.broadcastRoutes(r.Node, slices.Clone(b))
 		g.signalRoutes()
 	}
 }
@@ -346,7 +356,7 @@ func (d *delegate) MergeRemoteState(b []byte, _ bool) {
 	fresh := false
 	g.mu.Lock()
 	for _, r := range all {
-		fresh = g.mergeRoutes(r, nil) || fresh
+		fresh = g.mergeRoutes(r) || fresh
 	}
 	g.mu.Unlock()
 	if fresh {

@@ -103,25 +103,78 @@ func TestGossipRejectsPeerWithoutKey(t *testing.T) {
 
 // BenchmarkDetection measures how long the cluster takes to declare a crashed member
 // dead, with n members simulated in this process on loopback.
+// testCluster starts n members on loopback and waits until they all see each other.
+func testCluster(b *testing.B, n int) []*Gossip {
+	var gs []*Gossip
+	for i := 0; i < n; i++ {
+		gs = append(gs, testGossip(b, fmt.Sprintf("m%d", i), nil))
+	}
+	for _, g := range gs[1:] {
+		if _, err := g.Join([]string{PeerAddr(loopback, gs[0].Port())}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(gs[0].View().Members) < n || len(gs[n-1].View().Members) < n {
+		if time.Now().After(deadline) {
+			b.Fatal("cluster did not converge")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return gs
+}
+
+// BenchmarkRoutesSpread times what READY waits for after a failover: every member
+// re-points its routes at once, and one member must hear all of their reports. (200
+// members in one process on 2 cores overload memberlist's probes; the detection
+// benchmark shows it, and reports then lag behind push/pull.)
+func BenchmarkRoutesSpread(b *testing.B) {
+	for _, n := range []int{50, 100} {
+		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
+			gs := testCluster(b, n)
+			routes := make([]Claim, 20) // 20 egress IPs in use
+			for i := range routes {
+				routes[i] = Claim{IP: netip.AddrFrom4([4]byte{198, 18, 0, byte(200 + i)})}
+			}
+			gen := uint32(0)
+			var total time.Duration
+			for b.Loop() {
+				gen++
+				for i := range routes {
+					routes[i].Gen = gen
+				}
+				start := time.Now()
+				for _, g := range gs {
+					if err := g.SetRoutes(routes); err != nil {
+						b.Fatal(err)
+					}
+				}
+				for {
+					heard := 0
+					for _, m := range gs[0].View().Members {
+						if m.Routes != nil && m.Routes.Has(routes[0].IP, gen) {
+							heard++
+						}
+					}
+					if heard == n {
+						break
+					}
+					if time.Since(start) > 30*time.Second {
+						b.Fatalf("only %d of %d reports arrived", heard, n)
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+				total += time.Since(start)
+			}
+			b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms/spread")
+		})
+	}
+}
+
 func BenchmarkDetection(b *testing.B) {
 	for _, n := range []int{50, 200} {
 		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
-			var gs []*Gossip
-			for i := 0; i < n; i++ {
-				gs = append(gs, testGossip(b, fmt.Sprintf("m%d", i), nil))
-			}
-			for _, g := range gs[1:] {
-				if _, err := g.Join([]string{PeerAddr(loopback, gs[0].Port())}); err != nil {
-					b.Fatal(err)
-				}
-			}
-			deadline := time.Now().Add(30 * time.Second)
-			for len(gs[0].View().Members) < n || len(gs[n-1].View().Members) < n {
-				if time.Now().After(deadline) {
-					b.Fatal("cluster did not converge")
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
+			gs := testCluster(b, n)
 			victim := n - 1
 			var total time.Duration
 			for b.Loop() {
