@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	egressv1alpha1 "natd.dev/natd/natd/apis/egress/v1alpha1"
 	"natd.dev/natd/tests/lab"
 )
@@ -105,6 +107,10 @@ type outcome struct {
 	leaked   int           // datagrams and requests that arrived with another source
 	lost     int           // datagrams sent that never arrived
 	sent     int
+	// status: fault to `kubectl get eip` showing the new holder (0: it did not within
+	// the watch, or the IP was not to move). READY may lag: a node cut off cannot say
+	// it has re-pointed.
+	status time.Duration
 }
 
 func (s *stream) outcome(t testing.TB, egressIP string, faultAt time.Time) outcome {
@@ -261,6 +267,10 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 	s := startStream(t, p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
 	time.Sleep(500 * time.Millisecond)
 	faultAt := time.Now()
+	statusAt := make(chan time.Duration, 1)
+	if expectMove {
+		go watchStatusMove(ip, before, faultAt, statusAt)
+	}
 	heal := f(t, before)
 	healed := false
 	defer func() {
@@ -297,11 +307,37 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 		t.Errorf("%s: %s moved from %s to %s; it should not move", name, ip, before, after)
 	}
 	checkRouterPointsAt(t, ip, after)
-	t.Logf("%s: %s %s → %s; recovery %s, %d/%d datagrams lost, %d leaked",
-		name, ip, before, after, o.recovery.Round(time.Millisecond), o.lost, o.sent, o.leaked)
+	if expectMove {
+		select {
+		case o.status = <-statusAt:
+		case <-time.After(3 * time.Second):
+		}
+	}
+	t.Logf("%s: %s %s → %s; recovery %s, %d/%d datagrams lost, %d leaked; status showed it after %s",
+		name, ip, before, after, o.recovery.Round(time.Millisecond), o.lost, o.sent, o.leaked, o.status.Round(time.Millisecond))
 	heal()
 	healed = true
 	return before, after, o
+}
+
+// watchStatusMove polls the EgressIP of ip from faultAt until its status names a holder
+// other than before, and sends how long that took (for 20 s at most; an API that is
+// down delays it).
+func watchStatusMove(ip, before string, faultAt time.Time, done chan<- time.Duration) {
+	c, err := newEIPClient()
+	if err != nil {
+		return
+	}
+	for time.Since(faultAt) < 20*time.Second {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		o, err := c.EgressV1alpha1().EgressIPs().Get(ctx, ip, metav1.GetOptions{})
+		cancel()
+		if err == nil && o.Status.Node != "" && o.Status.Node != before {
+			done <- time.Since(faultAt)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func checkRouterPointsAt(t testing.TB, ip, node string) {
@@ -474,27 +510,38 @@ func BenchmarkFailover(b *testing.B) {
 	}
 	for _, k := range kinds {
 		b.Run(k.name, func(b *testing.B) {
-			var rec []time.Duration
+			var rec, status []time.Duration
 			leaked, lost, sent := 0, 0, 0
 			for b.Loop() {
 				for i := 0; i < rounds; i++ {
 					_, _, o := failover(b, fmt.Sprintf("bench-%s-%d-%d", k.name, i, time.Now().Unix()), k.ip, k.f, true)
 					rec = append(rec, o.recovery)
+					if o.status > 0 {
+						status = append(status, o.status)
+					}
 					leaked += o.leaked
 					lost += o.lost
 					sent += o.sent
 				}
 			}
 			slices.Sort(rec)
-			pct := func(p float64) time.Duration { return rec[min(len(rec)-1, int(p*float64(len(rec))))] }
+			slices.Sort(status)
+			pctOf := func(d []time.Duration, p float64) time.Duration {
+				if len(d) == 0 {
+					return 0
+				}
+				return d[min(len(d)-1, int(p*float64(len(d))))]
+			}
+			pct := func(p float64) time.Duration { return pctOf(rec, p) }
 			b.ReportMetric(float64(pct(0.50).Milliseconds()), "p50-ms")
 			b.ReportMetric(float64(pct(0.99).Milliseconds()), "p99-ms")
 			b.ReportMetric(float64(rec[len(rec)-1].Milliseconds()), "max-ms")
 			b.ReportMetric(float64(leaked), "leaked")
 			b.ReportMetric(float64(lost)/float64(len(rec)), "lost/failover")
-			fmt.Printf("failover %-14s n=%d p50=%s p99=%s max=%s leaked=%d lost=%d of %d datagrams\n", k.name, len(rec),
-				pct(0.50).Round(time.Millisecond), pct(0.99).Round(time.Millisecond), rec[len(rec)-1].Round(time.Millisecond),
-				leaked, lost, sent)
+			b.ReportMetric(float64(pctOf(status, 0.50).Milliseconds()), "status-p50-ms")
+			fmt.Printf("failover %-14s n=%d p50=%s p99=%s max=%s leaked=%d lost=%d of %d datagrams; kubectl get eip showed the new holder after p50=%s p99=%s (%d of %d)\n",
+				k.name, len(rec), pct(0.50).Round(time.Millisecond), pct(0.99).Round(time.Millisecond), rec[len(rec)-1].Round(time.Millisecond),
+				leaked, lost, sent, pctOf(status, 0.50).Round(time.Millisecond), pctOf(status, 0.99).Round(time.Millisecond), len(status), len(rec))
 		})
 	}
 }

@@ -20,13 +20,17 @@ import (
 	"natd.dev/natd/tests/lab"
 )
 
-func eipClient(t testing.TB) versioned.Interface {
-	t.Helper()
+func newEIPClient() (versioned.Interface, error) {
 	rc, err := clientcmd.BuildConfigFromFlags("", topo.Kubeconfig)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	c, err := versioned.NewForConfig(rc)
+	return versioned.NewForConfig(rc)
+}
+
+func eipClient(t testing.TB) versioned.Interface {
+	t.Helper()
+	c, err := newEIPClient()
 	if err != nil {
 		t.Fatal(err)
 	}
