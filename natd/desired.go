@@ -59,8 +59,6 @@ type Plan struct {
 	Namespaces map[netip.Addr][]string
 	// Rejected maps namespaces with an invalid annotation to the reason.
 	Rejected map[string]*AnnotationError
-	// ReadyNodes are the names of all Ready nodes (for choosing who reports).
-	ReadyNodes []string
 	// Held is what this node holds once the plan is applied; Claims is the same as the
 	// node gossips it.
 	Held   map[netip.Addr]Holding
@@ -112,9 +110,6 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		if n.Name == cfg.NodeName {
 			self = n
-		}
-		if isReady(n) && n.DeletionTimestamp == nil {
-			plan.ReadyNodes = append(plan.ReadyNodes, n.Name)
 		}
 		// Readiness is not asked: whether a node's natd is alive is gossip's to say,
 		// faster than the node lifecycle controller, and without the API.
@@ -214,7 +209,6 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		st.Egress = append(st.Egress, e)
 	}
-	sort.Strings(plan.ReadyNodes)
 	return plan, nil
 }
 
