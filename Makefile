@@ -50,9 +50,10 @@ test: deps kube-bins check-generated vet
 test-e2e: deps kube-bins
 	$(GO) test -count=1 -v ./tests/e2e/
 
-# Sync cost at 1k/10k/50k pinned pods, one pod added at 50k, agent memory at 50k pods.
+# Sync cost at 1k/10k/50k pinned pods, one pod added at 50k, agent memory at 50k pods,
+# and the cost of one metrics scrape (reading nftables counters, 60 egress IPs).
 bench: deps
-	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign' -benchtime 20x ./natd/ ./election/
+	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign|Counters' -benchtime 20x ./natd/ ./natd/dataplane/ ./election/
 
 # Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner,
 # gossip failure detection with 50 and 200 members on loopback, and how long the routes

@@ -17,13 +17,13 @@ import (
 
 // testNS is a fresh network namespace with one dummy uplink carrying the node IP.
 type testNS struct {
-	t        *testing.T
+	t        testing.TB
 	name     string
 	h        netns.NsHandle
 	stateDir string
 }
 
-func newTestNS(t *testing.T, nodeIP string) *testNS {
+func newTestNS(t testing.TB, nodeIP string) *testNS {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		requireKernel(t, "kernel tests need root")
@@ -55,7 +55,7 @@ func newTestNS(t *testing.T, nodeIP string) *testNS {
 }
 
 // requireKernel fails when NATD_E2E=required (CI), skips otherwise.
-func requireKernel(t *testing.T, why string) {
+func requireKernel(t testing.TB, why string) {
 	t.Helper()
 	if os.Getenv("NATD_E2E") == "required" {
 		t.Fatal(why)
