@@ -55,15 +55,16 @@ table
 holder=$(for n in 1 2 3; do ip netns exec natd-node$n ip -o addr show dev eth0 | grep -q " $EGRESS_IP/" && echo node$n; done; true)
 echo
 bold "  $EGRESS_IP is held by $holder; the other nodes route team-a's traffic to it."
-eip() {  # wait (up to 10 s) for the EgressIP status to show $1 as holder with every node ready
+eip() {  # wait (up to 10 s) for the EgressIP status to show holder $1 and READY $2
   for i in $(seq 50); do
-    [ "$($KUBECTL get eip $EGRESS_IP -o jsonpath='{.status.node} {.status.ready}' 2>/dev/null)" = "$1 3/3" ] && break
+    [ "$($KUBECTL get eip $EGRESS_IP -o jsonpath='{.status.node} {.status.ready}' 2>/dev/null)" = "$1 $2" ] && break
     sleep 0.2
   done
+  shift 2
   $KUBECTL get eip "$@" | sed 's/^/  /'
 }
 step "What operators see: kubectl get eip"
-eip "$holder"
+eip "$holder" 3/3
 
 step "Failover: unplugging $holder from the network (its port on the router goes down)"
 port="n${holder#node}"
@@ -86,8 +87,8 @@ for p in "team-a app-1" "team-b web-1"; do
   set -- $p
   printf '  %-10s %-7s %-16s\n' "$1" "$2" "$($LAB probe "$1" "$2" --dir "$DIR" 2>/dev/null || echo '(no answer)')"
 done
-step "kubectl get eip -o wide, and the Events of the move"
-eip "$newholder" -o wide
+step "kubectl get eip -o wide, and the Events of the move (READY 2/3: $holder is cut off and cannot say it has re-pointed)"
+eip "$newholder" 2/3 -o wide
 $KUBECTL get events -n team-a --field-selector reason=EgressIPFailover -o custom-columns=REASON:.reason,MESSAGE:.message,FROM:.source.host | sed 's/^/  /'
 echo
 metric=$(ip netns exec natd-$newholder curl -s localhost:9793/metrics 2>/dev/null | grep "^natd_snat_packets_total{egress_ip=\"$EGRESS_IP\"}" || true)
@@ -95,6 +96,7 @@ metric=$(ip netns exec natd-$newholder curl -s localhost:9793/metrics 2>/dev/nul
 ip netns exec natd-router ip link set "$port" up
 sleep 3
 echo "  $holder plugged back in; 3 s later $EGRESS_IP is served by: $(servers | tr '\n' ' ')(no move back)."
+eip "$newholder" 3/3
 
 if [ "${KEEP:-}" = 1 ]; then
   cat <<EOT
