@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -32,6 +33,9 @@ type GossipConfig struct {
 	ProbeInterval time.Duration
 	ProbeTimeout  time.Duration
 	SuspicionMult int
+	// PushPullInterval is how often a full state exchange runs with one random peer
+	// (0: 10 s).
+	PushPullInterval time.Duration
 	// Clock, for tests; time.Now when nil.
 	Now func() time.Time
 }
@@ -99,6 +103,9 @@ type Gossip struct {
 	routes        map[string]Routes
 	routesQueue   *memberlist.TransmitLimitedQueue
 	routesChanged chan struct{}
+	// started is the memberlist once Create has returned; its listeners run (and call
+	// the delegates) before that.
+	started atomic.Pointer[memberlist.Memberlist]
 }
 
 // NewGossip starts gossiping on cfg.BindIP:cfg.Port. Join adds it to the cluster.
@@ -108,6 +115,16 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1),
 		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1)}
+	// The queue exists before memberlist starts: its listeners answer peers' probes
+	// (and ask for broadcasts to piggyback) before Create returns, at once after a
+	// restart, when peers still probe the old incarnation.
+	g.routesQueue = &memberlist.TransmitLimitedQueue{RetransmitMult: memberlist.DefaultLANConfig().RetransmitMult,
+		NumNodes: func() int {
+			if l := g.started.Load(); l != nil {
+				return l.NumMembers()
+			}
+			return 1
+		}}
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = cfg.NodeName
 	mc.BindAddr = cfg.BindIP.String()
@@ -120,6 +137,9 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	// Spread updates (claims above all) quickly: a takeover is announced in tens of ms.
 	mc.GossipInterval = 50 * time.Millisecond
 	mc.PushPullInterval = 10 * time.Second
+	if cfg.PushPullInterval > 0 {
+		mc.PushPullInterval = cfg.PushPullInterval
+	}
 	mc.TCPTimeout = 2 * time.Second
 	mc.Delegate = (*delegate)(g)
 	mc.Events = (*events)(g)
@@ -138,7 +158,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 		return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
 	}
 	g.list = list
-	g.routesQueue = &memberlist.TransmitLimitedQueue{NumNodes: list.NumMembers, RetransmitMult: mc.RetransmitMult}
+	g.started.Store(list)
 	return g, nil
 }
 
@@ -203,6 +223,10 @@ func (g *Gossip) Forget(keep func(name string) bool) {
 	for name, m := range g.members {
 		if !m.Alive && !keep(name) {
 			delete(g.members, name)
+		}
+	}
+	for name := range g.routes {
+		if _, ok := g.members[name]; !ok && name != g.cfg.NodeName {
 			delete(g.routes, name)
 		}
 	}
@@ -253,17 +277,40 @@ func (g *Gossip) signalRoutes() {
 // mergeRoutes keeps r if it is newer than what this node knows of r.Node. The caller
 // holds g.mu. It reports whether r was new; the caller then passes it on with
 // broadcastRoutes, once it has let go of g.mu (a report spreads like an epidemic, not
-// only from its author).
-func (g *Gossip) mergeRoutes(r Routes) bool {
-	if old, ok := g.routes[r.Node]; ok && old.Version >= r.Version {
-		return false
-	}
+// only from its author). It also returns this node's own report when that had to be
+// outdated (see below); the caller broadcasts it.
+func (g *Gossip) mergeRoutes(r Routes) (fresh bool, own *Routes) {
 	if r.Node == g.cfg.NodeName {
-		// Our own report from before a restart: we know better.
-		return false
+		// Our own report from before a restart. If its version is not below ours (our
+		// clock went back), ours would be ignored everywhere: outdate it.
+		if mine, ok := g.routes[r.Node]; ok && r.Version >= mine.Version {
+			mine.Version = r.Version + 1
+			g.routes[r.Node] = mine
+			return false, &mine
+		}
+		return false, nil
+	}
+	if _, member := g.members[r.Node]; !member {
+		// A node that left or was forgotten: relayed copies of its last report must
+		// not bring it back (memberlist tells of a new member before it passes on any
+		// of its messages or state).
+		return false, nil
+	}
+	if old, ok := g.routes[r.Node]; ok && old.Version >= r.Version {
+		return false, nil
 	}
 	g.routes[r.Node] = r
-	return true
+	return true, nil
+}
+
+// broadcastOwn re-sends this node's report after mergeRoutes outdated it.
+func (g *Gossip) broadcastOwn(own *Routes) {
+	if own == nil {
+		return
+	}
+	if msg, err := own.encode(); err == nil {
+		g.broadcastRoutes(own.Node, msg)
+	}
 }
 
 // Leave announces that this node leaves the cluster for good.
@@ -325,8 +372,9 @@ func (d *delegate) NotifyMsg(b []byte) {
 		return
 	}
 	g.mu.Lock()
-	fresh := g.mergeRoutes(r)
+	fresh, own := g.mergeRoutes(r)
 	g.mu.Unlock()
+	g.broadcastOwn(own)
 	if fresh {
 		g.broadcastRoutes(r.Node, slices.Clone(b))
 		g.signalRoutes()
@@ -354,11 +402,17 @@ func (d *delegate) MergeRemoteState(b []byte, _ bool) {
 		return
 	}
 	fresh := false
+	var own *Routes
 	g.mu.Lock()
 	for _, r := range all {
-		fresh = g.mergeRoutes(r) || fresh
+		f, o := g.mergeRoutes(r)
+		fresh = fresh || f
+		if o != nil {
+			own = o
+		}
 	}
 	g.mu.Unlock()
+	g.broadcastOwn(own)
 	if fresh {
 		g.signalRoutes()
 	}

@@ -12,9 +12,17 @@ var loopback = netip.MustParseAddr("127.0.0.1")
 
 // testGossip starts a member on a free loopback port.
 func testGossip(t testing.TB, name string, key []byte) *Gossip {
+	return testGossipWith(t, testConfig(name, key))
+}
+
+func testConfig(name string, key []byte) GossipConfig {
+	return GossipConfig{NodeName: name, BindIP: loopback, Port: 0, Key: key,
+		ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 50 * time.Millisecond, SuspicionMult: 3}
+}
+
+func testGossipWith(t testing.TB, cfg GossipConfig) *Gossip {
 	t.Helper()
-	g, err := NewGossip(GossipConfig{NodeName: name, BindIP: loopback, Port: 0, Key: key,
-		ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 50 * time.Millisecond, SuspicionMult: 3})
+	g, err := NewGossip(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,8 +207,14 @@ func BenchmarkDetection(b *testing.B) {
 func TestGossipSpreadsRoutesAndSurvivesGarbage(t *testing.T) {
 	key := make([]byte, 32)
 	rand.Read(key)
-	a := testGossip(t, "a", key)
-	b := testGossip(t, "b", key)
+	// No state exchange during the test: what arrives, broadcasts carried.
+	noPushPull := func(name string) GossipConfig {
+		c := testConfig(name, key)
+		c.PushPullInterval = time.Hour
+		return c
+	}
+	a := testGossipWith(t, noPushPull("a"))
+	b := testGossipWith(t, noPushPull("b"))
 	if _, err := b.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
 		t.Fatal(err)
 	}
@@ -212,8 +226,7 @@ func TestGossipSpreadsRoutesAndSurvivesGarbage(t *testing.T) {
 		r := a.View().Members["b"].Routes
 		return r != nil && r.Has(ipA, 7) && r.Has(ipB, 3) && !r.Has(ipA, 6)
 	})
-	// A newer report replaces the older one; the broadcast, not a state exchange,
-	// carries it (push/pull runs every 10 s).
+	// A newer report replaces the older one.
 	if err := b.SetRoutes([]Claim{{IP: ipA, Gen: 8}}); err != nil {
 		t.Fatal(err)
 	}
@@ -230,6 +243,74 @@ func TestGossipSpreadsRoutesAndSurvivesGarbage(t *testing.T) {
 	if after := a.View().Members["b"].Routes; !after.Same(before.Claims) || after.Version != before.Version {
 		t.Errorf("garbage changed b's routes: %+v -> %+v", before, after)
 	}
+}
+
+// A node that left does not come back through relayed copies of its last report, and
+// forgotten nodes' reports are dropped with them.
+func TestRoutesOfDepartedNodesDoNotLinger(t *testing.T) {
+	a := testGossip(t, "a", nil)
+	report := func(node string, version uint64) []byte {
+		b, err := Routes{Node: node, Version: version, Claims: []Claim{{IP: ipA, Gen: 1}}}.encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	(*delegate)(a).NotifyMsg(report("gone", 5))
+	(*delegate)(a).MergeRemoteState(encodeRoutesState(map[string]Routes{"gone": {Node: "gone", Version: 6}}), false)
+	if _, ok := a.View().Members["gone"]; ok || len(decodedState(t, a)) != 0 {
+		t.Errorf("a report of a non-member was kept: %v", decodedState(t, a))
+	}
+	// Our own report, relayed back with a version from a clock that was ahead: ours
+	// is outdated past it, so peers do not ignore it.
+	if err := a.SetRoutes([]Claim{{IP: ipA, Gen: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	far := uint64(time.Now().Add(time.Hour).UnixNano())
+	(*delegate)(a).NotifyMsg(report("a", far))
+	if r := a.View().Members["a"].Routes; r == nil || r.Version <= far || !r.Has(ipA, 2) {
+		t.Errorf("own report after a newer stale copy: %+v", r)
+	}
+}
+
+func decodedState(t *testing.T, g *Gossip) []Routes {
+	t.Helper()
+	all, err := decodeRoutesState((*delegate)(g).LocalState(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var others []Routes
+	for _, r := range all {
+		if r.Node != g.cfg.NodeName {
+			others = append(others, r)
+		}
+	}
+	return others
+}
+
+// A member restarted on the same port is probed by its peers at once, before
+// memberlist.Create returns: the delegates must already work then (they once
+// dereferenced a broadcast queue that was not there yet).
+func TestGossipRestartUnderProbes(t *testing.T) {
+	a := testGossip(t, "a", nil)
+	b, err := NewGossip(testConfig("b", nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := b.Port()
+	if _, err := b.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 10; i++ {
+		b.Shutdown()
+		cfg := testConfig("b", nil)
+		cfg.Port = port
+		if b, err = NewGossip(cfg); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(30 * time.Millisecond)
+	}
+	b.Shutdown()
 }
 
 func TestRoutesWireFormat(t *testing.T) {

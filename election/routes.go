@@ -132,7 +132,8 @@ func decodeRoutesState(b []byte) ([]Routes, error) {
 	}
 	count := int(binary.BigEndian.Uint16(b[2:]))
 	rest := b[4:]
-	out := make([]Routes, 0, count)
+	// The count comes from the network: do not let it size the allocation.
+	out := make([]Routes, 0, min(count, len(rest)/(4+13)))
 	for i := 0; i < count; i++ {
 		if len(rest) < 4 {
 			return nil, fmt.Errorf("%w: truncated state", ErrBadRoutes)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -418,6 +419,9 @@ func (a *Agent) Sync() error {
 	start := time.Now()
 	err := a.sync()
 	a.metrics.observeSync(time.Since(start), err)
+	if err != nil && a.status != nil {
+		a.status.observe(nil) // facts of a sync that failed are not facts
+	}
 	return err
 }
 
@@ -495,8 +499,8 @@ func (a *Agent) sync() error {
 	a.metrics.EgressIPsHeld.Set(float64(len(plan.Held)))
 	a.metrics.MembersAlive.Set(float64(len(alive)))
 	for _, ip := range res.Announced {
-		if plan.Held[ip].Gen > 1 {
-			a.metrics.Failovers.Inc() // someone held it before
+		if claimedByOther(el.View, ip) {
+			a.metrics.Failovers.Inc()
 		}
 		klog.InfoS("Took over egress IP", "egressIP", ip, "generation", plan.Held[ip].Gen, "namespaces", plan.Namespaces[ip])
 	}
@@ -518,6 +522,17 @@ func (a *Agent) sync() error {
 		}
 	}
 	return nil
+}
+
+// claimedByOther reports whether another member's last gossip (alive or not) claims ip:
+// taking it is then a failover, not a first assignment or a reclaim.
+func claimedByOther(v election.View, ip netip.Addr) bool {
+	for name, m := range v.Members {
+		if name != v.Self && slices.ContainsFunc(m.Meta.Claims, func(c election.Claim) bool { return c.IP == ip }) {
+			return true
+		}
+	}
+	return false
 }
 
 func sameClaims(a, b map[netip.Addr]Holding) bool {

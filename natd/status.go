@@ -97,14 +97,22 @@ type statusWriter struct {
 
 	mu   sync.Mutex
 	snap *statusSnapshot
+
+	// unusedSince is when the worker first found an object's IP unused; it deletes the
+	// object only after deleteGrace of that, so a speaker whose informers lag behind
+	// the holder's does not delete an object the holder has just created.
+	unusedSince map[string]time.Time
 }
+
+// deleteGrace is how long an IP must stay unused before its object is deleted.
+const deleteGrace = 5 * time.Second
 
 func newStatusWriter(node string, client versioned.Interface, recorder record.EventRecorder) *statusWriter {
 	factory := externalversions.NewSharedInformerFactory(client, 0)
 	inf := factory.Egress().V1alpha1().EgressIPs()
 	w := &statusWriter{
 		node: node, client: client, factory: factory, lister: inf.Lister(), synced: inf.Informer().HasSynced,
-		recorder: recorder, now: time.Now,
+		recorder: recorder, now: time.Now, unusedSince: map[string]time.Time{},
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](100*time.Millisecond, 10*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "natd-status"}),
@@ -229,9 +237,17 @@ func (w *statusWriter) write(ctx context.Context, name string) error {
 		return nil // no sync with a majority yet: nothing known worth writing
 	}
 	f, inUse := s.IPs[name]
+	if inUse {
+		delete(w.unusedSince, name)
+	}
 	switch {
 	case inUse && f.HeldHere && f.Holder == w.node:
 	case inUse && f.Holder == "" && election.Pick(name, s.Speakers) == w.node:
+		if claimed(w.view(), f.IP) {
+			// This node's facts lag: a live node already claims the IP and will
+			// write; saying "no holder" now would only flap the status.
+			return nil
+		}
 	case !inUse && election.Pick(name, s.Speakers) == w.node:
 	default:
 		return nil // another node's to write
@@ -245,12 +261,26 @@ func (w *statusWriter) write(ctx context.Context, name string) error {
 	}
 	if !inUse {
 		if cur == nil {
+			delete(w.unusedSince, name)
+			return nil
+		}
+		since, ok := w.unusedSince[name]
+		if !ok {
+			since = w.now()
+			w.unusedSince[name] = since
+		}
+		if wait := deleteGrace - w.now().Sub(since); wait > 0 {
+			w.queue.AddAfter(name, wait)
 			return nil
 		}
 		klog.InfoS("Deleting EgressIP no namespace uses", "egressIP", name)
-		err := api.Delete(ctx, name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &cur.UID}})
+		err := api.Delete(ctx, name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{
+			UID: &cur.UID, ResourceVersion: &cur.ResourceVersion}})
 		if apierrors.IsNotFound(err) {
-			return nil
+			err = nil
+		}
+		if err == nil {
+			delete(w.unusedSince, name)
 		}
 		return err
 	}
@@ -262,6 +292,9 @@ func (w *statusWriter) write(ctx context.Context, name string) error {
 			return err
 		}
 		klog.InfoS("Created EgressIP", "egressIP", name)
+	}
+	if f.HeldHere && cur.Status.ClaimGeneration > int64(f.Gen) {
+		return nil // a newer holder has written: this node's facts are behind
 	}
 	ready := 0
 	if f.HeldHere {
@@ -278,6 +311,16 @@ func (w *statusWriter) write(ctx context.Context, name string) error {
 	}
 	w.recordHolderChange(next, cur.Status, status, f, s.NamespaceUIDs)
 	return nil
+}
+
+// claimed reports whether a live member gossips a claim on ip.
+func claimed(v election.View, ip netip.Addr) bool {
+	for _, m := range v.Members {
+		if m.Alive && slices.ContainsFunc(m.Meta.Claims, func(c election.Claim) bool { return c.IP == ip }) {
+			return true
+		}
+	}
+	return false
 }
 
 // readyNodes counts the API's nodes whose natd is alive and routes ip to the claim gen.
@@ -299,8 +342,10 @@ func desiredStatus(old egressv1alpha1.EgressIPStatus, f ipFacts, self string, re
 	s.NamespaceList = strings.Join(f.Namespaces, ",")
 	s.Ready = fmt.Sprintf("%d/%d", ready, total)
 	holder := ""
+	s.ClaimGeneration = 0
 	if f.HeldHere {
 		holder = self
+		s.ClaimGeneration = int64(f.Gen)
 	}
 	if holder != old.Node {
 		last := old.Node

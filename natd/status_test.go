@@ -35,8 +35,11 @@ func writerFor(t *testing.T, node string, objs ...*egressv1alpha1.EgressIP) (*st
 		idx.Add(o)
 	}
 	rec := record.NewFakeRecorder(100)
+	clock := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
 	w := &statusWriter{node: node, client: client, lister: egresslisters.NewEgressIPLister(idx), recorder: rec,
-		now: func() time.Time { return time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC) }}
+		now: func() time.Time { return clock }, unusedSince: map[string]time.Time{},
+		queue: workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]())}
+	t.Cleanup(w.queue.ShutDown)
 	return w, client, rec
 }
 
@@ -172,6 +175,18 @@ func TestStatusRejectedIPAndDeletion(t *testing.T) {
 			if err := w.write(context.Background(), name); err != nil {
 				t.Fatal(err)
 			}
+			if name == "198.18.0.201" {
+				// Unused, but not for long enough yet: a lagging speaker must not delete
+				// what a holder has just created.
+				if _, err := client.EgressV1alpha1().EgressIPs().Get(context.Background(), name, metav1.GetOptions{}); err != nil {
+					t.Errorf("%s: deleted before the grace: %v", node, err)
+				}
+				later := w.now().Add(deleteGrace)
+				w.now = func() time.Time { return later }
+				if err := w.write(context.Background(), name); err != nil {
+					t.Fatal(err)
+				}
+			}
 			got, err := client.EgressV1alpha1().EgressIPs().Get(context.Background(), name, metav1.GetOptions{})
 			switch {
 			case name == "198.18.0.201" && node == speaker && err == nil:
@@ -255,5 +270,35 @@ func TestStatusObserveEnqueuesWhatChanged(t *testing.T) {
 	w.observe(nil)
 	if w.snap != nil {
 		t.Error("no majority: the writer still has facts to write from")
+	}
+}
+
+// A holder that has just let go (its facts lag one sync) does not overwrite the new
+// holder's status, and a speaker that has not heard of a live claim does not write
+// "no holder" over it.
+func TestStatusStaleWritersStayQuiet(t *testing.T) {
+	newer := &egressv1alpha1.EgressIP{ObjectMeta: metav1.ObjectMeta{Name: "198.18.0.200"},
+		Spec:   egressv1alpha1.EgressIPSpec{IP: "198.18.0.200"},
+		Status: egressv1alpha1.EgressIPStatus{Node: "node3", ClaimGeneration: 6, Ready: "3/3"}}
+	w, client, rec := writerFor(t, "node2", newer)
+	w.view = func() election.View {
+		return election.View{Self: "node2", Members: map[string]election.Member{
+			"node3": {Name: "node3", Alive: true, Meta: election.Meta{Claims: []election.Claim{{IP: eipA, Gen: 6}}}}}}
+	}
+	w.snap = &statusSnapshot{Speakers: []string{"node2"}, Nodes: threeNodes(),
+		IPs: map[string]ipFacts{"198.18.0.200": {IP: eipA, Holder: "node2", HeldHere: true, Gen: 5}}}
+	if err := w.write(context.Background(), "198.18.0.200"); err != nil {
+		t.Fatal(err)
+	}
+	w.snap.IPs["198.18.0.200"] = ipFacts{IP: eipA} // no holder in this node's view
+	if err := w.write(context.Background(), "198.18.0.200"); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := client.EgressV1alpha1().EgressIPs().Get(context.Background(), "198.18.0.200", metav1.GetOptions{})
+	if got.Status.Node != "node3" || got.Status.ClaimGeneration != 6 {
+		t.Errorf("a stale writer changed the status: %+v", got.Status)
+	}
+	if ev := events(rec); len(ev) != 0 {
+		t.Errorf("a stale writer recorded events: %q", ev)
 	}
 }

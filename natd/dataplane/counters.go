@@ -109,13 +109,12 @@ func (a *nftApplier) readCounters(conn *nftables.Conn) (map[string]Count, error)
 			if r.Drops == "" {
 				continue
 			}
+			// One total per rule, summed by reason only when reported: a rule that is
+			// missing from one read (a table someone changed) must not look like a
+			// reset of the others.
 			for _, e := range rules[i].Exprs {
 				if ctr, ok := e.(*expr.Counter); ok {
-					k := dropKey(r.Drops)
-					v := raw[k]
-					v.Packets += ctr.Packets
-					v.Bytes += ctr.Bytes
-					raw[k] = v
+					raw[dropKey(r.Drops, c.Name, i)] = Count{Packets: ctr.Packets, Bytes: ctr.Bytes}
 				}
 			}
 		}
@@ -124,7 +123,9 @@ func (a *nftApplier) readCounters(conn *nftables.Conn) (map[string]Count, error)
 }
 
 func snatKey(ip netip.Addr) string { return "snat/" + ip.String() }
-func dropKey(reason string) string { return "drop/" + reason }
+func dropKey(reason, chain string, rule int) string {
+	return fmt.Sprintf("drop/%s/%s/%d", reason, chain, rule)
+}
 
 // Counters reads natd's counters now.
 func (d *Dataplane) Counters() (Counters, error) {
@@ -144,10 +145,14 @@ func (d *Dataplane) Counters() (Counters, error) {
 	for k, v := range tot.total {
 		switch {
 		case strings.HasPrefix(k, "drop/"):
-			out.Drops[strings.TrimPrefix(k, "drop/")] = v
+			reason, _, _ := strings.Cut(strings.TrimPrefix(k, "drop/"), "/")
+			sum := out.Drops[reason]
+			sum.Packets += v.Packets
+			sum.Bytes += v.Bytes
+			out.Drops[reason] = sum
 		case strings.HasPrefix(k, "snat/"):
 			ip, err := netip.ParseAddr(strings.TrimPrefix(k, "snat/"))
-			if _, held := raw[k]; err != nil || !held {
+			if _, held := raw[k]; err != nil || (!held && d.nft.applied != nil) {
 				tot.forget(k) // released: its series goes away
 				continue
 			}

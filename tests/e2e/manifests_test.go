@@ -39,7 +39,7 @@ func TestManifestsApplyWithLeastPrivilege(t *testing.T) {
 		{"update", "egressips.egress.natd.dev", "yes", []string{"--subresource", "status"}},
 		// Not needed, so not granted:
 		{"delete", "pods", "no", nil}, {"update", "nodes", "no", nil}, {"get", "secrets", "no", nil}, {"patch", "namespaces", "no", nil},
-		{"update", "egressips.egress.natd.dev", "no", nil}, {"patch", "egressips.egress.natd.dev", "no", []string{"--subresource", "status"}},
+		{"update", "egressips.egress.natd.dev", "no", nil}, {"get", "egressips.egress.natd.dev", "no", nil}, {"patch", "egressips.egress.natd.dev", "no", []string{"--subresource", "status"}},
 	} {
 		out, _ := kubectl(append([]string{"auth", "can-i", c.verb, c.resource, "--as", sa}, c.extra...)...)
 		// The answer is the last word; kubectl may warn before it.

@@ -52,6 +52,11 @@ type EgressIPStatus struct {
 	// current holder, over all nodes.
 	// +optional
 	Ready string `json:"ready,omitempty"`
+	// ClaimGeneration is the generation of Node's claim on the IP. Claims only grow, so
+	// a writer with an older claim (a holder that has just let go) never overwrites a
+	// newer one.
+	// +optional
+	ClaimGeneration int64 `json:"claimGeneration,omitempty"`
 	// PreviousNode held the IP before Node did; while no node holds it, the last node
 	// that did.
 	// +optional
