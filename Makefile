@@ -43,8 +43,11 @@ check-generated: generate
 
 # Unit tests, kernel tests (each in a fresh network namespace) and end-to-end tests in
 # the lab. NATD_E2E=required (CI) turns a test that cannot run into a failure. One
-# package at a time (-p 1): the failover tests time gossip on a 2-core machine.
+# package at a time (-p 1): the failover tests time gossip on a 2-core machine. The
+# gossip and agent logic run under the race detector first (memberlist calls natd's
+# delegates from its own goroutines).
 test: deps kube-bins check-generated vet
+	$(GO) test -count=1 -race ./election/ ./natd/
 	$(GO) test -count=1 -p 1 -timeout 20m ./...
 
 test-e2e: deps kube-bins
