@@ -72,6 +72,11 @@ type Member struct {
 	Routes *Routes
 }
 
+// Claims reports whether the member's last gossip claims ip.
+func (m Member) Claims(ip netip.Addr) bool {
+	return slices.ContainsFunc(m.Meta.Claims, func(c Claim) bool { return c.IP == ip })
+}
+
 // View is a snapshot of the membership.
 type View struct {
 	Self    string
@@ -234,13 +239,14 @@ func (g *Gossip) Forget(keep func(name string) bool) {
 
 // SetRoutes reports what this node has programmed now: gossip spreads it to all.
 func (g *Gossip) SetRoutes(claims []Claim) error {
+	sorted := sortedClaims(claims)
 	g.mu.Lock()
 	old, ok := g.routes[g.cfg.NodeName]
-	if ok && old.Same(claims) {
+	if ok && slices.Equal(old.Claims, sorted) {
 		g.mu.Unlock()
 		return nil
 	}
-	r := Routes{Node: g.cfg.NodeName, Version: max(uint64(g.cfg.Now().UnixNano()), old.Version+1), Claims: sortedClaims(claims)}
+	r := Routes{Node: g.cfg.NodeName, Version: max(uint64(g.cfg.Now().UnixNano()), old.Version+1), Claims: sorted}
 	msg, err := r.encode()
 	if err != nil {
 		g.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 )
@@ -240,7 +241,7 @@ func TestGossipSpreadsRoutesAndSurvivesGarbage(t *testing.T) {
 		(*delegate)(a).NotifyMsg(junk)
 		(*delegate)(a).MergeRemoteState(junk, false)
 	}
-	if after := a.View().Members["b"].Routes; !after.Same(before.Claims) || after.Version != before.Version {
+	if after := a.View().Members["b"].Routes; !slices.Equal(after.Claims, before.Claims) || after.Version != before.Version {
 		t.Errorf("garbage changed b's routes: %+v -> %+v", before, after)
 	}
 }
@@ -320,7 +321,7 @@ func TestRoutesWireFormat(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, err := decodeRoutes(b)
-	if err != nil || got.Node != r.Node || got.Version != 42 || !got.Same(r.Claims) {
+	if err != nil || got.Node != r.Node || got.Version != 42 || !slices.Equal(got.Claims, r.Claims) {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
 	for i := range b {

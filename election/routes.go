@@ -2,6 +2,7 @@ package election
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -19,11 +20,6 @@ type Routes struct {
 	// kept increasing, so a report from before a restart loses to a newer one.
 	Version uint64
 	Claims  []Claim // sorted by IP
-}
-
-// Routes to the same claims, in any order.
-func (r Routes) Same(claims []Claim) bool {
-	return slices.Equal(r.Claims, sortedClaims(claims))
 }
 
 // Has reports whether the node routes ip's traffic to the holder's claim gen.
@@ -45,6 +41,7 @@ func sortedClaims(claims []Claim) []Claim {
 // and of the push/pull state: version(1) kind(1) count(2) count*(len(4) report).
 const (
 	routesWireVersion = 1
+	routesHeader      = 13 // version, kind, report version, name length, count
 	kindRoutes        = 'R'
 	kindRoutesState   = 'S'
 	// maxBroadcast keeps a report inside one UDP gossip packet, with room for
@@ -61,7 +58,7 @@ func (r Routes) encode() ([]byte, error) {
 	if len(r.Claims) > 0xffff {
 		return nil, fmt.Errorf("%d routes do not fit in one report", len(r.Claims))
 	}
-	b := make([]byte, 0, 13+len(r.Node)+claimSize*len(r.Claims))
+	b := make([]byte, 0, routesHeader+len(r.Node)+claimSize*len(r.Claims))
 	b = append(b, routesWireVersion, kindRoutes)
 	b = binary.BigEndian.AppendUint64(b, r.Version)
 	b = append(b, byte(len(r.Node)))
@@ -75,13 +72,13 @@ func (r Routes) encode() ([]byte, error) {
 
 // ErrBadRoutes is returned for a routes message natd cannot read; it comes from the
 // network and is dropped.
-var ErrBadRoutes = fmt.Errorf("unreadable routes report")
+var ErrBadRoutes = errors.New("unreadable routes report")
 
 func decodeRoutes(b []byte) (Routes, error) {
 	bad := func(why string) (Routes, error) {
 		return Routes{}, fmt.Errorf("%w: %s (%d bytes)", ErrBadRoutes, why, len(b))
 	}
-	if len(b) < 13 || b[0] != routesWireVersion || b[1] != kindRoutes {
+	if len(b) < routesHeader || b[0] != routesWireVersion || b[1] != kindRoutes {
 		return bad("unknown header")
 	}
 	r := Routes{Version: binary.BigEndian.Uint64(b[2:10])}
@@ -133,7 +130,7 @@ func decodeRoutesState(b []byte) ([]Routes, error) {
 	count := int(binary.BigEndian.Uint16(b[2:]))
 	rest := b[4:]
 	// The count comes from the network: do not let it size the allocation.
-	out := make([]Routes, 0, min(count, len(rest)/(4+13)))
+	out := make([]Routes, 0, min(count, len(rest)/(4+routesHeader)))
 	for i := 0; i < count; i++ {
 		if len(rest) < 4 {
 			return nil, fmt.Errorf("%w: truncated state", ErrBadRoutes)

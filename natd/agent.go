@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -169,13 +168,13 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 		}
 	}()
 	a.queue.Add(syncKey)
-	go a.every(ctx, a.cfg.ResyncPeriod, func() { a.queue.Add(syncKey) })
-	go a.every(ctx, a.cfg.Lease/4, func() {
+	go every(ctx, a.cfg.ResyncPeriod, func() { a.queue.Add(syncKey) })
+	go every(ctx, a.cfg.Lease/4, func() {
 		if err := a.kernel.RenewLeases(); err != nil {
 			klog.ErrorS(err, "Renewing leases failed")
 		}
 	})
-	go a.every(ctx, 10*time.Second, a.rejoin)
+	go every(ctx, 10*time.Second, a.rejoin)
 	go a.publishClaims(ctx)
 	if a.status != nil {
 		go a.status.run(ctx, a.members.View, a.members.RoutesChanged(), a.cfg.ResyncPeriod)
@@ -314,7 +313,8 @@ func (a *Agent) exchangeState() {
 	a.queue.Add(syncKey)
 }
 
-func (a *Agent) every(ctx context.Context, d time.Duration, fn func()) {
+// every calls fn every d until ctx ends.
+func every(ctx context.Context, d time.Duration, fn func()) {
 	t := time.NewTicker(d)
 	defer t.Stop()
 	for {
@@ -516,7 +516,7 @@ func (a *Agent) sync() error {
 	// writes nothing then.
 	if a.status != nil {
 		if plan.Quorum {
-			a.status.observe(statusFacts(c, plan, speakers, a.cfg.FailOpen))
+			a.status.observe(statusFacts(c, plan, speakers, apiNodes, a.cfg.FailOpen))
 		} else {
 			a.status.observe(nil)
 		}
@@ -528,7 +528,7 @@ func (a *Agent) sync() error {
 // taking it is then a failover, not a first assignment or a reclaim.
 func claimedByOther(v election.View, ip netip.Addr) bool {
 	for name, m := range v.Members {
-		if name != v.Self && slices.ContainsFunc(m.Meta.Claims, func(c election.Claim) bool { return c.IP == ip }) {
+		if name != v.Self && m.Claims(ip) {
 			return true
 		}
 	}

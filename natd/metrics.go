@@ -101,7 +101,7 @@ func (k *kernelCounters) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(k.snatPackets, prometheus.CounterValue, float64(v.Packets), ip.String())
 		ch <- prometheus.MustNewConstMetric(k.snatBytes, prometheus.CounterValue, float64(v.Bytes), ip.String())
 	}
-	for _, reason := range []string{dataplane.DropFailClosed, dataplane.DropLeakGuard, dataplane.DropUnknownPod, dataplane.DropUnpinnedTransit} {
+	for _, reason := range dataplane.DropReasons {
 		ch <- prometheus.MustNewConstMetric(k.dropped, prometheus.CounterValue, float64(c.Drops[reason].Packets), reason)
 	}
 }

@@ -147,14 +147,11 @@ func (w *statusWriter) run(ctx context.Context, view func() election.View, route
 		}
 	}()
 	w.enqueueAll()
-	t := time.NewTicker(resync)
-	defer t.Stop()
+	go every(ctx, resync, w.enqueueAll)
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
-			w.enqueueAll()
 		case <-routesChanged:
 			// READY of the IPs this node holds may have changed. A short delay folds
 			// the reports of a whole failover into one write.
@@ -316,7 +313,7 @@ func (w *statusWriter) write(ctx context.Context, name string) error {
 // claimed reports whether a live member gossips a claim on ip.
 func claimed(v election.View, ip netip.Addr) bool {
 	for _, m := range v.Members {
-		if m.Alive && slices.ContainsFunc(m.Meta.Claims, func(c election.Claim) bool { return c.IP == ip }) {
+		if m.Alive && m.Claims(ip) {
 			return true
 		}
 	}
@@ -420,13 +417,11 @@ func (w *statusWriter) recordHolderChange(obj *egressv1alpha1.EgressIP, old, cur
 	}
 }
 
-// statusFacts gathers what the status writer needs from one sync's plan.
-func statusFacts(c Cluster, plan *Plan, speakers []string, failOpen bool) *statusSnapshot {
-	s := &statusSnapshot{IPs: map[string]ipFacts{}, Speakers: speakers, Nodes: map[string]bool{},
+// statusFacts gathers what the status writer needs from one sync's plan; apiNodes are
+// the names of the API's nodes.
+func statusFacts(c Cluster, plan *Plan, speakers []string, apiNodes map[string]bool, failOpen bool) *statusSnapshot {
+	s := &statusSnapshot{IPs: map[string]ipFacts{}, Speakers: speakers, Nodes: apiNodes,
 		NamespaceUIDs: map[string]types.UID{}}
-	for _, n := range c.Nodes {
-		s.Nodes[n.Name] = true
-	}
 	for _, ns := range c.Namespaces {
 		if _, ok := ns.Annotations[AnnotationEgressIP]; ok {
 			s.NamespaceUIDs[ns.Name] = ns.UID

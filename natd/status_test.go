@@ -219,7 +219,7 @@ func TestStatusFactsFromPlan(t *testing.T) {
 			"far-2": {Reason: ReasonOutsideEgressCIDR, IP: netip.MustParseAddr("10.1.1.1")},
 		},
 	}
-	s := statusFacts(Cluster{}, plan, []string{"node1"}, false)
+	s := statusFacts(Cluster{}, plan, []string{"node1"}, map[string]bool{"node1": true}, false)
 	if len(s.IPs) != 2 {
 		t.Fatalf("facts: %+v", s.IPs)
 	}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -14,6 +13,17 @@ import (
 
 // Count is a packet and byte count.
 type Count struct{ Packets, Bytes uint64 }
+
+func (c Count) plus(o Count) Count { return Count{c.Packets + o.Packets, c.Bytes + o.Bytes} }
+
+// counterKey names one kernel counter: an egress IP's element of held_addrs (SNAT), or
+// one drop rule (Reason, with its chain and position).
+type counterKey struct {
+	SNAT   netip.Addr
+	Reason string
+	Chain  string
+	Rule   int
+}
 
 // Counters is what natd's nftables counters say, made monotonic for the life of the
 // process (see counterTotals).
@@ -31,22 +41,20 @@ type Counters struct {
 // so all of it is new. The applier reads the counters just before it replaces the
 // table, so only packets counted between that read and the replacement are lost.
 type counterTotals struct {
-	last, total map[string]Count
+	last, total map[counterKey]Count
 }
 
-func (c *counterTotals) observe(raw map[string]Count) {
+func (c *counterTotals) observe(raw map[counterKey]Count) {
 	if c.total == nil {
-		c.last, c.total = map[string]Count{}, map[string]Count{}
+		c.last, c.total = map[counterKey]Count{}, map[counterKey]Count{}
 	}
 	for k, v := range raw {
 		prev := c.last[k]
 		if v.Packets < prev.Packets || v.Bytes < prev.Bytes {
 			prev = Count{}
 		}
-		t := c.total[k]
-		t.Packets += v.Packets - prev.Packets
-		t.Bytes += v.Bytes - prev.Bytes
-		c.total[k], c.last[k] = t, v
+		c.total[k] = c.total[k].plus(Count{v.Packets - prev.Packets, v.Bytes - prev.Bytes})
+		c.last[k] = v
 	}
 }
 
@@ -54,21 +62,21 @@ func (c *counterTotals) observe(raw map[string]Count) {
 func (c *counterTotals) reset() { clear(c.last) }
 
 // forget drops a counter whose object is gone for good (an egress IP no longer held).
-func (c *counterTotals) forget(key string) {
+func (c *counterTotals) forget(key counterKey) {
 	delete(c.last, key)
 	delete(c.total, key)
 }
 
 // readCounters reads the counters of the ip table as applied: the per-element counters
 // of held_addrs and the counters of the rules that drop pinned packets.
-func (a *nftApplier) readCounters(conn *nftables.Conn) (map[string]Count, error) {
+func (a *nftApplier) readCounters(conn *nftables.Conn) (map[counterKey]Count, error) {
 	var rs *Ruleset
 	for _, r := range a.applied {
 		if r.Family == nftables.TableFamilyIPv4 {
 			rs = r
 		}
 	}
-	raw := map[string]Count{}
+	raw := map[counterKey]Count{}
 	if rs == nil {
 		return raw, nil
 	}
@@ -87,7 +95,7 @@ func (a *nftApplier) readCounters(conn *nftables.Conn) (map[string]Count, error)
 		}
 		for _, e := range els {
 			if ip, ok := netip.AddrFromSlice(e.Key); ok && e.Counter != nil {
-				raw[snatKey(ip)] = Count{Packets: e.Counter.Packets, Bytes: e.Counter.Bytes}
+				raw[counterKey{SNAT: ip}] = Count{Packets: e.Counter.Packets, Bytes: e.Counter.Bytes}
 			}
 		}
 	}
@@ -114,17 +122,12 @@ func (a *nftApplier) readCounters(conn *nftables.Conn) (map[string]Count, error)
 			// reset of the others.
 			for _, e := range rules[i].Exprs {
 				if ctr, ok := e.(*expr.Counter); ok {
-					raw[dropKey(r.Drops, c.Name, i)] = Count{Packets: ctr.Packets, Bytes: ctr.Bytes}
+					raw[counterKey{Reason: r.Drops, Chain: c.Name, Rule: i}] = Count{Packets: ctr.Packets, Bytes: ctr.Bytes}
 				}
 			}
 		}
 	}
 	return raw, nil
-}
-
-func snatKey(ip netip.Addr) string { return "snat/" + ip.String() }
-func dropKey(reason, chain string, rule int) string {
-	return fmt.Sprintf("drop/%s/%s/%d", reason, chain, rule)
 }
 
 // Counters reads natd's counters now.
@@ -143,21 +146,15 @@ func (d *Dataplane) Counters() (Counters, error) {
 	tot.observe(raw)
 	out := Counters{SNAT: map[netip.Addr]Count{}, Drops: map[string]Count{}}
 	for k, v := range tot.total {
-		switch {
-		case strings.HasPrefix(k, "drop/"):
-			reason, _, _ := strings.Cut(strings.TrimPrefix(k, "drop/"), "/")
-			sum := out.Drops[reason]
-			sum.Packets += v.Packets
-			sum.Bytes += v.Bytes
-			out.Drops[reason] = sum
-		case strings.HasPrefix(k, "snat/"):
-			ip, err := netip.ParseAddr(strings.TrimPrefix(k, "snat/"))
-			if _, held := raw[k]; err != nil || (!held && d.nft.applied != nil) {
-				tot.forget(k) // released: its series goes away
-				continue
-			}
-			out.SNAT[ip] = v
+		if !k.SNAT.IsValid() {
+			out.Drops[k.Reason] = out.Drops[k.Reason].plus(v)
+			continue
 		}
+		if _, held := raw[k]; !held && d.nft.applied != nil {
+			tot.forget(k) // released: its series goes away
+			continue
+		}
+		out.SNAT[k.SNAT] = v
 	}
 	return out, nil
 }

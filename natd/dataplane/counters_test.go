@@ -114,16 +114,17 @@ func TestKernelCounters(t *testing.T) {
 
 func TestCounterTotalsSurviveResets(t *testing.T) {
 	var c counterTotals
-	c.observe(map[string]Count{"a": {10, 100}})
-	c.observe(map[string]Count{"a": {15, 150}})
+	a := counterKey{SNAT: netip.MustParseAddr("198.18.0.200")}
+	c.observe(map[counterKey]Count{a: {10, 100}})
+	c.observe(map[counterKey]Count{a: {15, 150}})
 	c.reset() // table replaced
-	c.observe(map[string]Count{"a": {2, 20}})
-	c.observe(map[string]Count{"a": {1, 10}}) // element re-added behind our back
-	if got := c.total["a"]; got != (Count{18, 180}) {
+	c.observe(map[counterKey]Count{a: {2, 20}})
+	c.observe(map[counterKey]Count{a: {1, 10}}) // element re-added behind our back
+	if got := c.total[a]; got != (Count{18, 180}) {
 		t.Errorf("total %+v, want {18 180}", got)
 	}
-	c.forget("a")
-	if _, ok := c.total["a"]; ok {
+	c.forget(a)
+	if _, ok := c.total[a]; ok {
 		t.Error("forgotten counter still there")
 	}
 }

@@ -288,6 +288,9 @@ const (
 	DropLeakGuard       = "leak_guard"       // would have left with another source address
 )
 
+// DropReasons lists every reason, in the order metrics export them.
+var DropReasons = []string{DropFailClosed, DropLeakGuard, DropUnknownPod, DropUnpinnedTransit}
+
 // countDrops is counter() for a rule that drops pinned packets for reason.
 func (r *Rule) countDrops(reason string) *Rule {
 	r.Drops = reason
