@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/netip"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/labels"
@@ -28,6 +30,9 @@ import (
 // Kernel programs the node; dataplane.Dataplane implements it.
 type Kernel interface {
 	Apply(dataplane.State) (dataplane.Result, error)
+	// Verify reports whether anything natd owns in the kernel drifted from the last
+	// Apply; a sync repairs it.
+	Verify() (drifted bool, err error)
 	RenewLeases() error
 	HoldLeases(grace time.Duration) error
 	KernelClaims() ([]dataplane.HeldAddr, error)
@@ -46,11 +51,17 @@ type Membership interface {
 	Shutdown() error
 }
 
-// podNodeIndex indexes pods by spec.nodeName, to find this node's pods without a scan.
-const podNodeIndex = "nodeName"
+// Keys of the work queue. Every event leads to one sync of the whole node (syncKey);
+// verifyKey asks the worker to check the kernel for drift (and sync if it drifted).
+// One worker takes them in turn, so the kernel has one writer.
+const (
+	syncKey   = "node"
+	verifyKey = "verify"
+)
 
-// syncKey is the only key in the queue: every event leads to one sync of the whole node.
-const syncKey = "node"
+// verifyEvery is how often the kernel is checked for drift: anything natd owns that
+// someone changed is repaired within about this long.
+const verifyEvery = time.Second
 
 // Agent is natd on one node: informers and gossip feed a queue, one worker converges
 // the kernel.
@@ -62,6 +73,8 @@ type Agent struct {
 	recorder      record.EventRecorder
 	metrics       *Metrics
 	status        *statusWriter // nil: no EgressIP objects are written
+	now           func() time.Time
+	health        *health
 
 	factory    informers.SharedInformerFactory
 	namespaces corelisters.NamespaceLister
@@ -72,6 +85,7 @@ type Agent struct {
 
 	mu            sync.Mutex
 	reported      map[string]string // namespace -> last rejection reported, so events are not repeated
+	hostNetWarned map[string]bool   // "namespace/pod" of host-network pods already warned about
 	held          map[netip.Addr]Holding
 	quorumSince   time.Time
 	stateSyncedAt time.Time
@@ -101,19 +115,14 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](50*time.Millisecond, 5*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "natd"}),
-		reported: map[string]string{},
-		held:     map[netip.Addr]Holding{},
-		publish:  make(chan struct{}, 1),
+		reported:      map[string]string{},
+		hostNetWarned: map[string]bool{},
+		held:          map[netip.Addr]Holding{},
+		publish:       make(chan struct{}, 1),
+		now:           time.Now,
 	}
+	a.health = newHealth(a.now)
 	podInformer := factory.Core().V1().Pods().Informer()
-	if err := podInformer.AddIndexers(cache.Indexers{podNodeIndex: func(obj any) ([]string, error) {
-		if p, ok := obj.(*podRecord); ok && p.nodeName != "" {
-			return []string{p.nodeName}, nil
-		}
-		return nil, nil
-	}}); err != nil {
-		panic(err) // only fails once the informer has started
-	}
 	a.pods = podInformer.GetIndexer()
 	if egress != nil {
 		a.status = newStatusWriter(cfg.NodeName, egress, recorder)
@@ -149,16 +158,8 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 // leaves the cluster.
 func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	defer a.queue.ShutDown()
-	a.factory.Start(ctx.Done())
 	defer a.factory.Shutdown()
-	klog.InfoS("Waiting for informer caches")
-	for typ, ok := range a.factory.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("cache for %v did not sync", typ)
-		}
-	}
-	klog.InfoS("Informer caches synced")
-	if err := a.joinCluster(ctx); err != nil {
+	if err := a.start(ctx); err != nil {
 		return err
 	}
 	workerDone := make(chan struct{})
@@ -169,11 +170,8 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	}()
 	a.queue.Add(syncKey)
 	go every(ctx, a.cfg.ResyncPeriod, func() { a.queue.Add(syncKey) })
-	go every(ctx, a.cfg.Lease/4, func() {
-		if err := a.kernel.RenewLeases(); err != nil {
-			klog.ErrorS(err, "Renewing leases failed")
-		}
-	})
+	go every(ctx, verifyEvery, func() { a.queue.Add(verifyKey) })
+	go every(ctx, a.cfg.Lease/4, a.renewLeases)
 	go every(ctx, 10*time.Second, a.rejoin)
 	go a.publishClaims(ctx)
 	if a.status != nil {
@@ -204,6 +202,53 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 		stopWorker()
 	}
 	return nil
+}
+
+// start fills the informer caches and joins the gossip cluster: what must be done
+// before the first sync.
+func (a *Agent) start(ctx context.Context) error {
+	a.factory.Start(ctx.Done())
+	klog.InfoS("Waiting for informer caches")
+	for typ, ok := range a.factory.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("cache for %v did not sync", typ)
+		}
+	}
+	klog.InfoS("Informer caches synced")
+	return a.joinCluster(ctx)
+}
+
+// renewLeases keeps this node's egress IPs served by the kernel for another --lease,
+// but only while the agent can show it may: its worker is not stuck, its syncs
+// succeed, and it sees a majority now. Reading the gossip view blocks while gossip is
+// wedged, and then nothing is renewed either. So a node that cannot prove it may hold
+// stops serving by itself within a bounded time (wedgeBound or syncFailBound, plus
+// --lease), whatever part of it hangs.
+func (a *Agent) renewLeases() {
+	err := a.health.mayServe()
+	if err == nil {
+		nodes, _ := a.nodes.List(labels.Everything())
+		v := a.members.View()
+		if !hasQuorum(v, len(nodes), a.cfg.ContactWindow(len(v.Members))) {
+			err = errNoMajority
+		}
+	}
+	if err != nil {
+		// Not renewing is the point: the leases lapse and the node stops serving.
+		a.metrics.LeaseRenewalsWithheld.Inc()
+		klog.V(2).InfoS("Not renewing leases", "reason", err.Error())
+		a.health.renewDone(nil)
+		return
+	}
+	if err := a.kernel.RenewLeases(); err != nil {
+		// Most likely someone removed natd's tables: a sync puts them back.
+		a.metrics.LeaseRenewalFailures.Inc()
+		klog.ErrorS(err, "Renewing leases failed; repairing the node")
+		a.health.renewDone(err)
+		a.queue.Add(syncKey)
+		return
+	}
+	a.health.renewDone(nil)
 }
 
 // joinCluster starts gossip with what the kernel says this node holds, and joins the
@@ -405,7 +450,10 @@ func (a *Agent) processNext() bool {
 		return false
 	}
 	defer a.queue.Done(key)
-	if err := a.Sync(); err != nil {
+	a.health.begin()
+	defer a.health.end()
+	err := a.process(key)
+	if err != nil {
 		klog.ErrorS(err, "Sync failed; retrying", "retries", a.queue.NumRequeues(key))
 		a.queue.AddRateLimited(key)
 		return true
@@ -414,11 +462,29 @@ func (a *Agent) processNext() bool {
 	return true
 }
 
-// Sync converges the whole node to the listers' current view and the gossip view.
+func (a *Agent) process(key string) error {
+	if key != verifyKey {
+		return a.Sync()
+	}
+	drifted, err := a.kernel.Verify()
+	if err != nil {
+		return fmt.Errorf("verifying the kernel: %w", err)
+	}
+	if !drifted {
+		return nil
+	}
+	a.metrics.DriftRepairs.Inc()
+	klog.InfoS("Repairing kernel state that someone else changed")
+	return a.Sync()
+}
+
+// Sync converges the whole node to the listers' current view and the gossip view:
+// plan, apply, publish.
 func (a *Agent) Sync() error {
-	start := time.Now()
+	start := a.now()
 	err := a.sync()
-	a.metrics.observeSync(time.Since(start), err)
+	a.health.syncDone(err)
+	a.metrics.observeSync(a.now().Sub(start), err)
 	if err != nil && a.status != nil {
 		a.status.observe(nil) // facts of a sync that failed are not facts
 	}
@@ -426,39 +492,55 @@ func (a *Agent) Sync() error {
 }
 
 func (a *Agent) sync() error {
+	c, el, err := a.inputs()
+	if err != nil {
+		return err
+	}
+	plan, err := a.planner.Plan(c, el)
+	if err != nil {
+		return err
+	}
+	res, err := a.apply(plan)
+	if err != nil {
+		return err
+	}
+	a.publishPlan(c, el, plan, res)
+	return nil
+}
+
+// inputs reads what a plan is made of: the listers and the gossip view.
+func (a *Agent) inputs() (Cluster, Election, error) {
 	var c Cluster
 	var err error
 	if c.Namespaces, err = a.namespaces.List(labels.Everything()); err != nil {
-		return err
+		return c, Election{}, err
 	}
 	c.PodsIn = func(ns string) []*podRecord {
 		objs, _ := a.pods.ByIndex(cache.NamespaceIndex, ns) // the index exists: never fails
 		return records(objs)
 	}
-	local, err := a.pods.ByIndex(podNodeIndex, a.cfg.NodeName)
-	if err != nil {
-		return err
-	}
-	c.LocalPods = records(local)
 	if c.Nodes, err = a.nodes.List(labels.Everything()); err != nil {
-		return err
+		return c, Election{}, err
 	}
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	el := Election{View: a.members.View(), Held: a.held, QuorumSince: a.quorumSince,
-		StateSyncedAt: a.stateSyncedAt, SeenGen: a.seenGen, Now: time.Now()}
+		StateSyncedAt: a.stateSyncedAt, SeenGen: a.seenGen, Now: a.now()}
 	if a.draining {
 		self := el.View.Members[a.cfg.NodeName]
 		self.Meta.Draining = true
 		el.View.Members[a.cfg.NodeName] = self
 	}
-	a.mu.Unlock()
-	plan, err := a.planner.Plan(c, el)
-	if err != nil {
-		return err
-	}
+	return c, el, nil
+}
+
+// apply programs the kernel with the plan and, once that succeeded, makes the plan's
+// holdings this node's own: what it claims, since when it sees a majority, the
+// generations it has seen.
+func (a *Agent) apply(plan *Plan) (dataplane.Result, error) {
 	res, err := a.kernel.Apply(plan.State)
 	if err != nil {
-		return fmt.Errorf("programming the kernel: %w", err)
+		return res, fmt.Errorf("programming the kernel: %w", err)
 	}
 	a.mu.Lock()
 	changed := !sameClaims(a.held, plan.Held)
@@ -474,6 +556,12 @@ func (a *Agent) sync() error {
 	if plan.RetryAfter > 0 {
 		a.queue.AddAfter(syncKey, plan.RetryAfter)
 	}
+	return res, nil
+}
+
+// publishPlan tells the others what this node did: its routes to gossip, metrics,
+// logs, Events and the EgressIP status.
+func (a *Agent) publishPlan(c Cluster, el Election, plan *Plan, res dataplane.Result) {
 	if err := a.members.SetRoutes(plan.Routes); err != nil {
 		klog.ErrorS(err, "Reporting routes to gossip failed")
 	}
@@ -510,6 +598,9 @@ func (a *Agent) sync() error {
 	if res.Rebuilt {
 		klog.InfoS("Replaced nftables tables", "egressIPs", len(plan.State.Egress))
 	}
+	if res.Repinned > 0 {
+		klog.InfoS("Deleted connections of pods whose pinning changed", "pods", res.Repinned)
+	}
 	klog.V(2).InfoS("Synced node", "egressIPs", len(plan.State.Egress), "held", len(plan.Held), "quorum", plan.Quorum)
 	a.report(c.Namespaces, plan, speakers)
 	// Without a majority this node's view may be wrong (it may be the one cut off): it
@@ -521,7 +612,6 @@ func (a *Agent) sync() error {
 			a.status.observe(nil)
 		}
 	}
-	return nil
 }
 
 // claimedByOther reports whether another member's last gossip (alive or not) claims ip:
@@ -570,6 +660,22 @@ func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan, speakers []st
 		}
 	}
 	a.reported = current
+	warned := map[string]bool{}
+	defer func() { a.hostNetWarned = warned }()
+	for _, ns := range namespaces {
+		for _, pod := range plan.HostNetworkPods[ns.Name] {
+			key := ns.Name + "/" + pod
+			warned[key] = true
+			if a.hostNetWarned[key] {
+				continue
+			}
+			klog.InfoS("Pod of a pinned namespace uses the host network and cannot be pinned", "namespace", ns.Name, "pod", pod)
+			if a.recorder != nil && election.Pick(ns.Name, speakers) == a.cfg.NodeName {
+				a.recorder.Eventf(namespaceRef(ns), corev1.EventTypeWarning, "HostNetworkPodNotPinned",
+					"pod %s uses the host network: its traffic leaves with its node's address, not the egress IP", pod)
+			}
+		}
+	}
 }
 
 // namespaceRef places a Namespace's Events inside that namespace, where
@@ -583,7 +689,9 @@ func relevantChange(old, cur any) bool {
 	switch c := cur.(type) {
 	case *podRecord:
 		o, ok := old.(*podRecord)
-		return !ok || o.ipv4 != c.ipv4 || o.nIPv4 != c.nIPv4 || o.inert != c.inert || o.nodeName != c.nodeName
+		return !ok || o.ipv4 != c.ipv4 || o.nIPv4 != c.nIPv4 || o.ipv6 != c.ipv6 || o.hasIPv6 != c.hasIPv6 ||
+			o.inert != c.inert || o.hostNet != c.hostNet || o.nodeName != c.nodeName ||
+			o.terminating() != c.terminating()
 	case *corev1.Namespace:
 		o, ok := old.(*corev1.Namespace)
 		return !ok || o.Annotations[AnnotationEgressIP] != c.Annotations[AnnotationEgressIP]
@@ -625,3 +733,22 @@ func slimObject(obj any) (any, error) {
 }
 
 var errNotReady = errors.New("first sync has not completed")
+
+// Handler serves /metrics, /healthz (liveness: the worker and the lease renewal are
+// not stuck) and /readyz (synced, healthy, leases renewed).
+func (a *Agent) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(a.metrics.Registry, promhttp.HandlerOpts{}))
+	probe := func(check func() error) http.HandlerFunc {
+		return func(w http.ResponseWriter, _ *http.Request) {
+			if err := check(); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			_, _ = w.Write([]byte("ok\n"))
+		}
+	}
+	mux.HandleFunc("/healthz", probe(a.health.live))
+	mux.HandleFunc("/readyz", probe(a.health.ready))
+	return mux
+}

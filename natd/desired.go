@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -45,8 +46,6 @@ type Cluster struct {
 	Nodes      []*corev1.Node
 	// PodsIn lists the pods of a namespace.
 	PodsIn func(namespace string) []*podRecord
-	// LocalPods are the pods bound to this node.
-	LocalPods []*podRecord
 }
 
 // Plan is the outcome of one planning pass: the node's kernel state and what the
@@ -59,6 +58,9 @@ type Plan struct {
 	Namespaces map[netip.Addr][]string
 	// Rejected maps namespaces with an invalid annotation to the reason.
 	Rejected map[string]*AnnotationError
+	// HostNetworkPods lists, per pinned namespace, its pods that share their node's
+	// network: natd cannot tell their packets from the node's, so it cannot pin them.
+	HostNetworkPods map[string][]string
 	// Held is what this node holds once the plan is applied; Claims is the same as the
 	// node gossips it.
 	Held   map[netip.Addr]Holding
@@ -89,9 +91,12 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		Holders:    map[netip.Addr]string{},
 		Namespaces: map[netip.Addr][]string{},
 		Rejected:   map[string]*AnnotationError{},
+
+		HostNetworkPods: map[string][]string{},
 	}
 
 	nodeIPs := map[netip.Addr]string{}
+	var nodeIPs6 []netip.Prefix
 	nodeIPOf := map[string]netip.Addr{}
 	var eligible []string
 	var self *corev1.Node
@@ -101,8 +106,13 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 			if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
 				continue
 			}
-			if addr, err := netip.ParseAddr(a.Address); err == nil && addr.Is4() {
+			addr, err := netip.ParseAddr(a.Address)
+			switch {
+			case err != nil:
+			case addr.Is4():
 				nodeIPs[addr] = n.Name
+			default:
+				nodeIPs6 = append(nodeIPs6, netip.PrefixFrom(addr, 128))
 			}
 		}
 		if ip.IsValid() {
@@ -136,8 +146,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		st.ClusterDestinations = append(st.ClusterDestinations, netip.PrefixFrom(ip, 32))
 	}
 	slices.SortFunc(st.NodeIPs, netip.Addr.Compare)
-	st.PodCIDRs = cfg.ClusterCIDRs
-	for _, list := range [][]netip.Prefix{cfg.ClusterCIDRs, cfg.ServiceCIDRs, cfg.ExcludeCIDRs} {
+	for _, list := range [][]netip.Prefix{cfg.ClusterCIDRs, cfg.ServiceCIDRs, cfg.ExcludeCIDRs, nodeIPs6} {
 		st.ClusterDestinations = append(st.ClusterDestinations, list...)
 	}
 	slices.SortFunc(st.ClusterDestinations, func(a, b netip.Prefix) int {
@@ -146,6 +155,11 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		return a.Bits() - b.Bits()
 	})
+	for _, pr := range cfg.ClusterCIDRs {
+		if pr.Addr().Is4() {
+			st.PodCIDRs = append(st.PodCIDRs, pr)
+		}
+	}
 	for _, s := range self.Spec.PodCIDRs {
 		if pr, err := netip.ParsePrefix(s); err == nil && pr.Addr().Is4() {
 			st.LocalPodCIDRs = append(st.LocalPodCIDRs, pr.Masked())
@@ -157,8 +171,13 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 	}
 
-	pods := map[netip.Addr][]netip.Addr{}
-	for _, ns := range c.Namespaces {
+	// Namespaces in name order, so that every node resolves a pod IP claimed by two
+	// namespaces alike.
+	namespaces := slices.Clone(c.Namespaces)
+	slices.SortFunc(namespaces, func(a, b *corev1.Namespace) int { return strings.Compare(a.Name, b.Name) })
+	st.PinnedNamespaces = map[string]netip.Addr{}
+	var pins podPins
+	for _, ns := range namespaces {
 		v, ok := ns.Annotations[AnnotationEgressIP]
 		if !ok {
 			continue
@@ -169,21 +188,17 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 			continue
 		}
 		plan.Namespaces[ip] = append(plan.Namespaces[ip], ns.Name)
-		list := pods[ip]
+		st.PinnedNamespaces[ns.Name] = ip
 		for _, pod := range c.PodsIn(ns.Name) {
-			if !pod.inert {
-				list = pod.appendIPs(list)
+			switch {
+			case pod.hostNet:
+				plan.HostNetworkPods[ns.Name] = append(plan.HostNetworkPods[ns.Name], pod.Name)
+			case !pod.inert:
+				pins.add(pod, ip)
 			}
 		}
-		pods[ip] = list
 	}
-	for _, pod := range c.LocalPods {
-		if !pod.inert && pod.nodeName == cfg.NodeName {
-			st.KnownLocalPods = pod.appendIPs(st.KnownLocalPods)
-		}
-	}
-	slices.SortFunc(st.KnownLocalPods, netip.Addr.Compare)
-	st.KnownLocalPods = slices.Compact(st.KnownLocalPods)
+	pods, pods6 := pins.byEgressIP()
 
 	var ips []netip.Addr
 	for ip := range plan.Namespaces {
@@ -195,7 +210,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		sort.Strings(plan.Namespaces[ip])
 		// Pods stay in lister order: sorting 50k addresses would cost more than the
 		// dataplane's diff, which does not need an order.
-		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip]}
+		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}
 		holder := assigned[ip].Holder
 		plan.Holders[ip] = holder
 		if h, ok := plan.Held[ip]; ok {
@@ -223,17 +238,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	// node cut off from the others notices within the contact window, long before its
 	// failure detector declares them dead.
 	window := cfg.ContactWindow(len(v.Members))
-	// This node's own recent contact is the evidence: gossip may call a member dead
-	// that this node has just heard from (a healed partition's stale verdicts), and
-	// that must not make the majority side give its IPs up.
-	reachable := 0
-	for name, m := range v.Members {
-		if name == self || v.At.Sub(m.LastContact) <= window {
-			reachable++
-		}
-	}
-	size := max(apiNodes, len(v.Members))
-	plan.Quorum = 2*reachable > size
+	plan.Quorum = hasQuorum(v, apiNodes, window)
 	switch {
 	case !plan.Quorum:
 	case el.QuorumSince.IsZero():
@@ -329,9 +334,68 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	return assigned
 }
 
+// hasQuorum reports whether this node is in touch with a majority of the cluster (the
+// API's nodes or gossip's members, whichever are more). This node's own recent contact
+// is the evidence: gossip may call a member dead that this node has just heard from (a
+// healed partition's stale verdicts), and that must not make the majority side give
+// its IPs up.
+func hasQuorum(v election.View, apiNodes int, window time.Duration) bool {
+	reachable := 0
+	for name, m := range v.Members {
+		if name == v.Self || v.At.Sub(m.LastContact) <= window {
+			reachable++
+		}
+	}
+	return 2*reachable > max(apiNodes, len(v.Members))
+}
+
 // unsureFor bounds how long a node that regained a majority waits for members it saw die
 // while cut off.
 const unsureFor = 10 * time.Second
+
+// podPins resolves which egress IP each pinned pod address belongs to. The API can
+// show two pods with one IP — the old one terminating while the new one runs, or stale
+// state — and the kernel holds one element per address: one address, one egress IP. A
+// pod that is not terminating wins over one that is; otherwise the first namespace in
+// name order does, on every node alike.
+type podPins struct {
+	v4 map[[4]byte]pin
+	v6 map[[16]byte]pin
+}
+
+type pin struct {
+	egress      netip.Addr
+	terminating bool
+}
+
+func (p *podPins) add(pod *podRecord, egress netip.Addr) {
+	if p.v4 == nil {
+		p.v4, p.v6 = map[[4]byte]pin{}, map[[16]byte]pin{}
+	}
+	cand := pin{egress: egress, terminating: pod.terminating()}
+	for i := uint8(0); i < pod.nIPv4; i++ {
+		if cur, ok := p.v4[pod.ipv4[i]]; !ok || (cur.terminating && !cand.terminating) {
+			p.v4[pod.ipv4[i]] = cand
+		}
+	}
+	if pod.hasIPv6 {
+		if cur, ok := p.v6[pod.ipv6]; !ok || (cur.terminating && !cand.terminating) {
+			p.v6[pod.ipv6] = cand
+		}
+	}
+}
+
+// byEgressIP groups the addresses by egress IP.
+func (p *podPins) byEgressIP() (v4, v6 map[netip.Addr][]netip.Addr) {
+	v4, v6 = map[netip.Addr][]netip.Addr{}, map[netip.Addr][]netip.Addr{}
+	for a, pn := range p.v4 {
+		v4[pn.egress] = append(v4[pn.egress], netip.AddrFrom4(a))
+	}
+	for a, pn := range p.v6 {
+		v6[pn.egress] = append(v6[pn.egress], netip.AddrFrom16(a))
+	}
+	return v4, v6
+}
 
 func internalIP(n *corev1.Node) netip.Addr {
 	for _, a := range n.Status.Addresses {

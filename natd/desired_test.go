@@ -1,6 +1,7 @@
 package natd
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -80,19 +81,15 @@ func cluster() Cluster {
 	}, "node1")
 }
 
-// clusterOf indexes pods as the agent's informer does: by namespace and by node.
-func clusterOf(nodes []*corev1.Node, namespaces []*corev1.Namespace, pods []*corev1.Pod, self string) Cluster {
+// clusterOf indexes pods as the agent's informer does: by namespace.
+func clusterOf(nodes []*corev1.Node, namespaces []*corev1.Namespace, pods []*corev1.Pod, _ string) Cluster {
 	byNS := map[string][]*podRecord{}
-	var local []*podRecord
 	for _, p := range pods {
 		o, _ := recordOf(p)
 		r := o.(*podRecord)
 		byNS[p.Namespace] = append(byNS[p.Namespace], r)
-		if p.Spec.NodeName == self {
-			local = append(local, r)
-		}
 	}
-	return Cluster{Nodes: nodes, Namespaces: namespaces, LocalPods: local,
+	return Cluster{Nodes: nodes, Namespaces: namespaces,
 		PodsIn: func(ns string) []*podRecord { return byNS[ns] }}
 }
 
@@ -124,8 +121,11 @@ func TestPlanOnWorker(t *testing.T) {
 	if got := prefixes(st.ClusterDestinations); got != "10.96.0.0/12 10.244.0.0/16 192.0.2.0/24 198.18.0.11/32 198.18.0.12/32 198.18.0.13/32" {
 		t.Errorf("ClusterDestinations = %s", got)
 	}
-	if got := addrs(st.KnownLocalPods); got != "10.244.11.10 10.244.11.11 10.244.11.12" {
-		t.Errorf("KnownLocalPods = %s (host-network and finished pods must be left out)", got)
+	if got := fmt.Sprint(st.PinnedNamespaces); got != "map[team-a:198.18.0.200 team-b:198.18.0.200]" {
+		t.Errorf("PinnedNamespaces = %s (the CNI plugin pins new pods by it)", got)
+	}
+	if got := fmt.Sprint(plan.HostNetworkPods); got != "map[team-a:[host]]" {
+		t.Errorf("HostNetworkPods = %s; want team-a's host-network pod (it cannot be pinned: a Warning)", got)
 	}
 	if len(st.Egress) != 1 {
 		t.Fatalf("Egress = %+v; want one IP shared by team-a and team-b", st.Egress)

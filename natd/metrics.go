@@ -1,13 +1,10 @@
 package natd
 
 import (
-	"net/http"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/klog/v2"
 
 	"natd.dev/natd/natd/dataplane"
@@ -22,7 +19,11 @@ type Metrics struct {
 	EgressIPsHeld    prometheus.Gauge
 	MembersAlive     prometheus.Gauge
 	Failovers        prometheus.Counter
-	synced           atomic.Bool
+	// Lease renewals this node withheld (it could not prove it may serve) and that
+	// failed in the kernel; kernel drift that was repaired.
+	LeaseRenewalsWithheld prometheus.Counter
+	LeaseRenewalFailures  prometheus.Counter
+	DriftRepairs          prometheus.Counter
 }
 
 // NewMetrics registers natd's metrics in a fresh registry.
@@ -42,8 +43,16 @@ func NewMetrics() *Metrics {
 			Name: "natd_gossip_members_alive", Help: "natd agents this node's gossip sees alive, itself included."}),
 		Failovers: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "natd_failovers_total", Help: "Egress IPs this node took over from another node."}),
+		LeaseRenewalsWithheld: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "natd_lease_renewals_withheld_total",
+			Help: "Lease renewals skipped because this node could not show it may serve (stuck or failing sync loop, no majority)."}),
+		LeaseRenewalFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "natd_lease_renewal_failures_total", Help: "Lease renewals the kernel refused (natd's tables were changed); each triggers a repair."}),
+		DriftRepairs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "natd_kernel_drift_repairs_total", Help: "Times natd found its kernel state changed by someone else and repaired it."}),
 	}
 	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld, m.MembersAlive, m.Failovers,
+		m.LeaseRenewalsWithheld, m.LeaseRenewalFailures, m.DriftRepairs,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -58,7 +67,6 @@ func (m *Metrics) observeSync(d time.Duration, err error) {
 		return
 	}
 	m.LastSuccessfulAt.SetToCurrentTime()
-	m.synced.Store(true)
 }
 
 // kernelCounters exports natd's nftables counters, read at scrape time: SNATed packets
@@ -79,7 +87,7 @@ func (m *Metrics) ExportCounters(read func() (dataplane.Counters, error)) {
 			"Bytes of pinned packets that left this node with the egress IP (counted while the node holds it).", []string{"egress_ip"}, nil),
 		dropped: prometheus.NewDesc("natd_pinned_packets_dropped_total",
 			"Pinned packets dropped rather than sent with another source IP: fail_closed (no node holds the egress IP), "+
-				"leak_guard (would have left with another address), unknown_pod (pod not seen in the API yet), "+
+				"leak_guard (would have left with another address), no_ipv6_egress (IPv6 traffic of a pinned pod), "+
 				"unpinned_transit (another node's pod not known as pinned here yet).", []string{"reason"}, nil),
 	})
 }
@@ -104,19 +112,4 @@ func (k *kernelCounters) Collect(ch chan<- prometheus.Metric) {
 	for _, reason := range dataplane.DropReasons {
 		ch <- prometheus.MustNewConstMetric(k.dropped, prometheus.CounterValue, float64(c.Drops[reason].Packets), reason)
 	}
-}
-
-// Handler serves /metrics, /healthz and /readyz (ready once the first sync succeeded).
-func (m *Metrics) Handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !m.synced.Load() {
-			http.Error(w, errNotReady.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		w.Write([]byte("ok\n"))
-	})
-	return mux
 }

@@ -20,8 +20,11 @@ const maxPodIPv4s = 2
 type podRecord struct {
 	ipv4     [maxPodIPv4s][4]byte
 	nIPv4    uint8
+	hasIPv6  bool
 	inert    bool // host network or finished: not natd's to pin
+	hostNet  bool // host network: shares the node's addresses, so natd cannot pin it
 	nodeName string
+	ipv6     [16]byte
 
 	metav1.TypeMeta
 	metav1.ObjectMeta // name, namespace, UID and resource version only: the informer's key
@@ -44,6 +47,18 @@ func (p *podRecord) appendIPs(out []netip.Addr) []netip.Addr {
 	return out
 }
 
+// appendIPv6 appends the pod's IPv6 address, if it has one, to out.
+func (p *podRecord) appendIPv6(out []netip.Addr) []netip.Addr {
+	if p.hasIPv6 {
+		out = append(out, netip.AddrFrom16(p.ipv6))
+	}
+	return out
+}
+
+// terminating reports whether the pod is being deleted: of two pods that the API shows
+// with one IP, the other one is the IP's new owner.
+func (p *podRecord) terminating() bool { return p.DeletionTimestamp != nil }
+
 // recordOf reduces a Pod to a podRecord. It is the pod informer's transform, which
 // client-go may apply to an object twice: a record passes through unchanged.
 func recordOf(obj any) (any, error) {
@@ -55,14 +70,20 @@ func recordOf(obj any) (any, error) {
 		nodeName: pod.Spec.NodeName,
 		// Host-network pods use the node's address; finished pods' IPs may already
 		// belong to another pod.
-		inert: pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed,
+		inert:   pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed,
+		hostNet: pod.Spec.HostNetwork,
 		ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID,
 			ResourceVersion: pod.ResourceVersion, DeletionTimestamp: pod.DeletionTimestamp},
 	}
 	add := func(s string) {
-		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() && r.nIPv4 < maxPodIPv4s {
+		ip, err := netip.ParseAddr(s)
+		switch {
+		case err != nil:
+		case ip.Is4() && r.nIPv4 < maxPodIPv4s:
 			r.ipv4[r.nIPv4] = ip.As4()
 			r.nIPv4++
+		case ip.Is6() && !ip.Is4In6() && !r.hasIPv6:
+			r.ipv6, r.hasIPv6 = ip.As16(), true
 		}
 	}
 	// status.podIPs lists every address (podIP is its first entry); older writers set

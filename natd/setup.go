@@ -38,13 +38,13 @@ func dataplaneConfig(cfg *Config) (dataplane.Config, error) {
 
 // Setup builds the agent from its configuration: API client, kernel programmer,
 // holder election, Event recorder and metrics.
-func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
+func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	dcfg, err := dataplaneConfig(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	var rc *rest.Config
 	if cfg.Kubeconfig != "" {
@@ -53,20 +53,20 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 		rc, err = rest.InClusterConfig()
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("loading API client config: %w", err)
+		return nil, fmt.Errorf("loading API client config: %w", err)
 	}
 	rc.UserAgent = "natd/" + cfg.NodeName
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
-		return nil, nil, fmt.Errorf("creating API client: %w", err)
+		return nil, fmt.Errorf("creating API client: %w", err)
 	}
 	egress, err := versioned.NewForConfig(rc)
 	if err != nil {
-		return nil, nil, fmt.Errorf("creating EgressIP client: %w", err)
+		return nil, fmt.Errorf("creating EgressIP client: %w", err)
 	}
 	dp, err := dataplane.New(dcfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
 	broadcaster.StartStructuredLogging(2)
@@ -74,7 +74,7 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "natd", Host: cfg.NodeName})
 	key, err := gossipKey(cfg)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	newMembership := func(nodeIP netip.Addr) (Membership, error) {
 		return election.NewGossip(cfg.Gossip(nodeIP, key))
@@ -83,7 +83,7 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, *Metrics, error) {
 	metrics.ExportCounters(dp.Counters)
 	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
 		"encryptedGossip", key != nil, "lease", cfg.Lease, "minDetection", cfg.MinDetection())
-	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), metrics, nil
+	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), nil
 }
 
 // gossipKey reads the base64 key in --gossip-key-file; nil with --insecure-gossip.

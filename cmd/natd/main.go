@@ -63,11 +63,11 @@ func main() {
 }
 
 func run(ctx context.Context, cfg *natd.Config, drain <-chan struct{}) error {
-	a, metrics, err := natd.Setup(ctx, cfg)
+	a, err := natd.Setup(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Addr: cfg.MetricsAddr, Handler: metrics.Handler()}
+	srv := &http.Server{Addr: cfg.MetricsAddr, Handler: a.Handler()}
 	go func() {
 		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			klog.ErrorS(err, "Metrics server failed", "addr", cfg.MetricsAddr)

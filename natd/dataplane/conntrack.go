@@ -18,17 +18,25 @@ import (
 // node takes or gives up an IP, the affected entries are deleted, and the flows' next
 // packets are NATed anew under the current rules.
 
-// staleFlows matches the conntrack entries to delete after a change of holders.
+// staleFlows matches the conntrack entries to delete after a change of holders or of
+// pods' pinning.
 type staleFlows struct {
 	// pinnedTo maps pinned pod IPs of IPs this node just took to that egress IP:
 	// their entries not SNATed to it are stale.
 	pinnedTo map[netip.Addr]netip.Addr
 	// released are egress IPs this node gave up: entries SNATed to them are stale.
 	released map[netip.Addr]bool
+	// repinned are pod IPs whose classification changed (pinned, unpinned, or pinned
+	// to another egress IP): every entry they opened was NATed under the old one.
+	repinned map[netip.Addr]bool
 }
 
 func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
-	src, _ := netip.AddrFromSlice(f.Forward.SrcIP.To4())
+	src, _ := netip.AddrFromSlice(f.Forward.SrcIP)
+	src = src.Unmap()
+	if s.repinned[src] {
+		return true
+	}
 	natted, _ := netip.AddrFromSlice(f.Reverse.DstIP.To4()) // the source replies go back to
 	if s.released[natted] {
 		return true
@@ -40,12 +48,12 @@ func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 }
 
 // flushStaleFlows deletes conntrack entries made stale by IPs this node took (taken)
-// or gave up (released).
-func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr) error {
-	if len(taken) == 0 && len(released) == 0 {
+// or gave up (released), and those of pods whose classification changed (repinned).
+func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr, repinned map[netip.Addr]bool) error {
+	if len(taken) == 0 && len(released) == 0 && len(repinned) == 0 {
 		return nil
 	}
-	s := &staleFlows{pinnedTo: map[netip.Addr]netip.Addr{}, released: map[netip.Addr]bool{}}
+	s := &staleFlows{pinnedTo: map[netip.Addr]netip.Addr{}, released: map[netip.Addr]bool{}, repinned: repinned}
 	for _, ip := range released {
 		s.released[ip] = true
 	}
@@ -56,12 +64,21 @@ func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr) e
 			}
 		}
 	}
-	n, err := d.nl.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, s)
-	if err != nil {
-		return fmt.Errorf("deleting stale conntrack entries: %w", err)
+	families := []netlink.InetFamily{unix.AF_INET}
+	for ip := range repinned {
+		if ip.Is6() {
+			families = append(families, unix.AF_INET6)
+			break
+		}
 	}
-	if n > 0 {
-		klog.V(2).InfoS("Deleted stale conntrack entries", "entries", n, "taken", taken, "released", released)
+	for _, fam := range families {
+		n, err := d.nl.ConntrackDeleteFilters(netlink.ConntrackTable, fam, s)
+		if err != nil {
+			return fmt.Errorf("deleting stale conntrack entries: %w", err)
+		}
+		if n > 0 {
+			klog.V(2).InfoS("Deleted stale conntrack entries", "entries", n, "taken", taken, "released", released, "repinned", len(repinned))
+		}
 	}
 	return nil
 }

@@ -21,6 +21,7 @@ func (c Count) plus(o Count) Count { return Count{c.Packets + o.Packets, c.Bytes
 type counterKey struct {
 	SNAT   netip.Addr
 	Reason string
+	Family nftables.TableFamily
 	Chain  string
 	Rule   int
 }
@@ -67,19 +68,19 @@ func (c *counterTotals) forget(key counterKey) {
 	delete(c.total, key)
 }
 
-// readCounters reads the counters of the ip table as applied: the per-element counters
+// readCounters reads the counters of the tables as applied: the per-element counters
 // of held_addrs and the counters of the rules that drop pinned packets.
 func (a *nftApplier) readCounters(conn *nftables.Conn) (map[counterKey]Count, error) {
-	var rs *Ruleset
-	for _, r := range a.applied {
-		if r.Family == nftables.TableFamilyIPv4 {
-			rs = r
+	raw := map[counterKey]Count{}
+	for _, rs := range a.applied {
+		if err := readTableCounters(conn, rs, raw); err != nil {
+			return nil, err
 		}
 	}
-	raw := map[counterKey]Count{}
-	if rs == nil {
-		return raw, nil
-	}
+	return raw, nil
+}
+
+func readTableCounters(conn *nftables.Conn, rs *Ruleset, raw map[counterKey]Count) error {
 	t := tableOf(rs)
 	for _, s := range rs.Sets {
 		if !s.Counter {
@@ -87,11 +88,14 @@ func (a *nftApplier) readCounters(conn *nftables.Conn) (map[counterKey]Count, er
 		}
 		ks, err := conn.GetSetByName(t, s.Name)
 		if err != nil {
-			return nil, fmt.Errorf("reading set %s: %w", s.Name, err)
+			if errors.Is(err, unix.ENOENT) {
+				continue // the table is gone: the next apply rebuilds it
+			}
+			return fmt.Errorf("reading set %s: %w", s.Name, err)
 		}
 		els, err := conn.GetSetElements(ks)
 		if err != nil {
-			return nil, fmt.Errorf("reading elements of %s: %w", s.Name, err)
+			return fmt.Errorf("reading elements of %s: %w", s.Name, err)
 		}
 		for _, e := range els {
 			if ip, ok := netip.AddrFromSlice(e.Key); ok && e.Counter != nil {
@@ -108,7 +112,7 @@ func (a *nftApplier) readCounters(conn *nftables.Conn) (map[counterKey]Count, er
 			if errors.Is(err, unix.ENOENT) {
 				continue // the table is gone: the next apply rebuilds it
 			}
-			return nil, fmt.Errorf("listing rules of chain %s: %w", c.Name, err)
+			return fmt.Errorf("listing rules of chain %s: %w", c.Name, err)
 		}
 		if len(rules) != len(c.Rules) {
 			continue // not as natd left it: the next apply repairs it
@@ -122,12 +126,12 @@ func (a *nftApplier) readCounters(conn *nftables.Conn) (map[counterKey]Count, er
 			// reset of the others.
 			for _, e := range rules[i].Exprs {
 				if ctr, ok := e.(*expr.Counter); ok {
-					raw[counterKey{Reason: r.Drops, Chain: c.Name, Rule: i}] = Count{Packets: ctr.Packets, Bytes: ctr.Bytes}
+					raw[counterKey{Reason: r.Drops, Family: rs.Family, Chain: c.Name, Rule: i}] = Count{Packets: ctr.Packets, Bytes: ctr.Bytes}
 				}
 			}
 		}
 	}
-	return raw, nil
+	return nil
 }
 
 // Counters reads natd's counters now.

@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -33,7 +34,8 @@ type Config struct {
 	// caller's own.
 	NetNS *netns.NsHandle
 	// StateDir keeps what natd changed outside its own objects (the uplink's original
-	// rp_filter) so that cleanup can restore it.
+	// rp_filter) so that cleanup can restore it, and the pod store it shares with its
+	// CNI plugin (PodStore).
 	StateDir string
 	// Lease is how long a held egress IP keeps working in the kernel (SNAT, ARP
 	// answers) unless RenewLeases is called again: a holder whose natd dies stops
@@ -48,11 +50,14 @@ type Config struct {
 	Announce []time.Duration
 }
 
-// Result says what an Apply did.
+// Result says what an Apply did. Taking and releasing are measured against the last
+// Apply that completed: when an Apply fails half-way, the next one reports (and
+// finishes) what it left owed — announcements, conntrack deletions.
 type Result struct {
-	Rebuilt   bool         // the nftables table was replaced whole (first sync or repair)
-	Announced []netip.Addr // egress IPs added to the uplink and announced
-	Released  []netip.Addr // egress IPs removed from the uplink
+	Rebuilt   bool         // the nftables tables were replaced whole (first sync or repair)
+	Announced []netip.Addr // egress IPs this node took: on the uplink and announced
+	Released  []netip.Addr // egress IPs this node gave up: removed from the uplink
+	Repinned  int          // pod addresses whose classification changed
 }
 
 // Dataplane programs one node's kernel. It is not safe for concurrent use: the agent
@@ -69,6 +74,15 @@ type Dataplane struct {
 	// unless still held.
 	stale     map[netip.Addr]bool
 	firstDone bool
+	store     PodStore
+	genConn   *mdnetlink.Conn // reads the nftables generation
+	// What the last completed Apply left in the kernel: the held IPs, and the state
+	// (so that Verify can tell drift from it).
+	heldApplied map[netip.Addr]bool
+	lastState   *State
+	// owedFlush are pod addresses whose connections must be NATed anew (their
+	// classification changed) and that no completed Apply has flushed yet.
+	owedFlush map[netip.Addr]bool
 	// announcing cancels the gratuitous ARP repeats of an IP that is released.
 	announcing     map[netip.Addr]chan struct{}
 	rpFilterWarned bool
@@ -87,15 +101,65 @@ func New(cfg Config) (*Dataplane, error) {
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
 	d := &Dataplane{cfg: cfg, nl: nl, slots: map[netip.Addr]int{}, stale: map[netip.Addr]bool{},
-		announcing: map[netip.Addr]chan struct{}{}}
+		announcing: map[netip.Addr]chan struct{}{}, store: PodStore{Dir: cfg.StateDir},
+		heldApplied: map[netip.Addr]bool{}, owedFlush: map[netip.Addr]bool{}}
 	d.nft.newConn = d.nftConn
+	d.nft.gen = d.nftGen
 	d.nft.verifyEvery = cfg.VerifyEvery
 	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase}
 	return d, nil
 }
 
-// Close releases the netlink handle.
-func (d *Dataplane) Close() { d.nl.Close() }
+// Close releases the netlink handles.
+func (d *Dataplane) Close() {
+	d.nl.Close()
+	if d.genConn != nil {
+		d.genConn.Close()
+	}
+}
+
+// nftGen reads the kernel's nftables generation: every committed nftables transaction,
+// natd's or anyone's, advances it.
+func (d *Dataplane) nftGen() (uint32, error) {
+	if d.genConn == nil {
+		cfg := &mdnetlink.Config{}
+		if d.cfg.NetNS != nil {
+			cfg.NetNS = int(*d.cfg.NetNS)
+		}
+		c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, cfg)
+		if err != nil {
+			return 0, fmt.Errorf("opening netfilter netlink socket: %w", err)
+		}
+		d.genConn = c
+	}
+	req := mdnetlink.Message{
+		Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETGEN),
+			Flags: mdnetlink.Request},
+		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0}, // struct nfgenmsg
+	}
+	msgs, err := d.genConn.Execute(req)
+	if err != nil {
+		d.genConn.Close()
+		d.genConn = nil
+		return 0, fmt.Errorf("reading nftables generation: %w", err)
+	}
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		ad, err := mdnetlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			return 0, fmt.Errorf("reading nftables generation: %w", err)
+		}
+		ad.ByteOrder = binary.BigEndian
+		for ad.Next() {
+			if ad.Type() == unix.NFTA_GEN_ID {
+				return ad.Uint32(), nil
+			}
+		}
+	}
+	return 0, errors.New("reading nftables generation: no generation in the kernel's answer")
+}
 
 // nftConn opens an nftables connection whose socket can take a batch of sendBuf bytes.
 // google/nftables sends a whole batch in one sendmsg, and the default socket buffer
@@ -138,9 +202,39 @@ func (d *Dataplane) nftConn(sendBuf int) (*nftables.Conn, error) {
 // packet never leaves with another source address, even between steps: routes and
 // addresses for the new state are put in place first, then nftables switches over in
 // one transaction, and only then is what the old state needed removed.
+//
+// It holds the pod store's lock throughout, so the CNI plugin's records and the
+// kernel's cni_pods elements change together or not at all.
 func (d *Dataplane) Apply(state State) (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	unlock, err := d.store.Lock()
+	if err != nil {
+		return Result{}, err
+	}
+	defer unlock()
+	return d.apply(state, d.records(), false)
+}
+
+// records reads the pod store; a bad record is reported and skipped.
+func (d *Dataplane) records() []PodRecord {
+	recs, err := d.store.List()
+	if err != nil {
+		klog.ErrorS(err, "Some CNI pod records are unreadable; their pods are classified from the API only")
+	}
+	return recs
+}
+
+// rulesets are natd's tables for state: ip, ip6 and arp.
+func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
+	return []*Ruleset{
+		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease),
+		BuildRuleset6(state, records),
+		BuildARPRuleset(state, d.cfg.Lease),
+	}
+}
+
+func (d *Dataplane) apply(state State, records []PodRecord, force bool) (Result, error) {
 	var res Result
 	if err := d.loadStale(); err != nil {
 		return res, err
@@ -150,25 +244,14 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 		return res, err
 	}
 	d.allocateSlots(state.Egress)
-	slots := make([]slotRoute, 0, len(state.Egress))
-	var held []netip.Addr
-	for _, e := range state.Egress {
-		s := slotRoute{idx: d.slots[e.IP]}
-		if !e.Local && e.HolderIP.IsValid() {
-			s.via = e.HolderIP
-		}
-		if e.Local {
-			held = append(held, e.IP)
-		}
-		slots = append(slots, s)
-	}
-	rss := []*Ruleset{BuildRuleset(state, d.cfg.Marks, d.slots, d.cfg.Lease), BuildARPRuleset(state, d.cfg.Lease)}
+	slots, held := d.slotRoutes(state)
+	rss := d.rulesets(state, records)
 
 	if len(held) > 0 {
 		if err := d.loosenRPFilter(uplink.Attrs().Name); err != nil && !d.rpFilterWarned {
 			// Not fatal: with host-gateway routing strict filtering passes anyway, and a
 			// container may see /proc/sys read-only. Said once, not every sync.
-			klog.ErrorS(err, "Could not loosen rp_filter; with an overlay CNI, forwarded pinned traffic may be dropped", "interface", uplink.Attrs().Name)
+			klog.InfoS("Could not loosen rp_filter; with an overlay CNI, forwarded pinned traffic may be dropped", "interface", uplink.Attrs().Name, "err", err)
 			d.rpFilterWarned = true
 		}
 	}
@@ -179,23 +262,30 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 	if err != nil {
 		return res, err
 	}
-	keep := map[netip.Addr]bool{}
-	for _, ip := range held {
-		keep[ip] = true
-	}
-	for _, ip := range held {
+	for ip := range held {
 		if slices.Contains(present, ip) {
 			continue
 		}
 		if err := d.nl.AddrAdd(uplink, hostAddr(ip)); err != nil {
 			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
 		}
-		res.Announced = append(res.Announced, ip)
 	}
-	if res.Rebuilt, err = d.nft.apply(rss); err != nil {
+	out, err := d.nft.apply(rss, force)
+	res.Rebuilt = out.rebuilt
+	for _, p := range out.repinned {
+		d.owedFlush[p] = true // owed until a completed Apply has flushed it
+	}
+	if err != nil {
 		return res, err
 	}
-	// Announce once SNAT is in place: the first replies may come at once.
+	// Taken: held now and not held when the last Apply completed. Announce once SNAT
+	// is in place: the first replies may come at once.
+	for ip := range held {
+		if !d.heldApplied[ip] {
+			res.Announced = append(res.Announced, ip)
+		}
+	}
+	slices.SortFunc(res.Announced, netip.Addr.Compare)
 	for _, ip := range res.Announced {
 		d.announce(uplink, ip)
 	}
@@ -203,8 +293,14 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 	if err := d.router.prune(slots); err != nil {
 		return res, err
 	}
+	released := map[netip.Addr]bool{}
+	for ip := range d.heldApplied {
+		if !held[ip] {
+			released[ip] = true
+		}
+	}
 	for _, ip := range present {
-		if keep[ip] {
+		if held[ip] {
 			continue
 		}
 		if stop, ok := d.announcing[ip]; ok {
@@ -214,11 +310,20 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 		if err := d.nl.AddrDel(uplink, hostAddr(ip)); err != nil {
 			return res, fmt.Errorf("removing egress IP %s from %s: %w", ip, uplink.Attrs().Name, err)
 		}
+		released[ip] = true
+	}
+	for ip := range released {
 		res.Released = append(res.Released, ip)
 	}
-	if err := d.flushStaleFlows(state, res.Announced, res.Released); err != nil {
+	slices.SortFunc(res.Released, netip.Addr.Compare)
+	if err := d.flushStaleFlows(state, res.Announced, res.Released, d.owedFlush); err != nil {
 		return res, err
 	}
+	if err := d.store.WritePinning(state.PinnedNamespaces); err != nil {
+		return res, err
+	}
+	res.Repinned = len(d.owedFlush)
+	d.heldApplied, d.owedFlush, d.lastState = held, map[netip.Addr]bool{}, &state
 	d.stale = map[netip.Addr]bool{}
 	for ip := range d.slots {
 		if !inEgress(state.Egress, ip) {
@@ -226,6 +331,60 @@ func (d *Dataplane) Apply(state State) (Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// slotRoutes lists what each egress IP's route table must hold, and the IPs this node
+// holds.
+func (d *Dataplane) slotRoutes(state State) ([]slotRoute, map[netip.Addr]bool) {
+	slots := make([]slotRoute, 0, len(state.Egress))
+	held := map[netip.Addr]bool{}
+	for _, e := range state.Egress {
+		s := slotRoute{idx: d.slots[e.IP]}
+		if !e.Local && e.HolderIP.IsValid() {
+			s.via = e.HolderIP
+		}
+		if e.Local {
+			held[e.IP] = true
+		}
+		slots = append(slots, s)
+	}
+	return slots, held
+}
+
+// Verify reports whether anything natd owns in the kernel differs from what the last
+// completed Apply left there (with the CNI plugin's records as they are now): a table,
+// chain, rule or set element changed or removed, an ip rule or route gone or
+// re-pointed, a held egress IP missing from the uplink. It changes nothing; a sync
+// repairs. While nobody else has committed to nftables, the tables are not read back.
+func (d *Dataplane) Verify() (drifted bool, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.lastState == nil {
+		return false, nil
+	}
+	unlock, err := d.store.Lock()
+	if err != nil {
+		return false, err
+	}
+	records := d.records()
+	unlock()
+	state := *d.lastState
+	if drifted, err := d.nft.drifted(d.rulesets(state, records)); err != nil || drifted {
+		return drifted, err
+	}
+	uplink, err := uplinkOf(d.nl, state.NodeIP)
+	if err != nil {
+		return false, err
+	}
+	slots, held := d.slotRoutes(state)
+	if ok, err := d.router.intact(uplink, slots); err != nil || !ok {
+		return !ok, err
+	}
+	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
+	if err != nil {
+		return false, err
+	}
+	return len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }), nil
 }
 
 func inEgress(list []EgressIP, ip netip.Addr) bool { return egressIndex(list, ip) >= 0 }
@@ -254,6 +413,7 @@ func (d *Dataplane) loadStale() error {
 	}
 	for _, h := range held {
 		d.stale[h.IP] = true
+		d.heldApplied[h.IP] = true // held before this start: keeping it is no takeover
 	}
 	d.firstDone = true
 	return nil
@@ -342,7 +502,10 @@ func (d *Dataplane) Cleanup() error {
 	if err := d.restoreRPFilter(); err != nil {
 		errs = append(errs, err)
 	}
-	d.nft.applied = nil
+	if err := d.store.RemoveAll(); err != nil {
+		errs = append(errs, fmt.Errorf("removing the pod store: %w", err))
+	}
+	d.nft.applied, d.lastState = nil, nil
 	return errors.Join(errs...)
 }
 

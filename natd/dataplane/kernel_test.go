@@ -115,15 +115,28 @@ func sampleState() State {
 		NodeIPs:        []netip.Addr{netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")},
 		PodCIDRs:       []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
 		LocalPodCIDRs:  []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
-		KnownLocalPods: []netip.Addr{netip.MustParseAddr("10.244.2.10")},
 		Egress: []EgressIP{
 			{IP: netip.MustParseAddr("198.18.0.200"), Local: true, Gen: 3, HolderIP: netip.MustParseAddr("198.18.0.12"),
-				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("10.244.2.10")}},
+				Pods:  []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("10.244.2.10")},
+				Pods6: []netip.Addr{netip.MustParseAddr("fd00:10:244:1::10")}},
 			{IP: netip.MustParseAddr("198.18.0.201"), HolderIP: netip.MustParseAddr("198.18.0.11"),
 				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.11")}},
 			{IP: netip.MustParseAddr("198.18.0.202"),
 				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.12")}},
 		},
+		PinnedNamespaces: map[string]netip.Addr{"team-a": netip.MustParseAddr("198.18.0.200"),
+			"team-b": netip.MustParseAddr("198.18.0.201"), "team-c": netip.MustParseAddr("198.18.0.202")},
+	}
+}
+
+// sampleRecords are two pods as the CNI plugin recorded them on this node: one of a
+// pinned namespace (dual-stack), one of a namespace nobody pinned.
+func sampleRecords() []PodRecord {
+	return []PodRecord{
+		{ContainerID: "c1", Namespace: "team-a", Name: "a", Added: 2,
+			IPs: []netip.Addr{netip.MustParseAddr("10.244.2.10"), netip.MustParseAddr("fd00:10:244:2::10")}},
+		{ContainerID: "c2", Namespace: "plain", Name: "p", Added: 1,
+			IPs: []netip.Addr{netip.MustParseAddr("10.244.2.20"), netip.MustParseAddr("fd00:10:244:2::20")}},
 	}
 }
 
@@ -135,7 +148,7 @@ func TestKernelApplyMatchesRenderedRuleset(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := ns.run("nft", "-s", "list", "table", "ip", TableName)
-	want := BuildRuleset(st, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false)
+	want := BuildRuleset(st, nil, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false)
 	if normalize(got) != normalize(want) {
 		t.Fatalf("kernel ruleset differs from rendered one\n--- kernel:\n%s\n--- rendered:\n%s", got, want)
 	}
@@ -150,6 +163,11 @@ func (ns *testNS) snapshot() string {
 		table = []byte("no table")
 	}
 	b.WriteString(normalize(string(table)) + "\n")
+	table6, err := exec.Command("ip", "netns", "exec", ns.name, "nft", "-s", "list", "table", "ip6", TableName).CombinedOutput()
+	if err != nil {
+		table6 = []byte("no ip6 table")
+	}
+	b.WriteString(normalize(string(table6)) + "\n")
 	arp, err := exec.Command("ip", "netns", "exec", ns.name, "nft", "-s", "list", "table", "arp", TableName).CombinedOutput()
 	if err != nil {
 		arp = []byte("no arp table")
@@ -230,7 +248,7 @@ func TestKernelReplacingState(t *testing.T) {
 		t.Fatalf("apply: %+v; want 198.18.0.201 announced and 198.18.0.200 released", res)
 	}
 	got := ns.snapshot()
-	want := normalize(BuildRuleset(next, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false))
+	want := normalize(BuildRuleset(next, nil, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false))
 	if !strings.HasPrefix(got, want+"\n") {
 		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
 	}
@@ -331,7 +349,7 @@ func TestKernelLeasesLapseUnlessRenewed(t *testing.T) {
 		t.Fatal(err)
 	}
 	leased := func() string {
-		return ns.run("nft", "list", "set", "ip", TableName, setLeasedIPs) +
+		return ns.run("nft", "list", "set", "ip", TableName, setHeldMarks) +
 			ns.run("nft", "list", "map", "ip", TableName, mapHeldSNAT) +
 			ns.run("nft", "list", "set", "arp", TableName, setLeasedIPs)
 	}

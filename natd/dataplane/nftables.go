@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -8,6 +9,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	mdnetlink "github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -18,18 +20,35 @@ import (
 // them as one transaction.
 const elementsPerMessage = 512
 
-// nftApplier keeps natd's tables (ip and arp) in line with their Rulesets. It remembers
-// what it applied last so that a change of a few pods costs a few set elements, not
-// whole tables.
+// nftApplier keeps natd's tables (ip, ip6 and arp) in line with their Rulesets. It
+// remembers what it applied last so that a change of a few pods costs a few set
+// elements, not whole tables.
 type nftApplier struct {
 	newConn func(sendBuf int) (*nftables.Conn, error)
-	applied []*Ruleset // nil: unknown, next apply rebuilds the tables
-	// verifyEvery bounds how often apply reads the tables back to find drift
-	// (someone flushed or deleted them): a burst of syncs pays for it once. Drift that
-	// breaks an element update (a deleted table) is repaired at once regardless.
+	// gen reads the kernel's nftables generation, which every committed transaction
+	// (anyone's) advances.
+	gen     func() (uint32, error)
+	applied []*Ruleset // nil: unknown, next apply reads the kernel or rebuilds
+	// appliedGen is the generation right after natd's last transaction, when nothing
+	// else committed in between (genKnown): while the kernel is still at it, nobody
+	// has touched natd's tables and there is nothing to read back.
+	appliedGen uint32
+	genKnown   bool
+	// verifyEvery bounds how often apply reads the tables back when someone else
+	// committed (kube-proxy, the CNI plugin, an operator), so that a busy node pays for
+	// it at most once per period. Drift that breaks an element update (a deleted
+	// table) is repaired at once regardless.
 	verifyEvery time.Duration
 	verified    time.Time
 	totals      counterTotals
+}
+
+// nftOutcome says what one apply did.
+type nftOutcome struct {
+	rebuilt bool
+	// repinned are pod addresses whose classification changed (pinned, unpinned or
+	// pinned elsewhere): connections they opened under the old one must be NATed anew.
+	repinned []netip.Addr
 }
 
 func tableOf(rs *Ruleset) *nftables.Table {
@@ -37,40 +56,40 @@ func tableOf(rs *Ruleset) *nftables.Table {
 }
 
 // apply converges the tables to rss, in one transaction: element updates when only set
-// contents changed and the kernel still has the tables as natd left them, whole-table
-// replacements otherwise. It returns whether the tables were rebuilt.
-func (a *nftApplier) apply(rss []*Ruleset) (rebuilt bool, err error) {
+// contents changed and the kernel's tables have the shape natd gave them, whole-table
+// replacements otherwise. The elements are diffed against the kernel's own content
+// whenever someone else may have changed it, so removed, flushed or foreign elements
+// are repaired too.
+func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
+	var out nftOutcome
 	conn, err := a.newConn(batchBytes(rss))
 	if err != nil {
-		return false, fmt.Errorf("opening nftables netlink socket: %w", err)
+		return out, fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
-	if a.applied != nil && len(a.applied) == len(rss) {
-		ok := true
-		verify := time.Since(a.verified) >= a.verifyEvery
-		for i, rs := range rss {
-			if !sameShape(a.applied[i], rs) {
-				ok = false
-				break
-			}
-			if !verify {
-				continue
-			}
-			intact, err := a.intact(conn, rs)
-			if err != nil {
-				return false, err
-			}
-			ok = ok && intact
+	gen0, err := a.gen()
+	if err != nil {
+		return out, err
+	}
+	base := a.applied
+	untouched := a.genKnown && gen0 == a.appliedGen
+	if base == nil || force || (!untouched && time.Since(a.verified) >= a.verifyEvery) {
+		kernel, err := a.readKernel(conn, rss)
+		if err != nil {
+			return out, err
 		}
-		if verify {
-			a.verified = time.Now()
+		a.verified = time.Now()
+		if base == nil || !sameRulesets(kernel, base) {
+			// The kernel is the truth; what it lacks or has too much is repaired below.
+			base = kernel
 		}
-		if ok {
-			if err := a.updateElements(conn, a.applied, rss); err == nil {
-				a.applied = rss
-				return false, nil
-			}
-			// Fall through: a rebuild repairs whatever made the update fail.
+	}
+	out.repinned = repinned(base, rss)
+	if base != nil && sameShapes(base, rss) {
+		if err := a.updateElements(conn, base, rss); err == nil {
+			a.committed(gen0, rss)
+			return out, nil
 		}
+		// Fall through: a rebuild repairs whatever made the update fail.
 	}
 	if a.applied != nil {
 		// The counters restart with the new table: keep what they have counted so far.
@@ -78,13 +97,56 @@ func (a *nftApplier) apply(rss []*Ruleset) (rebuilt bool, err error) {
 			a.totals.observe(raw)
 		}
 	}
-	a.applied = nil
+	a.applied, a.genKnown = nil, false
+	out.rebuilt = true
 	if err := a.rebuild(conn, rss); err != nil {
-		return true, err
+		return out, err
 	}
 	a.totals.reset()
-	a.applied, a.verified = rss, time.Now()
-	return true, nil
+	a.verified = time.Now()
+	a.committed(gen0, rss)
+	return out, nil
+}
+
+// committed records rss as applied. The generation is known only when natd's
+// transaction was the one commit since gen0.
+func (a *nftApplier) committed(gen0 uint32, rss []*Ruleset) {
+	a.applied = rss
+	gen1, err := a.gen()
+	a.appliedGen, a.genKnown = gen1, err == nil && (gen1 == gen0 || gen1 == gen0+1)
+}
+
+// drifted reports whether the kernel's tables differ from rss (the rulesets natd
+// applied last, rebuilt with the pod records as they are now). Cheap while nobody else
+// has committed since natd's last transaction.
+func (a *nftApplier) drifted(rss []*Ruleset) (bool, error) {
+	if a.applied == nil {
+		return true, nil
+	}
+	gen0, err := a.gen()
+	if err != nil {
+		return false, err
+	}
+	if a.genKnown && gen0 == a.appliedGen && sameRulesets(a.applied, rss) {
+		return false, nil
+	}
+	conn, err := a.newConn(0)
+	if err != nil {
+		return false, fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	kernel, err := a.readKernel(conn, rss)
+	if err != nil {
+		return false, err
+	}
+	if kernel == nil || !sameRulesets(kernel, rss) {
+		// The next apply must diff against the kernel, not against its memory.
+		a.genKnown, a.verified = false, time.Time{}
+		return true, nil
+	}
+	// The kernel matches (someone else's commit did not touch natd): remember the
+	// generation so that the next check is cheap again.
+	a.applied, a.appliedGen, a.genKnown = rss, gen0, true
+	return false, nil
 }
 
 // batchBytes estimates the netlink batch that replaces whole tables, with room to
@@ -150,12 +212,27 @@ func (a *nftApplier) rebuildTable(conn *nftables.Conn, rs *Ruleset) error {
 	return nil
 }
 
-// intact reports whether the kernel's table still has every chain with the rules natd
-// put there: someone may have deleted or flushed it since.
-func (a *nftApplier) intact(conn *nftables.Conn, rs *Ruleset) (bool, error) {
+// readKernel reads natd's tables back in the shape of rss: their chains (by name, with
+// their rule counts) and the elements of every set. It returns nil when a table or a
+// chain is missing or has another number of rules: only a rebuild repairs that.
+// Leased sets are read as the rulesets have them (lease renewal rewrites them every
+// lease/4 anyway), and interval sets as natd encodes them.
+func (a *nftApplier) readKernel(conn *nftables.Conn, rss []*Ruleset) ([]*Ruleset, error) {
+	out := make([]*Ruleset, 0, len(rss))
+	for _, rs := range rss {
+		k, err := readTable(conn, rs)
+		if err != nil || k == nil {
+			return nil, err
+		}
+		out = append(out, k)
+	}
+	return out, nil
+}
+
+func readTable(conn *nftables.Conn, rs *Ruleset) (*Ruleset, error) {
 	chains, err := conn.ListChainsOfTableFamily(rs.Family)
 	if err != nil {
-		return false, fmt.Errorf("listing nftables chains: %w", err)
+		return nil, fmt.Errorf("listing nftables chains: %w", err)
 	}
 	have := map[string]*nftables.Chain{}
 	for _, c := range chains {
@@ -164,25 +241,137 @@ func (a *nftApplier) intact(conn *nftables.Conn, rs *Ruleset) (bool, error) {
 		}
 	}
 	if len(have) != len(rs.Chains) {
-		return false, nil
+		return nil, nil
 	}
 	for _, c := range rs.Chains {
 		kc, ok := have[c.Name]
 		if !ok {
-			return false, nil
+			return nil, nil
 		}
 		rules, err := conn.GetRules(tableOf(rs), kc)
 		if err != nil {
 			if errors.Is(err, unix.ENOENT) {
-				return false, nil
+				return nil, nil
 			}
-			return false, fmt.Errorf("listing rules of chain %s: %w", c.Name, err)
+			return nil, fmt.Errorf("listing rules of chain %s: %w", c.Name, err)
 		}
 		if len(rules) != len(c.Rules) {
-			return false, nil
+			return nil, nil
 		}
 	}
-	return true, nil
+	k := &Ruleset{Family: rs.Family, Chains: rs.Chains}
+	for _, s := range rs.Sets {
+		ks, err := conn.GetSetByName(tableOf(rs), s.Name)
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("reading set %s: %w", s.Name, err)
+		}
+		cp := *s
+		cp.Elements = nil // leased sets: unknown, so that an update rewrites them whole
+		if s.Timeout == 0 {
+			els, err := conn.GetSetElements(ks)
+			if err != nil {
+				return nil, fmt.Errorf("reading elements of %s: %w", s.Name, err)
+			}
+			if s.Interval {
+				if !sameIntervals(s, els) {
+					return nil, nil
+				}
+				cp.Elements = s.Elements // as natd encodes them: checked just now
+			} else {
+				cp.Elements = fromKernel(s, els)
+			}
+		}
+		k.Sets = append(k.Sets, &cp)
+	}
+	return k, nil
+}
+
+// fromKernel turns kernel elements back into natd's form.
+func fromKernel(s *Set, els []nftables.SetElement) []Element {
+	out := make([]Element, 0, len(els))
+	n := s.keyLen()
+	for _, ke := range els {
+		var e Element
+		copy(e.Key[:], ke.Key[:min(len(ke.Key), n)])
+		if s.Concat && len(ke.Key) >= 8 {
+			copy(e.Key2[:], ke.Key[4:8])
+		}
+		if s.IsMap && s.DataType.Name == nftables.TypeVerdict.Name {
+			e.Chain, e.Return = decodeVerdict(ke.Val)
+		} else {
+			copy(e.Val[:], ke.Val)
+		}
+		e.Comment = ke.Comment
+		out = append(out, e)
+	}
+	return out
+}
+
+// decodeVerdict reads a verdict map element's data as the kernel returns it (and
+// google/nftables passes it on undecoded): NFTA_VERDICT_CODE and NFTA_VERDICT_CHAIN. A
+// verdict natd never writes comes back as an impossible chain name, so it differs.
+func decodeVerdict(b []byte) (chain string, ret bool) {
+	ad, err := mdnetlink.NewAttributeDecoder(b)
+	if err != nil {
+		return "\x00undecodable", false
+	}
+	ad.ByteOrder = binary.BigEndian
+	code := int32(0)
+	for ad.Next() {
+		switch ad.Type() {
+		case unix.NFTA_VERDICT_CODE:
+			code = int32(ad.Uint32())
+		case unix.NFTA_VERDICT_CHAIN:
+			chain = ad.String()
+		}
+	}
+	switch {
+	case code == int32(expr.VerdictReturn):
+		return "", true
+	case code == int32(expr.VerdictJump) && chain != "":
+		return chain, false
+	}
+	return fmt.Sprintf("\x00verdict %d %s", code, chain), false
+}
+
+// sameIntervals compares an interval set's kernel elements with what natd would send.
+func sameIntervals(s *Set, els []nftables.SetElement) bool {
+	type key struct {
+		k   [16]byte
+		end bool
+	}
+	want := map[key]int{}
+	for _, e := range kernelElements(s, s.Elements, true, 0) {
+		var k key
+		copy(k.k[:], e.Key)
+		k.end = e.IntervalEnd
+		want[k]++
+	}
+	got := 0
+	for _, e := range els {
+		var k key
+		copy(k.k[:], e.Key)
+		k.end = e.IntervalEnd
+		if want[k] == 0 {
+			// The kernel adds an end element at address zero for an interval that
+			// starts there; natd's encoding leaves it implicit.
+			if k.end && k.k == ([16]byte{}) {
+				continue
+			}
+			return false
+		}
+		want[k]--
+		got++
+	}
+	for _, n := range want {
+		if n != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // updateElements changes only the set elements that differ, in one transaction.
@@ -222,10 +411,23 @@ func (a *nftApplier) updateElements(conn *nftables.Conn, old, cur []*Ruleset) er
 	return nil
 }
 
-// sameShape reports whether two rulesets differ at most in the elements of non-interval
-// sets (interval sets change rarely, and replacing ranges element-wise is fiddly).
+// sameShapes reports whether two lists of rulesets differ at most in the elements of
+// non-interval sets (interval sets change rarely, and replacing ranges element-wise is
+// fiddly).
+func sameShapes(a, b []*Ruleset) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if !sameShape(a[i], b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
 func sameShape(a, b *Ruleset) bool {
-	if len(a.Sets) != len(b.Sets) || len(a.Chains) != len(b.Chains) {
+	if a.Family != b.Family || len(a.Sets) != len(b.Sets) || len(a.Chains) != len(b.Chains) {
 		return false
 	}
 	for i := range a.Sets {
@@ -250,6 +452,25 @@ func sameShape(a, b *Ruleset) bool {
 	return true
 }
 
+// sameRulesets reports whether a and b have the same shape and the same elements in
+// every set that is not leased (leases are rewritten every lease/4 anyway).
+func sameRulesets(a, b []*Ruleset) bool {
+	if !sameShapes(a, b) {
+		return false
+	}
+	for i := range a {
+		for j, s := range a[i].Sets {
+			if s.Timeout > 0 || s.Interval {
+				continue
+			}
+			if del, add := diffElements(s.Elements, b[i].Sets[j].Elements); len(del) > 0 || len(add) > 0 {
+				return false
+			}
+		}
+	}
+	return true
+}
+
 func sameElements(a, b []Element) bool {
 	if len(a) != len(b) {
 		return false
@@ -262,8 +483,40 @@ func sameElements(a, b []Element) bool {
 	return true
 }
 
+// repinned lists the pod addresses whose element in a pod-classification map (cni_pods,
+// pod_egress and their IPv6 twins) differs between old and cur.
+func repinned(old, cur []*Ruleset) []netip.Addr {
+	var out []netip.Addr
+	seen := map[[16]byte]bool{}
+	for i, rs := range cur {
+		for j, s := range rs.Sets {
+			if !s.IsMap || s.DataType.Name != nftables.TypeVerdict.Name {
+				continue
+			}
+			var before []Element
+			if i < len(old) && j < len(old[i].Sets) && old[i].Sets[j].Name == s.Name {
+				before = old[i].Sets[j].Elements
+			} else if old == nil {
+				continue // nothing known before: nothing to compare
+			}
+			del, add := diffElements(before, s.Elements)
+			for _, list := range [][]Element{del, add} {
+				for _, e := range list {
+					if !seen[e.Key] {
+						seen[e.Key] = true
+						out = append(out, keyAddr(s, e.Key))
+					}
+				}
+			}
+		}
+	}
+	return out
+}
+
 // diffElements returns the elements to delete from old and to add to reach cur. An
-// element whose value changed is deleted and added again.
+// element whose value changed is deleted and added again. A key listed twice counts
+// once (the first wins): the kernel holds one element per key, and a malformed state
+// must not make the diff fail.
 func diffElements(old, cur []Element) (del, add []Element) {
 	// Both lists come from the same deterministic builder, so an unchanged set is
 	// usually identical element by element: check that first, it is far cheaper
@@ -271,26 +524,35 @@ func diffElements(old, cur []Element) (del, add []Element) {
 	if sameElements(old, cur) {
 		return nil, nil
 	}
-	idx := make(map[[4]byte]int, len(old))
+	const consumed = -1
+	idx := make(map[[16]byte]int, len(old))
 	for i, e := range old {
-		idx[e.Key] = i
+		if _, dup := idx[e.Key]; !dup {
+			idx[e.Key] = i
+		}
 	}
+	done := make(map[[16]byte]bool, len(cur))
 	for _, e := range cur {
+		if done[e.Key] {
+			continue
+		}
+		done[e.Key] = true
 		i, ok := idx[e.Key]
 		switch {
 		case !ok:
 			add = append(add, e)
 		case old[i] != e:
-			del = append(del, e)
+			del = append(del, old[i])
 			add = append(add, e)
 		}
 		if ok {
-			idx[e.Key] = -1
+			idx[e.Key] = consumed
 		}
 	}
 	for _, e := range old {
-		if idx[e.Key] >= 0 {
+		if i, ok := idx[e.Key]; ok && i != consumed {
 			del = append(del, e)
+			idx[e.Key] = consumed
 		}
 	}
 	return del, add
@@ -338,28 +600,36 @@ func toNftSet(t *nftables.Table, s *Set) *nftables.Set {
 func kernelElements(s *Set, els []Element, deleting bool, timeout time.Duration) []nftables.SetElement {
 	out := make([]nftables.SetElement, 0, len(els))
 	verdicts := map[string]*expr.Verdict{}
+	n := s.keyLen()
 	for _, e := range els {
-		ke := nftables.SetElement{Key: append([]byte(nil), e.Key[:]...)}
+		key := append(make([]byte, 0, 8), e.Key[:n]...)
+		if s.Concat {
+			key = append(key, e.Key2[:]...)
+		}
+		ke := nftables.SetElement{Key: key}
 		if !deleting {
 			ke.Timeout, ke.Comment = timeout, e.Comment
 		}
 		if !deleting && s.IsMap {
-			if e.Chain != "" {
+			switch {
+			case e.Return:
+				ke.VerdictData = &expr.Verdict{Kind: expr.VerdictReturn}
+			case e.Chain != "":
 				v, ok := verdicts[e.Chain]
 				if !ok {
 					v = &expr.Verdict{Kind: expr.VerdictJump, Chain: e.Chain}
 					verdicts[e.Chain] = v
 				}
 				ke.VerdictData = v
-			} else {
+			default:
 				ke.Val = append([]byte(nil), e.Val[:]...)
 			}
 		}
 		out = append(out, ke)
 		// An interval is a start element and an end element (the first address after
 		// it); a range that runs to the end of the address space has no end element.
-		if s.Interval && e.KeyEnd != [4]byte{} {
-			out = append(out, nftables.SetElement{Key: append([]byte(nil), e.KeyEnd[:]...), IntervalEnd: true})
+		if s.Interval && e.KeyEnd != ([16]byte{}) {
+			out = append(out, nftables.SetElement{Key: append([]byte(nil), e.KeyEnd[:n]...), IntervalEnd: true})
 		}
 	}
 	return out
@@ -423,7 +693,7 @@ func heldAddrsInKernel(conn *nftables.Conn) ([]HeldAddr, error) {
 	var out []HeldAddr
 	for _, e := range els {
 		a, ok := netip.AddrFromSlice(e.Key)
-		if !ok {
+		if !ok || !a.Is4() {
 			continue
 		}
 		h := HeldAddr{IP: a}
@@ -435,7 +705,7 @@ func heldAddrsInKernel(conn *nftables.Conn) ([]HeldAddr, error) {
 
 // deleteTables removes natd's tables; missing tables are not an error.
 func deleteTables(conn *nftables.Conn) error {
-	for _, f := range []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyARP} {
+	for _, f := range []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyIPv6, nftables.TableFamilyARP} {
 		t := &nftables.Table{Name: TableName, Family: f}
 		conn.AddTable(t)
 		conn.DelTable(t)

@@ -92,6 +92,38 @@ func (r *router) ensure(uplink netlink.Link, slots []slotRoute) error {
 	return nil
 }
 
+// intact reports whether every slot has its ip rule and its table holds exactly the
+// route ensure would put there.
+func (r *router) intact(uplink netlink.Link, slots []slotRoute) (bool, error) {
+	rules, err := r.nl.RuleList(unix.AF_INET)
+	if err != nil {
+		return false, fmt.Errorf("listing ip rules: %w", err)
+	}
+	have := map[int]bool{}
+	for _, ru := range rules {
+		if r.ours(ru) && ru.Mark == r.marks.Value(ru.Table-r.tableBase) {
+			have[ru.Table] = true
+		}
+	}
+	routes, err := r.routes()
+	if err != nil {
+		return false, err
+	}
+	for _, s := range slots {
+		if !have[r.table(s.idx)] {
+			return false, nil
+		}
+		cur, ok := routes[r.table(s.idx)]
+		switch {
+		case !s.via.IsValid() && ok:
+			return false, nil
+		case s.via.IsValid() && (!ok || cur.LinkIndex != uplink.Attrs().Index || !cur.Gw.Equal(s.via.AsSlice())):
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
 // prune removes the rules and routes of slots no longer in use.
 func (r *router) prune(slots []slotRoute) error {
 	keep := map[int]bool{}

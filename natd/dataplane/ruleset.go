@@ -1,10 +1,10 @@
 package dataplane
 
 import (
-	"encoding/binary"
-	"fmt"
+		"fmt"
 	"math/bits"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,7 +14,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TableName is natd's one nftables table (family ip). natd touches nothing else.
+// TableName names natd's nftables tables (families ip, ip6 and arp). natd touches
+// nothing else.
 const TableName = "natd"
 
 // Names of the sets and maps in natd's table.
@@ -23,22 +24,32 @@ const (
 	setNodeIPs       = "node_ips"         // every node's IP: the only legal next hops for un-SNATed pinned packets
 	setPodCIDRs      = "pod_cidrs"        // interval set: the cluster's pod CIDRs
 	setLocalPodCIDRs = "local_pod_cidrs"  // interval set: this node's pod CIDRs
-	setKnownPods     = "known_local_pods" // local pod IPs natd has seen in the API
 	setHeldAddrs     = "held_addrs"       // egress IPs on this node's uplink, with their claim generation
-	setLeasedIPs     = "leased_ips"       // held egress IPs whose lease natd keeps renewing
-	mapPodEgress     = "pod_egress"       // pinned pod IP -> jump to its egress IP's chain
+	setHeldMarks     = "held_marks"       // egress IP . its mark, for held IPs whose lease is current
+	setLeasedIPs     = "leased_ips"       // (arp table) held egress IPs whose lease is current
+	MapCNIPods       = "cni_pods"         // this node's pods as the CNI plugin saw them -> jump to their egress chain, or return (unpinned)
+	mapPodEgress     = "pod_egress"       // pinned pod IP (from the API) -> jump to its egress IP's chain
 	mapHeldSNAT      = "held_snat"        // mark of a leased egress IP -> that egress IP (expires with the lease)
+
+	// The ip6 table's sets and its one drop chain.
+	setClusterDsts6 = "cluster_dsts6"
+	MapCNIPods6     = "cni_pods6"
+	mapPodEgress6   = "pod_egress6"
+	ChainPinnedIPv6 = "pinned_ipv6" // IPv6 traffic of pinned pods to the outside: no IPv6 egress IP, so dropped
 )
 
-// Base-chain priorities. natd marks at mangle, before routing, so the mark can steer
-// policy routing. It SNATs just before srcnat (100, where iptables' and most CNIs'
-// MASQUERADE sits): the first NAT chain that binds a connection wins, so an earlier
-// binding keeps the CNI from rewriting a pinned packet. The guard runs after all NAT,
-// when the packet carries its final source address.
+// Base-chain priorities. natd classifies and marks just after dstnat (-100, where
+// kube-proxy's and iptables' DNAT sit): a Service's translated destination decides
+// whether the packet leaves the cluster, so a ClusterIP whose endpoint is outside is
+// pinned like the outside address itself. Routing comes after every prerouting hook,
+// so the mark still steers policy routing. natd SNATs just before srcnat (100, where
+// iptables' and most CNIs' MASQUERADE sits): the first NAT chain that binds a
+// connection wins, so an earlier binding keeps the CNI from rewriting a pinned packet.
+// The guard runs after all NAT, when the packet carries its final source address.
 const (
-	prioMark  = -150 // mangle
-	prioSNAT  = 90   // srcnat - 10
-	prioGuard = 110  // srcnat + 10
+	prioMark  = -90 // dstnat + 10
+	prioSNAT  = 90  // srcnat - 10
+	prioGuard = 110 // srcnat + 10
 )
 
 // Marks are the bits of the packet mark natd owns; the rest is left to others
@@ -87,8 +98,11 @@ type Ruleset struct {
 }
 
 func (rs *Ruleset) familyName() string {
-	if rs.Family == nftables.TableFamilyARP {
+	switch rs.Family {
+	case nftables.TableFamilyARP:
 		return "arp"
+	case nftables.TableFamilyIPv6:
+		return "ip6"
 	}
 	return "ip"
 }
@@ -101,6 +115,8 @@ type Set struct {
 	DataType nftables.SetDatatype
 	IsMap    bool
 	Interval bool
+	// Concat: the key is ipv4_addr . mark (Element.Key, Element.Key2).
+	Concat bool
 	// Timeout, when set, is given to every element: the element disappears from the
 	// kernel unless natd re-adds it in time (a lease).
 	Timeout time.Duration
@@ -110,16 +126,42 @@ type Set struct {
 	Elements []Element
 }
 
-// Element is one element. Every key and value natd uses is 4 bytes (an IPv4 address or
-// a mark), so an element is a small value: at 50k pods, building and comparing the sets
-// each sync allocates nothing per element.
+// keyLen is the length of one key part in the kernel.
+func (s *Set) keyLen() int {
+	if s.KeyType.Name == nftables.TypeIP6Addr.Name {
+		return 16
+	}
+	return 4
+}
+
+// Element is one element: a small value, so that at 50k pods building and comparing
+// the sets each sync allocates nothing per element.
 type Element struct {
-	Key    [4]byte // IPv4 address (network order) or mark (host order)
-	KeyEnd [4]byte // interval sets: first address after the range (0.0.0.0: to the end)
-	Val    [4]byte // maps to ipv4_addr
-	Chain  string  // verdict maps: the chain to jump to (shared by all elements of a group)
+	Key    [16]byte // address (IPv4: the first 4 bytes, network order) or mark (host order)
+	KeyEnd [16]byte // interval sets: first address after the range (zero: to the end)
+	Key2   [4]byte  // concatenated sets: the mark that follows the address
+	Val    [4]byte  // maps to ipv4_addr
+	// Verdict maps: the chain to jump to (shared by all elements of a group), or, with
+	// Return, no chain: the packet leaves natd's chain unclassified (an unpinned pod).
+	Chain  string
+	Return bool
 	// Comment is kept in the kernel with the element (held_addrs: the claim generation).
 	Comment string
+}
+
+func addrKey(a netip.Addr) (k [16]byte) {
+	if a.Is4() {
+		b := a.As4()
+		copy(k[:], b[:])
+	} else {
+		k = a.As16()
+	}
+	return k
+}
+
+func markKey(v uint32) (k [16]byte) {
+	copy(k[:], native32(v))
+	return k
 }
 
 // ElementText is how nft prints e as an element of s.
@@ -127,11 +169,13 @@ func (s *Set) ElementText(e Element) string {
 	var key string
 	switch {
 	case s.Interval:
-		key = addrRange{e.Key, e.KeyEnd}.String()
+		key = addrRange{keyAddr(s, e.Key), keyAddr(s, e.KeyEnd)}.String()
 	case s.KeyType.Name == nftables.TypeMark.Name:
-		key = fmt.Sprintf("0x%08x", binaryutil.NativeEndian.Uint32(e.Key[:]))
+		key = fmt.Sprintf("0x%08x", binaryutil.NativeEndian.Uint32(e.Key[:4]))
+	case s.Concat:
+		key = fmt.Sprintf("%s . 0x%08x", keyAddr(s, e.Key), binaryutil.NativeEndian.Uint32(e.Key2[:]))
 	default:
-		key = netip.AddrFrom4(e.Key).String()
+		key = keyAddr(s, e.Key).String()
 	}
 	if s.Timeout > 0 {
 		key += " timeout " + nftDuration(s.Timeout)
@@ -145,11 +189,22 @@ func (s *Set) ElementText(e Element) string {
 	switch {
 	case !s.IsMap:
 		return key
+	case e.Return:
+		return key + " : return"
 	case e.Chain != "":
 		return key + " : jump " + e.Chain
 	default:
 		return key + " : " + netip.AddrFrom4(e.Val).String()
 	}
+}
+
+// keyAddr reads an address key of s; an all-zero key of an interval end is invalid (to
+// the end of the address space).
+func keyAddr(s *Set, k [16]byte) netip.Addr {
+	if s.keyLen() == 16 {
+		return netip.AddrFrom16(k)
+	}
+	return netip.AddrFrom4([4]byte(k[:4]))
 }
 
 // nftDuration prints a duration the way nft does: 400ms, 2s, 1m30s.
@@ -207,7 +262,7 @@ func (r *Rule) arpAddrIn(field string, set string, invert bool) *Rule {
 	if field == "daddr" {
 		offset = 24
 	}
-	return r.addrIn("arp "+field+" ip", offset, set, invert)
+	return r.addrIn("arp "+field+" ip", offset, 4, set, invert)
 }
 
 // ipAddrIn matches an IPv4 packet's source (saddr) or destination (daddr) against a set.
@@ -216,22 +271,49 @@ func (r *Rule) ipAddrIn(field string, set string, invert bool) *Rule {
 	if field == "daddr" {
 		offset = 16
 	}
-	return r.addrIn("ip "+field, offset, set, invert)
+	return r.addrIn("ip "+field, offset, 4, set, invert)
 }
 
-func (r *Rule) addrIn(text string, offset uint32, set string, invert bool) *Rule {
+// ip6AddrIn is ipAddrIn for IPv6.
+func (r *Rule) ip6AddrIn(field string, set string, invert bool) *Rule {
+	offset := uint32(8)
+	if field == "daddr" {
+		offset = 24
+	}
+	return r.addrIn("ip6 "+field, offset, 16, set, invert)
+}
+
+func (r *Rule) addrIn(text string, offset, length uint32, set string, invert bool) *Rule {
 	op := ""
 	if invert {
 		op = "!= "
 	}
 	return r.add(fmt.Sprintf("%s %s@%s", text, op, set),
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: 4},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: length},
 		&expr.Lookup{SourceRegister: 1, SetName: set, Invert: invert})
+}
+
+// saddrMarkIn matches the pair (source address, natd's bits of the mark) against a
+// concatenated set: the packet left with the egress IP its own pinning names.
+func (r *Rule) saddrMarkIn(mask uint32, set string) *Rule {
+	// A concatenation fills consecutive 32-bit registers: the address in register 1
+	// (32-bit register 8), the mark in 32-bit register 9.
+	return r.add(fmt.Sprintf("ip saddr . meta mark & 0x%08x @%s", mask, set),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 9},
+		&expr.Bitwise{SourceRegister: 9, DestRegister: 9, Len: 4, Mask: native32(mask), Xor: native32(0)},
+		&expr.Lookup{SourceRegister: 1, SetName: set})
 }
 
 func (r *Rule) saddrVmap(mapName string) *Rule {
 	return r.add("ip saddr vmap @"+mapName,
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 0})
+}
+
+func (r *Rule) saddr6Vmap(mapName string) *Rule {
+	return r.add("ip6 saddr vmap @"+mapName,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 16},
 		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 0})
 }
 
@@ -283,13 +365,13 @@ func (r *Rule) counter() *Rule { return r.add("counter", &expr.Counter{}) }
 // Reasons pinned packets are dropped, as the drop rules' counters are exported.
 const (
 	DropFailClosed      = "fail_closed"      // no node can give the traffic its egress IP
-	DropUnknownPod      = "unknown_pod"      // a local pod natd has not seen in the API yet
 	DropUnpinnedTransit = "unpinned_transit" // another node's pod this node does not know as pinned yet
 	DropLeakGuard       = "leak_guard"       // would have left with another source address
+	DropNoIPv6Egress    = "no_ipv6_egress"   // IPv6 traffic of a pinned pod: its egress IP is IPv4
 )
 
 // DropReasons lists every reason, in the order metrics export them.
-var DropReasons = []string{DropFailClosed, DropLeakGuard, DropUnknownPod, DropUnpinnedTransit}
+var DropReasons = []string{DropFailClosed, DropLeakGuard, DropNoIPv6Egress, DropUnpinnedTransit}
 
 // countDrops is counter() for a rule that drops pinned packets for reason.
 func (r *Rule) countDrops(reason string) *Rule {
@@ -305,34 +387,21 @@ func (r *Rule) verdict(kind expr.VerdictKind) *Rule {
 // EgressChainName is the regular chain that handles packets pinned to ip.
 func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
 
-// BuildRuleset renders natd's whole ip table for state. index gives each egress IP its
-// slot (mark value and route table); it must hold every IP in state.Egress. lease is
-// how long SNAT to a held egress IP lasts unless natd renews it (0: forever).
-func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time.Duration) *Ruleset {
+// BuildRuleset renders natd's whole ip table for state and the node's pod records.
+// index gives each egress IP its slot (mark value and route table); it must hold every
+// IP in state.Egress. lease is how long SNAT to a held egress IP lasts unless natd
+// renews it (0: forever).
+func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration) *Ruleset {
 	rs := &Ruleset{Family: nftables.TableFamilyIPv4}
-	ipv4Set := func(name string, addrs []netip.Addr) *Set {
-		s := &Set{Name: name, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
-		s.Elements = make([]Element, 0, len(addrs))
-		for _, a := range addrs {
-			s.Elements = append(s.Elements, Element{Key: a.As4()})
-		}
-		return s
-	}
-	intervalSet := func(name string, prefixes []netip.Prefix) *Set {
-		s := &Set{Name: name, Decl: "type ipv4_addr\nflags interval", KeyType: nftables.TypeIPAddr, Interval: true}
-		for _, r := range mergeRanges(prefixes) {
-			s.Elements = append(s.Elements, Element{Key: r.start, KeyEnd: r.end})
-		}
-		return s
-	}
-
 	var held []EgressIP
-	podEgress := &Set{Name: mapPodEgress, Decl: "type ipv4_addr : verdict", KeyType: nftables.TypeIPAddr,
-		DataType: nftables.TypeVerdict, IsMap: true}
+	podEgress := verdictMap(mapPodEgress, nftables.TypeIPAddr, "ipv4_addr")
 	heldSNAT := &Set{Name: mapHeldSNAT, Decl: "type mark : ipv4_addr", KeyType: nftables.TypeMark,
 		DataType: nftables.TypeIPAddr, IsMap: true, KeyOrder: binaryutil.NativeEndian, Timeout: lease}
+	heldMarks := &Set{Name: setHeldMarks, Decl: "type ipv4_addr . mark", KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeMark),
+		Concat: true, Timeout: lease}
 	if lease > 0 {
 		heldSNAT.Decl += "\nflags timeout"
+		heldMarks.Decl += "\nflags timeout"
 	}
 	n := 0
 	for _, e := range state.Egress {
@@ -353,35 +422,40 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 		}
 		egressChains = append(egressChains, ch)
 		for _, p := range e.Pods {
-			podEgress.Elements = append(podEgress.Elements, Element{Key: p.As4(), Chain: ch.Name})
+			podEgress.Elements = append(podEgress.Elements, Element{Key: addrKey(p), Chain: ch.Name})
 		}
 		if e.Local {
 			held = append(held, e)
-			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: [4]byte(native32(mark)), Val: e.IP.As4()})
+			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: markKey(mark), Val: e.IP.As4()})
+			heldMarks.Elements = append(heldMarks.Elements, Element{Key: addrKey(e.IP), Key2: [4]byte(native32(mark))})
 		}
 	}
+	cniPods := verdictMap(MapCNIPods, nftables.TypeIPAddr, "ipv4_addr")
+	cniPods.Elements = cniPodElements(records, state.PinnedNamespaces, true, func(eip netip.Addr) string {
+		return EgressChainName(eip)
+	})
 
 	rs.Sets = []*Set{
-		intervalSet(setClusterDsts, state.ClusterDestinations),
-		ipv4Set(setNodeIPs, state.NodeIPs),
-		intervalSet(setPodCIDRs, state.PodCIDRs),
-		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs),
-		ipv4Set(setKnownPods, state.KnownLocalPods),
+		intervalSet(setClusterDsts, state.ClusterDestinations, false),
+		addrSet(setNodeIPs, state.NodeIPs),
+		intervalSet(setPodCIDRs, state.PodCIDRs, false),
+		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs, false),
 		heldAddrsSet(held, true),
-		leasedSet(held, lease),
+		heldMarks,
+		cniPods,
 		podEgress,
 		heldSNAT,
 	}
 
 	prerouting := &Chain{
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
-		Priority: prioMark, Header: "type filter hook prerouting priority mangle; policy accept;",
+		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 		Rules: []*Rule{
 			newRule().ipAddrIn("daddr", setClusterDsts, false).verdict(expr.VerdictReturn),
-			// A new pod can send before natd has seen it in the API. Until then natd
-			// cannot know whether its namespace is pinned, so its outside traffic waits.
-			newRule().ipAddrIn("saddr", setLocalPodCIDRs, false).ipAddrIn("saddr", setKnownPods, true).
-				countDrops(DropUnknownPod).verdict(expr.VerdictDrop),
+			// This node's pods as the CNI plugin registered them, before their first
+			// packet: pinned, or explicitly not (return), whatever natd's view of the
+			// API says about an older pod that had the same IP.
+			newRule().saddrVmap(MapCNIPods),
 			newRule().saddrVmap(mapPodEgress),
 			// Another node's pod sending outside through this node: only pinned traffic
 			// is routed here, so this node does not know the pod as pinned yet (its
@@ -392,7 +466,7 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 		},
 	}
 	snat := &Chain{
-		Name: "snat", Type: nftables.ChainTypeNAT, Hook: nftables.ChainHookPostrouting,
+		Name: "pinned_snat", Type: nftables.ChainTypeNAT, Hook: nftables.ChainHookPostrouting,
 		Priority: prioSNAT, Header: "type nat hook postrouting priority srcnat - 10; policy accept;",
 		Rules: []*Rule{
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
@@ -405,18 +479,97 @@ func BuildRuleset(state State, marks Marks, index map[netip.Addr]int, lease time
 		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
 		Rules: []*Rule{
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
-			// SNATed here to an egress IP this node holds (and its lease is current). The
-			// second lookup counts the packet against its egress IP: held_addrs keeps a
-			// counter per element.
-			newRule().ipAddrIn("saddr", setLeasedIPs, false).ipAddrIn("saddr", setHeldAddrs, false).verdict(expr.VerdictAccept),
+			// SNATed here to the egress IP this packet's own pinning names (its mark),
+			// held with a current lease. A connection NATed under an older pinning (the
+			// namespace moved to another egress IP) does not match. The second lookup
+			// counts the packet against its egress IP: held_addrs keeps a counter per
+			// element.
+			newRule().saddrMarkIn(marks.Mask, setHeldMarks).ipAddrIn("saddr", setHeldAddrs, false).verdict(expr.VerdictAccept),
 			// On its way to the holder, still with the pod's own address.
-			newRule().ipAddrIn("saddr", setNodeIPs, true).nexthopIn(setNodeIPs).verdict(expr.VerdictAccept),
+			newRule().ipAddrIn("saddr", setPodCIDRs, false).nexthopIn(setNodeIPs).verdict(expr.VerdictAccept),
 			// Anything else would reach the partner with another source address.
 			newRule().countDrops(DropLeakGuard).verdict(expr.VerdictDrop),
 		},
 	}
 	rs.Chains = append(egressChains, prerouting, snat, guard)
 	return rs
+}
+
+// BuildRuleset6 renders natd's ip6 table. Egress IPs are IPv4, so a pinned pod's IPv6
+// traffic to the outside has no egress IP to leave with: it is dropped and counted,
+// never sent with the pod's or the node's own address. Unpinned pods are not touched.
+func BuildRuleset6(state State, records []PodRecord) *Ruleset {
+	podEgress := verdictMap(mapPodEgress6, nftables.TypeIP6Addr, "ipv6_addr")
+	for _, e := range state.Egress {
+		for _, p := range e.Pods6 {
+			podEgress.Elements = append(podEgress.Elements, Element{Key: addrKey(p), Chain: ChainPinnedIPv6})
+		}
+	}
+	cniPods := verdictMap(MapCNIPods6, nftables.TypeIP6Addr, "ipv6_addr")
+	cniPods.Elements = cniPodElements(records, state.PinnedNamespaces, false, func(netip.Addr) string { return ChainPinnedIPv6 })
+	return &Ruleset{
+		Family: nftables.TableFamilyIPv6,
+		Sets:   []*Set{intervalSet(setClusterDsts6, state.ClusterDestinations, true), cniPods, podEgress},
+		Chains: []*Chain{
+			{Name: ChainPinnedIPv6, Rules: []*Rule{newRule().countDrops(DropNoIPv6Egress).verdict(expr.VerdictDrop)}},
+			{Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
+				Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
+				Rules: []*Rule{
+					newRule().ip6AddrIn("daddr", setClusterDsts6, false).verdict(expr.VerdictReturn),
+					newRule().saddr6Vmap(MapCNIPods6),
+					newRule().saddr6Vmap(mapPodEgress6),
+				}},
+		},
+	}
+}
+
+// cniPodElements turns pod records into elements of the family's cni_pods map: a pod of
+// a pinned namespace jumps to the chain chainOf names, any other pod returns.
+func cniPodElements(records []PodRecord, pinned map[string]netip.Addr, v4 bool, chainOf func(netip.Addr) string) []Element {
+	var out []Element
+	for _, r := range records {
+		eip, isPinned := pinned[r.Namespace]
+		for _, ip := range r.IPs {
+			if ip.Is4() != v4 {
+				continue
+			}
+			e := Element{Key: addrKey(ip), Return: true}
+			if isPinned {
+				e.Chain, e.Return = chainOf(eip), false
+			}
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func verdictMap(name string, key nftables.SetDatatype, keyName string) *Set {
+	return &Set{Name: name, Decl: "type " + keyName + " : verdict", KeyType: key, DataType: nftables.TypeVerdict, IsMap: true}
+}
+
+func addrSet(name string, addrs []netip.Addr) *Set {
+	s := &Set{Name: name, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
+	s.Elements = make([]Element, 0, len(addrs))
+	for _, a := range addrs {
+		s.Elements = append(s.Elements, Element{Key: addrKey(a)})
+	}
+	return s
+}
+
+// intervalSet holds the prefixes of one family (the others are left out).
+func intervalSet(name string, prefixes []netip.Prefix, v6 bool) *Set {
+	s := &Set{Name: name, Decl: "type ipv4_addr\nflags interval", KeyType: nftables.TypeIPAddr, Interval: true}
+	if v6 {
+		s.Decl, s.KeyType = "type ipv6_addr\nflags interval", nftables.TypeIP6Addr
+	}
+	for _, r := range mergeRanges(prefixes, v6) {
+		e := Element{Key: addrKey(r.start)}
+		if r.end.IsValid() {
+			e.KeyEnd = addrKey(r.end)
+		}
+		s.Elements = append(s.Elements, e)
+	}
+	return s
 }
 
 // heldAddrsSet lists the egress IPs on the uplink with their claim generation: after a
@@ -429,7 +582,7 @@ func heldAddrsSet(held []EgressIP, counter bool) *Set {
 		s.Decl += "\ncounter"
 	}
 	for _, e := range held {
-		s.Elements = append(s.Elements, Element{Key: e.IP.As4(), Comment: genComment(e.Gen)})
+		s.Elements = append(s.Elements, Element{Key: addrKey(e.IP), Comment: genComment(e.Gen)})
 	}
 	return s
 }
@@ -441,7 +594,7 @@ func leasedSet(held []EgressIP, lease time.Duration) *Set {
 		s.Decl += "\nflags timeout"
 	}
 	for _, e := range held {
-		s.Elements = append(s.Elements, Element{Key: e.IP.As4()})
+		s.Elements = append(s.Elements, Element{Key: addrKey(e.IP)})
 	}
 	return s
 }
@@ -520,64 +673,79 @@ func (rs *Ruleset) Text(terse bool) string {
 	return b.String()
 }
 
-// addrRange is the half-open IPv4 range [start, end).
-type addrRange struct{ start, end [4]byte }
+// addrRange is the half-open range [start, end); an invalid end means "to the end of
+// the address space".
+type addrRange struct{ start, end netip.Addr }
 
 func (r addrRange) String() string {
-	s := binary.BigEndian.Uint32(r.start[:])
-	e := binary.BigEndian.Uint32(r.end[:]) // exclusive; 0 means 2^32
-	size := uint64(e) - uint64(s)
-	if e == 0 {
-		size = (1 << 32) - uint64(s)
+	last := lastAddr(r.start.BitLen())
+	if r.end.IsValid() {
+		last = r.end.Prev()
 	}
-	if size&(size-1) == 0 && uint64(s)%size == 0 {
-		ones := 32 - bits.TrailingZeros64(size)
-		if ones == 32 {
-			return netip.AddrFrom4(r.start).String()
+	if last == r.start {
+		return r.start.String()
+	}
+	for bits := 0; bits < r.start.BitLen(); bits++ {
+		p := netip.PrefixFrom(r.start, bits)
+		if p.Masked().Addr() == r.start && broadcast(p) == last {
+			return p.String()
 		}
-		return netip.PrefixFrom(netip.AddrFrom4(r.start), ones).String()
 	}
-	last := e - 1
-	var l [4]byte
-	binary.BigEndian.PutUint32(l[:], last)
-	return netip.AddrFrom4(r.start).String() + "-" + netip.AddrFrom4(l).String()
+	return r.start.String() + "-" + last.String()
 }
 
-// mergeRanges turns possibly overlapping prefixes into sorted, disjoint, non-adjacent
-// ranges: the kernel rejects overlapping intervals in one set.
-func mergeRanges(prefixes []netip.Prefix) []addrRange {
-	type span struct{ s, e uint64 } // e exclusive, may be 2^32
+// lastAddr is the highest address of a family (32 or 128 bits).
+func lastAddr(bitLen int) netip.Addr {
+	if bitLen == 32 {
+		return netip.AddrFrom4([4]byte{255, 255, 255, 255})
+	}
+	var b [16]byte
+	for i := range b {
+		b[i] = 0xff
+	}
+	return netip.AddrFrom16(b)
+}
+
+// broadcast is the last address of p.
+func broadcast(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
+
+// mergeRanges turns possibly overlapping prefixes of one family into sorted, disjoint,
+// non-adjacent ranges: the kernel rejects overlapping intervals in one set.
+func mergeRanges(prefixes []netip.Prefix, v6 bool) []addrRange {
+	type span struct{ first, last netip.Addr }
 	var spans []span
 	for _, p := range prefixes {
-		if !p.Addr().Is4() {
+		if p.Addr().Is4() == v6 {
 			continue
 		}
 		p = p.Masked()
-		a := p.Addr().As4()
-		s := uint64(binary.BigEndian.Uint32(a[:]))
-		spans = append(spans, span{s, s + (1 << (32 - p.Bits()))})
+		spans = append(spans, span{p.Addr(), broadcast(p)})
 	}
-	for i := 1; i < len(spans); i++ { // insertion sort: a handful of entries
-		for j := i; j > 0 && spans[j].s < spans[j-1].s; j-- {
-			spans[j], spans[j-1] = spans[j-1], spans[j]
-		}
-	}
+	slices.SortFunc(spans, func(a, b span) int { return a.first.Compare(b.first) })
 	var merged []span
 	for _, sp := range spans {
-		if n := len(merged); n > 0 && sp.s <= merged[n-1].e {
-			if sp.e > merged[n-1].e {
-				merged[n-1].e = sp.e
+		if n := len(merged); n > 0 {
+			prev := &merged[n-1]
+			next := prev.last.Next() // invalid after the last address: everything merges
+			if !next.IsValid() || sp.first.Compare(next) <= 0 {
+				if sp.last.Compare(prev.last) > 0 {
+					prev.last = sp.last
+				}
+				continue
 			}
-			continue
 		}
 		merged = append(merged, sp)
 	}
 	out := make([]addrRange, 0, len(merged))
 	for _, m := range merged {
-		var r addrRange
-		binary.BigEndian.PutUint32(r.start[:], uint32(m.s))
-		binary.BigEndian.PutUint32(r.end[:], uint32(m.e)) // 2^32 wraps to 0: "to the end"
-		out = append(out, r)
+		out = append(out, addrRange{start: m.first, end: m.last.Next()})
 	}
 	return out
 }

@@ -17,7 +17,7 @@ func TestBuildRulesetText(t *testing.T) {
 		netip.MustParseAddr("198.18.0.201"): 2,
 		netip.MustParseAddr("198.18.0.202"): 3,
 	}
-	got := BuildRuleset(st, marks, index, 400*time.Millisecond).Text(false)
+	got := BuildRuleset(st, sampleRecords(), marks, index, 400*time.Millisecond).Text(false)
 	want := `table ip natd {
 	set cluster_dsts {
 		type ipv4_addr
@@ -38,19 +38,19 @@ func TestBuildRulesetText(t *testing.T) {
 		flags interval
 		elements = { 10.244.2.0/24 }
 	}
-	set known_local_pods {
-		type ipv4_addr
-		elements = { 10.244.2.10 }
-	}
 	set held_addrs {
 		type ipv4_addr
 		counter
 		elements = { 198.18.0.200 counter comment "gen=3" }
 	}
-	set leased_ips {
-		type ipv4_addr
+	set held_marks {
+		type ipv4_addr . mark
 		flags timeout
-		elements = { 198.18.0.200 timeout 400ms }
+		elements = { 198.18.0.200 . 0x00010000 timeout 400ms }
+	}
+	map cni_pods {
+		type ipv4_addr : verdict
+		elements = { 10.244.2.10 : jump egress_198.18.0.200, 10.244.2.20 : return }
 	}
 	map pod_egress {
 		type ipv4_addr : verdict
@@ -75,14 +75,14 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 
 	chain prerouting {
-		type filter hook prerouting priority mangle; policy accept;
+		type filter hook prerouting priority dstnat + 10; policy accept;
 		ip daddr @cluster_dsts return
-		ip saddr @local_pod_cidrs ip saddr != @known_local_pods counter drop
+		ip saddr vmap @cni_pods
 		ip saddr vmap @pod_egress
 		ip saddr @pod_cidrs ip saddr != @local_pod_cidrs meta mark & 0x00ff0000 == 0x00000000 counter drop
 	}
 
-	chain snat {
+	chain pinned_snat {
 		type nat hook postrouting priority srcnat - 10; policy accept;
 		meta mark & 0x00ff0000 == 0x00000000 return
 		snat to meta mark & 0x00ff0000 map @held_snat
@@ -92,14 +92,51 @@ func TestBuildRulesetText(t *testing.T) {
 	chain leak_guard {
 		type filter hook postrouting priority srcnat + 10; policy accept;
 		meta mark & 0x00ff0000 == 0x00000000 return
-		ip saddr @leased_ips ip saddr @held_addrs accept
-		ip saddr != @node_ips rt ip nexthop @node_ips accept
+		ip saddr . meta mark & 0x00ff0000 @held_marks ip saddr @held_addrs accept
+		ip saddr @pod_cidrs rt ip nexthop @node_ips accept
 		counter drop
 	}
 }
 `
 	if got != want {
 		t.Fatalf("rendered ruleset differs\n--- got:\n%s\n--- want:\n%s", got, want)
+	}
+}
+
+func TestBuildRuleset6Text(t *testing.T) {
+	st := sampleState()
+	st.ClusterDestinations = append(st.ClusterDestinations, netip.MustParsePrefix("fd00:10:244::/48"),
+		netip.MustParsePrefix("fd00:10:96::/112"), netip.MustParsePrefix("fd00:10:244:1::/64"))
+	got := BuildRuleset6(st, sampleRecords()).Text(false)
+	want := `table ip6 natd {
+	set cluster_dsts6 {
+		type ipv6_addr
+		flags interval
+		elements = { fd00:10:96::/112, fd00:10:244::/48 }
+	}
+	map cni_pods6 {
+		type ipv6_addr : verdict
+		elements = { fd00:10:244:2::10 : jump pinned_ipv6, fd00:10:244:2::20 : return }
+	}
+	map pod_egress6 {
+		type ipv6_addr : verdict
+		elements = { fd00:10:244:1::10 : jump pinned_ipv6 }
+	}
+
+	chain pinned_ipv6 {
+		counter drop
+	}
+
+	chain prerouting {
+		type filter hook prerouting priority dstnat + 10; policy accept;
+		ip6 daddr @cluster_dsts6 return
+		ip6 saddr vmap @cni_pods6
+		ip6 saddr vmap @pod_egress6
+	}
+}
+`
+	if got != want {
+		t.Fatalf("rendered ip6 ruleset differs\n--- got:\n%s\n--- want:\n%s", got, want)
 	}
 }
 
@@ -134,7 +171,7 @@ func TestFailOpenEgressChainIsEmpty(t *testing.T) {
 	marks, _ := NewMarks(0x00ff0000)
 	st := State{Egress: []EgressIP{{IP: netip.MustParseAddr("198.18.0.200"), FailOpen: true,
 		Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}}}}
-	rs := BuildRuleset(st, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0)
+	rs := BuildRuleset(st, nil, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0)
 	if c := rs.Chains[0]; c.Name != "egress_198.18.0.200" || len(c.Rules) != 0 {
 		t.Fatalf("fail-open chain without holder: %+v; want no rules (packet goes the normal way)", c)
 	}
@@ -145,7 +182,7 @@ func TestMergeRanges(t *testing.T) {
 	for _, s := range []string{"10.0.0.0/8", "10.1.0.0/16", "192.168.0.1/32", "192.168.0.2/31", "192.168.0.0/32", "0.0.0.0/0"} {
 		in = append(in, netip.MustParsePrefix(s))
 	}
-	got := mergeRanges(in[:5])
+	got := mergeRanges(in[:5], false)
 	var txt []string
 	for _, r := range got {
 		txt = append(txt, r.String())
@@ -153,8 +190,17 @@ func TestMergeRanges(t *testing.T) {
 	if want := "10.0.0.0/8 192.168.0.0/30"; join(txt) != want {
 		t.Errorf("mergeRanges = %q, want %q", join(txt), want)
 	}
-	if all := mergeRanges(in); len(all) != 1 || all[0].String() != "0.0.0.0/0" {
+	if all := mergeRanges(in, false); len(all) != 1 || all[0].String() != "0.0.0.0/0" {
 		t.Errorf("mergeRanges with 0.0.0.0/0 = %v", all)
+	}
+	v6 := []netip.Prefix{netip.MustParsePrefix("fd00::/8"), netip.MustParsePrefix("fd00:1::/32"),
+		netip.MustParsePrefix("2001:db8::1/128"), netip.MustParsePrefix("2001:db8::2/128"), netip.MustParsePrefix("10.0.0.0/8")}
+	txt = nil
+	for _, r := range mergeRanges(v6, true) {
+		txt = append(txt, r.String())
+	}
+	if want := "2001:db8::1-2001:db8::2 fd00::/8"; join(txt) != want {
+		t.Errorf("mergeRanges(v6) = %q, want %q", join(txt), want)
 	}
 }
 
@@ -182,11 +228,11 @@ func TestNewMarks(t *testing.T) {
 }
 
 func TestDiffElements(t *testing.T) {
-	el := func(k byte, chain string) Element { return Element{Key: [4]byte{10, 0, 0, k}, Chain: chain} }
+	el := func(k byte, chain string) Element { return Element{Key: [16]byte{10, 0, 0, k}, Chain: chain} }
 	del, add := diffElements(
 		[]Element{el(1, "x"), el(2, "x"), el(3, "x")},
 		[]Element{el(1, "x"), el(2, "y"), el(4, "x")})
-	if len(del) != 2 || del[0] != el(2, "y") || del[1] != el(3, "x") {
+	if len(del) != 2 || del[0] != el(2, "x") || del[1] != el(3, "x") {
 		t.Errorf("del = %v", del)
 	}
 	if len(add) != 2 || add[0] != el(2, "y") || add[1] != el(4, "x") {
@@ -194,5 +240,16 @@ func TestDiffElements(t *testing.T) {
 	}
 	if del, add := diffElements([]Element{el(1, "x")}, []Element{el(1, "x")}); del != nil || add != nil {
 		t.Errorf("identical lists: del %v add %v", del, add)
+	}
+	// A key listed twice (two pods with one IP) must neither panic nor ask the kernel
+	// for the same element twice.
+	del, add = diffElements(
+		[]Element{el(1, "x"), el(1, "y"), el(2, "x")},
+		[]Element{el(1, "y"), el(1, "x"), el(3, "x"), el(3, "y")})
+	if len(del) != 2 || del[0] != el(1, "x") || del[1] != el(2, "x") {
+		t.Errorf("with duplicates: del = %v", del)
+	}
+	if len(add) != 2 || add[0] != el(1, "y") || add[1] != el(3, "x") {
+		t.Errorf("with duplicates: add = %v", add)
 	}
 }

@@ -1,6 +1,7 @@
-// Package dataplane programs a node's kernel for natd: one nftables table (marks, SNAT,
-// fail-closed drops, the leak guard), policy routing (ip rules and one route table per
-// egress IP) and the egress IPs this node holds on its uplink.
+// Package dataplane programs a node's kernel for natd: its nftables tables (marks,
+// SNAT, fail-closed drops, the leak guard, the IPv6 drop of pinned pods), policy
+// routing (ip rules and one route table per egress IP), the egress IPs this node holds
+// on its uplink, and the node-local pod records natd's CNI plugin shares with it.
 //
 // Its input is State, a complete description of what the node must do; Apply converges
 // the kernel to it. Everything here is level-triggered: Apply may be called any number
@@ -18,19 +19,20 @@ type State struct {
 	// where held egress IPs are added and announced.
 	NodeIP netip.Addr
 	// ClusterDestinations are never SNATed: pod and service CIDRs, node IPs, excludes.
+	// Either family; IPv6 ones go to the ip6 table.
 	ClusterDestinations []netip.Prefix
-	// PodCIDRs are the cluster's pod CIDRs (all nodes).
+	// PodCIDRs are the cluster's IPv4 pod CIDRs (all nodes).
 	PodCIDRs []netip.Prefix
-	// NodeIPs are the addresses of all nodes (next hops towards a remote holder).
+	// NodeIPs are the IPv4 addresses of all nodes (next hops towards a remote holder).
 	NodeIPs []netip.Addr
-	// LocalPodCIDRs are this node's pod CIDRs. Traffic from an address in them that
-	// natd does not know as a pod yet (KnownLocalPods) is held back from the outside
-	// until natd knows whether its namespace is pinned.
+	// LocalPodCIDRs are this node's IPv4 pod CIDRs.
 	LocalPodCIDRs []netip.Prefix
-	// KnownLocalPods are the IPs of the pods on this node natd has seen.
-	KnownLocalPods []netip.Addr
 	// Egress lists every egress IP in use, sorted by IP.
 	Egress []EgressIP
+	// PinnedNamespaces maps every namespace whose annotation is valid to its egress
+	// IP. The CNI plugin pins a new pod by its namespace before natd has seen the pod,
+	// from this map as natd last wrote it to the node.
+	PinnedNamespaces map[string]netip.Addr
 }
 
 // EgressIP is one egress IP and the pods pinned to it.
@@ -46,9 +48,13 @@ type EgressIP struct {
 	// FailOpen lets pinned traffic leave the normal way when there is no holder,
 	// instead of dropping it.
 	FailOpen bool
-	// Pods are the pinned pods' IPs (all nodes, any order): the holder SNATs traffic
-	// that other nodes forward to it, so it must know every one of them.
+	// Pods are the pinned pods' IPv4 addresses (all nodes, any order, each address
+	// once across all egress IPs): the holder SNATs traffic that other nodes forward
+	// to it, so it must know every one of them.
 	Pods []netip.Addr
+	// Pods6 are the pinned pods' IPv6 addresses. An IPv4 egress IP gives them no way
+	// out: their traffic to the outside is dropped, never sent with another source.
+	Pods6 []netip.Addr
 }
 
 // HasHolder reports whether some node holds the IP.

@@ -1,0 +1,450 @@
+package natd
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	k8sfake "k8s.io/client-go/kubernetes/fake"
+
+	"natd.dev/natd/election"
+	"natd.dev/natd/natd/dataplane"
+)
+
+// fakeKernel records what the agent asks of the kernel. Apply can be made to fail or
+// to block (a wedged netlink call).
+type fakeKernel struct {
+	mu       sync.Mutex
+	applied  []dataplane.State
+	applyErr error
+	block    chan struct{} // when set, Apply waits for it to close
+	result   dataplane.Result
+	renewals int
+	renewErr error
+	drifted  bool
+}
+
+func (k *fakeKernel) Apply(st dataplane.State) (dataplane.Result, error) {
+	k.mu.Lock()
+	block := k.block
+	k.mu.Unlock()
+	if block != nil {
+		<-block
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.applyErr != nil {
+		return dataplane.Result{}, k.applyErr
+	}
+	k.applied = append(k.applied, st)
+	res := k.result
+	k.result = dataplane.Result{}
+	return res, nil
+}
+
+func (k *fakeKernel) Verify() (bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	d := k.drifted
+	k.drifted = false
+	return d, nil
+}
+
+func (k *fakeKernel) RenewLeases() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.renewals++
+	return k.renewErr
+}
+
+func (k *fakeKernel) HoldLeases(time.Duration) error              { return nil }
+func (k *fakeKernel) KernelClaims() ([]dataplane.HeldAddr, error) { return nil, nil }
+
+func (k *fakeKernel) last() dataplane.State {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.applied[len(k.applied)-1]
+}
+
+func (k *fakeKernel) renewed() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.renewals
+}
+
+// fakeMembership is a gossip view the test sets. View can be made to block (a gossip
+// delegate holding the lock).
+type fakeMembership struct {
+	mu      sync.Mutex
+	view    election.View
+	block   chan struct{}
+	routes  []election.Claim
+	changed chan struct{}
+}
+
+func (m *fakeMembership) View() election.View {
+	m.mu.Lock()
+	block := m.block
+	m.mu.Unlock()
+	if block != nil {
+		<-block
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v := m.view
+	v.Members = map[string]election.Member{}
+	for k, x := range m.view.Members {
+		v.Members[k] = x
+	}
+	return v
+}
+func (m *fakeMembership) SetLocal(election.Meta, time.Duration) error { return nil }
+func (m *fakeMembership) Join(peers []string) (int, error)            { return len(peers), nil }
+func (m *fakeMembership) Changed() <-chan struct{}                    { return m.changed }
+func (m *fakeMembership) Forget(func(string) bool)                    {}
+func (m *fakeMembership) SetRoutes(r []election.Claim) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.routes = r
+	return nil
+}
+func (m *fakeMembership) RoutesChanged() <-chan struct{} { return nil }
+func (m *fakeMembership) Leave(time.Duration) error      { return nil }
+func (m *fakeMembership) Shutdown() error                { return nil }
+
+// fixture wires an Agent to a fake clientset, a fake kernel, fake gossip and a clock
+// the test moves, as sample-controller's controller tests do.
+type fixture struct {
+	t       *testing.T
+	kernel  *fakeKernel
+	members *fakeMembership
+	agent   *Agent
+	mu      sync.Mutex
+	clock   time.Time
+}
+
+func newFixture(t *testing.T, objects ...runtime.Object) *fixture {
+	t.Helper()
+	f := &fixture{t: t, kernel: &fakeKernel{}, clock: time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)}
+	f.members = &fakeMembership{changed: make(chan struct{})}
+	f.setAlive("node1", "node2", "node3")
+	cfg := testConfig("node1")
+	cfg.Lease, cfg.ResyncPeriod, cfg.RestartGrace = 400*time.Millisecond, time.Minute, time.Minute
+	client := k8sfake.NewSimpleClientset(objects...)
+	f.agent = NewAgent(cfg, client, nil, f.kernel, func(netip.Addr) (Membership, error) { return f.members, nil }, nil, NewMetrics())
+	f.agent.now = f.now
+	f.agent.health = newHealth(f.now)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() {
+		cancel()
+		f.agent.queue.ShutDown()
+		f.agent.factory.Shutdown()
+	})
+	if err := f.agent.start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func (f *fixture) now() time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.clock
+}
+
+// advance moves the clock; the other members keep answering this node's probes.
+func (f *fixture) advance(d time.Duration) {
+	f.mu.Lock()
+	f.clock = f.clock.Add(d)
+	f.mu.Unlock()
+	f.members.mu.Lock()
+	f.members.view.At = f.members.view.At.Add(d)
+	for name, m := range f.members.view.Members {
+		m.LastContact = f.members.view.At
+		f.members.view.Members[name] = m
+	}
+	f.members.mu.Unlock()
+}
+
+// setAlive makes the named members alive and in recent contact with this node.
+func (f *fixture) setAlive(names ...string) {
+	f.members.mu.Lock()
+	defer f.members.mu.Unlock()
+	at := f.clock
+	f.members.view = election.View{Self: "node1", At: at, Members: map[string]election.Member{}}
+	for _, n := range names {
+		f.members.view.Members[n] = election.Member{Name: n, Alive: true, LastContact: at}
+	}
+}
+
+func (f *fixture) probe(path string) int {
+	rec := httptest.NewRecorder()
+	f.agent.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	return rec.Code
+}
+
+func nodes3() []runtime.Object {
+	return []runtime.Object{
+		node("node1", "198.18.0.11", false, true),
+		node("node2", "198.18.0.12", true, true),
+		node("node3", "198.18.0.13", true, true),
+	}
+}
+
+func terminating(p *corev1.Pod) *corev1.Pod {
+	now := metav1.Now()
+	p.DeletionTimestamp = &now
+	return p
+}
+
+func podsOf(st dataplane.State) map[string]string {
+	out := map[string]string{}
+	for _, e := range st.Egress {
+		for _, p := range e.Pods {
+			out[p.String()] = e.IP.String()
+		}
+	}
+	return out
+}
+
+// Two pods with one IP (normal while an IP is reused) must neither crash natd nor
+// give the address two egress IPs: the running pod wins over the terminating one, and
+// of two running pods the first namespace by name, on every node alike.
+func TestAgentTwoPodsOneIP(t *testing.T) {
+	objs := append(nodes3(),
+		ns("team-a", "198.18.0.200"), ns("team-b", "198.18.0.201"), ns("team-c", "198.18.0.201"),
+		terminating(pod("team-a", "old", "node1", "10.244.11.10")),
+		pod("team-b", "new", "node1", "10.244.11.10"),
+		pod("team-b", "x", "node2", "10.244.12.10"),
+		pod("team-c", "y", "node2", "10.244.12.10"),
+		pod("team-a", "z", "node3", "10.244.13.10"),
+		pod("team-c", "z", "node3", "10.244.13.10"),
+	)
+	f := newFixture(t, objs...)
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := podsOf(f.kernel.last())
+	want := map[string]string{"10.244.11.10": "198.18.0.201", "10.244.12.10": "198.18.0.201", "10.244.13.10": "198.18.0.200"}
+	for ip, eip := range want {
+		if got[ip] != eip {
+			t.Errorf("pod %s pinned to %q, want %s (all: %v)", ip, got[ip], eip, got)
+		}
+	}
+	n := 0
+	for _, e := range f.kernel.last().Egress {
+		n += len(e.Pods)
+	}
+	if n != 3 {
+		t.Errorf("%d pod elements for 3 addresses: %v", n, f.kernel.last().Egress)
+	}
+}
+
+// A holder renews its leases only while it can show it may serve. A sync stuck in the
+// kernel stops renewals within wedgeBound (the leases then lapse by themselves), and
+// liveness fails once it has been stuck for livenessBound.
+func TestAgentWedgedSyncStopsServing(t *testing.T) {
+	f := newFixture(t, nodes3()...)
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 1 || f.probe("/healthz") != 200 || f.probe("/readyz") != 200 {
+		t.Fatalf("healthy agent: renewals %d, healthz %d, readyz %d", f.kernel.renewed(), f.probe("/healthz"), f.probe("/readyz"))
+	}
+	f.kernel.mu.Lock()
+	f.kernel.block = make(chan struct{})
+	f.kernel.mu.Unlock()
+	f.agent.queue.Add(syncKey)
+	done := make(chan bool)
+	go func() { done <- f.agent.processNext() }()
+	waitFor(t, func() bool {
+		f.agent.health.mu.Lock()
+		defer f.agent.health.mu.Unlock()
+		return !f.agent.health.busySince.IsZero()
+	})
+
+	f.advance(wedgeBound / 2) // a slow sync is not a wedged one
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 2 {
+		t.Fatalf("renewals during a sync shorter than wedgeBound: %d, want 2", f.kernel.renewed())
+	}
+	f.advance(wedgeBound)
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 2 {
+		t.Fatalf("a wedged agent renewed its leases (%d renewals)", f.kernel.renewed())
+	}
+	if got := testutil.ToFloat64(f.agent.metrics.LeaseRenewalsWithheld); got != 1 {
+		t.Errorf("natd_lease_renewals_withheld_total = %v, want 1", got)
+	}
+	if f.probe("/readyz") == 200 {
+		t.Error("readyz passes while the sync loop is stuck")
+	}
+	if f.probe("/healthz") != 200 {
+		t.Error("healthz failed before livenessBound")
+	}
+	f.advance(livenessBound)
+	if f.probe("/healthz") == 200 {
+		t.Error("healthz passes while the sync loop has been stuck for longer than livenessBound")
+	}
+	f.kernel.mu.Lock()
+	close(f.kernel.block)
+	f.kernel.block = nil
+	f.kernel.mu.Unlock()
+	<-done
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 3 || f.probe("/healthz") != 200 {
+		t.Errorf("after the sync completed: renewals %d, healthz %d", f.kernel.renewed(), f.probe("/healthz"))
+	}
+}
+
+// Gossip that hangs (a delegate holding its lock) blocks the renewal loop itself:
+// nothing is renewed, and liveness fails once it has been stuck for renewStallBound.
+func TestAgentWedgedGossipStopsServing(t *testing.T) {
+	f := newFixture(t, nodes3()...)
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.members.mu.Lock()
+	f.members.block = make(chan struct{})
+	f.members.mu.Unlock()
+	returned := make(chan struct{})
+	go func() {
+		f.agent.renewLeases()
+		close(returned)
+	}()
+	select {
+	case <-returned:
+		t.Fatal("renewal went on while gossip was stuck")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if f.kernel.renewed() != 0 {
+		t.Fatalf("renewed %d times while gossip was stuck", f.kernel.renewed())
+	}
+	f.advance(renewStallBound + time.Second)
+	if f.probe("/healthz") == 200 {
+		t.Error("healthz passes while the renewal loop is stuck")
+	}
+	close(f.members.block)
+	<-returned
+}
+
+// A node that no longer sees a majority (its contacts went quiet) stops renewing at
+// once, before any sync has run.
+func TestAgentNoMajorityNoRenewal(t *testing.T) {
+	f := newFixture(t, nodes3()...)
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.clock = f.clock.Add(time.Hour)
+	f.mu.Unlock()
+	f.members.mu.Lock()
+	f.members.view.At = f.members.view.At.Add(time.Hour) // node2 and node3 have not answered for an hour
+	f.members.mu.Unlock()
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 0 {
+		t.Fatalf("renewed %d times without a majority", f.kernel.renewed())
+	}
+}
+
+// Syncs that keep failing stop renewals after syncFailBound; a renewal the kernel
+// refuses is counted, fails readiness and asks for a repairing sync at once.
+func TestAgentFailingSyncsAndRefusedRenewals(t *testing.T) {
+	f := newFixture(t, nodes3()...)
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.kernel.mu.Lock()
+	f.kernel.applyErr = errors.New("netlink: no such file or directory")
+	f.kernel.mu.Unlock()
+	if err := f.agent.Sync(); err == nil {
+		t.Fatal("sync succeeded over a failing kernel")
+	}
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 1 {
+		t.Fatalf("renewals right after one failed sync: %d, want 1", f.kernel.renewed())
+	}
+	f.advance(syncFailBound + time.Millisecond)
+	_ = f.agent.Sync()
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 1 {
+		t.Fatalf("renewed while syncs have failed for longer than syncFailBound")
+	}
+	f.kernel.mu.Lock()
+	f.kernel.applyErr, f.kernel.renewErr = nil, errors.New("no such file or directory")
+	f.kernel.mu.Unlock()
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	for f.agent.queue.Len() > 0 {
+		k, _ := f.agent.queue.Get()
+		f.agent.queue.Done(k)
+	}
+	f.agent.renewLeases()
+	if got := testutil.ToFloat64(f.agent.metrics.LeaseRenewalFailures); got != 1 {
+		t.Errorf("natd_lease_renewal_failures_total = %v, want 1", got)
+	}
+	if f.probe("/readyz") == 200 {
+		t.Error("readyz passes while lease renewals fail")
+	}
+	if f.agent.queue.Len() != 1 {
+		t.Error("a refused renewal did not ask for a repairing sync")
+	}
+}
+
+// A takeover that an Apply reports (also on the retry of one that failed half-way)
+// is counted as a failover when another node claimed the IP; drift the kernel reports
+// leads to a sync.
+func TestAgentCountsTakeoversAndRepairsDrift(t *testing.T) {
+	objs := append(nodes3(), ns("team-a", "198.18.0.200"))
+	f := newFixture(t, objs...)
+	f.members.mu.Lock()
+	m := f.members.view.Members["node3"]
+	m.Meta.Claims = []election.Claim{{IP: netip.MustParseAddr("198.18.0.200"), Gen: 4}}
+	f.members.view.Members["node3"] = m
+	f.members.mu.Unlock()
+	f.kernel.mu.Lock()
+	f.kernel.result = dataplane.Result{Announced: []netip.Addr{netip.MustParseAddr("198.18.0.200")}}
+	f.kernel.mu.Unlock()
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(f.agent.metrics.Failovers); got != 1 {
+		t.Errorf("natd_failovers_total = %v, want 1", got)
+	}
+	before := len(f.kernel.applied)
+	f.kernel.mu.Lock()
+	f.kernel.drifted = true
+	f.kernel.mu.Unlock()
+	if err := f.agent.process(verifyKey); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.kernel.applied) != before+1 || testutil.ToFloat64(f.agent.metrics.DriftRepairs) != 1 {
+		t.Errorf("drift: %d applies (want %d), repairs %v", len(f.kernel.applied), before+1, testutil.ToFloat64(f.agent.metrics.DriftRepairs))
+	}
+	if err := f.agent.process(verifyKey); err != nil || len(f.kernel.applied) != before+1 {
+		t.Errorf("no drift: %d applies, %v; want no sync", len(f.kernel.applied), err)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	t.Fatal("condition never held")
+}

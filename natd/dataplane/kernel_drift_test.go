@@ -1,0 +1,217 @@
+package dataplane
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// The CNI plugin's records become the cni_pods maps of both families, and the kernel
+// holds exactly what the builders render.
+func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	for _, r := range sampleRecords() {
+		if err := d.store.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := sampleState()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease), BuildRuleset6(st, sampleRecords())} {
+		got := ns.run("nft", "-s", "list", "table", rs.familyName(), TableName)
+		if normalize(got) != normalize(rs.Text(false)) {
+			t.Fatalf("kernel %s table differs from the rendered one\n--- kernel:\n%s\n--- rendered:\n%s", rs.familyName(), got, rs.Text(false))
+		}
+	}
+	// natd tells the plugin which namespaces are pinned.
+	pinned, ok, err := d.store.ReadPinning()
+	if err != nil || !ok || len(pinned["team-a"]) != 1 || pinned["team-a"][0].String() != "198.18.0.200" {
+		t.Fatalf("pinning.json = %v, %v, %v", pinned, ok, err)
+	}
+}
+
+// Whatever someone does to natd's kernel state, Verify notices it and the next Apply
+// puts back exactly what was there: elements deleted, added or changed, a flushed map,
+// a flushed ruleset, an old saved ruleset restored, ip rules, routes and addresses.
+func TestKernelVerifyAndRepairDrift(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	for _, r := range sampleRecords() {
+		if err := d.store.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := sampleState()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	want := ns.snapshot()
+	if drifted, err := d.Verify(); err != nil || drifted {
+		t.Fatalf("Verify right after Apply = %v, %v; want no drift", drifted, err)
+	}
+	// An old ruleset saved by a firewall tool: the same tables, other elements.
+	old := sampleState()
+	old.Egress[0].Pods = []netip.Addr{netip.MustParseAddr("10.244.1.99")}
+	saved := filepath.Join(t.TempDir(), "saved.nft")
+	{
+		d2 := ns.dataplane()
+		if _, err := d2.Apply(old); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(saved, []byte(ns.run("nft", "list", "ruleset")), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Apply(st); err != nil {
+			t.Fatal(err)
+		}
+	}
+	remoteTable := fmt.Sprint(7100 + d.slots[netip.MustParseAddr("198.18.0.201")]) // routes to the holder .11
+	for _, vandal := range [][]string{
+		{"nft", "delete", "element", "ip", TableName, mapPodEgress, "{ 10.244.1.10 }"},
+		{"nft", "flush", "map", "ip", TableName, mapPodEgress},
+		{"nft", "flush", "map", "ip", TableName, MapCNIPods},
+		{"nft", "add", "element", "ip", TableName, mapPodEgress, "{ 10.244.1.77 : jump egress_198.18.0.201 }"},
+		{"nft", "delete", "element", "ip", TableName, MapCNIPods, "{ 10.244.2.20 }"},
+		{"sh", "-c", "nft delete element ip natd cni_pods { 10.244.2.20 } && nft add element ip natd cni_pods { 10.244.2.20 : jump egress_198.18.0.200 }"},
+		{"nft", "delete", "element", "ip6", TableName, MapCNIPods6, "{ fd00:10:244:2::10 }"},
+		{"nft", "delete", "element", "ip", TableName, setNodeIPs, "{ 198.18.0.11 }"},
+		{"nft", "delete", "element", "ip", TableName, setClusterDsts, "{ 10.96.0.0/12 }"},
+		{"nft", "flush", "ruleset"},
+		{"sh", "-c", "nft flush ruleset && nft -f " + saved},
+		{"nft", "delete", "table", "ip6", TableName},
+		{"ip", "rule", "del", "priority", "7000"},
+		{"ip", "route", "replace", "default", "via", "198.18.0.99", "dev", "uplink0", "table", remoteTable, "proto", "78"},
+		{"ip", "addr", "del", "198.18.0.200/32", "dev", "uplink0"},
+	} {
+		ns.run(vandal...)
+		drifted, err := d.Verify()
+		if err != nil || !drifted {
+			t.Fatalf("after %v: Verify = %v, %v; want drift", vandal, drifted, err)
+		}
+		if _, err := d.Apply(st); err != nil {
+			t.Fatalf("after %v: %v", vandal, err)
+		}
+		if got := ns.snapshot(); got != want {
+			t.Fatalf("after %v and a sync the kernel differs\n--- got:\n%s\n--- want:\n%s", vandal, got, want)
+		}
+		if drifted, err := d.Verify(); err != nil || drifted {
+			t.Fatalf("after repairing %v: Verify = %v, %v; want no drift", vandal, drifted, err)
+		}
+	}
+	// Someone else's commit that leaves natd's tables alone is no drift.
+	ns.run("nft", "add", "table", "ip", "someone-else")
+	if drifted, err := d.Verify(); err != nil || drifted {
+		t.Fatalf("another table's change: Verify = %v, %v; want no drift", drifted, err)
+	}
+}
+
+// A pod whose classification changes (its namespace moves to another egress IP, or is
+// no longer pinned) must not keep connections NATed under the old one: they are
+// deleted from conntrack, and so are those of a pod that reuses another's IP.
+func TestKernelRepinnedPodsLoseTheirConnections(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	st := sampleState()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	nl, err := netlink.NewHandleAt(ns.h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	flow := func(src string, sport uint16) *netlink.ConntrackFlow {
+		f := &netlink.ConntrackFlow{FamilyType: unix.AF_INET, TimeOut: 100}
+		f.Forward = netlink.IPTuple{SrcIP: net.ParseIP(src).To4(), DstIP: net.ParseIP("203.0.113.10").To4(),
+			Protocol: unix.IPPROTO_UDP, SrcPort: sport, DstPort: 8080}
+		f.Reverse = netlink.IPTuple{SrcIP: net.ParseIP("203.0.113.10").To4(), DstIP: net.ParseIP("198.18.0.200").To4(),
+			Protocol: unix.IPPROTO_UDP, SrcPort: 8080, DstPort: sport}
+		return f
+	}
+	for _, f := range []*netlink.ConntrackFlow{flow("10.244.1.10", 4000), flow("10.244.1.11", 4001), flow("10.244.2.10", 4002)} {
+		if err := nl.ConntrackCreate(netlink.ConntrackTable, unix.AF_INET, f); err != nil {
+			t.Fatalf("creating conntrack entry: %v", err)
+		}
+	}
+	sources := func() string {
+		flows, err := nl.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, f := range flows {
+			out = append(out, f.Forward.SrcIP.String())
+		}
+		return strings.Join(out, " ")
+	}
+	// 10.244.1.10 moves from .200 to .201 (its namespace was re-pinned); 10.244.2.10
+	// is no longer pinned at all; 10.244.1.11 stays.
+	next := sampleState()
+	next.Egress[0].Pods = nil
+	next.Egress[1].Pods = append(next.Egress[1].Pods, netip.MustParseAddr("10.244.1.10"))
+	res, err := d.Apply(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Repinned != 2 {
+		t.Errorf("Repinned = %d, want 2", res.Repinned)
+	}
+	if got := sources(); got != "10.244.1.11" {
+		t.Fatalf("conntrack sources after re-pinning: %q, want only 10.244.1.11", got)
+	}
+}
+
+// An Apply that fails after it took an IP leaves the announcement, the conntrack
+// deletion and the report owed: the next Apply still reports the IP as taken.
+func TestKernelFailedApplyKeepsWhatItOwes(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	st := sampleState()
+	st.Egress[0].Local = false // nothing held yet
+	st.Egress[0].HolderIP = netip.MustParseAddr("198.18.0.11")
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	// The last step (telling the CNI plugin the pinning) fails: /run is read-only,
+	// say. The kernel already has the IP and its SNAT.
+	blocker := filepath.Join(ns.stateDir, pinningName)
+	if err := os.Remove(blocker); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(blocker, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(blocker, "x"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	take := sampleState()
+	if _, err := d.Apply(take); err == nil {
+		t.Fatal("Apply succeeded although pinning.json could not be written")
+	}
+	if out := ns.run("ip", "-o", "addr", "show", "dev", "uplink0"); !strings.Contains(out, "198.18.0.200/32") {
+		t.Fatalf("the failed Apply did not get as far as adding the IP:\n%s", out)
+	}
+	if err := os.RemoveAll(blocker); err != nil {
+		t.Fatal(err)
+	}
+	res, err := d.Apply(take)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Announced) != 1 || res.Announced[0].String() != "198.18.0.200" {
+		t.Fatalf("retry reported %+v; want 198.18.0.200 taken (announced, flows flushed, counted)", res)
+	}
+	if res, err := d.Apply(take); err != nil || len(res.Announced) != 0 {
+		t.Fatalf("a further Apply = %+v, %v; want nothing taken again", res, err)
+	}
+}
