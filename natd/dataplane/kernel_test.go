@@ -112,9 +112,9 @@ func sampleState() State {
 			netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12"),
 			netip.MustParsePrefix("198.18.0.11/32"), netip.MustParsePrefix("198.18.0.12/32"),
 		},
-		NodeIPs:        []netip.Addr{netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")},
-		PodCIDRs:       []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
-		LocalPodCIDRs:  []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
+		NodeIPs:       []netip.Addr{netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")},
+		PodCIDRs:      []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+		LocalPodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
 		Egress: []EgressIP{
 			{IP: netip.MustParseAddr("198.18.0.200"), Local: true, Gen: 3, HolderIP: netip.MustParseAddr("198.18.0.12"),
 				Pods:  []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("10.244.2.10")},

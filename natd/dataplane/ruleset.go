@@ -1,7 +1,7 @@
 package dataplane
 
 import (
-		"fmt"
+	"fmt"
 	"math/bits"
 	"net/netip"
 	"slices"
@@ -20,16 +20,16 @@ const TableName = "natd"
 
 // Names of the sets and maps in natd's table.
 const (
-	setClusterDsts   = "cluster_dsts"     // interval set: destinations that are never pinned
-	setNodeIPs       = "node_ips"         // every node's IP: the only legal next hops for un-SNATed pinned packets
-	setPodCIDRs      = "pod_cidrs"        // interval set: the cluster's pod CIDRs
-	setLocalPodCIDRs = "local_pod_cidrs"  // interval set: this node's pod CIDRs
-	setHeldAddrs     = "held_addrs"       // egress IPs on this node's uplink, with their claim generation
-	setHeldMarks     = "held_marks"       // egress IP . its mark, for held IPs whose lease is current
-	setLeasedIPs     = "leased_ips"       // (arp table) held egress IPs whose lease is current
-	MapCNIPods       = "cni_pods"         // this node's pods as the CNI plugin saw them -> jump to their egress chain, or return (unpinned)
-	mapPodEgress     = "pod_egress"       // pinned pod IP (from the API) -> jump to its egress IP's chain
-	mapHeldSNAT      = "held_snat"        // mark of a leased egress IP -> that egress IP (expires with the lease)
+	setClusterDsts   = "cluster_dsts"    // interval set: destinations that are never pinned
+	setNodeIPs       = "node_ips"        // every node's IP: the only legal next hops for un-SNATed pinned packets
+	setPodCIDRs      = "pod_cidrs"       // interval set: the cluster's pod CIDRs
+	setLocalPodCIDRs = "local_pod_cidrs" // interval set: this node's pod CIDRs
+	setHeldAddrs     = "held_addrs"      // egress IPs on this node's uplink, with their claim generation
+	setHeldMarks     = "held_marks"      // egress IP . its mark, for held IPs whose lease is current
+	setLeasedIPs     = "leased_ips"      // (arp table) held egress IPs whose lease is current
+	MapCNIPods       = "cni_pods"        // this node's pods as the CNI plugin saw them -> jump to their egress chain, or return (unpinned)
+	mapPodEgress     = "pod_egress"      // pinned pod IP (from the API) -> jump to its egress IP's chain
+	mapHeldSNAT      = "held_snat"       // mark of a leased egress IP -> that egress IP (expires with the lease)
 
 	// The ip6 table's sets and its one drop chain.
 	setClusterDsts6 = "cluster_dsts6"

@@ -1,0 +1,6 @@
+// Command natd-cni is natd's chained CNI plugin (see natd/cniplugin).
+package main
+
+import "natd.dev/natd/natd/cniplugin"
+
+func main() { cniplugin.Main() }

@@ -1,0 +1,113 @@
+// Package cniplugin is natd's chained CNI plugin. The container runtime calls it after
+// the plugin that gave a pod its addresses, before any of the pod's processes run: it
+// classifies the pod in the node's kernel (pinned by its namespace, or not) from what
+// natd last wrote to the node, so a new pod's first packet never waits for natd — nor
+// leaks when natd has not seen the pod yet or is not running at all.
+package cniplugin
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"natd.dev/natd/natd/dataplane"
+)
+
+// DefaultStateDir is natd's --state-dir default, where the plugin finds natd's pod store.
+const DefaultStateDir = "/run/natd"
+
+// Conf is the plugin's entry in a conflist.
+type Conf struct {
+	types.PluginConf
+	// StateDir is natd's --state-dir on this node.
+	StateDir string `json:"stateDir,omitempty"`
+}
+
+// podArgs are the Kubernetes arguments kubelet and containerd pass in CNI_ARGS.
+type podArgs struct {
+	types.CommonArgs
+	K8S_POD_NAMESPACE          types.UnmarshallableString //nolint:revive // the runtime's names
+	K8S_POD_NAME               types.UnmarshallableString //nolint:revive
+	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive
+}
+
+// Main runs the plugin (the natd-cni binary).
+func Main() {
+	skel.PluginMainFuncs(skel.CNIFuncs{Add: Add, Del: Del, Check: Check},
+		version.PluginSupports("0.4.0", "1.0.0", "1.1.0"), "natd: pins new pods of pinned namespaces to their egress IP")
+}
+
+func parse(args *skel.CmdArgs) (*Conf, error) {
+	conf := &Conf{}
+	if err := json.Unmarshal(args.StdinData, conf); err != nil {
+		return nil, fmt.Errorf("natd-cni: parsing network configuration: %w", err)
+	}
+	if conf.StateDir == "" {
+		conf.StateDir = DefaultStateDir
+	}
+	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
+		return nil, fmt.Errorf("natd-cni: parsing prevResult: %w", err)
+	}
+	return conf, nil
+}
+
+// Add records the pod and classifies its addresses. For a pod of a pinned namespace a
+// failure fails the ADD: the runtime retries, and the pod does not run unpinned. For
+// any other pod natd's trouble is never the pod's: the ADD succeeds whatever happens.
+func Add(args *skel.CmdArgs) error {
+	conf, err := parse(args)
+	if err != nil {
+		return err
+	}
+	if conf.PrevResult == nil {
+		return errors.New("natd-cni must be chained after a plugin that assigns addresses (no prevResult)")
+	}
+	result, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return fmt.Errorf("natd-cni: converting prevResult: %w", err)
+	}
+	var pa podArgs
+	if err := types.LoadArgs(args.Args, &pa); err != nil {
+		return fmt.Errorf("natd-cni: parsing CNI_ARGS: %w", err)
+	}
+	if ns := string(pa.K8S_POD_NAMESPACE); ns != "" {
+		rec := dataplane.PodRecord{ContainerID: args.ContainerID, Namespace: ns, Name: string(pa.K8S_POD_NAME),
+			Added: time.Now().UnixNano()}
+		for _, ipc := range result.IPs {
+			if ip, ok := netip.AddrFromSlice(ipc.Address.IP); ok {
+				rec.IPs = append(rec.IPs, ip.Unmap())
+			}
+		}
+		pinned, err := dataplane.RegisterPod(dataplane.PodStore{Dir: conf.StateDir}, rec)
+		switch {
+		case err != nil && pinned:
+			return fmt.Errorf("natd-cni: pod %s/%s of a pinned namespace cannot be pinned: %w", ns, rec.Name, err)
+		case err != nil:
+			fmt.Fprintf(os.Stderr, "natd-cni: pod %s/%s (not pinned) not recorded: %v\n", ns, rec.Name, err)
+		}
+	}
+	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// Del forgets the pod: its addresses may soon belong to another pod.
+func Del(args *skel.CmdArgs) error {
+	conf, err := parse(args)
+	if err != nil {
+		return err
+	}
+	return dataplane.UnregisterPod(dataplane.PodStore{Dir: conf.StateDir}, args.ContainerID)
+}
+
+// Check has nothing of its own to verify: natd repairs its kernel state itself.
+func Check(args *skel.CmdArgs) error {
+	_, err := parse(args)
+	return err
+}

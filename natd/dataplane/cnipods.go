@@ -1,0 +1,169 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
+)
+
+// ErrNoTables means natd's tables are missing although natd has programmed this node
+// (someone flushed the ruleset while natd is down): a pod of a pinned namespace cannot
+// be pinned now, and must not start.
+var ErrNoTables = errors.New("natd's nftables tables are missing")
+
+// RegisterPod is the CNI plugin's ADD, in the node's network namespace: it records the
+// pod and classifies its addresses in the kernel at once (cni_pods, cni_pods6), before
+// the pod's first packet. A pod of a pinned namespace jumps to its egress IP's chain;
+// any other pod is marked unpinned, which also overrides whatever natd's view of the
+// API still says about an older pod that had the same IP.
+//
+// It returns pinned=false and does nothing when natd has never programmed this node
+// (no pinning.json: natd is not installed, or was uninstalled). An error for an
+// unpinned pod is the caller's to ignore: such a pod must never pay for natd.
+func RegisterPod(store PodStore, rec PodRecord) (pinned bool, err error) {
+	pinning, ok, err := store.ReadPinning()
+	if err != nil || !ok {
+		return false, err
+	}
+	egress := map[string]netip.Addr{}
+	for ns, ips := range pinning {
+		for _, ip := range ips {
+			if ip.Is4() {
+				egress[ns] = ip
+			}
+		}
+	}
+	_, pinned = egress[rec.Namespace]
+	unlock, err := store.Lock()
+	if err != nil {
+		return pinned, err
+	}
+	defer unlock()
+	if err := store.Put(rec); err != nil {
+		return pinned, err
+	}
+	conn, err := nftables.New()
+	if err != nil {
+		return pinned, fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	for _, v4 := range []bool{true, false} {
+		s := cniPodsSet(v4)
+		s.Elements = cniPodElements([]PodRecord{rec}, egress, v4, func(eip netip.Addr) string {
+			if v4 {
+				return EgressChainName(eip)
+			}
+			return ChainPinnedIPv6
+		})
+		if err := replaceElements(conn, s); err != nil {
+			return pinned, err
+		}
+	}
+	return pinned, nil
+}
+
+// UnregisterPod is the CNI plugin's DEL: the pod's addresses leave cni_pods and its
+// record goes. A pod natd never recorded is no error.
+func UnregisterPod(store PodStore, containerID string) error {
+	if _, err := os.Stat(filepath.Join(store.Dir, podsSubdir)); errors.Is(err, os.ErrNotExist) {
+		return nil // natd keeps no store on this node
+	}
+	unlock, err := store.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	rec, ok, err := store.Get(containerID)
+	if err != nil || !ok {
+		return err
+	}
+	conn, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("opening nftables netlink socket: %w", err)
+	}
+	for _, v4 := range []bool{true, false} {
+		s := cniPodsSet(v4)
+		for _, ip := range rec.IPs {
+			if ip.Is4() == v4 {
+				s.Elements = append(s.Elements, Element{Key: addrKey(ip)})
+			}
+		}
+		if err := deleteExisting(conn, s, s.Elements); err != nil && !errors.Is(err, ErrNoTables) {
+			return err
+		}
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("removing pod %s from %s: %w", containerID, MapCNIPods, err)
+	}
+	return store.Remove(containerID)
+}
+
+func cniPodsSet(v4 bool) *Set {
+	if v4 {
+		return verdictMap(MapCNIPods, nftables.TypeIPAddr, "ipv4_addr")
+	}
+	return verdictMap(MapCNIPods6, nftables.TypeIP6Addr, "ipv6_addr")
+}
+
+func cniTable(v4 bool) *nftables.Table {
+	if v4 {
+		return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
+	}
+	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv6}
+}
+
+// replaceElements puts s.Elements into the kernel's map, replacing elements of the
+// same keys, in one transaction.
+func replaceElements(conn *nftables.Conn, s *Set) error {
+	if len(s.Elements) == 0 {
+		return nil
+	}
+	if err := deleteExisting(conn, s, s.Elements); err != nil {
+		return err
+	}
+	ks, err := conn.GetSetByName(cniTable(s.KeyType == nftables.TypeIPAddr), s.Name)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrNoTables, s.Name, err)
+	}
+	if err := addElements(conn, ks, s, s.Elements, 0); err != nil {
+		return err
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("adding pod to %s: %w", s.Name, err)
+	}
+	return nil
+}
+
+// deleteExisting queues the deletion of those of els that the kernel's map has
+// (deleting a missing element would fail the whole transaction).
+func deleteExisting(conn *nftables.Conn, s *Set, els []Element) error {
+	ks, err := conn.GetSetByName(cniTable(s.KeyType == nftables.TypeIPAddr), s.Name)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("%w: %s", ErrNoTables, s.Name)
+		}
+		return fmt.Errorf("reading %s: %w", s.Name, err)
+	}
+	have, err := conn.GetSetElements(ks)
+	if err != nil {
+		return fmt.Errorf("reading elements of %s: %w", s.Name, err)
+	}
+	present := map[[16]byte]bool{}
+	for _, e := range fromKernel(s, have) {
+		present[e.Key] = true
+	}
+	var del []Element
+	for _, e := range els {
+		if present[e.Key] {
+			del = append(del, e)
+		}
+	}
+	if len(del) == 0 {
+		return nil
+	}
+	return deleteElements(conn, ks, s, del)
+}
