@@ -33,6 +33,8 @@ type Kernel interface {
 	// Verify reports whether anything natd owns in the kernel drifted from the last
 	// Apply; a sync repairs it.
 	Verify() (drifted bool, err error)
+	// WatchChanges calls changed after every nftables commit on the node.
+	WatchChanges(stop <-chan struct{}, changed func()) error
 	RenewLeases() error
 	HoldLeases(grace time.Duration) error
 	KernelClaims() ([]dataplane.HeldAddr, error)
@@ -170,6 +172,11 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	}()
 	a.queue.Add(syncKey)
 	go every(ctx, a.cfg.ResyncPeriod, func() { a.queue.Add(syncKey) })
+	// Someone else's nftables commit is checked at once; routes and addresses, and
+	// whatever the watch misses, once a second.
+	if err := a.kernel.WatchChanges(ctx.Done(), func() { a.queue.Add(verifyKey) }); err != nil {
+		klog.InfoS("Not watching nftables changes; checking for drift once a second only", "err", err)
+	}
 	go every(ctx, verifyEvery, func() { a.queue.Add(verifyKey) })
 	go every(ctx, a.cfg.Lease/4, a.renewLeases)
 	go every(ctx, 10*time.Second, a.rejoin)

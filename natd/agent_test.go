@@ -68,6 +68,7 @@ func (k *fakeKernel) RenewLeases() error {
 }
 
 func (k *fakeKernel) HoldLeases(time.Duration) error              { return nil }
+func (k *fakeKernel) WatchChanges(<-chan struct{}, func()) error  { return nil }
 func (k *fakeKernel) KernelClaims() ([]dataplane.HeldAddr, error) { return nil, nil }
 
 func (k *fakeKernel) last() dataplane.State {

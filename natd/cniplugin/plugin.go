@@ -37,6 +37,7 @@ type podArgs struct {
 	K8S_POD_NAMESPACE          types.UnmarshallableString //nolint:revive // the runtime's names
 	K8S_POD_NAME               types.UnmarshallableString //nolint:revive
 	K8S_POD_INFRA_CONTAINER_ID types.UnmarshallableString //nolint:revive
+	K8S_POD_UID                types.UnmarshallableString //nolint:revive
 }
 
 // Main runs the plugin (the natd-cni binary).

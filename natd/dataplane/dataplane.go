@@ -669,3 +669,52 @@ func (d *Dataplane) inNetns(fn func() error) error {
 	runtime.UnlockOSThread()
 	return ferr
 }
+
+// WatchChanges calls changed whenever a transaction commits to nftables in this
+// node's namespace (natd's own included), until stop is closed: drift is found within
+// milliseconds of someone touching natd's tables, not at the next periodic check.
+// Committed transactions are announced with a NEWGEN message to the nftables
+// multicast group; their content is not read here (Verify does that).
+func (d *Dataplane) WatchChanges(stop <-chan struct{}, changed func()) error {
+	cfg := &mdnetlink.Config{}
+	if d.cfg.NetNS != nil {
+		cfg.NetNS = int(*d.cfg.NetNS)
+	}
+	c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, cfg)
+	if err != nil {
+		return fmt.Errorf("opening netfilter netlink socket: %w", err)
+	}
+	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
+		c.Close()
+		return fmt.Errorf("subscribing to nftables changes: %w", err)
+	}
+	go func() {
+		<-stop
+		c.Close()
+	}()
+	go func() {
+		for {
+			msgs, err := c.Receive()
+			if err != nil {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				// An overrun (ENOBUFS) lost messages: something changed.
+				changed()
+				if !errors.Is(err, unix.ENOBUFS) {
+					time.Sleep(time.Second) // a broken socket: the periodic check remains
+				}
+				continue
+			}
+			for _, m := range msgs {
+				if m.Header.Type == mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN) {
+					changed()
+					break
+				}
+			}
+		}
+	}()
+	return nil
+}

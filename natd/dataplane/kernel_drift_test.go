@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -213,5 +214,36 @@ func TestKernelFailedApplyKeepsWhatItOwes(t *testing.T) {
 	}
 	if res, err := d.Apply(take); err != nil || len(res.Announced) != 0 {
 		t.Fatalf("a further Apply = %+v, %v; want nothing taken again", res, err)
+	}
+}
+
+// Every nftables commit in the node's namespace, anyone's, is reported within
+// milliseconds; lease renewals leave Verify's cheap path intact.
+func TestKernelWatchChanges(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	if _, err := d.Apply(sampleState()); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	changed := make(chan struct{}, 16)
+	if err := d.WatchChanges(stop, func() { changed <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
+	ns.run("nft", "add", "table", "ip", "someone-else")
+	select {
+	case <-changed:
+	case <-time.After(2 * time.Second):
+		t.Fatal("no change reported for another table's commit")
+	}
+	if drifted, err := d.Verify(); err != nil || drifted {
+		t.Fatalf("Verify = %v, %v", drifted, err)
+	}
+	if err := d.RenewLeases(); err != nil {
+		t.Fatal(err)
+	}
+	if !d.nft.genKnown {
+		t.Error("a lease renewal made natd forget the tables are untouched: every renewal would cost a read-back")
 	}
 }

@@ -579,9 +579,18 @@ func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) err
 	if n == 0 {
 		return nil
 	}
+	gen0, gerr := a.gen()
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("renewing leases: %w", err)
 	}
+	// A renewal changes nothing Verify compares: the tables are as untouched as before
+	// it if nobody else committed in between.
+	gen1, err := a.gen()
+	if gerr != nil || err != nil || !a.genKnown || gen0 != a.appliedGen || gen1 != gen0+1 {
+		a.genKnown = false
+		return nil
+	}
+	a.appliedGen = gen1
 	return nil
 }
 
