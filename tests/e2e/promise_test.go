@@ -1,0 +1,293 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"natd.dev/natd/tests/lab"
+)
+
+// The promise under conditions every cluster has: Services whose endpoints are
+// outside, pod IPs that are reused, namespaces that move to another egress IP, and
+// someone changing natd's kernel state. Each test watches what the partner saw.
+
+// arrivals returns the sources of a stream's datagrams and requests at the partner, in
+// the order they were sent (UDP by sequence number, then TCP).
+func arrivals(t *testing.T, id string) (udp, tcp []lab.Arrival) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var err error
+	if udp, err = lab.StreamArrivals(ctx, topo, id); err != nil {
+		t.Fatal(err)
+	}
+	if tcp, err = lab.StreamArrivals(ctx, topo, id+"-tcp"); err != nil {
+		t.Fatal(err)
+	}
+	sort.Slice(udp, func(i, j int) bool { return udp[i].Seq < udp[j].Seq })
+	sort.Slice(tcp, func(i, j int) bool { return tcp[i].Seq < tcp[j].Seq })
+	return udp, tcp
+}
+
+// onlyFrom fails the test for every arrival of the stream whose source is not want,
+// and returns how many arrived with want.
+func onlyFrom(t *testing.T, s *stream, want string) int {
+	t.Helper()
+	udp, tcp := arrivals(t, s.id)
+	good := 0
+	for _, list := range [][]lab.Arrival{udp, tcp} {
+		for _, a := range list {
+			if a.Src != want {
+				t.Errorf("%s: datagram/request %d arrived from %s, want %s", s.id, a.Seq, a.Src, want)
+				continue
+			}
+			good++
+		}
+	}
+	return good
+}
+
+// Item 1: a pinned pod reaching the outside through a ClusterIP whose endpoint is
+// outside the cluster leaves with its egress IP, from the holder and from other
+// nodes, over TCP and UDP; kube-proxy's DNAT decides, not the ClusterIP.
+func TestPinnedThroughServiceToTheOutside(t *testing.T) {
+	const ns, eip = "svc-pinned", "198.18.0.212"
+	annotate(t, ns, eip)
+	unpinOnCleanup(t, ns)
+	ip, err := lab.CreateEndpointService(context.Background(), labDir, ns, "partner", partnerAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = lab.DeleteEndpointService(context.Background(), labDir, ns, "partner") })
+	addr := net.JoinHostPort(ip, strconv.Itoa(topo.Partner.Port))
+	holder := waitHolder(t, eip)
+	for _, node := range []string{"node1", holder} {
+		p := newPod(t, ns, "app-"+node, node)
+		for _, pr := range []proto{tcp, udp} {
+			waitSeenAt(t, p, pr, addr, eip, nodeIPs()...)
+			for i := 0; i < 5; i++ {
+				if got, err := seenAt(p, pr, addr, 2*time.Second); err != nil || got != eip {
+					t.Errorf("%s via ClusterIP %s over %s: partner saw %q (%v), want %s", p.Name, addr, pr, got, err, eip)
+				}
+			}
+		}
+	}
+}
+
+// Item 3: a pod IP that moves between namespaces. An unpinned pod's IP given to a
+// pinned pod never leaves with the node's IP; a pinned pod's IP given to an unpinned
+// pod never leaves with the egress IP (an allow-list bypass) — also while the node's
+// natd is dead, since the CNI plugin classifies the new pod before its first packet.
+func TestPodIPReuse(t *testing.T) {
+	const pinned, plain, eip = "reuse-pinned", "reuse-plain", "198.18.0.213"
+	annotate(t, pinned, eip)
+	unpinOnCleanup(t, pinned)
+	waitHolder(t, eip)
+	const reused = "10.244.1.200"
+	node1 := nodeIP("node1")
+	round := func(label string) {
+		// unpinned -> pinned
+		p1 := newPod(t, plain, "p1", "node1", lab.WithIP(reused))
+		waitSeen(t, p1, udp, node1)
+		if err := lab.DeletePod(context.Background(), labDir, plain, "p1"); err != nil {
+			t.Fatal(err)
+		}
+		p2 := newPod(t, pinned, "p2", "node1", lab.WithIP(reused))
+		s := startStream(t, p2, label+"-to-pinned")
+		time.Sleep(1500 * time.Millisecond)
+		s.halt()
+		if n := onlyFrom(t, s, eip); n == 0 {
+			t.Errorf("%s: nothing of the pinned pod on the reused IP arrived with %s", label, eip)
+		}
+		// pinned -> unpinned
+		if err := lab.DeletePod(context.Background(), labDir, pinned, "p2"); err != nil {
+			t.Fatal(err)
+		}
+		p3 := newPod(t, plain, "p3", "node1", lab.WithIP(reused))
+		s = startStream(t, p3, label+"-to-plain")
+		time.Sleep(1500 * time.Millisecond)
+		s.halt()
+		if n := onlyFrom(t, s, node1); n == 0 {
+			t.Errorf("%s: nothing of the unpinned pod on the reused IP arrived with %s", label, node1)
+		}
+		if err := lab.DeletePod(context.Background(), labDir, plain, "p3"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	round("natd-running")
+	if err := lab.KillNatd(topo, "node1"); err != nil {
+		t.Fatal(err)
+	}
+	defer restartNatd(t, "node1")
+	round("natd-dead")
+}
+
+// Item 4: a namespace moved from one egress IP to another on the same holder. A flow
+// with a fixed source port (the stream's UDP socket) was NATed to the old IP; from the
+// moment the new IP shows up at the partner, the old one never does again.
+func TestRepinnedFlowNeverKeepsTheOldEgressIP(t *testing.T) {
+	const ns, a, b = "repin", "198.18.0.214", "198.18.0.215"
+	// One egress node: both IPs on node2.
+	setEgressLabel(t, "node3", "")
+	t.Cleanup(func() { setEgressLabel(t, "node3", "true") })
+	annotate(t, ns, a)
+	unpinOnCleanup(t, ns)
+	if h := waitHolder(t, a); h != "node2" {
+		t.Fatalf("%s held by %s, want node2", a, h)
+	}
+	p := newPod(t, ns, "app", "node1")
+	waitSeen(t, p, udp, a)
+	s := startStream(t, p, "repin")
+	time.Sleep(time.Second)
+	annotate(t, ns, b)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		udp, _ := arrivals(t, s.id)
+		if len(udp) > 0 && udp[len(udp)-1].Src == b {
+			break
+		}
+		if time.Now().After(deadline) {
+			s.halt()
+			t.Fatalf("the stream never arrived with %s", b)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(time.Second)
+	s.halt()
+	udp, tcp := arrivals(t, s.id)
+	for _, list := range [][]lab.Arrival{udp, tcp} {
+		sawB := false
+		for _, x := range list {
+			switch {
+			case x.Src == b:
+				sawB = true
+			case x.Src == a && !sawB:
+			default:
+				t.Errorf("seq %d arrived from %s after the stream had moved to %s (or from neither egress IP)", x.Seq, x.Src, b)
+			}
+		}
+	}
+}
+
+// Item 5: whatever someone does to natd's kernel state — elements deleted, maps
+// flushed, tables deleted, the whole ruleset flushed, ip rules deleted — natd puts it
+// back within a second, on the pod's node and on the holder, and the pinned stream
+// never arrives with another source.
+func TestTamperingIsRepaired(t *testing.T) {
+	const ns, eip = "tamper", "198.18.0.216"
+	annotate(t, ns, eip)
+	unpinOnCleanup(t, ns)
+	holder := waitHolder(t, eip)
+	p := newPod(t, ns, "app", "node1")
+	waitSeen(t, p, udp, eip)
+	s := startStream(t, p, "tamper")
+	defer s.halt()
+	type tamper struct {
+		node string
+		cmd  string
+	}
+	var tampers []tamper
+	for _, node := range []string{"node1", holder} {
+		tampers = append(tampers,
+			tamper{node, "nft delete element ip natd cni_pods { " + p.IP + " }"},
+			tamper{node, "nft flush map ip natd pod_egress"},
+			tamper{node, "nft flush map ip natd cni_pods"},
+			tamper{node, "nft delete table ip natd"},
+			tamper{node, "ip rule flush priority 7000"}, // natd's rules (--rule-priority default)
+		)
+	}
+	tampers = append(tampers, tamper{holder, "nft flush set ip natd held_addrs"})
+	for _, tp := range tampers {
+		n, err := topo.Node(tp.node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := natdSnapshot(t, n.Netns)
+		if _, err := lab.NsRun(n.Netns, "sh", "-c", tp.cmd); err != nil {
+			if strings.Contains(err.Error(), "No such file") { // nothing to delete on this node
+				continue
+			}
+			t.Fatalf("%s on %s: %v", tp.cmd, tp.node, err)
+		}
+		start := time.Now()
+		for natdSnapshot(t, n.Netns) != before {
+			if time.Since(start) > time.Second {
+				t.Fatalf("%s on %s: not repaired within 1 s\n--- before:\n%s\n--- now:\n%s", tp.cmd, tp.node, before, natdSnapshot(t, n.Netns))
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		t.Logf("%-45s on %s: repaired in %s", tp.cmd, tp.node, time.Since(start).Round(time.Millisecond))
+		time.Sleep(300 * time.Millisecond)
+	}
+	s.halt()
+	onlyFrom(t, s, eip)
+}
+
+// natdSnapshot is natd's kernel state in a node: its tables' elements and rules, ip
+// rules and routes, comparable across a repair (lease timeouts and counters left out).
+func natdSnapshot(t *testing.T, netns string) string {
+	t.Helper()
+	var b strings.Builder
+	for _, fam := range []string{"ip", "ip6"} {
+		out, err := lab.NsRun(netns, "nft", "-s", "list", "table", fam, "natd")
+		if err != nil {
+			out = "no table " + fam
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "timeout") || strings.Contains(l, "expires") {
+				continue // leases: renewed all the time
+			}
+			b.WriteString(strings.TrimSpace(l) + "\n")
+		}
+	}
+	rules, _ := lab.NsRun(netns, "ip", "rule", "show", "priority", "7000")
+	routes, _ := lab.NsRun(netns, "ip", "route", "show", "table", "all", "proto", "78")
+	b.WriteString(rules + routes)
+	return sortedLines(b.String())
+}
+
+func sortedLines(s string) string {
+	l := strings.Split(s, "\n")
+	sort.Strings(l)
+	return strings.Join(l, "\n")
+}
+
+// Item 9: a new pod's first connection. A pod of a namespace nobody pinned reaches the
+// partner at once — with natd running and with natd dead on its node; a pod of a
+// pinned namespace never leaves with another source, even with natd dead.
+func TestNewPodsFirstConnection(t *testing.T) {
+	const pinned, plain, eip = "first-pinned", "first-plain", "198.18.0.217"
+	annotate(t, pinned, eip)
+	unpinOnCleanup(t, pinned)
+	waitHolder(t, eip)
+	try := func(label string) {
+		for i, pr := range []proto{tcp, udp} {
+			p := newPod(t, plain, fmt.Sprintf("%s-%d", label, i), "node1")
+			start := time.Now()
+			got, err := seen(p, pr, 900*time.Millisecond) // a SYN retransmit would take 1 s
+			if err != nil || got != nodeIP("node1") {
+				t.Errorf("%s: a new unpinned pod's first %s exchange: %q, %v after %s; want %s at once", label, pr, got, err,
+					time.Since(start).Round(time.Millisecond), nodeIP("node1"))
+			}
+			q := newPod(t, pinned, fmt.Sprintf("%s-%d", label, i), "node1")
+			s := startStream(t, q, fmt.Sprintf("first-%s-%d", label, i))
+			time.Sleep(time.Second)
+			s.halt()
+			if n := onlyFrom(t, s, eip); n == 0 {
+				t.Errorf("%s: nothing of the new pinned pod arrived", label)
+			}
+		}
+	}
+	try("natd-running")
+	if err := lab.KillNatd(topo, "node1"); err != nil {
+		t.Fatal(err)
+	}
+	defer restartNatd(t, "node1")
+	try("natd-dead")
+}
