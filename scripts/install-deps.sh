@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages natd's tests and lab use, when they are missing:
-# nft (debugging and kernel tests), iptables (the lab's CNI masquerade), iproute2.
+# nft (debugging, kernel tests, kube-proxy's nftables mode), iptables (the lab's CNI
+# masquerade, kube-proxy's iptables mode), iproute2.
 set -euo pipefail
 need=()
 command -v nft >/dev/null 2>&1 || need+=(nftables)

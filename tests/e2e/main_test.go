@@ -69,8 +69,10 @@ func run(m *testing.M) int {
 				kubeBins = filepath.Join(c, "bin")
 			}
 		}
-		if _, err := os.Stat(filepath.Join(kubeBins, "kube-apiserver")); err != nil {
-			return skip("no kube-apiserver in %s (make kube-bins builds it)", kubeBins)
+		for _, b := range []string{"kube-apiserver", "kube-proxy"} {
+			if _, err := os.Stat(filepath.Join(kubeBins, b)); err != nil {
+				return skip("no %s in %s (make kube-bins builds it)", b, kubeBins)
+			}
 		}
 		labDir, err = os.MkdirTemp("", "natd-e2e-lab-")
 		if err != nil {
@@ -78,8 +80,10 @@ func run(m *testing.M) int {
 		}
 		os.Remove(labDir) // Up creates it, and Down then removes it whole
 		start := time.Now()
+		// NATD_E2E_PROXY_MODE=iptables runs the suite with kube-proxy in iptables mode.
 		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: 3, Natd: filepath.Join(bins, "natd"),
-			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, Out: os.Stderr})
+			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, ProxyMode: os.Getenv("NATD_E2E_PROXY_MODE"),
+			Out: os.Stderr})
 		defer func() {
 			if err := lab.Down(labDir); err != nil {
 				fmt.Fprintln(os.Stderr, "e2e: lab down:", err)

@@ -25,6 +25,8 @@ type Topology struct {
 	Router      Router  `json:"router"`
 	// API is where the API server listens, for tools that want more than kubeconfig.
 	API API `json:"api"`
+	// ProxyMode is kube-proxy's mode on every node: nftables or iptables.
+	ProxyMode string `json:"proxyMode"`
 }
 
 type Node struct {
@@ -35,6 +37,9 @@ type Node struct {
 	Egress  bool   `json:"egress"`
 	NatdPid int    `json:"natdPid"`
 	NatdLog string `json:"natdLog"`
+	// KubeProxyPid and KubeProxyLog: the node's kube-proxy.
+	KubeProxyPid int    `json:"kubeProxyPid"`
+	KubeProxyLog string `json:"kubeProxyLog"`
 }
 
 type Pod struct {
@@ -57,13 +62,14 @@ type Router struct {
 }
 
 type API struct {
-	Netns         string `json:"netns"`
-	Server        string `json:"server"`
-	EtcdPid       int    `json:"etcdPid"`
-	APIServerPid  int    `json:"apiserverPid"`
-	APIServerLog  string `json:"apiserverLog"`
-	NatdBinary    string `json:"natdBinary"`
-	KubectlBinary string `json:"kubectlBinary"`
+	Netns           string `json:"netns"`
+	Server          string `json:"server"`
+	EtcdPid         int    `json:"etcdPid"`
+	APIServerPid    int    `json:"apiserverPid"`
+	APIServerLog    string `json:"apiserverLog"`
+	NatdBinary      string `json:"natdBinary"`
+	KubectlBinary   string `json:"kubectlBinary"`
+	KubeProxyBinary string `json:"kubeProxyBinary"`
 }
 
 // LoadTopology reads DIR/topology.json.
