@@ -21,7 +21,8 @@ const usage = `natd-lab: a natd cluster in network namespaces
   natd-lab up [--nodes N] [--proxy-mode nftables|iptables]
                                                build the lab; start kube-proxy and natd on every node
   natd-lab down                                remove everything the lab made
-  natd-lab pod create NAMESPACE NAME --node NODE
+  natd-lab pod create NAMESPACE NAME --node NODE [--ip A.B.C.D]
+                                               a pod wired by the node's CNI chain (--ip: ask for that IP)
   natd-lab pod delete NAMESPACE NAME
   natd-lab node restart NODE                   (re)start that node's natd
   natd-lab service create NAMESPACE NAME [--endpoint IP:PORT]
@@ -105,11 +106,16 @@ func run(ctx context.Context, verb string, args []string) error {
 		return lab.Down(*dir)
 	case "pod create":
 		node := fs.String("node", "", "node to run the pod on")
+		ip := fs.String("ip", "", "ask the CNI chain for this pod IP")
 		pos := parse(fs, args)
 		if len(pos) != 2 || *node == "" {
-			return fmt.Errorf("usage: natd-lab pod create NAMESPACE NAME --node NODE")
+			return fmt.Errorf("usage: natd-lab pod create NAMESPACE NAME --node NODE [--ip A.B.C.D]")
 		}
-		p, err := lab.CreatePod(ctx, *dir, pos[0], pos[1], *node)
+		var opts []lab.PodOption
+		if *ip != "" {
+			opts = append(opts, lab.WithIP(*ip))
+		}
+		p, err := lab.CreatePod(ctx, *dir, pos[0], pos[1], *node, opts...)
 		if err != nil {
 			return err
 		}

@@ -18,9 +18,9 @@ import (
 func partnerAddr() string { return fmt.Sprintf("%s:%d", topo.Partner.IP, topo.Partner.Port) }
 
 // newPod creates a lab pod and removes it when the test ends.
-func newPod(t testing.TB, ns, name, node string) *lab.Pod {
+func newPod(t testing.TB, ns, name, node string, opts ...lab.PodOption) *lab.Pod {
 	t.Helper()
-	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node)
+	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node, opts...)
 	if err != nil {
 		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
 	}

@@ -24,9 +24,10 @@ var (
 	client *kubernetes.Clientset
 )
 
-// TestMain builds natd and natd-lab, brings a lab up (or uses the one named by
-// NATD_LAB_DIR), runs the tests and takes the lab down. With NATD_E2E=required a lab
-// that cannot be built fails the run instead of skipping it.
+// TestMain builds natd and natd-lab (and natd-cni, when the tree has it), brings a lab
+// up (or uses the one named by NATD_LAB_DIR), runs the tests and takes the lab down.
+// With NATD_E2E=required a lab that cannot be built fails the run instead of skipping
+// it.
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
@@ -56,7 +57,12 @@ func run(m *testing.M) int {
 		defer os.RemoveAll(bins)
 		_, file, _, _ := runtime.Caller(0)
 		root := filepath.Join(filepath.Dir(file), "..", "..")
-		build := exec.Command("go", "build", "-o", bins+"/", "./cmd/natd", "./cmd/natd-lab")
+		pkgs := []string{"./cmd/natd", "./cmd/natd-lab"}
+		// natd's CNI plugin, when the tree has it: beside natd, the lab chains it.
+		if _, err := os.Stat(filepath.Join(root, "cmd", "natd-cni")); err == nil {
+			pkgs = append(pkgs, "./cmd/natd-cni")
+		}
+		build := exec.Command("go", append([]string{"build", "-o", bins + "/"}, pkgs...)...)
 		build.Dir, build.Stdout, build.Stderr = root, os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			return skip("building natd: %v", err)

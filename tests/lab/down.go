@@ -70,6 +70,12 @@ func Down(dir string) error {
 			os.RemoveAll(f)
 		}
 	}
+	for _, p := range l.Paths {
+		// Only what lies inside the lab directory.
+		if rel, err := filepath.Rel(dir, p); err == nil && rel != "." && !strings.HasPrefix(rel, "..") {
+			os.RemoveAll(p)
+		}
+	}
 	return nil
 }
 

@@ -150,6 +150,7 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 	if err := u.network(t); err != nil {
 		return nil, err
 	}
+	u.say("CNI: %s", strings.Join(t.CNI.Plugins, " → "))
 	u.say("certificates and kubeconfigs")
 	if err := u.credentials(t); err != nil {
 		return nil, err
@@ -289,11 +290,12 @@ func (u *upper) network(t *Topology) error {
 			return err
 		}
 	}
-	return nil
+	return u.setupCNI(t)
 }
 
-// node builds one node: uplink to the router's bridge, a cni0 bridge for its pods,
-// host-gateway routes to the other nodes' pods, and the CNI's masquerade rule.
+// node builds one node: uplink to the router's bridge, a cni0 bridge for its pods (the
+// CNI chain's bridge plugin attaches pods to it), host-gateway routes to the other
+// nodes' pods, and the CNI's masquerade rule.
 func (u *upper) node(t *Topology, i int) error {
 	n := t.Nodes[i]
 	if err := u.netns(n.Netns); err != nil {
@@ -556,7 +558,7 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 	args := []string{
 		"--node-name", n.Name, "--kubeconfig", filepath.Join(dir, n.Name+".kubeconfig"),
 		"--egress-cidr", EgressCIDR, "--cluster-cidr", ClusterCIDR, "--service-cidr", ServiceCIDR,
-		"--state-dir", filepath.Join(dir, "state-"+n.Name), "--resync-period", "10s", "-v", "2",
+		"--state-dir", NatdStateDir(dir, n.Name), "--resync-period", "10s", "-v", "2",
 		"--gossip-key-file", filepath.Join(dir, "gossip.key"),
 	}
 	return startIn(n.Netns, t.API.NatdBinary, n.NatdLog, append(args, extra...)...)
