@@ -23,7 +23,8 @@ image:
 deps:
 	@scripts/install-deps.sh
 
-# etcd, kube-apiserver and kubectl, built from source once and cached in $(CACHE)/bin.
+# etcd, kube-apiserver, kubectl and kube-proxy, built from source once and cached in
+# $(CACHE)/bin.
 kube-bins:
 	@scripts/build-kube.sh >/dev/null
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the lab's control plane (kube-apiserver, kubectl, etcd) from source through
-# the Go module proxy and caches the binaries outside the repository. Idempotent: a
-# binary that is already cached is not rebuilt.
+# Builds the lab's control plane (kube-apiserver, kubectl, etcd) and the nodes'
+# kube-proxy from source through the Go module proxy and caches the binaries outside
+# the repository. Idempotent: a binary that is already cached is not rebuilt.
 set -euo pipefail
 
 KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
@@ -34,9 +34,14 @@ build_kube() {
     for b in "${missing[@]}"; do
       go get "k8s.io/kubernetes/cmd/$b@$KUBE_VERSION" >/dev/null
     done
+    # Stamp the version the binaries report (kubectl version, the API's /version,
+    # kube-proxy --version); unstamped they say v0.0.0-master.
+    local v=k8s.io/component-base/version major minor_n ldflags
+    IFS=. read -r major minor_n _ <<<"${KUBE_VERSION#v}"
+    ldflags="-s -w -X $v.gitVersion=$KUBE_VERSION -X $v.gitMajor=$major -X $v.gitMinor=$minor_n -X $v.gitTreeState=clean"
     for b in "${missing[@]}"; do
       say "  go build k8s.io/kubernetes/cmd/$b"
-      CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$BIN/$b-$KUBE_VERSION.tmp" "k8s.io/kubernetes/cmd/$b"
+      CGO_ENABLED=0 go build -trimpath -ldflags="$ldflags" -o "$BIN/$b-$KUBE_VERSION.tmp" "k8s.io/kubernetes/cmd/$b"
       mv "$BIN/$b-$KUBE_VERSION.tmp" "$BIN/$b-$KUBE_VERSION"
     done
   )
@@ -57,8 +62,7 @@ build_etcd() {
 }
 
 build_etcd
-build_kube kube-apiserver kubectl
-ln -sf "kube-apiserver-$KUBE_VERSION" "$BIN/kube-apiserver"
-ln -sf "kubectl-$KUBE_VERSION" "$BIN/kubectl"
+build_kube kube-apiserver kubectl kube-proxy
+for b in kube-apiserver kubectl kube-proxy; do ln -sf "$b-$KUBE_VERSION" "$BIN/$b"; done
 ln -sf "etcd-$ETCD_VERSION" "$BIN/etcd"
 echo "$BIN"

@@ -22,7 +22,7 @@ fi
 step "Bringing up the lab: etcd, kube-apiserver, 3 nodes (node2 and node3 may hold egress IPs), a router, a partner"
 $LAB up --dir "$DIR" --nodes 3
 
-step "Starting pods (the lab plays kubelet and CNI)"
+step "Starting pods (the lab plays kubelet and runtime; each node's CNI chain wires them)"
 pods=("team-a app-1 node1" "team-a app-2 node2" "team-a app-3 node3" "team-b web-1 node1")
 for p in "${pods[@]}"; do
   set -- $p

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages natd's tests and lab use, when they are missing:
-# nft (debugging and kernel tests), iptables (the lab's CNI masquerade), iproute2.
+# nft (debugging, kernel tests, kube-proxy's nftables mode), iptables (the lab's CNI
+# masquerade, kube-proxy's iptables mode), iproute2, and the CNI plugins the lab's pods
+# are wired with (bridge, host-local).
 set -euo pipefail
 need=()
 command -v nft >/dev/null 2>&1 || need+=(nftables)
@@ -8,6 +10,7 @@ command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)
 command -v curl >/dev/null 2>&1 || need+=(curl) # the demo reads metrics with it
+[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || need+=(containernetworking-plugins)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing packages: ${need[*]}; install them as root (apt-get install ${need[*]})" >&2

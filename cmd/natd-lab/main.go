@@ -18,12 +18,20 @@ import (
 
 const usage = `natd-lab: a natd cluster in network namespaces
 
-  natd-lab up [--nodes N] [--dir DIR]          build the lab and start natd on every node
-  natd-lab down [--dir DIR]                    remove everything the lab made
-  natd-lab pod create NAMESPACE NAME --node NODE
+  natd-lab up [--nodes N] [--proxy-mode nftables|iptables]
+                                               build the lab; start kube-proxy and natd on every node
+  natd-lab down                                remove everything the lab made
+  natd-lab pod create NAMESPACE NAME --node NODE [--ip A.B.C.D]
+                                               a pod wired by the node's CNI chain (--ip: ask for that IP)
   natd-lab pod delete NAMESPACE NAME
   natd-lab node restart NODE                   (re)start that node's natd
-  natd-lab probe NAMESPACE NAME [--udp]        print the source IP the partner sees from a pod
+  natd-lab service create NAMESPACE NAME [--endpoint IP:PORT]
+                                               a Service without selector, TCP and UDP, whose one
+                                               endpoint is IP:PORT (default: the partner); prints its ClusterIP
+  natd-lab service delete NAMESPACE NAME
+  natd-lab probe NAMESPACE NAME [--udp] [--to IP:PORT]
+                                               print the source IP the partner sees from a pod
+                                               (--to: connect there instead, e.g. a ClusterIP)
   natd-lab partner --listen ADDR               the partner server (run by up)
 
 Every verb takes --dir DIR (default ` + lab.DefaultDir + `).
@@ -37,7 +45,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	verb, args := os.Args[1], os.Args[2:]
-	if (verb == "pod" || verb == "node") && len(args) > 0 {
+	if (verb == "pod" || verb == "node" || verb == "service") && len(args) > 0 {
 		verb, args = verb+" "+args[0], args[1:]
 	}
 	if err := run(ctx, verb, args); err != nil {
@@ -81,12 +89,13 @@ func run(ctx context.Context, verb string, args []string) error {
 		natdBin := fs.String("natd", filepath.Join(filepath.Dir(self), "natd"), "natd binary")
 		kubeBins := fs.String("kube-bins", defaultKubeBins(), "directory with etcd, kube-apiserver and kubectl")
 		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
+		proxyMode := fs.String("proxy-mode", lab.ProxyModeNFTables, "kube-proxy's mode: nftables or iptables")
 		parse(fs, args)
 		natd, _ := filepath.Abs(*natdBin)
 		start := time.Now()
 		fmt.Printf("Bringing up the natd lab in %s (%d nodes)\n", *dir, *nodes)
 		t, err := lab.Up(ctx, lab.Options{Dir: *dir, Nodes: *nodes, Natd: natd, Self: self, KubeBins: *kubeBins,
-			NatdArgs: strings.Fields(*natdArgs), Out: os.Stdout})
+			NatdArgs: strings.Fields(*natdArgs), ProxyMode: *proxyMode, Out: os.Stdout})
 		if err != nil {
 			return fmt.Errorf("%w (natd-lab down --dir %s removes what was made)", err, *dir)
 		}
@@ -97,11 +106,16 @@ func run(ctx context.Context, verb string, args []string) error {
 		return lab.Down(*dir)
 	case "pod create":
 		node := fs.String("node", "", "node to run the pod on")
+		ip := fs.String("ip", "", "ask the CNI chain for this pod IP")
 		pos := parse(fs, args)
 		if len(pos) != 2 || *node == "" {
-			return fmt.Errorf("usage: natd-lab pod create NAMESPACE NAME --node NODE")
+			return fmt.Errorf("usage: natd-lab pod create NAMESPACE NAME --node NODE [--ip A.B.C.D]")
 		}
-		p, err := lab.CreatePod(ctx, *dir, pos[0], pos[1], *node)
+		var opts []lab.PodOption
+		if *ip != "" {
+			opts = append(opts, lab.WithIP(*ip))
+		}
+		p, err := lab.CreatePod(ctx, *dir, pos[0], pos[1], *node, opts...)
 		if err != nil {
 			return err
 		}
@@ -113,6 +127,24 @@ func run(ctx context.Context, verb string, args []string) error {
 			return fmt.Errorf("usage: natd-lab pod delete NAMESPACE NAME")
 		}
 		return lab.DeletePod(ctx, *dir, pos[0], pos[1])
+	case "service create":
+		endpoint := fs.String("endpoint", fmt.Sprintf("%s:%d", lab.PartnerIP, lab.PartnerPort), "the Service's one endpoint")
+		pos := parse(fs, args)
+		if len(pos) != 2 {
+			return fmt.Errorf("usage: natd-lab service create NAMESPACE NAME [--endpoint IP:PORT]")
+		}
+		ip, err := lab.CreateEndpointService(ctx, *dir, pos[0], pos[1], *endpoint)
+		if err != nil {
+			return err
+		}
+		fmt.Println(ip)
+		return nil
+	case "service delete":
+		pos := parse(fs, args)
+		if len(pos) != 2 {
+			return fmt.Errorf("usage: natd-lab service delete NAMESPACE NAME")
+		}
+		return lab.DeleteEndpointService(ctx, *dir, pos[0], pos[1])
 	case "node restart":
 		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
 		pos := parse(fs, args)
@@ -128,9 +160,10 @@ func run(ctx context.Context, verb string, args []string) error {
 		return lab.WaitNatdReady(ctx, n, 60*time.Second)
 	case "probe":
 		udp := fs.Bool("udp", false, "probe with a UDP datagram instead of TCP")
+		to := fs.String("to", "", "where to connect (default: the partner), e.g. a ClusterIP:PORT")
 		pos := parse(fs, args)
 		if len(pos) != 2 {
-			return fmt.Errorf("usage: natd-lab probe NAMESPACE NAME [--udp]")
+			return fmt.Errorf("usage: natd-lab probe NAMESPACE NAME [--udp] [--to IP:PORT]")
 		}
 		t, err := lab.LoadTopology(*dir)
 		if err != nil {
@@ -143,6 +176,9 @@ func run(ctx context.Context, verb string, args []string) error {
 		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		defer cancel()
 		addr := fmt.Sprintf("%s:%d", t.Partner.IP, t.Partner.Port)
+		if *to != "" {
+			addr = *to
+		}
 		var src string
 		if *udp {
 			src, err = lab.SourceSeenUDP(pctx, p.Netns, addr)

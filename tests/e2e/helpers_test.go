@@ -18,9 +18,9 @@ import (
 func partnerAddr() string { return fmt.Sprintf("%s:%d", topo.Partner.IP, topo.Partner.Port) }
 
 // newPod creates a lab pod and removes it when the test ends.
-func newPod(t testing.TB, ns, name, node string) *lab.Pod {
+func newPod(t testing.TB, ns, name, node string, opts ...lab.PodOption) *lab.Pod {
 	t.Helper()
-	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node)
+	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node, opts...)
 	if err != nil {
 		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
 	}
@@ -70,27 +70,35 @@ const (
 
 // seen asks the partner which source address it sees from pod p now.
 func seen(p *lab.Pod, pr proto, timeout time.Duration) (string, error) {
+	return seenAt(p, pr, partnerAddr(), timeout)
+}
+
+// seenAt is seen through addr, e.g. a Service's ClusterIP whose endpoint is the partner.
+func seenAt(p *lab.Pod, pr proto, addr string, timeout time.Duration) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	if pr == udp {
-		return lab.SourceSeenUDP(ctx, p.Netns, partnerAddr())
-	}
-	return lab.SourceSeenTCP(ctx, p.Netns, partnerAddr())
+	return lab.SourceSeen(ctx, p.Netns, string(pr), addr)
 }
 
 // waitSeen waits until the partner sees want from p, and fails if it ever sees an
 // address in forbidden meanwhile.
 func waitSeen(t testing.TB, p *lab.Pod, pr proto, want string, forbidden ...string) {
 	t.Helper()
+	waitSeenAt(t, p, pr, partnerAddr(), want, forbidden...)
+}
+
+// waitSeenAt is waitSeen through addr.
+func waitSeenAt(t testing.TB, p *lab.Pod, pr proto, addr, want string, forbidden ...string) {
+	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	var last string
 	var lastErr error
 	for time.Now().Before(deadline) {
-		got, err := seen(p, pr, time.Second)
+		got, err := seenAt(p, pr, addr, time.Second)
 		if err == nil {
 			for _, f := range forbidden {
 				if got == f {
-					t.Fatalf("%s/%s over %s reached the partner from %s (forbidden)", p.Namespace, p.Name, pr, got)
+					t.Fatalf("%s/%s over %s to %s reached the partner from %s (forbidden)", p.Namespace, p.Name, pr, addr, got)
 				}
 			}
 			if got == want {
@@ -100,7 +108,7 @@ func waitSeen(t testing.TB, p *lab.Pod, pr proto, want string, forbidden ...stri
 		last, lastErr = got, err
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Fatalf("%s/%s over %s: partner never saw %s (last: %q, %v)", p.Namespace, p.Name, pr, want, last, lastErr)
+	t.Fatalf("%s/%s over %s to %s: partner never saw %s (last: %q, %v)", p.Namespace, p.Name, pr, addr, want, last, lastErr)
 }
 
 // assertSeen checks both protocols now, with no waiting for convergence.

@@ -24,9 +24,10 @@ var (
 	client *kubernetes.Clientset
 )
 
-// TestMain builds natd and natd-lab, brings a lab up (or uses the one named by
-// NATD_LAB_DIR), runs the tests and takes the lab down. With NATD_E2E=required a lab
-// that cannot be built fails the run instead of skipping it.
+// TestMain builds natd and natd-lab (and natd-cni, when the tree has it), brings a lab
+// up (or uses the one named by NATD_LAB_DIR), runs the tests and takes the lab down.
+// With NATD_E2E=required a lab that cannot be built fails the run instead of skipping
+// it.
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
@@ -56,7 +57,12 @@ func run(m *testing.M) int {
 		defer os.RemoveAll(bins)
 		_, file, _, _ := runtime.Caller(0)
 		root := filepath.Join(filepath.Dir(file), "..", "..")
-		build := exec.Command("go", "build", "-o", bins+"/", "./cmd/natd", "./cmd/natd-lab")
+		pkgs := []string{"./cmd/natd", "./cmd/natd-lab"}
+		// natd's CNI plugin, when the tree has it: beside natd, the lab chains it.
+		if _, err := os.Stat(filepath.Join(root, "cmd", "natd-cni")); err == nil {
+			pkgs = append(pkgs, "./cmd/natd-cni")
+		}
+		build := exec.Command("go", append([]string{"build", "-o", bins + "/"}, pkgs...)...)
 		build.Dir, build.Stdout, build.Stderr = root, os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			return skip("building natd: %v", err)
@@ -69,8 +75,10 @@ func run(m *testing.M) int {
 				kubeBins = filepath.Join(c, "bin")
 			}
 		}
-		if _, err := os.Stat(filepath.Join(kubeBins, "kube-apiserver")); err != nil {
-			return skip("no kube-apiserver in %s (make kube-bins builds it)", kubeBins)
+		for _, b := range []string{"kube-apiserver", "kube-proxy"} {
+			if _, err := os.Stat(filepath.Join(kubeBins, b)); err != nil {
+				return skip("no %s in %s (make kube-bins builds it)", b, kubeBins)
+			}
 		}
 		labDir, err = os.MkdirTemp("", "natd-e2e-lab-")
 		if err != nil {
@@ -78,8 +86,10 @@ func run(m *testing.M) int {
 		}
 		os.Remove(labDir) // Up creates it, and Down then removes it whole
 		start := time.Now()
+		// NATD_E2E_PROXY_MODE=iptables runs the suite with kube-proxy in iptables mode.
 		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: 3, Natd: filepath.Join(bins, "natd"),
-			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, Out: os.Stderr})
+			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, ProxyMode: os.Getenv("NATD_E2E_PROXY_MODE"),
+			Out: os.Stderr})
 		defer func() {
 			if err := lab.Down(labDir); err != nil {
 				fmt.Fprintln(os.Stderr, "e2e: lab down:", err)

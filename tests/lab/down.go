@@ -64,10 +64,16 @@ func Down(dir string) error {
 		"etcd.log", "kube-apiserver.log", "gossip.key", ".lock"} {
 		os.RemoveAll(filepath.Join(dir, name))
 	}
-	for _, pattern := range []string{"natd-*.log", "*.kubeconfig", "state-*"} {
+	for _, pattern := range []string{"natd-*.log", "kube-proxy-*.log", "*.kubeconfig", "state-*"} {
 		m, _ := filepath.Glob(filepath.Join(dir, pattern))
 		for _, f := range m {
 			os.RemoveAll(f)
+		}
+	}
+	for _, p := range l.Paths {
+		// Only what lies inside the lab directory.
+		if rel, err := filepath.Rel(dir, p); err == nil && rel != "." && !strings.HasPrefix(rel, "..") {
+			os.RemoveAll(p)
 		}
 	}
 	return nil

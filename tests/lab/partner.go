@@ -123,8 +123,22 @@ func StreamArrivals(ctx context.Context, t *Topology, id string) ([]Arrival, err
 	return out, json.NewDecoder(resp.Body).Decode(&out)
 }
 
+// SourceSeen asks the partner, from inside network namespace ns, which source address
+// it saw for a fresh TCP connection or a UDP datagram (network "tcp" or "udp") to addr:
+// the partner's own address, or anything that leads to it, e.g. the ClusterIP and port
+// of a Service whose endpoint is the partner (CreateEndpointService).
+func SourceSeen(ctx context.Context, ns, network, addr string) (string, error) {
+	switch network {
+	case "tcp":
+		return SourceSeenTCP(ctx, ns, addr)
+	case "udp":
+		return SourceSeenUDP(ctx, ns, addr)
+	}
+	return "", fmt.Errorf("network %q is neither tcp nor udp", network)
+}
+
 // SourceSeenTCP asks the partner, from inside network namespace ns, which source
-// address it saw for a fresh TCP connection.
+// address it saw for a fresh TCP connection to addr (see SourceSeen).
 func SourceSeenTCP(ctx context.Context, ns string, addr string) (string, error) {
 	c, err := DialIn(ctx, ns, "tcp", addr)
 	if err != nil {
@@ -147,8 +161,8 @@ func SourceSeenTCP(ctx context.Context, ns string, addr string) (string, error) 
 	return strings.TrimSpace(string(body)), nil
 }
 
-// SourceSeenUDP sends one datagram from inside ns and returns the source address the
-// echo says the partner saw.
+// SourceSeenUDP sends one datagram from inside ns to addr (see SourceSeen) and returns
+// the source address the echo says the partner saw.
 func SourceSeenUDP(ctx context.Context, ns string, addr string) (string, error) {
 	c, err := DialIn(ctx, ns, "udp", addr)
 	if err != nil {

@@ -4,10 +4,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
-	"net/netip"
 	"path/filepath"
-	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -20,25 +19,42 @@ func podNetns(namespace, name string) string {
 	return "natd-pod-" + namespace + "-" + name
 }
 
-// hostVeth is the node-side interface of a pod, short enough for IFNAMSIZ.
+// hostVeth was the node-side interface of a pod before pods were wired with CNI.
 func hostVeth(namespace, name string) string {
 	h := sha256.Sum256([]byte(namespace + "/" + name))
 	return "vp" + hex.EncodeToString(h[:])[:10]
 }
 
-// CreatePod plays the kubelet and CNI: a network namespace wired to the node's cni0
-// bridge, and a Pod object bound to the node with its IP in the status.
-func CreatePod(ctx context.Context, dir, namespace, name, node string) (*Pod, error) {
+// PodOption changes how CreatePod makes a pod.
+type PodOption func(*podOptions)
+
+type podOptions struct {
+	ip string
+}
+
+// WithIP asks the CNI chain (host-local) for this IPv4 address, e.g. one a deleted pod
+// had. Creation fails when the address is outside the node's range or taken.
+func WithIP(ip string) PodOption { return func(o *podOptions) { o.ip = ip } }
+
+// CreatePod plays the kubelet and the container runtime: a Pod object bound to the
+// node, a sandbox network namespace that the node's CNI chain (bridge and host-local,
+// then natd-cni when the lab has it) wires to cni0, and the IP from the chain's result
+// in the Pod's status.
+func CreatePod(ctx context.Context, dir, namespace, name, node string, opts ...PodOption) (*Pod, error) {
+	var o podOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	var p *Pod
 	err := withLock(dir, func() error {
 		var err error
-		p, err = createPod(ctx, dir, namespace, name, node)
+		p, err = createPod(ctx, dir, namespace, name, node, o)
 		return err
 	})
 	return p, err
 }
 
-func createPod(ctx context.Context, dir, namespace, name, node string) (p *Pod, err error) {
+func createPod(ctx context.Context, dir, namespace, name, node string, o podOptions) (p *Pod, err error) {
 	t, err := LoadTopology(dir)
 	if err != nil {
 		return nil, err
@@ -50,46 +66,8 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (p *Pod, 
 	if _, err := t.Pod(namespace, name); err == nil {
 		return nil, fmt.Errorf("pod %s/%s already exists", namespace, name)
 	}
-	ip, err := freePodIP(t, n)
-	if err != nil {
-		return nil, err
-	}
-	pod := Pod{Namespace: namespace, Name: name, Node: node, Netns: podNetns(namespace, name), IP: ip.String()}
-	p = &pod
-	l, err := loadLedger(dir)
-	if err != nil {
-		return nil, err
-	}
-	if err := l.addNetns(p.Netns); err != nil {
-		return nil, err
-	}
-	veth := hostVeth(namespace, name)
-	defer func() {
-		if err != nil { // undo the half-made pod so that the same name can be tried again
-			_, _ = NsRun(n.Netns, "ip", "link", "del", veth)
-			_, _ = Run("ip", "netns", "del", pod.Netns)
-			_ = l.removeNetns(pod.Netns)
-		}
-	}()
-	gw := strings.TrimSuffix(n.PodCIDR, "0/24") + "1"
-	if _, err := Run("ip", "netns", "add", p.Netns); err != nil {
-		return nil, err
-	}
-	// A pod of the same name may just have been deleted; its veth may still be there.
-	_, _ = NsRun(n.Netns, "ip", "link", "del", veth)
-	for _, c := range [][]string{
-		{n.Netns, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", p.Netns},
-		{n.Netns, "ip", "link", "set", veth, "master", "cni0"},
-		{n.Netns, "ip", "link", "set", veth, "up"},
-		{p.Netns, "ip", "link", "set", "lo", "up"},
-		{p.Netns, "ip", "addr", "add", p.IP + "/24", "dev", "eth0"},
-		{p.Netns, "ip", "link", "set", "eth0", "up"},
-		{p.Netns, "ip", "route", "add", "default", "via", gw},
-		// The IP may have belonged to a deleted pod: forget its old MAC now rather than
-		// after the neighbour entry times out, as a CNI's ARP on sandbox start does.
-		{n.Netns, "ip", "neigh", "flush", "to", p.IP},
-	} {
-		if _, err := NsRun(c[0], c[1:]...); err != nil {
+	if o.ip != "" {
+		if err := validPodIP(n, o.ip); err != nil {
 			return nil, err
 		}
 	}
@@ -97,6 +75,24 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (p *Pod, 
 	if err != nil {
 		return nil, err
 	}
+	l, err := loadLedger(dir)
+	if err != nil {
+		return nil, err
+	}
+	pod := Pod{Namespace: namespace, Name: name, Node: node, Netns: podNetns(namespace, name), ContainerID: newContainerID()}
+	p = &pod
+	// Undo the half-made pod on failure, so that the same name can be tried again.
+	var undo []func()
+	defer func() {
+		if err != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				undo[i]()
+			}
+		}
+	}()
+
+	// As in a cluster, the Pod exists (Pending, bound to the node) before the node's
+	// runtime makes its sandbox.
 	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}},
 		metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return nil, err
@@ -110,6 +106,38 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (p *Pod, 
 	if err != nil {
 		return nil, err
 	}
+	undo = append(undo, func() {
+		_ = client.CoreV1().Pods(namespace).Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
+	})
+
+	if err := l.addNetns(p.Netns); err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { _ = l.removeNetns(pod.Netns) })
+	if _, err := Run("ip", "netns", "add", p.Netns); err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { _, _ = Run("ip", "netns", "del", pod.Netns) })
+	if _, err := NsRun(p.Netns, "ip", "link", "set", "lo", "up"); err != nil {
+		return nil, err
+	}
+	rt := podRuntimeConf(p, string(created.UID), o.ip)
+	ip, err := cniAdd(ctx, t, n, rt)
+	// A failed ADD is followed by a DEL too, as runtimes do: it frees what the chain
+	// had done before it failed.
+	undo = append(undo, func() { _ = cniDel(context.Background(), t, n, rt) })
+	if err != nil {
+		return nil, err
+	}
+	if o.ip != "" && ip.String() != o.ip {
+		return nil, fmt.Errorf("asked the CNI chain for %s, got %s", o.ip, ip)
+	}
+	p.IP = ip.String()
+	// The IP may have belonged to a deleted pod: forget its old MAC now rather than
+	// after the neighbour entry times out.
+	if _, err := NsRun(n.Netns, "ip", "neigh", "flush", "to", p.IP); err != nil {
+		return nil, err
+	}
 	created.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: p.IP, PodIPs: []corev1.PodIP{{IP: p.IP}},
 		HostIP: n.IP, HostIPs: []corev1.HostIP{{IP: n.IP}}}
 	if _, err := client.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
@@ -117,24 +145,6 @@ func createPod(ctx context.Context, dir, namespace, name, node string) (p *Pod, 
 	}
 	t.Pods = append(t.Pods, pod)
 	return p, t.Save(dir)
-}
-
-func freePodIP(t *Topology, n *Node) (netip.Addr, error) {
-	prefix := netip.MustParsePrefix(n.PodCIDR)
-	used := map[string]bool{}
-	for _, p := range t.Pods {
-		used[p.IP] = true
-	}
-	ip := prefix.Addr()
-	for i := 0; i < 10; i++ {
-		ip = ip.Next()
-	}
-	for ; prefix.Contains(ip.Next()); ip = ip.Next() {
-		if !used[ip.String()] {
-			return ip, nil
-		}
-	}
-	return netip.Addr{}, fmt.Errorf("pod CIDR %s of %s is full", n.PodCIDR, n.Name)
 }
 
 // DeletePod undoes CreatePod.
@@ -158,13 +168,21 @@ func deletePod(ctx context.Context, dir, namespace, name string) error {
 	if err := client.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil && !apierrors.IsNotFound(err) {
 		return err
 	}
-	// Delete the veth first: a namespace is torn down asynchronously, and its veth
-	// would linger on the node and block a pod of the same name.
-	if n, err := t.Node(p.Node); err == nil {
+	// The runtime tears the sandbox's network down (CNI DEL, with the container ID of
+	// the ADD) before it removes the namespace: the bridge plugin deletes the veth,
+	// host-local frees the IP.
+	var delErr error
+	if n, err := t.Node(p.Node); err != nil {
+		delErr = err
+	} else if p.ContainerID != "" {
+		delErr = cniDel(ctx, t, n, podRuntimeConf(p, "", ""))
+	} else {
+		// A pod wired by hand by an older natd-lab. Delete its veth first: a namespace
+		// is torn down asynchronously, and the veth would linger on the node.
 		_, _ = NsRun(n.Netns, "ip", "link", "del", hostVeth(namespace, name))
 	}
 	if _, err := Run("ip", "netns", "del", p.Netns); err != nil {
-		return err
+		return errors.Join(delErr, err)
 	}
 	if l, err := loadLedger(dir); err == nil {
 		_ = l.removeNetns(p.Netns)
@@ -176,5 +194,5 @@ func deletePod(ctx context.Context, dir, namespace, name string) error {
 		}
 	}
 	t.Pods = out
-	return t.Save(filepath.Clean(dir))
+	return errors.Join(delErr, t.Save(filepath.Clean(dir)))
 }

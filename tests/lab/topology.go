@@ -25,6 +25,21 @@ type Topology struct {
 	Router      Router  `json:"router"`
 	// API is where the API server listens, for tools that want more than kubeconfig.
 	API API `json:"api"`
+	// ProxyMode is kube-proxy's mode on every node: nftables or iptables.
+	ProxyMode string `json:"proxyMode"`
+	// CNI is how pods are wired: each node's conflist, run with libcni.
+	CNI CNI `json:"cni"`
+}
+
+// CNI is the plugin chain lab pods are created with, as a container runtime runs it.
+type CNI struct {
+	// BinDirs is CNI_PATH: the lab's own plugins (natd-cni, when the lab has it), then
+	// the system's (bridge, host-local).
+	BinDirs []string `json:"binDirs"`
+	// CacheDir is libcni's cache of results, which DEL reads.
+	CacheDir string `json:"cacheDir"`
+	// Plugins are the types in each node's chain, in order.
+	Plugins []string `json:"plugins"`
 }
 
 type Node struct {
@@ -35,6 +50,11 @@ type Node struct {
 	Egress  bool   `json:"egress"`
 	NatdPid int    `json:"natdPid"`
 	NatdLog string `json:"natdLog"`
+	// KubeProxyPid and KubeProxyLog: the node's kube-proxy.
+	KubeProxyPid int    `json:"kubeProxyPid"`
+	KubeProxyLog string `json:"kubeProxyLog"`
+	// CNIConfList is the node's CNI network configuration list.
+	CNIConfList string `json:"cniConfList"`
 }
 
 type Pod struct {
@@ -43,6 +63,8 @@ type Pod struct {
 	Node      string `json:"node"`
 	Netns     string `json:"netns"`
 	IP        string `json:"ip"`
+	// ContainerID is the sandbox ID the CNI chain was called with (DEL needs it).
+	ContainerID string `json:"containerID"`
 }
 
 type Partner struct {
@@ -57,13 +79,14 @@ type Router struct {
 }
 
 type API struct {
-	Netns         string `json:"netns"`
-	Server        string `json:"server"`
-	EtcdPid       int    `json:"etcdPid"`
-	APIServerPid  int    `json:"apiserverPid"`
-	APIServerLog  string `json:"apiserverLog"`
-	NatdBinary    string `json:"natdBinary"`
-	KubectlBinary string `json:"kubectlBinary"`
+	Netns           string `json:"netns"`
+	Server          string `json:"server"`
+	EtcdPid         int    `json:"etcdPid"`
+	APIServerPid    int    `json:"apiserverPid"`
+	APIServerLog    string `json:"apiserverLog"`
+	NatdBinary      string `json:"natdBinary"`
+	KubectlBinary   string `json:"kubectlBinary"`
+	KubeProxyBinary string `json:"kubeProxyBinary"`
 }
 
 // LoadTopology reads DIR/topology.json.
@@ -125,6 +148,8 @@ type ledger struct {
 	Netns      []string `json:"netns"`
 	HostLinks  []string `json:"hostLinks"`
 	Pids       []proc   `json:"pids"`
+	// Paths are files and directories in the lab directory that down removes.
+	Paths []string `json:"paths"`
 }
 
 type proc struct {
@@ -167,6 +192,11 @@ func (l *ledger) removeNetns(name string) error {
 		}
 	}
 	l.Netns = out
+	return l.save()
+}
+
+func (l *ledger) addPath(path string) error {
+	l.Paths = appendUnique(l.Paths, path)
 	return l.save()
 }
 

@@ -62,9 +62,11 @@ type Options struct {
 	Nodes    int
 	Natd     string // natd binary
 	Self     string // natd-lab binary (runs the partner)
-	KubeBins string // directory with etcd, kube-apiserver, kubectl
+	KubeBins string // directory with etcd, kube-apiserver, kubectl, kube-proxy
 	NatdArgs []string
-	Out      io.Writer
+	// ProxyMode is kube-proxy's mode on every node: nftables (the default) or iptables.
+	ProxyMode string
+	Out       io.Writer
 }
 
 // Up builds the lab. On failure it leaves what it made recorded in the ledger for Down.
@@ -72,10 +74,18 @@ func Up(ctx context.Context, o Options) (*Topology, error) {
 	if o.Nodes < 1 || o.Nodes > 200 {
 		return nil, fmt.Errorf("--nodes must be between 1 and 200")
 	}
+	switch o.ProxyMode {
+	case "":
+		o.ProxyMode = ProxyModeNFTables
+	case ProxyModeNFTables, ProxyModeIPTables:
+	default:
+		return nil, fmt.Errorf("--proxy-mode must be %s or %s", ProxyModeNFTables, ProxyModeIPTables)
+	}
 	if _, err := os.Stat(filepath.Join(o.Dir, "lab-ledger.json")); err == nil {
 		return nil, fmt.Errorf("a lab already exists in %s; run natd-lab down first", o.Dir)
 	}
-	for _, b := range []string{o.Natd, o.Self, filepath.Join(o.KubeBins, "etcd"), filepath.Join(o.KubeBins, "kube-apiserver")} {
+	for _, b := range []string{o.Natd, o.Self, filepath.Join(o.KubeBins, "etcd"), filepath.Join(o.KubeBins, "kube-apiserver"),
+		filepath.Join(o.KubeBins, "kube-proxy")} {
 		if _, err := os.Stat(b); err != nil {
 			return nil, fmt.Errorf("missing %s (make build kube-bins builds it): %w", b, err)
 		}
@@ -123,20 +133,24 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 		Partner: Partner{Netns: nsPartner, IP: PartnerIP, Port: PartnerPort},
 		Router:  Router{Netns: nsRouter},
 		API: API{Netns: nsAPI, Server: "https://" + apiHostIP + ":6443", NatdBinary: u.o.Natd,
-			KubectlBinary: filepath.Join(u.o.KubeBins, "kubectl"), APIServerLog: filepath.Join(u.dir, "kube-apiserver.log")},
+			KubectlBinary: filepath.Join(u.o.KubeBins, "kubectl"), APIServerLog: filepath.Join(u.dir, "kube-apiserver.log"),
+			KubeProxyBinary: filepath.Join(u.o.KubeBins, "kube-proxy")},
+		ProxyMode: u.o.ProxyMode,
 	}
 	for i := 1; i <= u.o.Nodes; i++ {
 		name := fmt.Sprintf("node%d", i)
 		t.Nodes = append(t.Nodes, Node{Name: name, Netns: "natd-" + name, IP: NodeIP(i),
 			PodCIDR: fmt.Sprintf("10.244.%d.0/24", i),
 			// node1 is a plain worker; every other node may hold egress IPs.
-			Egress:  i != 1 || u.o.Nodes == 1,
-			NatdLog: filepath.Join(u.dir, "natd-"+name+".log")})
+			Egress:       i != 1 || u.o.Nodes == 1,
+			NatdLog:      filepath.Join(u.dir, "natd-"+name+".log"),
+			KubeProxyLog: filepath.Join(u.dir, "kube-proxy-"+name+".log")})
 	}
 	u.say("network: router, partner, API server namespace")
 	if err := u.network(t); err != nil {
 		return nil, err
 	}
+	u.say("CNI: %s", strings.Join(t.CNI.Plugins, " → "))
 	u.say("certificates and kubeconfigs")
 	if err := u.credentials(t); err != nil {
 		return nil, err
@@ -157,6 +171,14 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 		return nil, err
 	}
 	if err := u.objects(ctx, client, t); err != nil {
+		return nil, err
+	}
+	u.say("kube-proxy (%s mode) on every node", t.ProxyMode)
+	if err := u.kubeProxyCredentials(ctx, client); err != nil {
+		return nil, err
+	}
+	proxyStart := time.Now()
+	if err := u.startKubeProxies(t); err != nil {
 		return nil, err
 	}
 	u.say("partner server on %s:%d", PartnerIP, PartnerPort)
@@ -184,6 +206,14 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 			return nil, err
 		}
 	}
+	waitStart := time.Now()
+	for i := range t.Nodes {
+		if err := WaitKubeProxyHealthy(ctx, &t.Nodes[i], 60*time.Second); err != nil {
+			return nil, err
+		}
+	}
+	u.say("kube-proxy healthy on %d nodes %.1fs after its start (up waited %.1fs more for it)",
+		len(t.Nodes), time.Since(proxyStart).Seconds(), time.Since(waitStart).Seconds())
 	return t, nil
 }
 
@@ -260,11 +290,12 @@ func (u *upper) network(t *Topology) error {
 			return err
 		}
 	}
-	return nil
+	return u.setupCNI(t)
 }
 
-// node builds one node: uplink to the router's bridge, a cni0 bridge for its pods,
-// host-gateway routes to the other nodes' pods, and the CNI's masquerade rule.
+// node builds one node: uplink to the router's bridge, a cni0 bridge for its pods (the
+// CNI chain's bridge plugin attaches pods to it), host-gateway routes to the other
+// nodes' pods, and the CNI's masquerade rule.
 func (u *upper) node(t *Topology, i int) error {
 	n := t.Nodes[i]
 	if err := u.netns(n.Netns); err != nil {
@@ -527,7 +558,7 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 	args := []string{
 		"--node-name", n.Name, "--kubeconfig", filepath.Join(dir, n.Name+".kubeconfig"),
 		"--egress-cidr", EgressCIDR, "--cluster-cidr", ClusterCIDR, "--service-cidr", ServiceCIDR,
-		"--state-dir", filepath.Join(dir, "state-"+n.Name), "--resync-period", "10s", "-v", "2",
+		"--state-dir", NatdStateDir(dir, n.Name), "--resync-period", "10s", "-v", "2",
 		"--gossip-key-file", filepath.Join(dir, "gossip.key"),
 	}
 	return startIn(n.Netns, t.API.NatdBinary, n.NatdLog, append(args, extra...)...)
@@ -553,17 +584,8 @@ func WaitNatdReady(ctx context.Context, n *Node, timeout time.Duration) error {
 }
 
 func ready(ctx context.Context, n *Node) bool {
-	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	c, err := DialIn(rctx, n.Netns, "tcp", "127.0.0.1:9793")
-	if err != nil {
-		return false
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	fmt.Fprintf(c, "GET /readyz HTTP/1.0\r\n\r\n")
-	b, _ := io.ReadAll(c)
-	return strings.HasPrefix(string(b), "HTTP/1.0 200") || strings.HasPrefix(string(b), "HTTP/1.1 200")
+	code, err := httpGetIn(ctx, n.Netns, "127.0.0.1:9793", "/readyz")
+	return err == nil && code == 200
 }
 
 // Alive reports whether pid is a running (not zombie) process.
