@@ -18,7 +18,8 @@ build:
 # `skopeo copy oci-archive:bin/natd-image.tar docker://REGISTRY/natd:TAG`.
 image:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/natd-static ./cmd/natd
-	$(GO) run ./cmd/natd-image --binary bin/natd-static --out bin/natd-image.tar
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/image/natd-cni ./cmd/natd-cni
+	$(GO) run ./cmd/natd-image --binary bin/natd-static --cni-plugin bin/image/natd-cni --out bin/natd-image.tar
 
 deps:
 	@scripts/install-deps.sh

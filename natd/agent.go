@@ -24,6 +24,7 @@ import (
 
 	"natd.dev/natd/election"
 	"natd.dev/natd/natd/client/clientset/versioned"
+	"natd.dev/natd/natd/cniplugin"
 	"natd.dev/natd/natd/dataplane"
 )
 
@@ -172,6 +173,9 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	}()
 	a.queue.Add(syncKey)
 	go every(ctx, a.cfg.ResyncPeriod, func() { a.queue.Add(syncKey) })
+	if in, ok := a.cfg.CNIInstaller(); ok {
+		go a.keepCNIChained(ctx, in)
+	}
 	// Someone else's nftables commit is checked at once; routes and addresses, and
 	// whatever the watch misses, once a second.
 	if err := a.kernel.WatchChanges(ctx.Done(), func() { a.queue.Add(verifyKey) }); err != nil {
@@ -256,6 +260,30 @@ func (a *Agent) renewLeases() {
 		return
 	}
 	a.health.renewDone(nil)
+}
+
+// keepCNIChained installs natd-cni into the node's CNI chain now and again every
+// resync period: a CNI that rewrites its configuration gets natd's entry back.
+func (a *Agent) keepCNIChained(ctx context.Context, in cniplugin.Installer) {
+	var lastErr string
+	ensure := func() {
+		changed, err := in.Ensure()
+		if err != nil {
+			if err.Error() != lastErr {
+				// Without the plugin, a new pinned pod's first packets are classified
+				// only once natd has seen the pod in the API.
+				klog.ErrorS(err, "Cannot chain natd-cni onto the node's CNI configuration", "confDir", in.ConfDir)
+			}
+			lastErr = err.Error()
+			return
+		}
+		lastErr = ""
+		if changed {
+			klog.InfoS("Chained natd-cni onto the node's CNI configuration", "confDir", in.ConfDir, "binDir", in.BinDir)
+		}
+	}
+	ensure()
+	every(ctx, a.cfg.ResyncPeriod, ensure)
 }
 
 // joinCluster starts gossip with what the kernel says this node holds, and joins the

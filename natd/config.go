@@ -36,6 +36,11 @@ type Config struct {
 	RulePriority int
 	TableBase    int
 	StateDir     string
+	// The chained CNI plugin: natd keeps it installed on the node (off when CNIConfDir
+	// is empty).
+	CNIBinDir  string
+	CNIConfDir string
+	CNIPlugin  string
 
 	GossipPort          int
 	GossipKeyFile       string
@@ -149,7 +154,10 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.Var(hexUint32{&c.FwmarkMask}, "fwmark-mask", "bits of the packet mark natd owns (one contiguous run of at least 8 bits)")
 	fs.IntVar(&c.RulePriority, "rule-priority", c.RulePriority, "priority of natd's ip rules")
 	fs.IntVar(&c.TableBase, "route-table-base", c.TableBase, "natd uses route tables base+1 .. base+255")
-	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "where natd keeps what it must restore on cleanup")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "where natd keeps what it must restore on cleanup and shares with its CNI plugin (tmpfs)")
+	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", "", "the node's CNI configuration directory: natd chains natd-cni onto the conflist there and keeps it chained (empty: the CNI chain is managed elsewhere)")
+	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", "/opt/cni/bin", "the node's CNI plugin directory, where natd installs natd-cni")
+	fs.StringVar(&c.CNIPlugin, "cni-plugin", "", "the natd-cni binary to install (default: natd-cni beside the natd binary)")
 	fs.IntVar(&c.GossipPort, "gossip-port", c.GossipPort, "memberlist port (TCP and UDP) on the node IP")
 	fs.StringVar(&c.GossipKeyFile, "gossip-key-file", "", "file with the base64 gossip encryption key (16, 24 or 32 bytes; `natd gen-key` makes one)")
 	fs.BoolVar(&c.InsecureGossip, "insecure-gossip", false, "allow unencrypted, unauthenticated gossip (no --gossip-key-file)")

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 
 	"natd.dev/natd/election"
 	"natd.dev/natd/natd/client/clientset/versioned"
+	"natd.dev/natd/natd/cniplugin"
 	"natd.dev/natd/natd/dataplane"
 )
 
@@ -114,8 +116,29 @@ func GenerateKey() (string, error) {
 	return base64.StdEncoding.EncodeToString(key), nil
 }
 
-// Cleanup removes everything natd put into this node's kernel.
+// CNIInstaller is how natd-cni is chained on this node; ok is false when natd does not
+// manage the CNI chain (--cni-conf-dir empty).
+func (c *Config) CNIInstaller() (in cniplugin.Installer, ok bool) {
+	if c.CNIConfDir == "" {
+		return in, false
+	}
+	src := c.CNIPlugin
+	if src == "" {
+		if exe, err := os.Executable(); err == nil {
+			src = filepath.Join(filepath.Dir(exe), cniplugin.PluginType)
+		}
+	}
+	return cniplugin.Installer{BinDir: c.CNIBinDir, ConfDir: c.CNIConfDir, Source: src, StateDir: c.StateDir}, true
+}
+
+// Cleanup removes everything natd put into this node: the CNI chain entry first (new
+// pods stop being classified), then its kernel state.
 func Cleanup(cfg *Config) error {
+	if in, ok := cfg.CNIInstaller(); ok {
+		if err := in.Remove(); err != nil {
+			return err
+		}
+	}
 	dcfg, err := dataplaneConfig(cfg)
 	if err != nil {
 		return err

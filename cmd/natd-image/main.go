@@ -66,19 +66,24 @@ func main() {
 	out := flag.String("out", "bin/natd-image.tar", "where to write the OCI image archive")
 	tag := flag.String("tag", "natd.dev/natd:dev", "the image reference recorded in the archive")
 	arch := flag.String("arch", runtime.GOARCH, "the image architecture (GOARCH), which the binary must match")
+	cni := flag.String("cni-plugin", "", "the static natd-cni binary, installed beside natd (natd copies it into the node's CNI bin directory)")
 	flag.Parse()
 	if *binary == "" || flag.NArg() != 0 {
 		flag.Usage()
 		os.Exit(2)
 	}
-	if err := run(*binary, *out, *tag, *arch); err != nil {
+	var extras []string
+	if *cni != "" {
+		extras = append(extras, *cni)
+	}
+	if err := run(*binary, *out, *tag, *arch, extras...); err != nil {
 		fmt.Fprintln(os.Stderr, "natd-image:", err)
 		os.Exit(1)
 	}
 }
 
-func run(binary, out, tag, arch string) error {
-	img, err := build(binary, arch)
+func run(binary, out, tag, arch string, extras ...string) error {
+	img, err := build(binary, arch, extras...)
 	if err != nil {
 		return err
 	}
@@ -97,18 +102,27 @@ func run(binary, out, tag, arch string) error {
 	return nil
 }
 
-// build returns the image: the binary as /usr/local/bin/natd on an empty base, with OCI
-// media types throughout. The tag is not part of it: it names the image only in the
-// archive, so retagging never changes the digest.
-func build(binary, arch string) (v1.Image, error) {
-	if err := checkStaticELF(binary, arch); err != nil {
-		return nil, err
+// build returns the image: the binary as /usr/local/bin/natd on an empty base, and
+// each extra binary (natd-cni) beside it under its own name, with OCI media types
+// throughout. The tag is not part of it: it names the image only in the archive, so
+// retagging never changes the digest.
+func build(binary, arch string, extras ...string) (v1.Image, error) {
+	files := []layerFile{}
+	for i, b := range append([]string{binary}, extras...) {
+		if err := checkStaticELF(b, arch); err != nil {
+			return nil, err
+		}
+		content, err := os.ReadFile(b)
+		if err != nil {
+			return nil, fmt.Errorf("reading the binary: %w", err)
+		}
+		path := binaryPath
+		if i > 0 {
+			path = filepath.Join(filepath.Dir(binaryPath), filepath.Base(b))
+		}
+		files = append(files, layerFile{path: path, content: content})
 	}
-	content, err := os.ReadFile(binary)
-	if err != nil {
-		return nil, fmt.Errorf("reading the binary: %w", err)
-	}
-	layerTar, err := binaryLayerTar(content)
+	layerTar, err := binaryLayerTar(files...)
 	if err != nil {
 		return nil, err
 	}
@@ -182,9 +196,15 @@ func checkStaticELF(binary, arch string) error {
 	return nil
 }
 
-// binaryLayerTar returns the uncompressed layer: the parent directories and the binary,
-// all owned by root and dated buildTime, so equal binaries give equal layers.
-func binaryLayerTar(content []byte) ([]byte, error) {
+// layerFile is one binary of the layer.
+type layerFile struct {
+	path    string // absolute, under /usr/local/bin
+	content []byte
+}
+
+// binaryLayerTar returns the uncompressed layer: the parent directories and the
+// binaries, all owned by root and dated buildTime, so equal binaries give equal layers.
+func binaryLayerTar(files ...layerFile) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for _, dir := range []string{"usr/", "usr/local/", "usr/local/bin/"} {
@@ -194,13 +214,15 @@ func binaryLayerTar(content []byte) ([]byte, error) {
 			return nil, fmt.Errorf("writing the layer: %w", err)
 		}
 	}
-	if err := tw.WriteHeader(&tar.Header{
-		Typeflag: tar.TypeReg, Name: binaryPath[1:], Mode: 0o755, Size: int64(len(content)), ModTime: buildTime,
-	}); err != nil {
-		return nil, fmt.Errorf("writing the layer: %w", err)
-	}
-	if _, err := tw.Write(content); err != nil {
-		return nil, fmt.Errorf("writing the layer: %w", err)
+	for _, f := range files {
+		if err := tw.WriteHeader(&tar.Header{
+			Typeflag: tar.TypeReg, Name: f.path[1:], Mode: 0o755, Size: int64(len(f.content)), ModTime: buildTime,
+		}); err != nil {
+			return nil, fmt.Errorf("writing the layer: %w", err)
+		}
+		if _, err := tw.Write(f.content); err != nil {
+			return nil, fmt.Errorf("writing the layer: %w", err)
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, fmt.Errorf("writing the layer: %w", err)

@@ -26,7 +26,7 @@ const testTag = "natd.dev/natd:test"
 
 // staticNatd is natd built the way `make image` builds it, once for all tests: linking
 // it takes seconds even with a warm cache.
-var staticNatd string
+var staticNatd, staticCNI string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "natd-image-test-")
@@ -34,13 +34,15 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	staticNatd = filepath.Join(dir, "natd")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", staticNatd, "natd.dev/natd/cmd/natd")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building static natd: %v\n%s", err, out)
-		os.RemoveAll(dir)
-		os.Exit(1)
+	staticNatd, staticCNI = filepath.Join(dir, "natd"), filepath.Join(dir, "natd-cni")
+	for out, pkg := range map[string]string{staticNatd: "natd.dev/natd/cmd/natd", staticCNI: "natd.dev/natd/cmd/natd-cni"} {
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, pkg)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building static %s: %v\n%s", pkg, err, b)
+			os.RemoveAll(dir)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -51,7 +53,7 @@ func TestMain(m *testing.M) {
 // untar, open the OCI layout, find the image by its ref name, and run what is inside.
 func TestArchiveReadBack(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "natd-image.tar")
-	if err := run(staticNatd, out, testTag, runtime.GOARCH); err != nil {
+	if err := run(staticNatd, out, testTag, runtime.GOARCH, staticCNI); err != nil {
 		t.Fatal(err)
 	}
 
@@ -117,6 +119,13 @@ func TestArchiveReadBack(t *testing.T) {
 		t.Fatalf("binary in the image (%d bytes) differs from the input (%d bytes)", len(got), len(want))
 	}
 	assertStatic(t, extracted)
+	// natd-cni beside it: natd installs it into the node's CNI bin directory.
+	extractedCNI := filepath.Join(t.TempDir(), "natd-cni")
+	extractBinary(t, layers[0], "usr/local/bin/natd-cni", extractedCNI)
+	if wantCNI, _ := os.ReadFile(staticCNI); !bytes.Equal(mustRead(t, extractedCNI), wantCNI) {
+		t.Fatal("natd-cni in the image differs from the input")
+	}
+	assertStatic(t, extractedCNI)
 
 	// natd gen-key needs no privileges and prints a base64 gossip key of 32 bytes.
 	keyOut, err := exec.Command(extracted, "gen-key").Output()
@@ -314,4 +323,13 @@ func assertStatic(t *testing.T, path string) {
 			t.Fatalf("%s has a PT_INTERP header: not static", path)
 		}
 	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
