@@ -75,7 +75,7 @@ for i in $(seq 100); do
   sleep 0.05
 done
 took=$(python3 -c "import time;print(f'{time.time()-$start:.1f}')")
-servers() { for n in 1 2 3; do ip netns exec natd-node$n nft list set ip natd leased_ips 2>/dev/null | grep -q "$EGRESS_IP " && echo node$n; done; true; }
+servers() { for n in 1 2 3; do ip netns exec natd-node$n nft list set ip natd held_marks 2>/dev/null | grep -q "$EGRESS_IP " && echo node$n; done; true; }
 for i in $(seq 50); do  # the cut-off node gives the IP up once it sees it lost the majority
   newholder=$(servers)
   [ "$newholder" != "" ] && [ "$(echo "$newholder" | wc -l)" = 1 ] && [ "$newholder" != "$holder" ] && break

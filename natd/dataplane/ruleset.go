@@ -79,6 +79,11 @@ func NewMarks(mask uint32) (Marks, error) {
 // Value is the mark of egress IP slot idx (1..MaxIndex).
 func (m Marks) Value(idx int) uint32 { return uint32(idx) << m.shift }
 
+// PinnedFlow is the bit of the connection mark (the lowest of the mask) that natd sets
+// on every connection it pinned: a later packet of such a connection that has lost its
+// classification (someone flushed natd's maps) is dropped, never sent un-NATed.
+func (m Marks) PinnedFlow() uint32 { return 1 << m.shift }
+
 // MaxIndex is the number of egress IPs a node can route at once.
 func (m Marks) MaxIndex() int {
 	n := int(m.Mask >> m.shift)
@@ -360,6 +365,25 @@ func (r *Rule) snatToSelf() *Rule {
 		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1})
 }
 
+// setCtBit sets one bit of the connection's mark and keeps the others.
+func (r *Rule) setCtBit(bit uint32) *Rule {
+	return r.add(fmt.Sprintf("ct mark set ct mark | 0x%08x", bit),
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^bit), Xor: native32(bit)},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true})
+}
+
+// ctOriginalWithBit matches packets of the original direction whose connection has bit
+// set in its mark.
+func (r *Rule) ctOriginalWithBit(bit uint32) *Rule {
+	return r.add(fmt.Sprintf("ct direction original ct mark & 0x%08x == 0x%08x", bit, bit),
+		&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(bit), Xor: native32(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(bit)})
+}
+
 func (r *Rule) counter() *Rule { return r.add("counter", &expr.Counter{}) }
 
 // Reasons pinned packets are dropped, as the drop rules' counters are exported.
@@ -470,6 +494,8 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Priority: prioSNAT, Header: "type nat hook postrouting priority srcnat - 10; policy accept;",
 		Rules: []*Rule{
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
+			// NAT chains see a connection's first packet only: remember it is pinned.
+			newRule().setCtBit(marks.PinnedFlow()),
 			newRule().snatToMarkMap(marks.Mask, mapHeldSNAT),
 			newRule().snatToSelf(),
 		},
@@ -478,6 +504,10 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Name: "leak_guard", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPostrouting,
 		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
 		Rules: []*Rule{
+			// A pinned connection whose packet lost its classification (natd's maps were
+			// flushed): its NAT binding would send it with the pod's own address.
+			newRule().ctOriginalWithBit(marks.PinnedFlow()).markMaskedIsZero(marks.Mask).
+				countDrops(DropLeakGuard).verdict(expr.VerdictDrop),
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
 			// SNATed here to the egress IP this packet's own pinning names (its mark),
 			// held with a current lease. A connection NATed under an older pinning (the

@@ -85,12 +85,14 @@ func TestBuildRulesetText(t *testing.T) {
 	chain pinned_snat {
 		type nat hook postrouting priority srcnat - 10; policy accept;
 		meta mark & 0x00ff0000 == 0x00000000 return
+		ct mark set ct mark | 0x00010000
 		snat to meta mark & 0x00ff0000 map @held_snat
 		snat to ip saddr
 	}
 
 	chain leak_guard {
 		type filter hook postrouting priority srcnat + 10; policy accept;
+		ct direction original ct mark & 0x00010000 == 0x00010000 meta mark & 0x00ff0000 == 0x00000000 counter drop
 		meta mark & 0x00ff0000 == 0x00000000 return
 		ip saddr . meta mark & 0x00ff0000 @held_marks ip saddr @held_addrs accept
 		ip saddr @pod_cidrs rt ip nexthop @node_ips accept

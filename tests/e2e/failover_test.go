@@ -180,7 +180,7 @@ func servedBy(t testing.TB, ip string) []string {
 	t.Helper()
 	var out []string
 	for _, n := range topo.Nodes {
-		set, _ := lab.NsRun(n.Netns, "nft", "list", "set", "ip", "natd", "leased_ips")
+		set, _ := lab.NsRun(n.Netns, "nft", "list", "set", "ip", "natd", "held_marks")
 		if strings.Contains(set, ip+" ") || strings.Contains(set, ip+",") {
 			out = append(out, n.Name)
 		}

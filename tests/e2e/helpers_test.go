@@ -17,7 +17,7 @@ import (
 
 func partnerAddr() string { return fmt.Sprintf("%s:%d", topo.Partner.IP, topo.Partner.Port) }
 
-// newPod creates a lab pod and removes it when the test ends.
+// newPod creates a lab pod and removes it when the test ends (unless the test did).
 func newPod(t testing.TB, ns, name, node string, opts ...lab.PodOption) *lab.Pod {
 	t.Helper()
 	p, err := lab.CreatePod(context.Background(), labDir, ns, name, node, opts...)
@@ -25,6 +25,11 @@ func newPod(t testing.TB, ns, name, node string, opts ...lab.PodOption) *lab.Pod
 		t.Fatalf("creating pod %s/%s: %v", ns, name, err)
 	}
 	t.Cleanup(func() {
+		if cur, err := lab.LoadTopology(labDir); err == nil {
+			if _, err := cur.Pod(ns, name); err != nil {
+				return // deleted by the test
+			}
+		}
 		if err := lab.DeletePod(context.Background(), labDir, ns, name); err != nil {
 			t.Errorf("deleting pod %s/%s: %v", ns, name, err)
 		}
