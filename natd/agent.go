@@ -78,6 +78,7 @@ type Agent struct {
 	status        *statusWriter // nil: no EgressIP objects are written
 	now           func() time.Time
 	health        *health
+	withheld      string // why leases are not renewed now ("": they are); the renewal loop's own
 
 	factory    informers.SharedInformerFactory
 	namespaces corelisters.NamespaceLister
@@ -244,10 +245,21 @@ func (a *Agent) renewLeases() {
 			err = errNoMajority
 		}
 	}
+	reason := ""
+	if err != nil {
+		reason = err.Error()
+	}
+	if reason != a.withheld { // said once per change, not every lease/4
+		if reason != "" {
+			klog.InfoS("Not renewing leases: this node stops serving its egress IPs", "reason", reason)
+		} else if a.withheld != "" {
+			klog.InfoS("Renewing leases again")
+		}
+		a.withheld = reason
+	}
 	if err != nil {
 		// Not renewing is the point: the leases lapse and the node stops serving.
 		a.metrics.LeaseRenewalsWithheld.Inc()
-		klog.V(2).InfoS("Not renewing leases", "reason", err.Error())
 		a.health.renewDone(nil)
 		return
 	}

@@ -52,7 +52,7 @@ func annotate(t testing.TB, ns, ip string) {
 }
 
 // ensureNamespace creates ns (lab pods create theirs; some tests need one without pods).
-func ensureNamespace(t *testing.T, ns string) {
+func ensureNamespace(t testing.TB, ns string) {
 	t.Helper()
 	_, err := client.CoreV1().Namespaces().Create(context.Background(),
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})

@@ -128,7 +128,7 @@ func dumpAgentLogs() {
 		}
 		var keep []string
 		for _, l := range strings.Split(string(b), "\n") {
-			for _, k := range []string{"Took over", "Released", "majority", "Member state", "rror", "Found egress"} {
+			for _, k := range []string{"Took over", "Released", "majority", "Member state", "rror", "Found egress", "Not renewing", "failed", "Repairing"} {
 				if strings.Contains(l, k) {
 					keep = append(keep, l)
 					break
