@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	k8sfake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/record"
 
 	"natd.dev/natd/election"
 	"natd.dev/natd/natd/dataplane"
@@ -436,6 +438,29 @@ func TestAgentCountsTakeoversAndRepairsDrift(t *testing.T) {
 	}
 	if err := f.agent.process(verifyKey); err != nil || len(f.kernel.applied) != before+1 {
 		t.Errorf("no drift: %d applies, %v; want no sync", len(f.kernel.applied), err)
+	}
+}
+
+// A pod of a pinned namespace on the host network cannot be pinned: one Warning Event
+// per pod on the namespace, not repeated every sync.
+func TestAgentWarnsAboutHostNetworkPods(t *testing.T) {
+	host := pod("team-a", "agent", "node2", "198.18.0.12")
+	host.Spec.HostNetwork = true
+	f := newFixture(t, append(nodes3(), ns("team-a", "198.18.0.200"), host)...)
+	rec := record.NewFakeRecorder(10)
+	f.agent.recorder = rec
+	f.setAlive("node1") // the only speaker
+	for i := 0; i < 2; i++ {
+		if err := f.agent.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []string
+	for len(rec.Events) > 0 {
+		got = append(got, <-rec.Events)
+	}
+	if len(got) != 1 || !strings.Contains(got[0], "Warning HostNetworkPodNotPinned pod agent uses the host network") {
+		t.Fatalf("events = %q; want one HostNetworkPodNotPinned Warning", got)
 	}
 }
 
