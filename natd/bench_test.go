@@ -114,7 +114,13 @@ func BenchmarkSyncFull(b *testing.B) {
 			c := benchClusterOf(n)
 			p := &Planner{Config: benchConfig()}
 			for b.Loop() {
-				d := benchDataplane(b, h) // a fresh one has no applied state: full rebuild
+				b.StopTimer()
+				// No tables in the kernel (a fresh node): a full build.
+				d := benchDataplane(b, h)
+				if err := d.Cleanup(); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
 				if res := syncOnce(b, p, c, d); !res.Rebuilt {
 					b.Fatal("expected a rebuild")
 				}

@@ -1,6 +1,9 @@
 package natd
 
 import (
+	"bytes"
+	"cmp"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -189,16 +192,17 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		plan.Namespaces[ip] = append(plan.Namespaces[ip], ns.Name)
 		st.PinnedNamespaces[ns.Name] = ip
+		rank := pins.namespace(ip)
 		for _, pod := range c.PodsIn(ns.Name) {
 			switch {
 			case pod.hostNet:
 				plan.HostNetworkPods[ns.Name] = append(plan.HostNetworkPods[ns.Name], pod.Name)
 			case !pod.inert:
-				pins.add(pod, ip)
+				pins.add(pod, rank)
 			}
 		}
 	}
-	pods, pods6 := pins.byEgressIP()
+	pods, pods6 := pins.resolve()
 
 	var ips []netip.Addr
 	for ip := range plan.Namespaces {
@@ -208,8 +212,6 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	assigned := p.elect(ips, eligible, len(c.Nodes), el, plan)
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
-		// Pods stay in lister order: sorting 50k addresses would cost more than the
-		// dataplane's diff, which does not need an order.
 		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}
 		holder := assigned[ip].Holder
 		plan.Holders[ip] = holder
@@ -357,42 +359,70 @@ const unsureFor = 10 * time.Second
 // show two pods with one IP — the old one terminating while the new one runs, or stale
 // state — and the kernel holds one element per address: one address, one egress IP. A
 // pod that is not terminating wins over one that is; otherwise the first namespace in
-// name order does, on every node alike.
+// name order does, on every node alike. The lists come out sorted, so that the same pods
+// give the same lists sync after sync whatever order the informer returns them in (the
+// dataplane's diff then only looks at what changed).
+//
+// At 50k pinned pods this runs every sync, so it uses no map: each IPv4 address and its
+// rank (terminating, namespace order) are packed into one uint64, sorted, and the first
+// of each address wins.
 type podPins struct {
-	v4 map[[4]byte]pin
-	v6 map[[16]byte]pin
+	egress []netip.Addr // by namespace rank
+	v4     []uint64     // address<<32 | terminating<<31 | namespace rank
+	v6     []pin6
 }
 
-type pin struct {
-	egress      netip.Addr
-	terminating bool
+type pin6 struct {
+	addr [16]byte
+	rank uint32
 }
 
-func (p *podPins) add(pod *podRecord, egress netip.Addr) {
-	if p.v4 == nil {
-		p.v4, p.v6 = map[[4]byte]pin{}, map[[16]byte]pin{}
+const terminatingRank = 1 << 31
+
+// namespace registers the next pinned namespace (in name order) and returns its rank.
+func (p *podPins) namespace(egress netip.Addr) uint32 {
+	p.egress = append(p.egress, egress)
+	return uint32(len(p.egress) - 1)
+}
+
+func (p *podPins) add(pod *podRecord, rank uint32) {
+	if pod.terminating() {
+		rank |= terminatingRank
 	}
-	cand := pin{egress: egress, terminating: pod.terminating()}
 	for i := uint8(0); i < pod.nIPv4; i++ {
-		if cur, ok := p.v4[pod.ipv4[i]]; !ok || (cur.terminating && !cand.terminating) {
-			p.v4[pod.ipv4[i]] = cand
-		}
+		p.v4 = append(p.v4, uint64(binary.BigEndian.Uint32(pod.ipv4[i][:]))<<32|uint64(rank))
 	}
 	if pod.hasIPv6 {
-		if cur, ok := p.v6[pod.ipv6]; !ok || (cur.terminating && !cand.terminating) {
-			p.v6[pod.ipv6] = cand
-		}
+		p.v6 = append(p.v6, pin6{addr: pod.ipv6, rank: rank})
 	}
 }
 
-// byEgressIP groups the addresses by egress IP.
-func (p *podPins) byEgressIP() (v4, v6 map[netip.Addr][]netip.Addr) {
+// resolve returns each egress IP's addresses, one owner per address, sorted.
+func (p *podPins) resolve() (v4, v6 map[netip.Addr][]netip.Addr) {
 	v4, v6 = map[netip.Addr][]netip.Addr{}, map[netip.Addr][]netip.Addr{}
-	for a, pn := range p.v4 {
-		v4[pn.egress] = append(v4[pn.egress], netip.AddrFrom4(a))
+	egressOf := func(rank uint32) netip.Addr { return p.egress[rank&^terminatingRank] }
+	slices.Sort(p.v4)
+	for i, x := range p.v4 {
+		if i > 0 && x>>32 == p.v4[i-1]>>32 {
+			continue // the same address: the lower rank (sorted first) owns it
+		}
+		var a [4]byte
+		binary.BigEndian.PutUint32(a[:], uint32(x>>32))
+		e := egressOf(uint32(x))
+		v4[e] = append(v4[e], netip.AddrFrom4(a))
 	}
-	for a, pn := range p.v6 {
-		v6[pn.egress] = append(v6[pn.egress], netip.AddrFrom16(a))
+	slices.SortFunc(p.v6, func(a, b pin6) int {
+		if c := bytes.Compare(a.addr[:], b.addr[:]); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.rank, b.rank)
+	})
+	for i, x := range p.v6 {
+		if i > 0 && x.addr == p.v6[i-1].addr {
+			continue
+		}
+		e := egressOf(x.rank)
+		v6[e] = append(v6[e], netip.AddrFrom16(x.addr))
 	}
 	return v4, v6
 }

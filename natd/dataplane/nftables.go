@@ -83,13 +83,16 @@ func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
 			base = kernel
 		}
 	}
-	out.repinned = repinned(base, rss)
 	if base != nil && sameShapes(base, rss) {
-		if err := a.updateElements(conn, base, rss); err == nil {
+		diffs := diffRulesets(base, rss)
+		out.repinned = repinned(rss, diffs)
+		if err := a.updateElements(conn, rss, diffs); err == nil {
 			a.committed(gen0, rss)
 			return out, nil
 		}
 		// Fall through: a rebuild repairs whatever made the update fail.
+	} else if base != nil {
+		out.repinned = repinned(rss, diffRulesets(base, rss))
 	}
 	if a.applied != nil {
 		// The counters restart with the new table: keep what they have counted so far.
@@ -374,13 +377,39 @@ func sameIntervals(s *Set, els []nftables.SetElement) bool {
 	return true
 }
 
-// updateElements changes only the set elements that differ, in one transaction.
-func (a *nftApplier) updateElements(conn *nftables.Conn, old, cur []*Ruleset) error {
+// setDiff is what changes in one set: elements to delete and to add.
+type setDiff struct{ del, add []Element }
+
+// diffRulesets diffs every set of cur against the set of the same name in old (none:
+// all of cur's elements are new); diffs[r][i] belongs to cur[r].Sets[i].
+func diffRulesets(old, cur []*Ruleset) [][]setDiff {
+	out := make([][]setDiff, len(cur))
+	for r, rs := range cur {
+		out[r] = make([]setDiff, len(rs.Sets))
+		for i, s := range rs.Sets {
+			var before []Element
+			if r < len(old) && old[r].Family == rs.Family {
+				for _, o := range old[r].Sets {
+					if o.Name == s.Name {
+						before = o.Elements
+						break
+					}
+				}
+			}
+			out[r][i].del, out[r][i].add = diffElements(before, s.Elements)
+		}
+	}
+	return out
+}
+
+// updateElements applies diffs (of cur against the kernel's or natd's last content) in
+// one transaction.
+func (a *nftApplier) updateElements(conn *nftables.Conn, cur []*Ruleset, diffs [][]setDiff) error {
 	changed := false
 	for r, rs := range cur {
 		t := tableOf(rs)
 		for i, s := range rs.Sets {
-			del, add := diffElements(old[r].Sets[i].Elements, s.Elements)
+			del, add := diffs[r][i].del, diffs[r][i].add
 			if len(del) == 0 && len(add) == 0 {
 				continue
 			}
@@ -484,28 +513,22 @@ func sameElements(a, b []Element) bool {
 }
 
 // repinned lists the pod addresses whose element in a pod-classification map (cni_pods,
-// pod_egress and their IPv6 twins) differs between old and cur.
-func repinned(old, cur []*Ruleset) []netip.Addr {
+// pod_egress and their IPv6 twins) the diffs remove or change.
+func repinned(cur []*Ruleset, diffs [][]setDiff) []netip.Addr {
 	var out []netip.Addr
 	seen := map[[16]byte]bool{}
-	for i, rs := range cur {
-		for j, s := range rs.Sets {
+	for r, rs := range cur {
+		for i, s := range rs.Sets {
 			if !s.IsMap || s.DataType.Name != nftables.TypeVerdict.Name {
 				continue
 			}
-			var before []Element
-			if i < len(old) && j < len(old[i].Sets) && old[i].Sets[j].Name == s.Name {
-				before = old[i].Sets[j].Elements
-			} else if old == nil {
-				continue // nothing known before: nothing to compare
-			}
-			del, add := diffElements(before, s.Elements)
-			for _, list := range [][]Element{del, add} {
-				for _, e := range list {
-					if !seen[e.Key] {
-						seen[e.Key] = true
-						out = append(out, keyAddr(s, e.Key))
-					}
+			// Removed or changed elements only: a pod that was not classified before
+			// (a new pod) has no connection NATed under an old classification, and
+			// deleting conntrack entries means reading the whole table.
+			for _, e := range diffs[r][i].del {
+				if !seen[e.Key] {
+					seen[e.Key] = true
+					out = append(out, keyAddr(s, e.Key))
 				}
 			}
 		}
@@ -517,45 +540,75 @@ func repinned(old, cur []*Ruleset) []netip.Addr {
 // element whose value changed is deleted and added again. A key listed twice counts
 // once (the first wins): the kernel holds one element per key, and a malformed state
 // must not make the diff fail.
+//
+// Both lists come from the same deterministic builder (the planner keeps addresses
+// sorted), so a change of a few pods leaves long runs equal at both ends: those are
+// skipped, and only the middle is compared by key.
 func diffElements(old, cur []Element) (del, add []Element) {
-	// Both lists come from the same deterministic builder, so an unchanged set is
-	// usually identical element by element: check that first, it is far cheaper
-	// than hashing every key.
-	if sameElements(old, cur) {
+	pre := 0
+	for pre < len(old) && pre < len(cur) && old[pre] == cur[pre] {
+		pre++
+	}
+	suf := 0
+	for suf < len(old)-pre && suf < len(cur)-pre && old[len(old)-1-suf] == cur[len(cur)-1-suf] {
+		suf++
+	}
+	if pre == len(old) && pre == len(cur) {
 		return nil, nil
 	}
-	const consumed = -1
-	idx := make(map[[16]byte]int, len(old))
-	for i, e := range old {
-		if _, dup := idx[e.Key]; !dup {
-			idx[e.Key] = i
+	if pre > 0 || suf > 0 {
+		// A key in the equal runs may still be listed again in the middle (a
+		// duplicate): only a full comparison can tell, and duplicates are rare.
+		if !hasKeyOutside(old, cur, pre, suf) {
+			old, cur = old[pre:len(old)-suf], cur[pre:len(cur)-suf]
 		}
 	}
-	done := make(map[[16]byte]bool, len(cur))
-	for _, e := range cur {
-		if done[e.Key] {
-			continue
+	const consumed = -1
+	idx := make(map[[16]byte]int32, len(old))
+	for i, e := range old {
+		if _, dup := idx[e.Key]; !dup {
+			idx[e.Key] = int32(i)
 		}
-		done[e.Key] = true
+	}
+	for _, e := range cur {
 		i, ok := idx[e.Key]
 		switch {
+		case ok && i == consumed:
+			continue // listed twice in cur, or kept from old already
 		case !ok:
 			add = append(add, e)
 		case old[i] != e:
 			del = append(del, old[i])
 			add = append(add, e)
 		}
-		if ok {
-			idx[e.Key] = consumed
-		}
+		idx[e.Key] = consumed
 	}
 	for _, e := range old {
-		if i, ok := idx[e.Key]; ok && i != consumed {
+		if i := idx[e.Key]; i != consumed {
 			del = append(del, e)
 			idx[e.Key] = consumed
 		}
 	}
 	return del, add
+}
+
+// hasKeyOutside reports whether a key of the equal runs (old[:pre], old[len-suf:]) also
+// appears in the middles: then the runs cannot be skipped.
+func hasKeyOutside(old, cur []Element, pre, suf int) bool {
+	mid := make(map[[16]byte]bool, len(old)+len(cur)-2*(pre+suf))
+	for _, list := range [][]Element{old[pre : len(old)-suf], cur[pre : len(cur)-suf]} {
+		for _, e := range list {
+			mid[e.Key] = true
+		}
+	}
+	for _, run := range [][]Element{old[:pre], old[len(old)-suf:]} {
+		for _, e := range run {
+			if mid[e.Key] {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // renewLeases re-adds every leased element of the applied tables with the given
