@@ -49,16 +49,20 @@ check-generated: generate
 # gossip and agent logic run under the race detector first (memberlist calls natd's
 # delegates from its own goroutines).
 test: deps kube-bins check-generated vet
-	$(GO) test -count=1 -race ./election/ ./natd/
+	$(GO) test -count=1 -race ./election/ ./natd/ ./natd/cniplugin/
 	$(GO) test -count=1 -p 1 -timeout 20m ./...
+	NATD_E2E_PROXY_MODE=iptables $(GO) test -count=1 -timeout 5m -run 'Service' ./tests/e2e/
 
 test-e2e: deps kube-bins
 	$(GO) test -count=1 -v ./tests/e2e/
 
 # Sync cost at 1k/10k/50k pinned pods, one pod added at 50k, agent memory at 50k pods,
-# and the cost of one metrics scrape (reading nftables counters, 60 egress IPs).
-bench: deps
+# the cost of one metrics scrape (reading nftables counters, 60 egress IPs), and in the
+# lab a new pod's first connection (NATD_FIRSTCONN_ROUNDS pods per case, default 20):
+# without natd, unpinned beside natd, pinned on another node, pinned on the holder.
+bench: deps kube-bins
 	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign|Counters' -benchtime 20x ./natd/ ./natd/dataplane/ ./election/
+	$(GO) test -run '^$$' -bench FirstConnection -benchtime 1x -timeout 20m ./tests/e2e/
 
 # Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner,
 # gossip failure detection with 50 and 200 members on loopback, and how long the routes

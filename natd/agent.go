@@ -38,7 +38,7 @@ type Kernel interface {
 	WatchChanges(stop <-chan struct{}, changed func()) error
 	RenewLeases() error
 	HoldLeases(grace time.Duration) error
-	KernelClaims() ([]dataplane.HeldAddr, error)
+	KernelClaims() ([]election.Claim, error)
 }
 
 // Membership is this node's place in the gossip cluster; election.Gossip implements it.
@@ -322,11 +322,10 @@ func (a *Agent) joinCluster(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	var meta election.Meta
 	for _, c := range claims {
 		a.held[c.IP] = Holding{Gen: c.Gen}
-		meta.Claims = append(meta.Claims, election.Claim{IP: c.IP, Gen: c.Gen})
 	}
+	meta := election.Meta{Claims: claims}
 	if len(claims) > 0 {
 		klog.InfoS("Found egress IPs held before this start", "claims", meta.Claims)
 	}
@@ -437,11 +436,7 @@ func (a *Agent) publishClaims(ctx context.Context) {
 func (a *Agent) localMeta(grace time.Duration) election.Meta {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	m := election.Meta{Draining: a.draining, RestartGrace: grace}
-	for ip, h := range a.held {
-		m.Claims = append(m.Claims, election.Claim{IP: ip, Gen: h.Gen})
-	}
-	return m
+	return election.Meta{Draining: a.draining, RestartGrace: grace, Claims: claimsOf(a.held)}
 }
 
 // stopForRestart keeps this node's IPs served by the kernel for --restart-grace and

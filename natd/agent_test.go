@@ -69,9 +69,9 @@ func (k *fakeKernel) RenewLeases() error {
 	return k.renewErr
 }
 
-func (k *fakeKernel) HoldLeases(time.Duration) error              { return nil }
-func (k *fakeKernel) WatchChanges(<-chan struct{}, func()) error  { return nil }
-func (k *fakeKernel) KernelClaims() ([]dataplane.HeldAddr, error) { return nil, nil }
+func (k *fakeKernel) HoldLeases(time.Duration) error             { return nil }
+func (k *fakeKernel) WatchChanges(<-chan struct{}, func()) error { return nil }
+func (k *fakeKernel) KernelClaims() ([]election.Claim, error)    { return nil, nil }
 
 func (k *fakeKernel) last() dataplane.State {
 	k.mu.Lock()

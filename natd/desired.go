@@ -25,6 +25,16 @@ type Holding struct {
 	HandoverSince time.Time
 }
 
+// claimsOf is what a node holding held claims, sorted by IP: the form gossip carries.
+func claimsOf(held map[netip.Addr]Holding) []election.Claim {
+	out := make([]election.Claim, 0, len(held))
+	for ip, h := range held {
+		out = append(out, election.Claim{IP: ip, Gen: h.Gen})
+	}
+	slices.SortFunc(out, func(a, b election.Claim) int { return a.IP.Compare(b.IP) })
+	return out
+}
+
 // Election is the planner's view of who may hold what.
 type Election struct {
 	View election.View
@@ -290,10 +300,9 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 		}
 	}
 	// This node's claims are what it holds, not what it last managed to gossip.
-	in.Claims[self] = nil
-	for ip, h := range el.Held {
-		in.Claims[self] = append(in.Claims[self], election.Claim{IP: ip, Gen: h.Gen})
-		in.MaxGen[ip] = max(in.MaxGen[ip], h.Gen)
+	in.Claims[self] = claimsOf(el.Held)
+	for _, c := range in.Claims[self] {
+		in.MaxGen[c.IP] = max(in.MaxGen[c.IP], c.Gen)
 	}
 	for ip, g := range el.SeenGen {
 		in.MaxGen[ip] = max(in.MaxGen[ip], g)
@@ -328,11 +337,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 			retry(cfg.HandoverTimeout / 4)
 		}
 	}
-	for _, ip := range ips {
-		if h, ok := plan.Held[ip]; ok {
-			plan.Claims = append(plan.Claims, election.Claim{IP: ip, Gen: h.Gen})
-		}
-	}
+	plan.Claims = claimsOf(plan.Held)
 	return assigned
 }
 

@@ -21,6 +21,8 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"natd.dev/natd/election"
 )
 
 // Config is how natd's kernel state is laid out on a node.
@@ -511,7 +513,7 @@ func (d *Dataplane) Cleanup() error {
 
 // KernelClaims returns the egress IPs the kernel says this node holds, with their claim
 // generations: how a restarted natd learns what it had.
-func (d *Dataplane) KernelClaims() ([]HeldAddr, error) {
+func (d *Dataplane) KernelClaims() ([]election.Claim, error) {
 	conn, err := d.nftConn(0)
 	if err != nil {
 		return nil, fmt.Errorf("opening nftables netlink socket: %w", err)

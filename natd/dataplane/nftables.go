@@ -10,7 +10,9 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	mdnetlink "github.com/mdlayher/netlink"
+
 	"golang.org/x/sys/unix"
+	"natd.dev/natd/election"
 )
 
 // elementsPerMessage bounds one netlink message. The elements of a message sit in one
@@ -732,14 +734,9 @@ func withSetIDs(exprs []expr.Any, sets map[string]*nftables.Set) []expr.Any {
 	return exprs
 }
 
-// HeldAddr is an egress IP natd's table says this node holds, with the generation of
-// its claim: what a previous run (or a crashed one) left on the uplink.
-type HeldAddr struct {
-	IP  netip.Addr
-	Gen uint32
-}
-
-func heldAddrsInKernel(conn *nftables.Conn) ([]HeldAddr, error) {
+// heldAddrsInKernel reads the egress IPs natd's table says this node holds, with the
+// generations of its claims: what a previous run (or a crashed one) left on the uplink.
+func heldAddrsInKernel(conn *nftables.Conn) ([]election.Claim, error) {
 	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
 	s, err := conn.GetSetByName(t, setHeldAddrs)
 	if err != nil {
@@ -752,15 +749,15 @@ func heldAddrsInKernel(conn *nftables.Conn) ([]HeldAddr, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading elements of %s: %w", setHeldAddrs, err)
 	}
-	var out []HeldAddr
+	var out []election.Claim
 	for _, e := range els {
 		a, ok := netip.AddrFromSlice(e.Key)
 		if !ok || !a.Is4() {
 			continue
 		}
-		h := HeldAddr{IP: a}
-		fmt.Sscanf(e.Comment, "gen=%d", &h.Gen) // no comment: generation 0
-		out = append(out, h)
+		c := election.Claim{IP: a}
+		fmt.Sscanf(e.Comment, "gen=%d", &c.Gen) // no comment: generation 0
+		out = append(out, c)
 	}
 	return out, nil
 }

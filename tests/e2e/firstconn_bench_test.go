@@ -67,7 +67,7 @@ func BenchmarkFirstConnection(b *testing.B) {
 		}
 		return r
 	}
-	report := func(name string, r result) {
+	report := func(name, unit string, r result) {
 		for _, x := range []struct {
 			proto string
 			d     []time.Duration
@@ -82,7 +82,7 @@ func BenchmarkFirstConnection(b *testing.B) {
 			p := func(q float64) time.Duration { return x.d[min(len(x.d)-1, int(q*float64(len(x.d))))] }
 			fmt.Printf("first connection %-28s %s n=%d p50=%s p99=%s max=%s retransmitted=%d\n", name, x.proto, len(x.d),
 				p(0.5).Round(10*time.Microsecond), p(0.99).Round(10*time.Microsecond), x.d[len(x.d)-1].Round(10*time.Microsecond), slow)
-			b.ReportMetric(float64(p(0.5).Microseconds()), name+"-"+x.proto+"-p50-us")
+			b.ReportMetric(float64(p(0.5).Microseconds()), unit+"-"+x.proto+"-p50-us")
 		}
 	}
 	for b.Loop() {
@@ -97,9 +97,9 @@ func BenchmarkFirstConnection(b *testing.B) {
 		without := measure(plain, "node1", "none")
 		restartNatd(b, "node1")
 		waitGossipHealthy(b)
-		report("unpinned, node without natd", without)
-		report("unpinned, natd running", measure(plain, "node1", "plain"))
-		report("pinned, on another node", measure(pinned, "node1", "pinned"))
-		report("pinned, on the holder", measure(pinned, holder, "holder"))
+		report("unpinned, node without natd", "no-natd", without)
+		report("unpinned, natd running", "unpinned", measure(plain, "node1", "plain"))
+		report("pinned, on another node", "pinned-remote", measure(pinned, "node1", "pinned"))
+		report("pinned, on the holder", "pinned-holder", measure(pinned, holder, "holder"))
 	}
 }
