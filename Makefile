@@ -5,7 +5,7 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build image deps kube-bins generate check-generated test test-e2e bench bench-failover demo lab-up lab-down vet clean
+.PHONY: all build image deps kube-bins generate check-generated test test-e2e test-e2e-dual bench bench-failover demo lab-up lab-down vet clean
 
 all: build
 
@@ -51,6 +51,13 @@ check-generated: generate
 test: deps kube-bins check-generated vet
 	$(GO) test -count=1 -race ./election/ ./natd/
 	$(GO) test -count=1 -p 1 -timeout 20m ./...
+	$(MAKE) test-e2e-dual
+
+# The end-to-end tests of the dual-stack lab (natd-lab up --network dual): natd's IPv6
+# promise, with the core pinning test and kube-proxy's Services in the same lab.
+DUAL_TESTS := ^(TestDualStack.*|TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestServiceClusterIPToPartner)$$
+test-e2e-dual: deps kube-bins
+	NATD_E2E_NETWORK=dual $(GO) test -count=1 -timeout 10m -run '$(DUAL_TESTS)' ./tests/e2e/
 
 test-e2e: deps kube-bins
 	$(GO) test -count=1 -v ./tests/e2e/
