@@ -103,6 +103,9 @@ func run(ctx context.Context, verb string, args []string) error {
 		t, err := lab.Up(ctx, lab.Options{Dir: *dir, Nodes: *nodes, Natd: natd, Self: self, KubeBins: *kubeBins,
 			NatdArgs: strings.Fields(*natdArgs), ProxyMode: *proxyMode, Network: *network, Out: os.Stdout})
 		if err != nil {
+			if _, serr := os.Stat(filepath.Join(*dir, "lab-ledger.json")); serr != nil {
+				return err // nothing was made
+			}
 			return fmt.Errorf("%w (natd-lab down --dir %s removes what was made)", err, *dir)
 		}
 		fmt.Printf("Lab up in %.1fs. kubectl: KUBECONFIG=%s %s get nodes\n", time.Since(start).Seconds(), t.Kubeconfig, t.API.KubectlBinary)
