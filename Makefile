@@ -77,8 +77,9 @@ bench-failover: deps kube-bins
 demo: deps kube-bins build
 	@KEEP=$(KEEP) LAB_DIR=$(LAB_DIR) scripts/demo.sh
 
+# NETWORK=dual: the dual-stack lab.
 lab-up: deps kube-bins build
-	bin/natd-lab up --dir $(LAB_DIR)
+	bin/natd-lab up --dir $(LAB_DIR) --network $(or $(NETWORK),flat)
 
 lab-down:
 	bin/natd-lab down --dir $(LAB_DIR)
