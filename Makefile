@@ -5,7 +5,7 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build image deps kube-bins generate check-generated test test-e2e bench bench-failover demo lab-up lab-down vet clean
+.PHONY: all build image deps kube-bins generate check-generated test test-e2e test-e2e-dual bench bench-failover demo lab-up lab-down vet clean
 
 all: build
 
@@ -52,6 +52,13 @@ test: deps kube-bins check-generated vet
 	$(GO) test -count=1 -race ./election/ ./natd/ ./natd/cniplugin/
 	$(GO) test -count=1 -p 1 -timeout 20m ./...
 	NATD_E2E_PROXY_MODE=iptables $(GO) test -count=1 -timeout 5m -run 'Service' ./tests/e2e/
+	$(MAKE) test-e2e-dual
+
+# The end-to-end tests of the dual-stack lab (natd-lab up --network dual): natd's IPv6
+# promise, with the core pinning test and kube-proxy's Services in the same lab.
+DUAL_TESTS := ^(TestDualStack.*|TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestServiceClusterIPToPartner)$$
+test-e2e-dual: deps kube-bins
+	NATD_E2E_NETWORK=dual $(GO) test -count=1 -timeout 10m -run '$(DUAL_TESTS)' ./tests/e2e/
 
 test-e2e: deps kube-bins
 	$(GO) test -count=1 -v ./tests/e2e/
@@ -74,8 +81,9 @@ bench-failover: deps kube-bins
 demo: deps kube-bins build
 	@KEEP=$(KEEP) LAB_DIR=$(LAB_DIR) scripts/demo.sh
 
+# NETWORK=dual: the dual-stack lab.
 lab-up: deps kube-bins build
-	bin/natd-lab up --dir $(LAB_DIR)
+	bin/natd-lab up --dir $(LAB_DIR) --network $(or $(NETWORK),flat)
 
 lab-down:
 	bin/natd-lab down --dir $(LAB_DIR)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -209,12 +210,17 @@ func (c *Config) Validate() error {
 	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > election.MaxClaims:
 		return fmt.Errorf("--max-egress-ips must be between 1 and %d", election.MaxClaims)
 	}
-	for _, list := range [][]netip.Prefix{c.EgressCIDRs, c.ClusterCIDRs, c.ServiceCIDRs, c.ExcludeCIDRs} {
-		for _, p := range list {
-			if !p.Addr().Is4() {
-				return fmt.Errorf("%s: only IPv4 is supported for now", p)
-			}
+	// Egress IPs are IPv4 for now. IPv6 cluster, service and exclude CIDRs are what a
+	// dual-stack cluster has: they fill the ip6 table's cluster destinations, so that a
+	// pinned pod's IPv6 traffic inside the cluster still flows while its IPv6 traffic to
+	// the outside is dropped.
+	for _, p := range c.EgressCIDRs {
+		if !p.Addr().Is4() {
+			return fmt.Errorf("--egress-cidr %s: only IPv4 egress IPs are supported for now", p)
 		}
+	}
+	if !slices.ContainsFunc(c.ClusterCIDRs, func(p netip.Prefix) bool { return p.Addr().Is4() }) {
+		return fmt.Errorf("at least one IPv4 --cluster-cidr is required")
 	}
 	return nil
 }

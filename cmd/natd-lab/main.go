@@ -6,9 +6,11 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -18,8 +20,9 @@ import (
 
 const usage = `natd-lab: a natd cluster in network namespaces
 
-  natd-lab up [--nodes N] [--proxy-mode nftables|iptables]
+  natd-lab up [--nodes N] [--proxy-mode nftables|iptables] [--network flat|dual]
                                                build the lab; start kube-proxy and natd on every node
+                                               (dual: nodes, pods and partner get IPv6 addresses too)
   natd-lab down                                remove everything the lab made
   natd-lab pod create NAMESPACE NAME --node NODE [--ip A.B.C.D]
                                                a pod wired by the node's CNI chain (--ip: ask for that IP)
@@ -29,10 +32,12 @@ const usage = `natd-lab: a natd cluster in network namespaces
                                                a Service without selector, TCP and UDP, whose one
                                                endpoint is IP:PORT (default: the partner); prints its ClusterIP
   natd-lab service delete NAMESPACE NAME
-  natd-lab probe NAMESPACE NAME [--udp] [--to IP:PORT]
+  natd-lab probe NAMESPACE NAME [--udp] [--6] [--to IP:PORT]
                                                print the source IP the partner sees from a pod
-                                               (--to: connect there instead, e.g. a ClusterIP)
-  natd-lab partner --listen ADDR               the partner server (run by up)
+                                               (--6: over IPv6, to the partner's IPv6 address;
+                                               --to: connect there instead, e.g. a ClusterIP)
+  natd-lab partner --listen ADDR [--listen ADDR]
+                                               the partner server (run by up)
 
 Every verb takes --dir DIR (default ` + lab.DefaultDir + `).
 `
@@ -90,13 +95,17 @@ func run(ctx context.Context, verb string, args []string) error {
 		kubeBins := fs.String("kube-bins", defaultKubeBins(), "directory with etcd, kube-apiserver and kubectl")
 		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
 		proxyMode := fs.String("proxy-mode", lab.ProxyModeNFTables, "kube-proxy's mode: nftables or iptables")
+		network := fs.String("network", lab.NetworkFlat, "network mode: flat or dual (dual-stack)")
 		parse(fs, args)
 		natd, _ := filepath.Abs(*natdBin)
 		start := time.Now()
-		fmt.Printf("Bringing up the natd lab in %s (%d nodes)\n", *dir, *nodes)
+		fmt.Printf("Bringing up the natd lab in %s (%d nodes, %s network)\n", *dir, *nodes, *network)
 		t, err := lab.Up(ctx, lab.Options{Dir: *dir, Nodes: *nodes, Natd: natd, Self: self, KubeBins: *kubeBins,
-			NatdArgs: strings.Fields(*natdArgs), ProxyMode: *proxyMode, Out: os.Stdout})
+			NatdArgs: strings.Fields(*natdArgs), ProxyMode: *proxyMode, Network: *network, Out: os.Stdout})
 		if err != nil {
+			if _, serr := os.Stat(filepath.Join(*dir, "lab-ledger.json")); serr != nil {
+				return err // nothing was made
+			}
 			return fmt.Errorf("%w (natd-lab down --dir %s removes what was made)", err, *dir)
 		}
 		fmt.Printf("Lab up in %.1fs. kubectl: KUBECONFIG=%s %s get nodes\n", time.Since(start).Seconds(), t.Kubeconfig, t.API.KubectlBinary)
@@ -119,7 +128,11 @@ func run(ctx context.Context, verb string, args []string) error {
 		if err != nil {
 			return err
 		}
-		fmt.Printf("pod %s/%s on %s: %s (netns %s)\n", p.Namespace, p.Name, p.Node, p.IP, p.Netns)
+		ips := p.IP
+		if p.IP6 != "" {
+			ips += ", " + p.IP6
+		}
+		fmt.Printf("pod %s/%s on %s: %s (netns %s)\n", p.Namespace, p.Name, p.Node, ips, p.Netns)
 		return nil
 	case "pod delete":
 		pos := parse(fs, args)
@@ -160,6 +173,7 @@ func run(ctx context.Context, verb string, args []string) error {
 		return lab.WaitNatdReady(ctx, n, 60*time.Second)
 	case "probe":
 		udp := fs.Bool("udp", false, "probe with a UDP datagram instead of TCP")
+		six := fs.Bool("6", false, "probe the partner's IPv6 address (dual network mode)")
 		to := fs.String("to", "", "where to connect (default: the partner), e.g. a ClusterIP:PORT")
 		pos := parse(fs, args)
 		if len(pos) != 2 {
@@ -175,7 +189,13 @@ func run(ctx context.Context, verb string, args []string) error {
 		}
 		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		defer cancel()
-		addr := fmt.Sprintf("%s:%d", t.Partner.IP, t.Partner.Port)
+		addr := net.JoinHostPort(t.Partner.IP, strconv.Itoa(t.Partner.Port))
+		if *six {
+			if t.Partner.IP6 == "" {
+				return fmt.Errorf("--6: the lab's partner has no IPv6 address (natd-lab up --network dual makes one)")
+			}
+			addr = net.JoinHostPort(t.Partner.IP6, strconv.Itoa(t.Partner.Port))
+		}
 		if *to != "" {
 			addr = *to
 		}
@@ -191,9 +211,16 @@ func run(ctx context.Context, verb string, args []string) error {
 		fmt.Println(src)
 		return nil
 	case "partner":
-		listen := fs.String("listen", fmt.Sprintf("0.0.0.0:%d", lab.PartnerPort), "address to serve on")
+		var listen []string
+		fs.Func("listen", "address to serve on (repeatable; default 0.0.0.0:8080)", func(v string) error {
+			listen = append(listen, v)
+			return nil
+		})
 		parse(fs, args)
-		return lab.ServePartner(ctx, *listen, os.Stdout)
+		if len(listen) == 0 {
+			listen = []string{fmt.Sprintf("0.0.0.0:%d", lab.PartnerPort)}
+		}
+		return lab.ServePartner(ctx, listen, os.Stdout)
 	}
 	fmt.Fprint(os.Stderr, usage)
 	return fmt.Errorf("unknown verb %q", verb)

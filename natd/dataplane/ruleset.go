@@ -525,9 +525,17 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	return rs
 }
 
+// linkScope6 are IPv6 destinations that never leave the link, so never reach the
+// outside: link-local unicast and link-scope multicast. A pod's neighbour discovery
+// uses them with its own address as the source (its solicitation for its gateway goes
+// to a solicited-node multicast address): dropping that would cut a pinned pod off
+// IPv6 inside the cluster as well, and count its solicitations instead of its traffic.
+var linkScope6 = []netip.Prefix{netip.MustParsePrefix("fe80::/10"), netip.MustParsePrefix("ff02::/16")}
+
 // BuildRuleset6 renders natd's ip6 table. Egress IPs are IPv4, so a pinned pod's IPv6
 // traffic to the outside has no egress IP to leave with: it is dropped and counted,
-// never sent with the pod's or the node's own address. Unpinned pods are not touched.
+// never sent with the pod's or the node's own address. Its IPv6 traffic to cluster
+// destinations and on its link is not. Unpinned pods are not touched.
 func BuildRuleset6(state State, records []PodRecord) *Ruleset {
 	podEgress := verdictMap(mapPodEgress6, nftables.TypeIP6Addr, "ipv6_addr")
 	for _, e := range state.Egress {
@@ -539,7 +547,8 @@ func BuildRuleset6(state State, records []PodRecord) *Ruleset {
 	cniPods.Elements = cniPodElements(records, state.PinnedNamespaces, false, func(netip.Addr) string { return ChainPinnedIPv6 })
 	return &Ruleset{
 		Family: nftables.TableFamilyIPv6,
-		Sets:   []*Set{intervalSet(setClusterDsts6, state.ClusterDestinations, true), cniPods, podEgress},
+		Sets: []*Set{intervalSet(setClusterDsts6, append(slices.Clone(state.ClusterDestinations), linkScope6...), true),
+			cniPods, podEgress},
 		Chains: []*Chain{
 			{Name: ChainPinnedIPv6, Rules: []*Rule{newRule().countDrops(DropNoIPv6Egress).verdict(expr.VerdictDrop)}},
 			{Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,

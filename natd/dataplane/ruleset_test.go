@@ -114,7 +114,7 @@ func TestBuildRuleset6Text(t *testing.T) {
 	set cluster_dsts6 {
 		type ipv6_addr
 		flags interval
-		elements = { fd00:10:96::/112, fd00:10:244::/48 }
+		elements = { fd00:10:96::/112, fd00:10:244::/48, fe80::/10, ff02::/16 }
 	}
 	map cni_pods6 {
 		type ipv6_addr : verdict

@@ -35,8 +35,14 @@ type stream struct {
 
 func startStream(t testing.TB, p *lab.Pod, id string) *stream {
 	t.Helper()
+	return startStreamTo(t, p, id, partnerAddr())
+}
+
+// startStreamTo is startStream to addr, e.g. the partner's IPv6 address.
+func startStreamTo(t testing.TB, p *lab.Pod, id, addr string) *stream {
+	t.Helper()
 	s := &stream{id: id, pod: p, stop: make(chan struct{})}
-	c, err := lab.DialIn(context.Background(), p.Netns, "udp", partnerAddr())
+	c, err := lab.DialIn(context.Background(), p.Netns, "udp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +79,7 @@ func startStream(t testing.TB, p *lab.Pod, id string) *stream {
 			}
 			if conn == nil {
 				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-				conn, _ = lab.DialIn(ctx, p.Netns, "tcp", partnerAddr())
+				conn, _ = lab.DialIn(ctx, p.Netns, "tcp", addr)
 				cancel()
 				if conn == nil {
 					continue

@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +18,19 @@ import (
 )
 
 func partnerAddr() string { return fmt.Sprintf("%s:%d", topo.Partner.IP, topo.Partner.Port) }
+
+// partnerAddr6 is the partner's IPv6 address and port (dual network mode).
+func partnerAddr6() string {
+	return net.JoinHostPort(topo.Partner.IP6, strconv.Itoa(topo.Partner.Port))
+}
+
+// dualOnly skips a test unless the lab is dual-stack.
+func dualOnly(t *testing.T) {
+	t.Helper()
+	if !topo.Dual() {
+		t.Skipf("needs the dual-stack lab (NATD_E2E_NETWORK=dual); this one is %q", topo.Network)
+	}
+}
 
 // newPod creates a lab pod and removes it when the test ends (unless the test did).
 func newPod(t testing.TB, ns, name, node string, opts ...lab.PodOption) *lab.Pod {

@@ -27,7 +27,9 @@ var (
 // TestMain builds natd and natd-lab (and natd-cni, when the tree has it), brings a lab
 // up (or uses the one named by NATD_LAB_DIR), runs the tests and takes the lab down.
 // With NATD_E2E=required a lab that cannot be built fails the run instead of skipping
-// it.
+// it. NATD_E2E_NETWORK=dual brings the lab up dual-stack (--network dual): the dual
+// tests (TestDualStack*) run only there, and `make test` runs them with a few of the
+// others in a second, dual lab.
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
@@ -89,7 +91,7 @@ func run(m *testing.M) int {
 		// NATD_E2E_PROXY_MODE=iptables runs the suite with kube-proxy in iptables mode.
 		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: 3, Natd: filepath.Join(bins, "natd"),
 			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, ProxyMode: os.Getenv("NATD_E2E_PROXY_MODE"),
-			Out: os.Stderr})
+			Network: os.Getenv("NATD_E2E_NETWORK"), Out: os.Stderr})
 		defer func() {
 			if err := lab.Down(labDir); err != nil {
 				fmt.Fprintln(os.Stderr, "e2e: lab down:", err)

@@ -61,11 +61,12 @@ func TestClusterTrafficKeepsPodIP(t *testing.T) {
 	}
 }
 
-// remoteSeenBy listens on ip:9000 in netns ns, connects from pod p, and returns the
-// source address the listener saw.
+// remoteSeenBy listens on ip:9000 (either family) in netns ns, connects from pod p, and
+// returns the source address the listener saw.
 func remoteSeenBy(t *testing.T, ns, ip string, p *lab.Pod) string {
 	t.Helper()
-	ln, err := lab.ListenIn(ns, "tcp", ip+":9000")
+	addr := net.JoinHostPort(ip, "9000")
+	ln, err := lab.ListenIn(ns, "tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +82,7 @@ func remoteSeenBy(t *testing.T, ns, ip string, p *lab.Pod) string {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := lab.DialIn(ctx, p.Netns, "tcp", ip+":9000")
+	c, err := lab.DialIn(ctx, p.Netns, "tcp", addr)
 	if err != nil {
 		t.Fatalf("connecting from %s to %s: %v", p.Name, ip, err)
 	}

@@ -78,7 +78,8 @@ func isExecutable(path string) bool {
 
 // nodeConfList is node n's conflist: the bridge plugin on the lab's cni0 (the node
 // made it with a fixed MAC and the gateway address, which the plugin keeps), host-local
-// over the node's pod CIDR with a data directory of the node's own, and the chained
+// over the node's pod CIDR with a data directory of the node's own (dual mode: a second
+// range, the node's IPv6 pod CIDR, and a default route of each family), and the chained
 // plugins after it.
 func nodeConfList(dir string, n *Node, plugins []string) ([]byte, error) {
 	prefix, err := netip.ParsePrefix(n.PodCIDR)
@@ -91,6 +92,21 @@ func nodeConfList(dir string, n *Node, plugins []string) ([]byte, error) {
 		first = first.Next()
 	}
 	type obj = map[string]any
+	ranges := [][]obj{{{"subnet": n.PodCIDR, "rangeStart": first.String(), "gateway": gw.String()}}}
+	routes := []obj{{"dst": "0.0.0.0/0", "gw": gw.String()}}
+	if n.PodCIDR6 != "" {
+		prefix6, err := netip.ParsePrefix(n.PodCIDR6)
+		if err != nil {
+			return nil, err
+		}
+		gw6 := prefix6.Addr().Next()
+		first6 := prefix6.Addr()
+		for i := 0; i < firstPodHost; i++ {
+			first6 = first6.Next()
+		}
+		ranges = append(ranges, []obj{{"subnet": n.PodCIDR6, "rangeStart": first6.String(), "gateway": gw6.String()}})
+		routes = append(routes, obj{"dst": "::/0", "gw": gw6.String()})
+	}
 	chain := []obj{{
 		"type":      "bridge",
 		"bridge":    "cni0",
@@ -100,11 +116,9 @@ func nodeConfList(dir string, n *Node, plugins []string) ([]byte, error) {
 		// A pod may reach itself through a Service's ClusterIP.
 		"hairpinMode": true,
 		"ipam": obj{
-			"type": "host-local",
-			"ranges": [][]obj{{{
-				"subnet": n.PodCIDR, "rangeStart": first.String(), "gateway": gw.String(),
-			}}},
-			"routes":  []obj{{"dst": "0.0.0.0/0", "gw": gw.String()}},
+			"type":    "host-local",
+			"ranges":  ranges,
+			"routes":  routes,
 			"dataDir": filepath.Join(dir, "cni", "ipam", n.Name),
 		},
 	}}
@@ -154,11 +168,12 @@ func cniConfig(t *Topology, n *Node) (*libcni.CNIConfig, *libcni.NetworkConfigLi
 }
 
 // cniAdd runs node n's chain (ADD) from inside the node's network namespace, as the
-// node's runtime would, and returns the pod's IPv4 address from the result.
-func cniAdd(ctx context.Context, t *Topology, n *Node, rt *libcni.RuntimeConf) (netip.Addr, error) {
+// node's runtime would, and returns the pod's IPv4 address and (with an IPv6 range in
+// the chain) its IPv6 address from the result.
+func cniAdd(ctx context.Context, t *Topology, n *Node, rt *libcni.RuntimeConf) (ip4, ip6 netip.Addr, err error) {
 	cn, list, err := cniConfig(t, n)
 	if err != nil {
-		return netip.Addr{}, err
+		return ip4, ip6, err
 	}
 	var res types.Result
 	// Plugins are exec'd from this locked thread, so they start in the node's namespace.
@@ -167,18 +182,29 @@ func cniAdd(ctx context.Context, t *Topology, n *Node, rt *libcni.RuntimeConf) (
 		res, err = cn.AddNetworkList(ctx, list, rt)
 		return err
 	}); err != nil {
-		return netip.Addr{}, fmt.Errorf("CNI ADD on %s: %w", n.Name, err)
+		return ip4, ip6, fmt.Errorf("CNI ADD on %s: %w", n.Name, err)
 	}
 	r, err := current.NewResultFromResult(res)
 	if err != nil {
-		return netip.Addr{}, err
+		return ip4, ip6, err
 	}
 	for _, ipc := range r.IPs {
-		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok && a.Unmap().Is4() {
-			return a.Unmap(), nil
+		a, ok := netip.AddrFromSlice(ipc.Address.IP)
+		switch a = a.Unmap(); {
+		case !ok:
+		case a.Is4() && !ip4.IsValid():
+			ip4 = a
+		case a.Is6() && !ip6.IsValid():
+			ip6 = a
 		}
 	}
-	return netip.Addr{}, fmt.Errorf("CNI ADD on %s returned no IPv4 address: %v", n.Name, r.IPs)
+	if !ip4.IsValid() {
+		return ip4, ip6, fmt.Errorf("CNI ADD on %s returned no IPv4 address: %v", n.Name, r.IPs)
+	}
+	if n.PodCIDR6 != "" && !ip6.IsValid() {
+		return ip4, ip6, fmt.Errorf("CNI ADD on %s returned no IPv6 address: %v", n.Name, r.IPs)
+	}
+	return ip4, ip6, nil
 }
 
 // cniDel runs node n's chain (DEL) for the sandbox rt describes.

@@ -60,13 +60,19 @@ func (u *upper) kubeProxyCredentials(ctx context.Context, client kubernetes.Inte
 // kubeProxyArgs are the flags of node n's kube-proxy. It must not change anything
 // outside the node's network namespace: the conntrack limits and timeouts live in
 // global sysctls (nf_conntrack_max) or would override the host's, so they are left
-// alone (0); healthz and metrics listen on the namespace's loopback.
-func kubeProxyArgs(dir, mode string, n *Node) []string {
+// alone (0); healthz and metrics listen on the namespace's loopback. In the dual mode
+// it proxies both families (it does so by itself when the node has both), and both pod
+// CIDRs are the cluster's.
+func kubeProxyArgs(dir, mode string, t *Topology, n *Node) []string {
+	clusterCIDR := ClusterCIDR
+	if t.Dual() {
+		clusterCIDR += "," + t.ClusterCIDR6
+	}
 	return []string{
 		"--kubeconfig", filepath.Join(dir, "kube-proxy.kubeconfig"),
 		"--proxy-mode", mode,
 		"--hostname-override", n.Name,
-		"--cluster-cidr", ClusterCIDR,
+		"--cluster-cidr", clusterCIDR,
 		// NodePorts on the node's IP only, in both modes (nftables' default; iptables
 		// mode would otherwise also set route_localnet for NodePorts on 127.0.0.1).
 		"--nodeport-addresses", "primary",
@@ -85,7 +91,7 @@ func kubeProxyArgs(dir, mode string, n *Node) []string {
 func (u *upper) startKubeProxies(t *Topology) error {
 	for i := range t.Nodes {
 		n := &t.Nodes[i]
-		pid, err := u.start(n.Netns, t.API.KubeProxyBinary, n.KubeProxyLog, kubeProxyArgs(u.dir, t.ProxyMode, n)...)
+		pid, err := u.start(n.Netns, t.API.KubeProxyBinary, n.KubeProxyLog, kubeProxyArgs(u.dir, t.ProxyMode, t, n)...)
 		if err != nil {
 			return err
 		}

@@ -50,15 +50,33 @@ func (s *streams) get(id string) []Arrival {
 // ServePartner is the external partner: HTTP `GET /` answers with the source address
 // it saw, and every UDP datagram is echoed back prefixed with that address. Datagrams
 // "stream ID SEQ" and requests "GET /?stream=ID&seq=SEQ" are also recorded, and
-// `GET /stream?id=ID` returns what arrived, with source and time.
-func ServePartner(ctx context.Context, listen string, log io.Writer) error {
-	ln, err := net.Listen("tcp", listen)
-	if err != nil {
-		return err
+// `GET /stream?id=ID` returns what arrived, with source and time. It serves TCP and
+// UDP on every address of listen (one family each: "0.0.0.0:8080", "[::]:8080").
+func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
+	if len(listen) == 0 {
+		return fmt.Errorf("the partner needs an address to listen on")
 	}
-	pc, err := net.ListenPacket("udp", listen)
-	if err != nil {
-		return err
+	var lns []net.Listener
+	var pcs []net.PacketConn
+	for _, addr := range listen {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return err
+		}
+		// One family per socket, so that 0.0.0.0 and [::] can share the port.
+		tcpNet, udpNet := "tcp4", "udp4"
+		if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
+			tcpNet, udpNet = "tcp6", "udp6"
+		}
+		ln, err := net.Listen(tcpNet, addr)
+		if err != nil {
+			return err
+		}
+		pc, err := net.ListenPacket(udpNet, addr)
+		if err != nil {
+			return err
+		}
+		lns, pcs = append(lns, ln), append(pcs, pc)
 	}
 	var st streams
 	mux := http.NewServeMux()
@@ -80,25 +98,36 @@ func ServePartner(ctx context.Context, listen string, log io.Writer) error {
 	go func() {
 		<-ctx.Done()
 		srv.Close()
-		pc.Close()
-	}()
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			host, _, _ := net.SplitHostPort(from.String())
-			if f := strings.Fields(string(buf[:n])); len(f) == 3 && f[0] == "stream" {
-				seq, _ := strconv.Atoi(f[2])
-				st.add(f[1], seq, host)
-			}
-			pc.WriteTo(append([]byte(host+" "), buf[:n]...), from)
+		for _, pc := range pcs {
+			pc.Close()
 		}
 	}()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+	for _, pc := range pcs {
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				n, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				host, _, _ := net.SplitHostPort(from.String())
+				if f := strings.Fields(string(buf[:n])); len(f) == 3 && f[0] == "stream" {
+					seq, _ := strconv.Atoi(f[2])
+					st.add(f[1], seq, host)
+				}
+				pc.WriteTo(append([]byte(host+" "), buf[:n]...), from)
+			}
+		}()
+	}
+	errc := make(chan error, len(lns))
+	for _, ln := range lns {
+		go func() { errc <- srv.Serve(ln) }()
+	}
+	for range lns {
+		if err := <-errc; err != nil && !errors.Is(err, http.ErrServerClosed) {
+			srv.Close()
+			return err
+		}
 	}
 	return nil
 }

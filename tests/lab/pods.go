@@ -121,8 +121,16 @@ func createPod(ctx context.Context, dir, namespace, name, node string, o podOpti
 	if _, err := NsRun(p.Netns, "ip", "link", "set", "lo", "up"); err != nil {
 		return nil, err
 	}
+	if t.Dual() {
+		// The bridge plugin turns duplicate address detection off on the pod's eth0,
+		// but the kernel also asks the namespace's "all": without this the plugin
+		// waits about a second for the pod's IPv6 address to leave the tentative state.
+		if _, err := NsRun(p.Netns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"); err != nil {
+			return nil, err
+		}
+	}
 	rt := podRuntimeConf(p, string(created.UID), o.ip)
-	ip, err := cniAdd(ctx, t, n, rt)
+	ip, ip6, err := cniAdd(ctx, t, n, rt)
 	// A failed ADD is followed by a DEL too, as runtimes do: it frees what the chain
 	// had done before it failed.
 	undo = append(undo, func() { _ = cniDel(context.Background(), t, n, rt) })
@@ -133,13 +141,22 @@ func createPod(ctx context.Context, dir, namespace, name, node string, o podOpti
 		return nil, fmt.Errorf("asked the CNI chain for %s, got %s", o.ip, ip)
 	}
 	p.IP = ip.String()
+	podIPs, hostIPs := []corev1.PodIP{{IP: p.IP}}, []corev1.HostIP{{IP: n.IP}}
+	if ip6.IsValid() {
+		p.IP6 = ip6.String()
+		podIPs, hostIPs = append(podIPs, corev1.PodIP{IP: p.IP6}), append(hostIPs, corev1.HostIP{IP: n.IP6})
+	}
 	// The IP may have belonged to a deleted pod: forget its old MAC now rather than
 	// after the neighbour entry times out.
-	if _, err := NsRun(n.Netns, "ip", "neigh", "flush", "to", p.IP); err != nil {
-		return nil, err
+	for _, a := range []string{p.IP, p.IP6} {
+		if a == "" {
+			continue
+		}
+		if _, err := NsRun(n.Netns, "ip", "neigh", "flush", "to", a); err != nil {
+			return nil, err
+		}
 	}
-	created.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: p.IP, PodIPs: []corev1.PodIP{{IP: p.IP}},
-		HostIP: n.IP, HostIPs: []corev1.HostIP{{IP: n.IP}}}
+	created.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: p.IP, PodIPs: podIPs, HostIP: n.IP, HostIPs: hostIPs}
 	if _, err := client.CoreV1().Pods(namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
 		return nil, err
 	}

@@ -29,7 +29,19 @@ type Topology struct {
 	ProxyMode string `json:"proxyMode"`
 	// CNI is how pods are wired: each node's conflist, run with libcni.
 	CNI CNI `json:"cni"`
+	// Network is the network mode: flat or dual ("" in a lab of an older natd-lab: flat).
+	Network string `json:"network"`
+	// The dual mode's IPv6 networks (empty otherwise): nodes, egress IPs (natd does not
+	// use them yet), pods (a /64 per node) and Services (kube-apiserver's service range
+	// stays IPv4: Services are single-stack; natd is told this CIDR).
+	NodeCIDR6    string `json:"nodeCIDR6,omitempty"`
+	EgressCIDR6  string `json:"egressCIDR6,omitempty"`
+	ClusterCIDR6 string `json:"clusterCIDR6,omitempty"`
+	ServiceCIDR6 string `json:"serviceCIDR6,omitempty"`
 }
+
+// Dual reports whether the lab is dual-stack (network mode dual).
+func (t *Topology) Dual() bool { return t.Network == NetworkDual }
 
 // CNI is the plugin chain lab pods are created with, as a container runtime runs it.
 type CNI struct {
@@ -48,8 +60,11 @@ type Node struct {
 	IP      string `json:"ip"`
 	PodCIDR string `json:"podCIDR"`
 	Egress  bool   `json:"egress"`
-	NatdPid int    `json:"natdPid"`
-	NatdLog string `json:"natdLog"`
+	// IP6 and PodCIDR6: the node's IPv6 address and IPv6 pod range (dual mode).
+	IP6      string `json:"ip6,omitempty"`
+	PodCIDR6 string `json:"podCIDR6,omitempty"`
+	NatdPid  int    `json:"natdPid"`
+	NatdLog  string `json:"natdLog"`
 	// KubeProxyPid and KubeProxyLog: the node's kube-proxy.
 	KubeProxyPid int    `json:"kubeProxyPid"`
 	KubeProxyLog string `json:"kubeProxyLog"`
@@ -63,6 +78,8 @@ type Pod struct {
 	Node      string `json:"node"`
 	Netns     string `json:"netns"`
 	IP        string `json:"ip"`
+	// IP6 is the pod's IPv6 address (dual mode).
+	IP6 string `json:"ip6,omitempty"`
 	// ContainerID is the sandbox ID the CNI chain was called with (DEL needs it).
 	ContainerID string `json:"containerID"`
 }
@@ -70,8 +87,10 @@ type Pod struct {
 type Partner struct {
 	Netns string `json:"netns"`
 	IP    string `json:"ip"`
-	Port  int    `json:"port"`
-	Pid   int    `json:"pid"`
+	// IP6 is the partner's IPv6 address (dual mode); it serves the same port there.
+	IP6  string `json:"ip6,omitempty"`
+	Port int    `json:"port"`
+	Pid  int    `json:"pid"`
 }
 
 type Router struct {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,6 +49,17 @@ const (
 	nsPartner = "natd-partner"
 	nsAPI     = "natd-api"
 
+	// IPv6 of the dual network mode (CONTRACT.md): the node network, egress IPv6
+	// addresses (natd does not use them yet), pods (a /64 per node), Services, partner.
+	NodeCIDR6    = "2001:db8:18::/64"
+	EgressCIDR6  = "2001:db8:18::c0/122"
+	ClusterCIDR6 = "fd00:10:244::/56"
+	ServiceCIDR6 = "fd00:10:96::/112"
+	PartnerIP6   = "2001:db8:113::10"
+
+	routerNodeIP6    = "2001:db8:18::1"
+	routerPartnerIP6 = "2001:db8:113::1"
+
 	// The manifests' ServiceAccount, which the lab's agents run as.
 	ServiceAccountNamespace = "natd-system"
 	ServiceAccountName      = "natd"
@@ -55,6 +67,22 @@ const (
 
 // NodeIP is node i's address (i from 1).
 func NodeIP(i int) string { return fmt.Sprintf("198.18.0.%d", 10+i) }
+
+// NodeIP6 is node i's IPv6 address in the dual network mode: the digits of NodeIP's
+// last byte (node1: 2001:db8:18::11), never inside EgressCIDR6 (::c0-::ff).
+func NodeIP6(i int) string { return fmt.Sprintf("2001:db8:18::%d", 10+i) }
+
+// PodCIDR6 is node i's IPv6 pod range in the dual network mode: the i-th /64 of
+// ClusterCIDR6.
+func PodCIDR6(i int) string { return fmt.Sprintf("fd00:10:244:%x::/64", i) }
+
+// Network modes of the lab (CONTRACT.md). Only flat and dual are built so far.
+const (
+	NetworkFlat    = "flat"
+	NetworkDual    = "dual"
+	NetworkOverlay = "overlay"
+	NetworkRouted  = "routed"
+)
 
 // Options of `natd-lab up`.
 type Options struct {
@@ -66,7 +94,10 @@ type Options struct {
 	NatdArgs []string
 	// ProxyMode is kube-proxy's mode on every node: nftables (the default) or iptables.
 	ProxyMode string
-	Out       io.Writer
+	// Network is the network mode: flat (the default) or dual (dual-stack nodes, pods
+	// and partner).
+	Network string
+	Out     io.Writer
 }
 
 // Up builds the lab. On failure it leaves what it made recorded in the ledger for Down.
@@ -80,6 +111,16 @@ func Up(ctx context.Context, o Options) (*Topology, error) {
 	case ProxyModeNFTables, ProxyModeIPTables:
 	default:
 		return nil, fmt.Errorf("--proxy-mode must be %s or %s", ProxyModeNFTables, ProxyModeIPTables)
+	}
+	switch o.Network {
+	case "":
+		o.Network = NetworkFlat
+	case NetworkFlat, NetworkDual:
+	case NetworkOverlay, NetworkRouted:
+		return nil, fmt.Errorf("--network %s is not implemented yet (flat and dual are)", o.Network)
+	default:
+		return nil, fmt.Errorf("--network must be %s or %s (%s and %s are not implemented yet)", NetworkFlat, NetworkDual,
+			NetworkOverlay, NetworkRouted)
 	}
 	if _, err := os.Stat(filepath.Join(o.Dir, "lab-ledger.json")); err == nil {
 		return nil, fmt.Errorf("a lab already exists in %s; run natd-lab down first", o.Dir)
@@ -136,17 +177,26 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 			KubectlBinary: filepath.Join(u.o.KubeBins, "kubectl"), APIServerLog: filepath.Join(u.dir, "kube-apiserver.log"),
 			KubeProxyBinary: filepath.Join(u.o.KubeBins, "kube-proxy")},
 		ProxyMode: u.o.ProxyMode,
+		Network:   u.o.Network,
+	}
+	if t.Dual() {
+		t.NodeCIDR6, t.EgressCIDR6, t.ClusterCIDR6, t.ServiceCIDR6 = NodeCIDR6, EgressCIDR6, ClusterCIDR6, ServiceCIDR6
+		t.Partner.IP6 = PartnerIP6
 	}
 	for i := 1; i <= u.o.Nodes; i++ {
 		name := fmt.Sprintf("node%d", i)
-		t.Nodes = append(t.Nodes, Node{Name: name, Netns: "natd-" + name, IP: NodeIP(i),
+		n := Node{Name: name, Netns: "natd-" + name, IP: NodeIP(i),
 			PodCIDR: fmt.Sprintf("10.244.%d.0/24", i),
 			// node1 is a plain worker; every other node may hold egress IPs.
 			Egress:       i != 1 || u.o.Nodes == 1,
 			NatdLog:      filepath.Join(u.dir, "natd-"+name+".log"),
-			KubeProxyLog: filepath.Join(u.dir, "kube-proxy-"+name+".log")})
+			KubeProxyLog: filepath.Join(u.dir, "kube-proxy-"+name+".log")}
+		if t.Dual() {
+			n.IP6, n.PodCIDR6 = NodeIP6(i), PodCIDR6(i)
+		}
+		t.Nodes = append(t.Nodes, n)
 	}
-	u.say("network: router, partner, API server namespace")
+	u.say("%s network: router, partner, API server namespace", t.Network)
 	if err := u.network(t); err != nil {
 		return nil, err
 	}
@@ -181,9 +231,14 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 	if err := u.startKubeProxies(t); err != nil {
 		return nil, err
 	}
-	u.say("partner server on %s:%d", PartnerIP, PartnerPort)
-	pid, err := u.start(nsPartner, u.o.Self, filepath.Join(u.dir, "partner.log"),
-		"partner", "--listen", fmt.Sprintf("0.0.0.0:%d", PartnerPort))
+	partnerArgs := []string{"partner", "--listen", fmt.Sprintf("0.0.0.0:%d", PartnerPort)}
+	if t.Dual() {
+		u.say("partner server on %s:%d and [%s]:%d", PartnerIP, PartnerPort, PartnerIP6, PartnerPort)
+		partnerArgs = append(partnerArgs, "--listen", fmt.Sprintf("[::]:%d", PartnerPort))
+	} else {
+		u.say("partner server on %s:%d", PartnerIP, PartnerPort)
+	}
+	pid, err := u.start(nsPartner, u.o.Self, filepath.Join(u.dir, "partner.log"), partnerArgs...)
 	if err != nil {
 		return nil, err
 	}
@@ -224,6 +279,13 @@ func (u *upper) netns(name string) error {
 	if _, err := Run("ip", "netns", "add", name); err != nil {
 		return err
 	}
+	if u.o.Network == NetworkDual {
+		// No duplicate address detection: an IPv6 address works the moment it is added
+		// (every address the lab adds is unique), link-local ones included.
+		if err := u.cmds(name, "sysctl -qw net.ipv6.conf.all.accept_dad=0", "sysctl -qw net.ipv6.conf.default.accept_dad=0"); err != nil {
+			return err
+		}
+	}
 	_, err := NsRun(name, "ip", "link", "set", "lo", "up")
 	return err
 }
@@ -259,6 +321,23 @@ func (u *upper) network(t *Topology) error {
 		"ip route add default via "+routerPartnerIP,
 	); err != nil {
 		return err
+	}
+	if t.Dual() {
+		// The same for IPv6: the router forwards between the node network and the
+		// partner's, and never NATs.
+		if err := u.cmds(nsRouter,
+			"ip -6 addr add "+routerNodeIP6+"/64 dev br0 nodad",
+			"ip -6 addr add "+routerPartnerIP6+"/64 dev eth-partner nodad",
+			"sysctl -qw net.ipv6.conf.all.forwarding=1",
+		); err != nil {
+			return err
+		}
+		if err := u.cmds(nsPartner,
+			"ip -6 addr add "+PartnerIP6+"/64 dev eth0 nodad",
+			"ip -6 route add default via "+routerPartnerIP6,
+		); err != nil {
+			return err
+		}
 	}
 	// The API server sits on the node network (for the agents) and has one link to the
 	// host (for kubectl and the tests): the only thing the lab adds to the host.
@@ -325,30 +404,60 @@ func (u *upper) node(t *Topology, i int) error {
 			cmds = append(cmds, "ip route add "+other.PodCIDR+" via "+other.IP)
 		}
 	}
+	if t.Dual() {
+		cmds = append(cmds,
+			"ip -6 addr add "+n.IP6+"/64 dev eth0 nodad",
+			"ip -6 route add default via "+routerNodeIP6,
+			"ip -6 addr add "+gateway6(n.PodCIDR6)+"/64 dev cni0 nodad",
+			"sysctl -qw net.ipv6.conf.all.forwarding=1")
+		for j, other := range t.Nodes {
+			if j != i {
+				cmds = append(cmds, "ip -6 route add "+other.PodCIDR6+" via "+other.IP6)
+			}
+		}
+	}
 	if err := u.cmds(n.Netns, cmds...); err != nil {
 		return err
 	}
 	// The CNI's masquerade, as ip-masq-agent or flannel install it: pod traffic to
-	// anything outside the cluster and node networks leaves with the node's IP.
+	// anything outside the cluster and node networks leaves with the node's IP; in the
+	// dual mode the same for IPv6 with the node's IPv6 address.
 	return InNetns(n.Netns, func() error {
-		ipt, err := iptables.New()
-		if err != nil {
+		if err := masquerade(iptables.ProtocolIPv4, ClusterCIDR, NodeCIDR); err != nil {
 			return err
 		}
-		if err := ipt.NewChain("nat", "LAB-CNI-MASQ"); err != nil {
-			return err
+		if t.Dual() {
+			return masquerade(iptables.ProtocolIPv6, ClusterCIDR6, NodeCIDR6)
 		}
-		for _, r := range [][]string{
-			{"-d", ClusterCIDR, "-j", "RETURN"},
-			{"-d", NodeCIDR, "-j", "RETURN"},
-			{"-j", "MASQUERADE"},
-		} {
-			if err := ipt.Append("nat", "LAB-CNI-MASQ", r...); err != nil {
-				return err
-			}
-		}
-		return ipt.Append("nat", "POSTROUTING", "-s", ClusterCIDR, "-j", "LAB-CNI-MASQ")
+		return nil
 	})
+}
+
+// masquerade installs the lab CNI's LAB-CNI-MASQ chain for one family: traffic of
+// pods (clusterCIDR) to anything but pods and nodes is masqueraded.
+func masquerade(family iptables.Protocol, clusterCIDR, nodeCIDR string) error {
+	ipt, err := iptables.NewWithProtocol(family)
+	if err != nil {
+		return err
+	}
+	if err := ipt.NewChain("nat", "LAB-CNI-MASQ"); err != nil {
+		return err
+	}
+	for _, r := range [][]string{
+		{"-d", clusterCIDR, "-j", "RETURN"},
+		{"-d", nodeCIDR, "-j", "RETURN"},
+		{"-j", "MASQUERADE"},
+	} {
+		if err := ipt.Append("nat", "LAB-CNI-MASQ", r...); err != nil {
+			return err
+		}
+	}
+	return ipt.Append("nat", "POSTROUTING", "-s", clusterCIDR, "-j", "LAB-CNI-MASQ")
+}
+
+// gateway6 is the first address of an IPv6 pod range: the pods' gateway on cni0.
+func gateway6(podCIDR6 string) string {
+	return netip.MustParsePrefix(podCIDR6).Addr().Next().String()
 }
 
 func (u *upper) credentials(t *Topology) error {
@@ -489,6 +598,12 @@ func (u *upper) objects(ctx context.Context, client kubernetes.Interface, t *Top
 			ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: map[string]string{"kubernetes.io/hostname": n.Name}},
 			Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR, PodCIDRs: []string{n.PodCIDR}},
 		}
+		addrs := []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.IP}}
+		if n.IP6 != "" {
+			// Dual-stack, IPv4 first, as the node IPAM controller and the kubelet do.
+			node.Spec.PodCIDRs = append(node.Spec.PodCIDRs, n.PodCIDR6)
+			addrs = append(addrs, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: n.IP6})
+		}
 		if n.Egress {
 			node.Labels["egress.natd.dev/node"] = "true"
 		}
@@ -500,7 +615,7 @@ func (u *upper) objects(ctx context.Context, client kubernetes.Interface, t *Top
 		created.Status = corev1.NodeStatus{
 			Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue,
 				Reason: "KubeletReady", Message: "natd lab node", LastHeartbeatTime: now, LastTransitionTime: now}},
-			Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.IP}, {Type: corev1.NodeHostName, Address: n.Name}},
+			Addresses: append(addrs, corev1.NodeAddress{Type: corev1.NodeHostName, Address: n.Name}),
 		}
 		if _, err := client.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
 			return err
@@ -560,6 +675,11 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 		"--egress-cidr", EgressCIDR, "--cluster-cidr", ClusterCIDR, "--service-cidr", ServiceCIDR,
 		"--state-dir", NatdStateDir(dir, n.Name), "--resync-period", "10s", "-v", "2",
 		"--gossip-key-file", filepath.Join(dir, "gossip.key"),
+	}
+	if t.Dual() {
+		// A dual-stack cluster's IPv6 pod and service CIDRs: never-dropped destinations
+		// of pinned pods' IPv6 traffic.
+		args = append(args, "--cluster-cidr", t.ClusterCIDR6, "--service-cidr", t.ServiceCIDR6)
 	}
 	return startIn(n.Netns, t.API.NatdBinary, n.NatdLog, append(args, extra...)...)
 }

@@ -1,0 +1,64 @@
+package natd
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+)
+
+// A dual-stack cluster's agent gets IPv6 cluster and service CIDRs beside the IPv4
+// ones; they become cluster destinations of the ip6 table. Egress CIDRs stay IPv4, and
+// an IPv4 cluster CIDR is required.
+func TestConfigIPv6CIDRs(t *testing.T) {
+	base := []string{"--node-name", "node1", "--gossip-key-file", "/k", "--egress-cidr", "198.18.0.192/26"}
+	for _, c := range []struct {
+		args []string
+		err  string
+	}{
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56",
+			"--service-cidr", "10.96.0.0/12,fd00:10:96::/112", "--exclude-cidr", "2001:db8:99::/48"}, ""},
+		{[]string{"--cluster-cidr", "fd00:10:244::/56"}, "at least one IPv4 --cluster-cidr"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::c0/122"}, "only IPv4 egress IPs"},
+	} {
+		var cfg Config
+		fs := flag.NewFlagSet("natd", flag.ContinueOnError)
+		cfg.RegisterFlags(fs)
+		if err := fs.Parse(append(append([]string{}, base...), c.args...)); err != nil {
+			t.Fatal(err)
+		}
+		err := cfg.Validate()
+		if got := fmt.Sprint(err); (c.err == "" && err != nil) || (c.err != "" && !strings.Contains(got, c.err)) {
+			t.Errorf("%v: Validate() = %v, want %q", c.args, err, c.err)
+		}
+	}
+}
+
+// IPv6 CIDRs and the nodes' IPv6 InternalIPs are cluster destinations; the IPv4
+// pod CIDRs natd polices stay IPv4.
+func TestPlanDualStackClusterDestinations(t *testing.T) {
+	cfg := testConfig("node1")
+	cfg.ClusterCIDRs = append(cfg.ClusterCIDRs, netip.MustParsePrefix("fd00:10:244::/56"))
+	cfg.ServiceCIDRs = append(cfg.ServiceCIDRs, netip.MustParsePrefix("fd00:10:96::/112"))
+	c := cluster()
+	for _, n := range c.Nodes {
+		six := "2001:db8:18::" + strings.TrimPrefix(n.Status.Addresses[0].Address, "198.18.0.")
+		n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: six})
+	}
+	p := &Planner{Config: cfg}
+	plan, err := p.Plan(c, elect("node1", "node1", "node2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "10.96.0.0/12 10.244.0.0/16 192.0.2.0/24 198.18.0.11/32 198.18.0.12/32 198.18.0.13/32 " +
+		"2001:db8:18::11/128 2001:db8:18::12/128 2001:db8:18::13/128 fd00:10:96::/112 fd00:10:244::/56"
+	if got := prefixes(plan.State.ClusterDestinations); got != want {
+		t.Errorf("ClusterDestinations = %s\nwant %s", got, want)
+	}
+	if got := prefixes(plan.State.PodCIDRs); strings.Contains(got, ":") {
+		t.Errorf("PodCIDRs = %s; want IPv4 only", got)
+	}
+}
