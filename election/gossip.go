@@ -150,9 +150,19 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.Events = (*events)(g)
 	mc.Ping = (*pings)(g)
 	mc.Logger = log.New(klogWriter{}, "", 0)
+	transport, err := newGuardedTransport(cfg.BindIP, cfg.Port, g.isMemberAddr, mc.Logger)
+	if err != nil {
+		return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
+	}
+	mc.Transport = transport
+	if cfg.Port == 0 { // tests: the port the transport found
+		mc.BindPort = transport.GetAutoBindPort()
+		mc.AdvertisePort = mc.BindPort
+	}
 	if cfg.Key != nil {
 		kr, err := memberlist.NewKeyring(nil, cfg.Key)
 		if err != nil {
+			transport.Shutdown()
 			return nil, fmt.Errorf("gossip key: %w", err)
 		}
 		mc.Keyring = kr
@@ -160,11 +170,25 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	list, err := memberlist.Create(mc)
 	if err != nil {
+		transport.Shutdown()
 		return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
 	}
 	g.list = list
 	g.started.Store(list)
 	return g, nil
+}
+
+// isMemberAddr reports whether ip is a member's address (alive or not): streams from
+// there get the members' budget.
+func (g *Gossip) isMemberAddr(ip netip.Addr) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, m := range g.members {
+		if m.Addr == ip {
+			return true
+		}
+	}
+	return false
 }
 
 // Join contacts peers (host or host:port) and merges their view. It returns how many
@@ -456,16 +480,43 @@ func (e *events) NotifyLeave(n *memberlist.Node) {
 
 // klogWriter turns memberlist's log lines into structured logs: errors and warnings
 // (a garbage packet, a peer with the wrong key) at the default level, the rest at 4.
+// memberlist logs every packet it cannot decrypt, so a flood of garbage would become a
+// flood of log lines (and their CPU): past a few a second they are only counted, and
+// the count is logged.
 type klogWriter struct{}
+
+var gossipLogBudget = struct {
+	sync.Mutex
+	window     time.Time
+	n          int
+	suppressed int
+}{}
+
+const gossipLogPerSecond = 10
 
 func (klogWriter) Write(p []byte) (int, error) {
 	line := strings.TrimSpace(string(bytes.TrimRight(p, "\n")))
-	switch {
-	case strings.Contains(line, "[ERR]"), strings.Contains(line, "[WARN]"):
-		klog.InfoS("Gossip", "msg", line)
-	default:
+	if !strings.Contains(line, "[ERR]") && !strings.Contains(line, "[WARN]") {
 		klog.V(4).InfoS("Gossip", "msg", line)
+		return len(p), nil
 	}
+	b := &gossipLogBudget
+	b.Lock()
+	now := time.Now()
+	if now.Sub(b.window) >= time.Second {
+		if b.suppressed > 0 {
+			klog.InfoS("Gossip messages not logged (too many)", "count", b.suppressed)
+		}
+		b.window, b.n, b.suppressed = now, 0, 0
+	}
+	b.n++
+	if b.n > gossipLogPerSecond {
+		b.suppressed++
+		b.Unlock()
+		return len(p), nil
+	}
+	b.Unlock()
+	klog.InfoS("Gossip", "msg", line)
 	return len(p), nil
 }
 

@@ -2,9 +2,13 @@ package election
 
 import (
 	"crypto/rand"
+	"encoding/binary"
 	"fmt"
+	"net"
 	"net/netip"
+	"runtime"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 )
@@ -339,5 +343,125 @@ func TestRoutesWireFormat(t *testing.T) {
 	}
 	if _, err := (Routes{Node: ""}).encode(); err == nil {
 		t.Error("empty node name accepted")
+	}
+}
+
+// Anyone on the node network (any pod) can reach the gossip port. 64 key-less TCP
+// streams announcing the largest message memberlist accepts (and sending it at 1.3 MB/s
+// each, reconnecting when cut off), and 20k garbage datagrams a second, must neither
+// take natd's memory up by more than 20 MiB nor make members look dead. (Without the
+// stream budgets the heap grows by hundreds of MiB here.)
+func TestKeylessFloodCannotExhaustMemoryOrFailOver(t *testing.T) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	var members []*Gossip
+	for _, n := range []string{"a", "b", "c"} {
+		cfg := testConfig(n, key)
+		// natd's defaults: the flood must not beat them.
+		cfg.ProbeInterval, cfg.ProbeTimeout = 150*time.Millisecond, 75*time.Millisecond
+		members = append(members, testGossipWith(t, cfg))
+	}
+	a, b, c := members[0], members[1], members[2]
+	for _, g := range []*Gossip{b, c} {
+		if _, err := g.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "three members everywhere", func() bool {
+		for _, g := range members {
+			for _, n := range []string{"a", "b", "c"} {
+				if !g.View().Alive(n) {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	target := fmt.Sprintf("127.0.0.1:%d", a.Port())
+	heap := func() uint64 {
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapInuse
+	}
+	runtime.GC()
+	before := heap()
+	stop := make(chan struct{})
+	stopped := func(d time.Duration) bool {
+		select {
+		case <-stop:
+			return true
+		case <-time.After(d):
+			return false
+		}
+	}
+	var wg sync.WaitGroup
+	junk := make([]byte, 64<<10)
+	rand.Read(junk)
+	for i := 0; i < 64; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}, Timeout: time.Second}
+			for !stopped(0) {
+				conn, err := d.Dial("tcp", target)
+				if err != nil {
+					stopped(50 * time.Millisecond)
+					continue
+				}
+				// An encrypted message (type 10) of 20 MB, the most memberlist takes.
+				hdr := []byte{10, 0, 0, 0, 0}
+				binary.BigEndian.PutUint32(hdr[1:], 20<<20)
+				_, err = conn.Write(hdr)
+				for err == nil && !stopped(50*time.Millisecond) {
+					conn.SetWriteDeadline(time.Now().Add(time.Second))
+					_, err = conn.Write(junk)
+				}
+				conn.Close()
+				stopped(50 * time.Millisecond)
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() { // garbage datagrams, 20 per millisecond
+		defer wg.Done()
+		conn, err := net.Dial("udp", target)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		for !stopped(time.Millisecond) {
+			for i := 0; i < 20; i++ {
+				conn.Write(junk[:1200])
+			}
+		}
+	}()
+	peak := before
+	deadline := time.Now().Add(5 * time.Second)
+	for i := 0; time.Now().Before(deadline); i++ {
+		if i%10 == 0 {
+			runtime.GC() // what the flood keeps alive, not garbage awaiting collection
+			if h := heap(); h > peak {
+				peak = h
+			}
+		}
+		for _, g := range []*Gossip{a, b, c} {
+			for _, n := range []string{"a", "b", "c"} {
+				if !g.View().Alive(n) {
+					t.Errorf("%s declared dead during the flood (seen by %s)", n, g.cfg.NodeName)
+				}
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	grew := float64(peak-before) / (1 << 20)
+	t.Logf("heap grew by %.1f MiB at most under 64 key-less streams and a datagram flood", grew)
+	if grew > 20 {
+		t.Errorf("heap grew by %.1f MiB, more than 20 MiB", grew)
+	}
+	// The members' own exchanges still work.
+	if n, err := c.Join([]string{target}); n != 1 || err != nil {
+		t.Errorf("a member's push/pull after the flood: %d, %v", n, err)
 	}
 }
