@@ -2,11 +2,14 @@ package e2e
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -312,4 +315,105 @@ func TestNewPodsFirstConnection(t *testing.T) {
 	}
 	defer restartNatd(t, "node1")
 	try("natd-dead")
+}
+
+// An ordinary pod opens 64 key-less connections to the holder's gossip port, each
+// announcing a 20 MB message and streaming it, and floods the port with garbage
+// datagrams: the holder's natd grows by at most 20 MiB and nothing fails over.
+func TestGossipFloodFromAPod(t *testing.T) {
+	const ns, eip = "flood", "198.18.0.219"
+	ensureNamespace(t, ns)
+	annotate(t, ns, eip)
+	unpinOnCleanup(t, ns)
+	holder := waitHolder(t, eip)
+	h, err := topo.Node(holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rss := func() int {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.NatdPid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "VmRSS:") {
+				var kb int
+				fmt.Sscanf(strings.TrimPrefix(l, "VmRSS:"), "%d", &kb)
+				return kb
+			}
+		}
+		return 0
+	}
+	p := newPod(t, ns, "attacker", "node1")
+	target := net.JoinHostPort(h.IP, "7946")
+	before, peak := rss(), 0
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	junk := make([]byte, 64<<10)
+	for i := 0; i < 64; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				conn, err := lab.DialIn(ctx, p.Netns, "tcp", target)
+				cancel()
+				if err != nil {
+					time.Sleep(50 * time.Millisecond)
+					continue
+				}
+				hdr := []byte{10, 0, 0, 0, 0}
+				binary.BigEndian.PutUint32(hdr[1:], 20<<20)
+				_, err = conn.Write(hdr)
+				for err == nil {
+					select {
+					case <-stop:
+						conn.Close()
+						return
+					case <-time.After(20 * time.Millisecond):
+					}
+					conn.SetWriteDeadline(time.Now().Add(time.Second))
+					_, err = conn.Write(junk)
+				}
+				conn.Close()
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		conn, err := lab.DialIn(context.Background(), p.Netns, "udp", target)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			for i := 0; i < 20; i++ {
+				conn.Write(junk[:1200])
+			}
+		}
+	}()
+	for end := time.Now().Add(8 * time.Second); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		peak = max(peak, rss())
+		if got := holdersOf(t, eip); len(got) != 1 || got[0] != holder {
+			t.Errorf("during the flood %s is held by %v, want %s", eip, got, holder)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	grew := float64(peak-before) / 1024
+	t.Logf("holder's natd: %.1f MiB before, %.1f MiB at most during the flood (+%.1f MiB)", float64(before)/1024, float64(peak)/1024, grew)
+	if grew > 20 {
+		t.Errorf("natd grew by %.1f MiB under the flood, more than 20 MiB", grew)
+	}
 }
