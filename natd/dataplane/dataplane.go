@@ -364,15 +364,23 @@ func (d *Dataplane) Verify() (drifted bool, err error) {
 	if d.lastState == nil {
 		return false, nil
 	}
-	unlock, err := d.store.Lock()
+	state := *d.lastState
+	untouched, err := d.nft.untouched()
 	if err != nil {
 		return false, err
 	}
-	records := d.records()
-	unlock()
-	state := *d.lastState
-	if drifted, err := d.nft.drifted(d.rulesets(state, records)); err != nil || drifted {
-		return drifted, err
+	// The CNI plugin never changes its records without committing to nftables, so
+	// while nobody has committed, neither the tables nor the records need reading.
+	if !untouched {
+		unlock, err := d.store.Lock()
+		if err != nil {
+			return false, err
+		}
+		records := d.records()
+		unlock()
+		if drifted, err := d.nft.drifted(d.rulesets(state, records)); err != nil || drifted {
+			return drifted, err
+		}
 	}
 	uplink, err := uplinkOf(d.nl, state.NodeIP)
 	if err != nil {

@@ -19,11 +19,7 @@ import (
 func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 	ns := newTestNS(t, "198.18.0.12")
 	d := ns.dataplane()
-	for _, r := range sampleRecords() {
-		if err := d.store.Put(r); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putRecords(t, d, sampleRecords()...)
 	st := sampleState()
 	if _, err := d.Apply(st); err != nil {
 		t.Fatal(err)
@@ -47,11 +43,7 @@ func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 func TestKernelVerifyAndRepairDrift(t *testing.T) {
 	ns := newTestNS(t, "198.18.0.12")
 	d := ns.dataplane()
-	for _, r := range sampleRecords() {
-		if err := d.store.Put(r); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putRecords(t, d, sampleRecords()...)
 	st := sampleState()
 	if _, err := d.Apply(st); err != nil {
 		t.Fatal(err)
@@ -245,5 +237,15 @@ func TestKernelWatchChanges(t *testing.T) {
 	}
 	if !d.nft.genKnown {
 		t.Error("a lease renewal made natd forget the tables are untouched: every renewal would cost a read-back")
+	}
+}
+
+// putRecords stores pod records as the CNI plugin would have.
+func putRecords(t *testing.T, d *Dataplane, recs ...PodRecord) {
+	t.Helper()
+	for _, r := range recs {
+		if err := d.store.Put(r); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

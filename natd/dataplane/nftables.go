@@ -121,6 +121,16 @@ func (a *nftApplier) committed(gen0 uint32, rss []*Ruleset) {
 	a.appliedGen, a.genKnown = gen1, err == nil && (gen1 == gen0 || gen1 == gen0+1)
 }
 
+// untouched reports whether nobody has committed to nftables since natd's last
+// transaction (its lease renewals included).
+func (a *nftApplier) untouched() (bool, error) {
+	if a.applied == nil || !a.genKnown {
+		return false, nil
+	}
+	gen, err := a.gen()
+	return err == nil && gen == a.appliedGen, err
+}
+
 // drifted reports whether the kernel's tables differ from rss (the rulesets natd
 // applied last, rebuilt with the pod records as they are now). Cheap while nobody else
 // has committed since natd's last transaction.

@@ -20,6 +20,26 @@ import (
 // outside, pod IPs that are reused, namespaces that move to another egress IP, and
 // someone changing natd's kernel state. Each test watches what the partner saw.
 
+// pin annotates ns (created when missing) with ip until the test ends.
+func pin(t *testing.T, ns, ip string) {
+	t.Helper()
+	ensureNamespace(t, ns)
+	annotate(t, ns, ip)
+	unpinOnCleanup(t, ns)
+}
+
+// whileNatdRunsAndIsDead runs scenario with node's natd running, then again with it
+// killed (it is restarted when the test ends).
+func whileNatdRunsAndIsDead(t *testing.T, node string, scenario func(label string)) {
+	t.Helper()
+	scenario("natd-running")
+	if err := lab.KillNatd(topo, node); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { restartNatd(t, node) })
+	scenario("natd-dead")
+}
+
 // arrivals returns the sources of a stream's datagrams and requests at the partner, in
 // the order they were sent (UDP by sequence number, then TCP).
 func arrivals(t *testing.T, id string) (udp, tcp []lab.Arrival) {
@@ -61,9 +81,7 @@ func onlyFrom(t *testing.T, s *stream, want string) int {
 // nodes, over TCP and UDP; kube-proxy's DNAT decides, not the ClusterIP.
 func TestPinnedThroughServiceToTheOutside(t *testing.T) {
 	const ns, eip = "svc-pinned", "198.18.0.212"
-	ensureNamespace(t, ns)
-	annotate(t, ns, eip)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, eip)
 	ip, err := lab.CreateEndpointService(context.Background(), labDir, ns, "partner", partnerAddr())
 	if err != nil {
 		t.Fatal(err)
@@ -90,9 +108,7 @@ func TestPinnedThroughServiceToTheOutside(t *testing.T) {
 // natd is dead, since the CNI plugin classifies the new pod before its first packet.
 func TestPodIPReuse(t *testing.T) {
 	const pinned, plain, eip = "reuse-pinned", "reuse-plain", "198.18.0.213"
-	ensureNamespace(t, pinned)
-	annotate(t, pinned, eip)
-	unpinOnCleanup(t, pinned)
+	pin(t, pinned, eip)
 	waitHolder(t, eip)
 	const reused = "10.244.1.200"
 	node1 := nodeIP("node1")
@@ -125,12 +141,7 @@ func TestPodIPReuse(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	round("natd-running")
-	if err := lab.KillNatd(topo, "node1"); err != nil {
-		t.Fatal(err)
-	}
-	defer restartNatd(t, "node1")
-	round("natd-dead")
+	whileNatdRunsAndIsDead(t, "node1", round)
 }
 
 // Item 4: a namespace moved from one egress IP to another on the same holder. A flow
@@ -141,9 +152,7 @@ func TestRepinnedFlowNeverKeepsTheOldEgressIP(t *testing.T) {
 	// One egress node: both IPs on node2.
 	setEgressLabel(t, "node3", "")
 	t.Cleanup(func() { setEgressLabel(t, "node3", "true") })
-	ensureNamespace(t, ns)
-	annotate(t, ns, a)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, a)
 	if h := waitHolder(t, a); h != "node2" {
 		t.Fatalf("%s held by %s, want node2", a, h)
 	}
@@ -189,9 +198,7 @@ func TestRepinnedFlowNeverKeepsTheOldEgressIP(t *testing.T) {
 // counted and logged, not hidden.
 func TestTamperingIsRepaired(t *testing.T) {
 	const ns, eip = "tamper", "198.18.0.216"
-	ensureNamespace(t, ns)
-	annotate(t, ns, eip)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, eip)
 	holder := waitHolder(t, eip)
 	p := newPod(t, ns, "app", "node1")
 	waitSeen(t, p, udp, eip)
@@ -287,9 +294,7 @@ func sortedLines(s string) string {
 // pinned namespace never leaves with another source, even with natd dead.
 func TestNewPodsFirstConnection(t *testing.T) {
 	const pinned, plain, eip = "first-pinned", "first-plain", "198.18.0.217"
-	ensureNamespace(t, pinned)
-	annotate(t, pinned, eip)
-	unpinOnCleanup(t, pinned)
+	pin(t, pinned, eip)
 	waitHolder(t, eip)
 	try := func(label string) {
 		for i, pr := range []proto{tcp, udp} {
@@ -309,12 +314,7 @@ func TestNewPodsFirstConnection(t *testing.T) {
 			}
 		}
 	}
-	try("natd-running")
-	if err := lab.KillNatd(topo, "node1"); err != nil {
-		t.Fatal(err)
-	}
-	defer restartNatd(t, "node1")
-	try("natd-dead")
+	whileNatdRunsAndIsDead(t, "node1", try)
 }
 
 // An ordinary pod opens 64 key-less connections to the holder's gossip port, each
@@ -322,9 +322,7 @@ func TestNewPodsFirstConnection(t *testing.T) {
 // datagrams: the holder's natd grows by at most 20 MiB and nothing fails over.
 func TestGossipFloodFromAPod(t *testing.T) {
 	const ns, eip = "flood", "198.18.0.219"
-	ensureNamespace(t, ns)
-	annotate(t, ns, eip)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, eip)
 	holder := waitHolder(t, eip)
 	h, err := topo.Node(holder)
 	if err != nil {
