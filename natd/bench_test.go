@@ -193,7 +193,7 @@ func BenchmarkAgentMemory50k(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		rs := dataplane.BuildRuleset(plan.State, nil, mustMarks(), map[netip.Addr]int{}, time.Second)
+		rs := dataplane.BuildRuleset(plan.State, nil, mustMarks(), map[netip.Addr]int{}, time.Second, 7946)
 		runtime.GC()
 		var after runtime.MemStats
 		runtime.ReadMemStats(&after)

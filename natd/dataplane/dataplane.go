@@ -46,6 +46,8 @@ type Config struct {
 	// VerifyEvery bounds how often Apply reads natd's tables back to repair drift
 	// (0: every Apply).
 	VerifyEvery time.Duration
+	// GossipPort is natd's gossip port: only nodes may reach it (0: not guarded).
+	GossipPort uint16
 	// Announce is when gratuitous ARPs go out after a takeover, counted from it; the
 	// repeats reach neighbours that ignored the first (Linux ignores an update within
 	// neigh locktime, 1 s by default, of the last one) or lost it.
@@ -230,7 +232,7 @@ func (d *Dataplane) records() []PodRecord {
 // rulesets are natd's tables for state: ip, ip6 and arp.
 func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
 	return []*Ruleset{
-		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease),
+		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort),
 		BuildRuleset6(state, records),
 		BuildARPRuleset(state, d.cfg.Lease),
 	}

@@ -24,7 +24,7 @@ func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 	if _, err := d.Apply(st); err != nil {
 		t.Fatal(err)
 	}
-	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease), BuildRuleset6(st, sampleRecords())} {
+	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort), BuildRuleset6(st, sampleRecords())} {
 		got := ns.run("nft", "-s", "list", "table", rs.familyName(), TableName)
 		if normalize(got) != normalize(rs.Text(false)) {
 			t.Fatalf("kernel %s table differs from the rendered one\n--- kernel:\n%s\n--- rendered:\n%s", rs.familyName(), got, rs.Text(false))

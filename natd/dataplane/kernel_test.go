@@ -77,7 +77,7 @@ func (ns *testNS) dataplane() *Dataplane {
 	marks, _ := NewMarks(0x00ff0000)
 	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
 		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir,
-		Lease: time.Minute})
+		Lease: time.Minute, GossipPort: 7946})
 	if err != nil {
 		ns.t.Fatal(err)
 	}
@@ -148,7 +148,7 @@ func TestKernelApplyMatchesRenderedRuleset(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := ns.run("nft", "-s", "list", "table", "ip", TableName)
-	want := BuildRuleset(st, nil, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false)
+	want := BuildRuleset(st, nil, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort).Text(false)
 	if normalize(got) != normalize(want) {
 		t.Fatalf("kernel ruleset differs from rendered one\n--- kernel:\n%s\n--- rendered:\n%s", got, want)
 	}
@@ -248,7 +248,7 @@ func TestKernelReplacingState(t *testing.T) {
 		t.Fatalf("apply: %+v; want 198.18.0.201 announced and 198.18.0.200 released", res)
 	}
 	got := ns.snapshot()
-	want := normalize(BuildRuleset(next, nil, d.cfg.Marks, d.slots, d.cfg.Lease).Text(false))
+	want := normalize(BuildRuleset(next, nil, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort).Text(false))
 	if !strings.HasPrefix(got, want+"\n") {
 		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
 	}

@@ -322,6 +322,15 @@ func (r *Rule) saddr6Vmap(mapName string) *Rule {
 		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 0})
 }
 
+// l4Dport matches the transport protocol (unix.IPPROTO_TCP or _UDP) and destination port.
+func (r *Rule) l4Dport(proto byte, name string, port uint16) *Rule {
+	return r.add(fmt.Sprintf("%s dport %d", name, port),
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)})
+}
+
 func (r *Rule) nexthopIn(set string) *Rule {
 	return r.add("rt ip nexthop @"+set,
 		&expr.Rt{Register: 1, Key: expr.RtNexthop4},
@@ -414,8 +423,8 @@ func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
 // BuildRuleset renders natd's whole ip table for state and the node's pod records.
 // index gives each egress IP its slot (mark value and route table); it must hold every
 // IP in state.Egress. lease is how long SNAT to a held egress IP lasts unless natd
-// renews it (0: forever).
-func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration) *Ruleset {
+// renews it (0: forever). gossipPort, when set, is guarded against non-node sources.
+func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, gossipPort uint16) *Ruleset {
 	rs := &Ruleset{Family: nftables.TableFamilyIPv4}
 	var held []EgressIP
 	podEgress := verdictMap(mapPodEgress, nftables.TypeIPAddr, "ipv4_addr")
@@ -522,7 +531,26 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		},
 	}
 	rs.Chains = append(egressChains, prerouting, snat, guard)
+	if gossipPort != 0 {
+		rs.Chains = append(rs.Chains, gossipGuard(gossipPort))
+	}
 	return rs
+}
+
+// gossipGuard drops traffic to natd's gossip port from anything but a node: gossip only
+// ever flows between node IPs, and every pod can reach a node's port. A flood of
+// datagrams or connections from a pod then never reaches memberlist's socket, so it can
+// neither crowd out the members' probes (a node that cannot hear acks gives its IPs up)
+// nor cost natd memory.
+func gossipGuard(port uint16) *Chain {
+	return &Chain{
+		Name: "gossip_guard", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookInput,
+		Priority: 0, Header: "type filter hook input priority filter; policy accept;",
+		Rules: []*Rule{
+			newRule().l4Dport(unix.IPPROTO_TCP, "tcp", port).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop),
+			newRule().l4Dport(unix.IPPROTO_UDP, "udp", port).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop),
+		},
+	}
 }
 
 // linkScope6 are IPv6 destinations that never leave the link, so never reach the

@@ -17,7 +17,7 @@ func TestBuildRulesetText(t *testing.T) {
 		netip.MustParseAddr("198.18.0.201"): 2,
 		netip.MustParseAddr("198.18.0.202"): 3,
 	}
-	got := BuildRuleset(st, sampleRecords(), marks, index, 400*time.Millisecond).Text(false)
+	got := BuildRuleset(st, sampleRecords(), marks, index, 400*time.Millisecond, 7946).Text(false)
 	want := `table ip natd {
 	set cluster_dsts {
 		type ipv4_addr
@@ -98,6 +98,12 @@ func TestBuildRulesetText(t *testing.T) {
 		ip saddr @pod_cidrs rt ip nexthop @node_ips accept
 		counter drop
 	}
+
+	chain gossip_guard {
+		type filter hook input priority filter; policy accept;
+		tcp dport 7946 ip saddr != @node_ips counter drop
+		udp dport 7946 ip saddr != @node_ips counter drop
+	}
 }
 `
 	if got != want {
@@ -173,7 +179,7 @@ func TestFailOpenEgressChainIsEmpty(t *testing.T) {
 	marks, _ := NewMarks(0x00ff0000)
 	st := State{Egress: []EgressIP{{IP: netip.MustParseAddr("198.18.0.200"), FailOpen: true,
 		Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}}}}
-	rs := BuildRuleset(st, nil, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0)
+	rs := BuildRuleset(st, nil, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0, 0)
 	if c := rs.Chains[0]; c.Name != "egress_198.18.0.200" || len(c.Rules) != 0 {
 		t.Fatalf("fail-open chain without holder: %+v; want no rules (packet goes the normal way)", c)
 	}
