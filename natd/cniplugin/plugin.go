@@ -42,8 +42,10 @@ type podArgs struct {
 
 // Main runs the plugin (the natd-cni binary).
 func Main() {
+	// Every version: natd-cni chains onto whatever conflist the node has (flannel,
+	// Calico and Cilium still write 0.3.1), and a refused version fails every pod.
 	skel.PluginMainFuncs(skel.CNIFuncs{Add: Add, Del: Del, Check: Check},
-		version.PluginSupports("0.4.0", "1.0.0", "1.1.0"), "natd: pins new pods of pinned namespaces to their egress IP")
+		version.All, "natd: pins new pods of pinned namespaces to their egress IP")
 }
 
 func parse(args *skel.CmdArgs) (*Conf, error) {

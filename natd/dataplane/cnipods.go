@@ -26,8 +26,18 @@ var ErrNoTables = errors.New("natd's nftables tables are missing")
 // (no pinning.json: natd is not installed, or was uninstalled). An error for an
 // unpinned pod is the caller's to ignore: such a pod must never pay for natd.
 func RegisterPod(store PodStore, rec PodRecord) (pinned bool, err error) {
-	pinning, ok, err := store.ReadPinning()
-	if err != nil || !ok {
+	if _, ok, err := store.ReadPinning(); err != nil || !ok {
+		return false, err // natd never programmed this node: nothing to do, no lock
+	}
+	unlock, err := store.Lock()
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	// Read again under the lock: an Apply that changes the pinning writes it under
+	// the same lock, together with the chains it names.
+	pinning, _, err := store.ReadPinning()
+	if err != nil {
 		return false, err
 	}
 	egress := map[string]netip.Addr{}
@@ -39,11 +49,6 @@ func RegisterPod(store PodStore, rec PodRecord) (pinned bool, err error) {
 		}
 	}
 	_, pinned = egress[rec.Namespace]
-	unlock, err := store.Lock()
-	if err != nil {
-		return pinned, err
-	}
-	defer unlock()
 	if err := store.Put(rec); err != nil {
 		return pinned, err
 	}
@@ -81,6 +86,17 @@ func UnregisterPod(store PodStore, containerID string) error {
 	if err != nil || !ok {
 		return err
 	}
+	// An IP a newer record claims belongs to that pod now (this DEL came late): its
+	// classification stays.
+	others, _ := store.List()
+	owned := map[netip.Addr]bool{}
+	for _, o := range others {
+		if o.ContainerID != containerID {
+			for _, ip := range o.IPs {
+				owned[ip] = true
+			}
+		}
+	}
 	conn, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("opening nftables netlink socket: %w", err)
@@ -88,7 +104,7 @@ func UnregisterPod(store PodStore, containerID string) error {
 	for _, v4 := range []bool{true, false} {
 		s := cniPodsSet(v4)
 		for _, ip := range rec.IPs {
-			if ip.Is4() == v4 {
+			if ip.Is4() == v4 && !owned[ip] {
 				s.Elements = append(s.Elements, Element{Key: addrKey(ip)})
 			}
 		}

@@ -557,6 +557,11 @@ func (d *Dataplane) HoldLeases(grace time.Duration) error {
 
 func (d *Dataplane) renew(timeout time.Duration) error {
 	if d.nft.applied == nil {
+		if len(d.heldApplied) > 0 {
+			// The last Apply failed half-way through a rebuild: the leases are not
+			// being kept, whatever the caller hoped.
+			return errors.New("renewing leases: natd's tables are not in place")
+		}
 		return nil
 	}
 	conn, err := d.nftConn(0)

@@ -40,7 +40,7 @@ func TestKernelCNIRegisterAndUnregister(t *testing.T) {
 		t.Error("a pod of team-a was not reported pinned")
 	}
 	got := cniPods()
-	if !strings.Contains(got, "10.244.2.30 : jump egress_198.18.0.200") || !strings.Contains(got, "fd00:10:244:2::30 : jump pinned_ipv6") {
+	if !strings.Contains(got, "10.244.2.30 : goto egress_198.18.0.200") || !strings.Contains(got, "fd00:10:244:2::30 : goto pinned_ipv6") {
 		t.Fatalf("pinned pod not classified:\n%s", got)
 	}
 	// natd's next sync reads the record and keeps the elements; nothing has drifted.
@@ -50,7 +50,7 @@ func TestKernelCNIRegisterAndUnregister(t *testing.T) {
 	if _, err := d.Apply(st); err != nil {
 		t.Fatal(err)
 	}
-	if got := cniPods(); !strings.Contains(got, "10.244.2.30 : jump egress_198.18.0.200") {
+	if got := cniPods(); !strings.Contains(got, "10.244.2.30 : goto egress_198.18.0.200") {
 		t.Fatalf("natd's sync dropped the plugin's element:\n%s", got)
 	}
 	// The pod goes (DEL) and an unpinned pod gets its IP (ADD): never the old pinning.

@@ -75,7 +75,7 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 		{"nft", "flush", "map", "ip", TableName, MapCNIPods},
 		{"nft", "add", "element", "ip", TableName, mapPodEgress, "{ 10.244.1.77 : jump egress_198.18.0.201 }"},
 		{"nft", "delete", "element", "ip", TableName, MapCNIPods, "{ 10.244.2.20 }"},
-		{"sh", "-c", "nft delete element ip natd cni_pods { 10.244.2.20 } && nft add element ip natd cni_pods { 10.244.2.20 : jump egress_198.18.0.200 }"},
+		{"sh", "-c", "nft delete element ip natd cni_pods { 10.244.2.20 } && nft add element ip natd cni_pods { 10.244.2.20 : goto egress_198.18.0.200 }"},
 		{"nft", "delete", "element", "ip6", TableName, MapCNIPods6, "{ fd00:10:244:2::10 }"},
 		{"nft", "delete", "element", "ip", TableName, setNodeIPs, "{ 198.18.0.11 }"},
 		{"nft", "delete", "element", "ip", TableName, setClusterDsts, "{ 10.96.0.0/12 }"},

@@ -269,7 +269,7 @@ func TestKernelReplacingState(t *testing.T) {
 	if res.Rebuilt {
 		t.Error("adding one pod rebuilt the whole table")
 	}
-	if out := ns.run("nft", "list", "map", "ip", TableName, mapPodEgress); !strings.Contains(out, "10.244.2.11 : jump egress_198.18.0.201") {
+	if out := ns.run("nft", "list", "map", "ip", TableName, mapPodEgress); !strings.Contains(out, "10.244.2.11 : goto egress_198.18.0.201") {
 		t.Errorf("new pod missing from %s:\n%s", mapPodEgress, out)
 	}
 }

@@ -73,13 +73,16 @@ func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
 		return out, err
 	}
 	base := a.applied
-	untouched := a.genKnown && gen0 == a.appliedGen
-	if base == nil || force || (!untouched && time.Since(a.verified) >= a.verifyEvery) {
+	// What the base says is the kernel's content only if nobody committed since natd
+	// did, or it was read from the kernel just now; only then may the generation after
+	// this transaction be trusted as "natd's tables untouched".
+	trusted := a.genKnown && gen0 == a.appliedGen
+	if base == nil || force || (!trusted && time.Since(a.verified) >= a.verifyEvery) {
 		kernel, err := a.readKernel(conn, rss)
 		if err != nil {
 			return out, err
 		}
-		a.verified = time.Now()
+		a.verified, trusted = time.Now(), true
 		if base == nil || !sameRulesets(kernel, base) {
 			// The kernel is the truth; what it lacks or has too much is repaired below.
 			base = kernel
@@ -88,8 +91,20 @@ func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
 	if base != nil && sameShapes(base, rss) {
 		diffs := diffRulesets(base, rss)
 		out.repinned = repinned(rss, diffs)
-		if err := a.updateElements(conn, rss, diffs); err == nil {
-			a.committed(gen0, rss)
+		changed, err := a.updateElements(conn, rss, diffs)
+		if err != nil && !trusted {
+			// natd's memory was behind the kernel (someone removed an element natd
+			// meant to delete, a CNI DEL say): diff against the kernel before
+			// resorting to a rebuild, which would reset the counters.
+			if kernel, kerr := a.readKernel(conn, rss); kerr == nil && kernel != nil {
+				a.verified, trusted = time.Now(), true
+				diffs = diffRulesets(kernel, rss)
+				out.repinned = repinned(rss, diffs)
+				changed, err = a.updateElements(conn, rss, diffs)
+			}
+		}
+		if err == nil {
+			a.committed(gen0, rss, trusted, changed)
 			return out, nil
 		}
 		// Fall through: a rebuild repairs whatever made the update fail.
@@ -109,16 +124,20 @@ func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
 	}
 	a.totals.reset()
 	a.verified = time.Now()
-	a.committed(gen0, rss)
+	a.committed(gen0, rss, true, true)
 	return out, nil
 }
 
-// committed records rss as applied. The generation is known only when natd's
-// transaction was the one commit since gen0.
-func (a *nftApplier) committed(gen0 uint32, rss []*Ruleset) {
+// committed records rss as applied. The generation is known only when the base was
+// trusted and natd's transaction (if it made one) was the only commit since gen0.
+func (a *nftApplier) committed(gen0 uint32, rss []*Ruleset, trusted, didCommit bool) {
 	a.applied = rss
 	gen1, err := a.gen()
-	a.appliedGen, a.genKnown = gen1, err == nil && (gen1 == gen0 || gen1 == gen0+1)
+	want := gen0
+	if didCommit {
+		want = gen0 + 1
+	}
+	a.appliedGen, a.genKnown = gen1, trusted && err == nil && gen1 == want
 }
 
 // untouched reports whether nobody has committed to nftables since natd's last
@@ -346,7 +365,7 @@ func decodeVerdict(b []byte) (chain string, ret bool) {
 	switch {
 	case code == int32(expr.VerdictReturn):
 		return "", true
-	case code == int32(expr.VerdictJump) && chain != "":
+	case code == int32(expr.VerdictGoto) && chain != "":
 		return chain, false
 	}
 	return fmt.Sprintf("\x00verdict %d %s", code, chain), false
@@ -416,8 +435,7 @@ func diffRulesets(old, cur []*Ruleset) [][]setDiff {
 
 // updateElements applies diffs (of cur against the kernel's or natd's last content) in
 // one transaction.
-func (a *nftApplier) updateElements(conn *nftables.Conn, cur []*Ruleset, diffs [][]setDiff) error {
-	changed := false
+func (a *nftApplier) updateElements(conn *nftables.Conn, cur []*Ruleset, diffs [][]setDiff) (changed bool, err error) {
 	for r, rs := range cur {
 		t := tableOf(rs)
 		for i, s := range rs.Sets {
@@ -435,21 +453,21 @@ func (a *nftApplier) updateElements(conn *nftables.Conn, cur []*Ruleset, diffs [
 				add = s.Elements
 			} else if len(del) > 0 {
 				if err := deleteElements(conn, ns, s, del); err != nil {
-					return err
+					return changed, err
 				}
 			}
 			if err := addElements(conn, ns, s, add, s.Timeout); err != nil {
-				return err
+				return changed, err
 			}
 		}
 	}
 	if !changed {
-		return nil
+		return false, nil
 	}
 	if err := conn.Flush(); err != nil {
-		return fmt.Errorf("updating nftables set elements: %w", err)
+		return true, fmt.Errorf("updating nftables set elements: %w", err)
 	}
-	return nil
+	return true, nil
 }
 
 // sameShapes reports whether two lists of rulesets differ at most in the elements of
@@ -691,7 +709,10 @@ func kernelElements(s *Set, els []Element, deleting bool, timeout time.Duration)
 			case e.Chain != "":
 				v, ok := verdicts[e.Chain]
 				if !ok {
-					v = &expr.Verdict{Kind: expr.VerdictJump, Chain: e.Chain}
+					// goto, not jump: a chain that only sets the mark must not return
+					// to prerouting, where a later map (natd's API view) would classify
+					// the packet again.
+					v = &expr.Verdict{Kind: expr.VerdictGoto, Chain: e.Chain}
 					verdicts[e.Chain] = v
 				}
 				ke.VerdictData = v

@@ -146,7 +146,7 @@ type Element struct {
 	KeyEnd [16]byte // interval sets: first address after the range (zero: to the end)
 	Key2   [4]byte  // concatenated sets: the mark that follows the address
 	Val    [4]byte  // maps to ipv4_addr
-	// Verdict maps: the chain to jump to (shared by all elements of a group), or, with
+	// Verdict maps: the chain to go to (shared by all elements of a group), or, with
 	// Return, no chain: the packet leaves natd's chain unclassified (an unpinned pod).
 	Chain  string
 	Return bool
@@ -197,7 +197,7 @@ func (s *Set) ElementText(e Element) string {
 	case e.Return:
 		return key + " : return"
 	case e.Chain != "":
-		return key + " : jump " + e.Chain
+		return key + " : goto " + e.Chain
 	default:
 		return key + " : " + netip.AddrFrom4(e.Val).String()
 	}
@@ -393,6 +393,13 @@ func (r *Rule) ctOriginalWithBit(bit uint32) *Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(bit)})
 }
 
+// ctReply matches packets of the reply direction of their connection.
+func (r *Rule) ctReply() *Rule {
+	return r.add("ct direction reply",
+		&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}})
+}
+
 func (r *Rule) counter() *Rule { return r.add("counter", &expr.Counter{}) }
 
 // Reasons pinned packets are dropped, as the drop rules' counters are exported.
@@ -484,6 +491,9 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 		Rules: []*Rule{
+			// Replies of connections opened towards a pod (a NodePort, an ingress
+			// controller in a pinned namespace) are not the pod's egress.
+			newRule().ctReply().verdict(expr.VerdictReturn),
 			newRule().ipAddrIn("daddr", setClusterDsts, false).verdict(expr.VerdictReturn),
 			// This node's pods as the CNI plugin registered them, before their first
 			// packet: pinned, or explicitly not (return), whatever natd's view of the
@@ -582,6 +592,7 @@ func BuildRuleset6(state State, records []PodRecord) *Ruleset {
 			{Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 				Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 				Rules: []*Rule{
+					newRule().ctReply().verdict(expr.VerdictReturn),
 					newRule().ip6AddrIn("daddr", setClusterDsts6, false).verdict(expr.VerdictReturn),
 					newRule().saddr6Vmap(MapCNIPods6),
 					newRule().saddr6Vmap(mapPodEgress6),

@@ -50,11 +50,11 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 	map cni_pods {
 		type ipv4_addr : verdict
-		elements = { 10.244.2.10 : jump egress_198.18.0.200, 10.244.2.20 : return }
+		elements = { 10.244.2.10 : goto egress_198.18.0.200, 10.244.2.20 : return }
 	}
 	map pod_egress {
 		type ipv4_addr : verdict
-		elements = { 10.244.1.10 : jump egress_198.18.0.200, 10.244.2.10 : jump egress_198.18.0.200, 10.244.1.11 : jump egress_198.18.0.201, 10.244.1.12 : jump egress_198.18.0.202 }
+		elements = { 10.244.1.10 : goto egress_198.18.0.200, 10.244.2.10 : goto egress_198.18.0.200, 10.244.1.11 : goto egress_198.18.0.201, 10.244.1.12 : goto egress_198.18.0.202 }
 	}
 	map held_snat {
 		type mark : ipv4_addr
@@ -76,6 +76,7 @@ func TestBuildRulesetText(t *testing.T) {
 
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
+		ct direction reply return
 		ip daddr @cluster_dsts return
 		ip saddr vmap @cni_pods
 		ip saddr vmap @pod_egress
@@ -124,11 +125,11 @@ func TestBuildRuleset6Text(t *testing.T) {
 	}
 	map cni_pods6 {
 		type ipv6_addr : verdict
-		elements = { fd00:10:244:2::10 : jump pinned_ipv6, fd00:10:244:2::20 : return }
+		elements = { fd00:10:244:2::10 : goto pinned_ipv6, fd00:10:244:2::20 : return }
 	}
 	map pod_egress6 {
 		type ipv6_addr : verdict
-		elements = { fd00:10:244:1::10 : jump pinned_ipv6 }
+		elements = { fd00:10:244:1::10 : goto pinned_ipv6 }
 	}
 
 	chain pinned_ipv6 {
@@ -137,6 +138,7 @@ func TestBuildRuleset6Text(t *testing.T) {
 
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
+		ct direction reply return
 		ip6 daddr @cluster_dsts6 return
 		ip6 saddr vmap @cni_pods6
 		ip6 saddr vmap @pod_egress6
