@@ -136,8 +136,8 @@ func readTableCounters(conn *nftables.Conn, rs *Ruleset, raw map[counterKey]Coun
 
 // Counters reads natd's counters now.
 func (d *Dataplane) Counters() (Counters, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.nftMu.Lock()
+	defer d.nftMu.Unlock()
 	conn, err := d.nft.newConn(0)
 	if err != nil {
 		return Counters{}, fmt.Errorf("opening nftables netlink socket: %w", err)

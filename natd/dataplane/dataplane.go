@@ -67,8 +67,13 @@ type Result struct {
 // Dataplane programs one node's kernel. It is not safe for concurrent use: the agent
 // calls it from its single sync loop.
 type Dataplane struct {
-	mu     sync.Mutex // Apply, lease renewal and cleanup take turns
-	frozen bool       // leases were extended for a restart: renewing stops
+	mu sync.Mutex // Apply, Verify and cleanup take turns
+	// nftMu guards the nftables state (what was applied, the generation, counters):
+	// Apply's nftables step, Verify's reads, lease renewal and counter reads take
+	// turns on it. Lease renewal takes nothing else, so it never waits for the rest of
+	// an Apply (routes, announcements, a conntrack sweep).
+	nftMu  sync.Mutex
+	frozen bool // leases were extended for a restart: renewing stops (under nftMu)
 	cfg    Config
 	nl     *netlink.Handle
 	nft    nftApplier
@@ -207,17 +212,31 @@ func (d *Dataplane) nftConn(sendBuf int) (*nftables.Conn, error) {
 // addresses for the new state are put in place first, then nftables switches over in
 // one transaction, and only then is what the old state needed removed.
 //
-// It holds the pod store's lock throughout, so the CNI plugin's records and the
-// kernel's cni_pods elements change together or not at all.
+// The nftables step holds the pod store's lock (applyTables), so the CNI plugin's
+// records and the kernel's cni_pods elements change together or not at all.
 func (d *Dataplane) Apply(state State) (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	return d.apply(state, false)
+}
+
+// applyTables puts natd's tables in place for state and the CNI plugin's records, and
+// tells the plugin the pinning those tables implement, all under the pod store's lock:
+// the plugin (whose pod creations wait for it) never sees one without the other.
+func (d *Dataplane) applyTables(state State, force bool) (nftOutcome, error) {
 	unlock, err := d.store.Lock()
 	if err != nil {
-		return Result{}, err
+		return nftOutcome{}, err
 	}
 	defer unlock()
-	return d.apply(state, d.records(), false)
+	rss := d.rulesets(state, d.records())
+	d.nftMu.Lock()
+	out, err := d.nft.apply(rss, force)
+	d.nftMu.Unlock()
+	if err != nil {
+		return out, err
+	}
+	return out, d.store.WritePinning(state.PinnedNamespaces)
 }
 
 // records reads the pod store; a bad record is reported and skipped.
@@ -238,7 +257,7 @@ func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
 	}
 }
 
-func (d *Dataplane) apply(state State, records []PodRecord, force bool) (Result, error) {
+func (d *Dataplane) apply(state State, force bool) (Result, error) {
 	var res Result
 	if err := d.loadStale(); err != nil {
 		return res, err
@@ -249,7 +268,6 @@ func (d *Dataplane) apply(state State, records []PodRecord, force bool) (Result,
 	}
 	d.allocateSlots(state.Egress)
 	slots, held := d.slotRoutes(state)
-	rss := d.rulesets(state, records)
 
 	if len(held) > 0 {
 		if err := d.loosenRPFilter(uplink.Attrs().Name); err != nil && !d.rpFilterWarned {
@@ -274,7 +292,7 @@ func (d *Dataplane) apply(state State, records []PodRecord, force bool) (Result,
 			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
 		}
 	}
-	out, err := d.nft.apply(rss, force)
+	out, err := d.applyTables(state, force)
 	res.Rebuilt = out.rebuilt
 	for _, p := range out.repinned {
 		d.owedFlush[p] = true // owed until a completed Apply has flushed it
@@ -323,9 +341,6 @@ func (d *Dataplane) apply(state State, records []PodRecord, force bool) (Result,
 	if err := d.flushStaleFlows(state, res.Announced, res.Released, d.owedFlush); err != nil {
 		return res, err
 	}
-	if err := d.store.WritePinning(state.PinnedNamespaces); err != nil {
-		return res, err
-	}
 	res.Repinned = len(d.owedFlush)
 	d.heldApplied, d.owedFlush, d.lastState = held, map[netip.Addr]bool{}, &state
 	d.stale = map[netip.Addr]bool{}
@@ -367,7 +382,9 @@ func (d *Dataplane) Verify() (drifted bool, err error) {
 		return false, nil
 	}
 	state := *d.lastState
+	d.nftMu.Lock()
 	untouched, err := d.nft.untouched()
+	d.nftMu.Unlock()
 	if err != nil {
 		return false, err
 	}
@@ -380,7 +397,11 @@ func (d *Dataplane) Verify() (drifted bool, err error) {
 		}
 		records := d.records()
 		unlock()
-		if drifted, err := d.nft.drifted(d.rulesets(state, records)); err != nil || drifted {
+		rss := d.rulesets(state, records)
+		d.nftMu.Lock()
+		drifted, err := d.nft.drifted(rss)
+		d.nftMu.Unlock()
+		if err != nil || drifted {
 			return drifted, err
 		}
 	}
@@ -517,7 +538,9 @@ func (d *Dataplane) Cleanup() error {
 	if err := d.store.RemoveAll(); err != nil {
 		errs = append(errs, fmt.Errorf("removing the pod store: %w", err))
 	}
-	d.nft.applied, d.lastState = nil, nil
+	d.nftMu.Lock()
+	d.nft.applied, d.nft.leased, d.lastState = nil, 0, nil
+	d.nftMu.Unlock()
 	return errors.Join(errs...)
 }
 
@@ -535,8 +558,8 @@ func (d *Dataplane) KernelClaims() ([]election.Claim, error) {
 // it several times per lease; when natd dies, the leases lapse and the node stops
 // SNATing and answering ARP for its egress IPs by itself.
 func (d *Dataplane) RenewLeases() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.nftMu.Lock()
+	defer d.nftMu.Unlock()
 	if d.frozen || d.cfg.Lease == 0 {
 		return nil
 	}
@@ -546,8 +569,8 @@ func (d *Dataplane) RenewLeases() error {
 // HoldLeases extends every lease to grace and stops renewing: natd is stopping for a
 // restart, and the kernel keeps serving its IPs until the next natd takes over.
 func (d *Dataplane) HoldLeases(grace time.Duration) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.nftMu.Lock()
+	defer d.nftMu.Unlock()
 	d.frozen = true
 	if d.cfg.Lease == 0 {
 		return nil
@@ -557,7 +580,7 @@ func (d *Dataplane) HoldLeases(grace time.Duration) error {
 
 func (d *Dataplane) renew(timeout time.Duration) error {
 	if d.nft.applied == nil {
-		if len(d.heldApplied) > 0 {
+		if d.nft.leased > 0 {
 			// The last Apply failed half-way through a rebuild: the leases are not
 			// being kept, whatever the caller hoped.
 			return errors.New("renewing leases: natd's tables are not in place")

@@ -83,6 +83,7 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 		{"sh", "-c", "nft flush ruleset && nft -f " + saved},
 		{"nft", "delete", "table", "ip6", TableName},
 		{"ip", "rule", "del", "priority", "7000"},
+		{"sh", "-c", "ip rule del priority 7000 table " + remoteTable + " && ip rule add priority 7000 fwmark 0x00990000/0x00ff0000 table " + remoteTable + " proto 78"},
 		{"ip", "route", "replace", "default", "via", "198.18.0.99", "dev", "uplink0", "table", remoteTable, "proto", "78"},
 		{"ip", "addr", "del", "198.18.0.200/32", "dev", "uplink0"},
 	} {
@@ -114,6 +115,7 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 func TestKernelRepinnedPodsLoseTheirConnections(t *testing.T) {
 	ns := newTestNS(t, "198.18.0.12")
 	d := ns.dataplane()
+	putRecords(t, d, PodRecord{ContainerID: "c1", Namespace: "team-a", IPs: []netip.Addr{netip.MustParseAddr("10.244.2.10")}})
 	st := sampleState()
 	if _, err := d.Apply(st); err != nil {
 		t.Fatal(err)
@@ -147,11 +149,13 @@ func TestKernelRepinnedPodsLoseTheirConnections(t *testing.T) {
 		}
 		return strings.Join(out, " ")
 	}
-	// 10.244.1.10 moves from .200 to .201 (its namespace was re-pinned); 10.244.2.10
-	// is no longer pinned at all; 10.244.1.11 stays.
+	// 10.244.1.10 moves from .200 to .201 (its namespace was re-pinned); this node's
+	// pod 10.244.2.10 is no longer pinned at all (its namespace team-a was unpinned);
+	// 10.244.1.11 stays.
 	next := sampleState()
 	next.Egress[0].Pods = nil
 	next.Egress[1].Pods = append(next.Egress[1].Pods, netip.MustParseAddr("10.244.1.10"))
+	delete(next.PinnedNamespaces, "team-a")
 	res, err := d.Apply(next)
 	if err != nil {
 		t.Fatal(err)

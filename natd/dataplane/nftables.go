@@ -43,6 +43,9 @@ type nftApplier struct {
 	verifyEvery time.Duration
 	verified    time.Time
 	totals      counterTotals
+	// leased is how many leased elements the last applied rulesets had: kept when a
+	// failed rebuild leaves nothing applied, so that renewal can say it is not renewing.
+	leased int
 }
 
 // nftOutcome says what one apply did.
@@ -131,7 +134,14 @@ func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
 // committed records rss as applied. The generation is known only when the base was
 // trusted and natd's transaction (if it made one) was the only commit since gen0.
 func (a *nftApplier) committed(gen0 uint32, rss []*Ruleset, trusted, didCommit bool) {
-	a.applied = rss
+	a.applied, a.leased = rss, 0
+	for _, rs := range rss {
+		for _, s := range rs.Sets {
+			if s.Timeout > 0 {
+				a.leased += len(s.Elements)
+			}
+		}
+	}
 	gen1, err := a.gen()
 	want := gen0
 	if didCommit {
@@ -542,8 +552,8 @@ func sameElements(a, b []Element) bool {
 	return true
 }
 
-// repinned lists the pod addresses whose element in a pod-classification map (cni_pods,
-// pod_egress and their IPv6 twins) the diffs remove or change.
+// repinned lists the pod addresses whose connections must be NATed anew after the
+// diffs of the pod-classification maps (cni_pods, pod_egress and their IPv6 twins).
 func repinned(cur []*Ruleset, diffs [][]setDiff) []netip.Addr {
 	var out []netip.Addr
 	seen := map[[16]byte]bool{}
@@ -552,11 +562,21 @@ func repinned(cur []*Ruleset, diffs [][]setDiff) []netip.Addr {
 			if !s.IsMap || s.DataType.Name != nftables.TypeVerdict.Name {
 				continue
 			}
-			// Removed or changed elements only: a pod that was not classified before
-			// (a new pod) has no connection NATed under an old classification, and
-			// deleting conntrack entries means reading the whole table.
+			// Deleting conntrack entries means reading the whole table, on every node
+			// for every pinned pod of the cluster that goes: only a pod whose
+			// classification changed (an element replaced), or one of this node's
+			// pods that the CNI plugin no longer classifies, can have connections
+			// NATed under an old classification that still matter. A pod simply
+			// deleted has none; one whose namespace was unpinned while natd's API
+			// view alone classified it keeps its connections' old bindings, which the
+			// leak guard then drops (the pinned-connection bit).
+			added := map[[16]byte]bool{}
+			for _, e := range diffs[r][i].add {
+				added[e.Key] = true
+			}
+			cni := s.Name == MapCNIPods || s.Name == MapCNIPods6
 			for _, e := range diffs[r][i].del {
-				if !seen[e.Key] {
+				if (added[e.Key] || cni) && !seen[e.Key] {
 					seen[e.Key] = true
 					out = append(out, keyAddr(s, e.Key))
 				}

@@ -35,6 +35,12 @@ func (r *router) ours(rule netlink.Rule) bool {
 	return rule.Priority == r.rulePriority && rule.Table > r.tableBase && rule.Table <= r.tableBase+255
 }
 
+// rightMark reports whether one of natd's rules matches the mark and mask of its table's
+// slot.
+func (r *router) rightMark(ru netlink.Rule) bool {
+	return ru.Mark == r.marks.Value(ru.Table-r.tableBase) && ru.Mask != nil && *ru.Mask == r.marks.Mask
+}
+
 // ensure adds the ip rules and points each table at its holder. It never removes a
 // slot; prune does that once nftables no longer marks packets for it.
 func (r *router) ensure(uplink netlink.Link, slots []slotRoute) error {
@@ -44,8 +50,18 @@ func (r *router) ensure(uplink netlink.Link, slots []slotRoute) error {
 	}
 	have := map[int]bool{}
 	for _, ru := range rules {
-		if r.ours(ru) {
+		if !r.ours(ru) {
+			continue
+		}
+		if r.rightMark(ru) {
 			have[ru.Table] = true
+			continue
+		}
+		// natd's rule for the table with another mark (tampered with, or left by a
+		// run with another --fwmark-mask): it would never match.
+		ru := ru
+		if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("deleting stale ip rule for table %d: %w", ru.Table, err)
 		}
 	}
 	routes, err := r.routes()
@@ -101,7 +117,7 @@ func (r *router) intact(uplink netlink.Link, slots []slotRoute) (bool, error) {
 	}
 	have := map[int]bool{}
 	for _, ru := range rules {
-		if r.ours(ru) && ru.Mark == r.marks.Value(ru.Table-r.tableBase) {
+		if r.ours(ru) && r.rightMark(ru) {
 			have[ru.Table] = true
 		}
 	}
