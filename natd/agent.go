@@ -33,7 +33,8 @@ type Kernel interface {
 	Apply(dataplane.State) (dataplane.Result, error)
 	// Verify reports whether anything natd owns in the kernel drifted from the last
 	// Apply; a sync repairs it.
-	Verify() (drifted bool, err error)
+	// retryIn, when set, asks for another check that soon (read-backs are spaced).
+	Verify() (drifted bool, retryIn time.Duration, err error)
 	// WatchChanges calls changed after every nftables commit on the node.
 	WatchChanges(stop <-chan struct{}, changed func()) error
 	RenewLeases() error
@@ -508,9 +509,12 @@ func (a *Agent) process(key string) error {
 	if key != verifyKey {
 		return a.Sync()
 	}
-	drifted, err := a.kernel.Verify()
+	drifted, retryIn, err := a.kernel.Verify()
 	if err != nil {
 		return fmt.Errorf("verifying the kernel: %w", err)
+	}
+	if retryIn > 0 {
+		a.queue.AddAfter(verifyKey, retryIn)
 	}
 	if !drifted {
 		return nil

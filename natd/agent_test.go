@@ -54,12 +54,12 @@ func (k *fakeKernel) Apply(st dataplane.State) (dataplane.Result, error) {
 	return res, nil
 }
 
-func (k *fakeKernel) Verify() (bool, error) {
+func (k *fakeKernel) Verify() (bool, time.Duration, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	d := k.drifted
 	k.drifted = false
-	return d, nil
+	return d, 0, nil
 }
 
 func (k *fakeKernel) RenewLeases() error {

@@ -375,49 +375,49 @@ func (d *Dataplane) slotRoutes(state State) ([]slotRoute, map[netip.Addr]bool) {
 // chain, rule or set element changed or removed, an ip rule or route gone or
 // re-pointed, a held egress IP missing from the uplink. It changes nothing; a sync
 // repairs. While nobody else has committed to nftables, the tables are not read back.
-func (d *Dataplane) Verify() (drifted bool, err error) {
+func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.lastState == nil {
-		return false, nil
+		return false, 0, nil
 	}
 	state := *d.lastState
 	d.nftMu.Lock()
 	untouched, err := d.nft.untouched()
 	d.nftMu.Unlock()
 	if err != nil {
-		return false, err
+		return false, 0, err
 	}
 	// The CNI plugin never changes its records without committing to nftables, so
 	// while nobody has committed, neither the tables nor the records need reading.
 	if !untouched {
 		unlock, err := d.store.Lock()
 		if err != nil {
-			return false, err
+			return false, 0, err
 		}
 		records := d.records()
 		unlock()
 		rss := d.rulesets(state, records)
 		d.nftMu.Lock()
-		drifted, err := d.nft.drifted(rss)
+		drifted, retryIn, err = d.nft.drifted(rss)
 		d.nftMu.Unlock()
 		if err != nil || drifted {
-			return drifted, err
+			return drifted, 0, err
 		}
 	}
 	uplink, err := uplinkOf(d.nl, state.NodeIP)
 	if err != nil {
-		return false, err
+		return false, 0, err
 	}
 	slots, held := d.slotRoutes(state)
 	if ok, err := d.router.intact(uplink, slots); err != nil || !ok {
-		return !ok, err
+		return !ok, 0, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
 	if err != nil {
-		return false, err
+		return false, 0, err
 	}
-	return len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }), nil
+	return len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }), retryIn, nil
 }
 
 func inEgress(list []EgressIP, ip netip.Addr) bool { return egressIndex(list, ip) >= 0 }

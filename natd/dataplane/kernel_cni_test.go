@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The CNI plugin's ADD and DEL, in a node's network namespace: a new pod is classified
@@ -44,7 +45,8 @@ func TestKernelCNIRegisterAndUnregister(t *testing.T) {
 		t.Fatalf("pinned pod not classified:\n%s", got)
 	}
 	// natd's next sync reads the record and keeps the elements; nothing has drifted.
-	if drifted, err := d.Verify(); err != nil || drifted {
+	time.Sleep(minReadBack) // so that Verify really reads the tables back
+	if drifted, _, err := d.Verify(); err != nil || drifted {
 		t.Fatalf("Verify after the plugin's ADD = %v, %v; want no drift", drifted, err)
 	}
 	if _, err := d.Apply(st); err != nil {
@@ -78,7 +80,8 @@ func TestKernelCNIRegisterAndUnregister(t *testing.T) {
 	if got := cniPods(); !strings.Contains(got, "10.244.2.30 : return") {
 		t.Fatalf("a stale record took the IP back:\n%s", got)
 	}
-	if drifted, err := d.Verify(); err != nil || drifted {
+	time.Sleep(minReadBack) // so that Verify really reads the tables back
+	if drifted, _, err := d.Verify(); err != nil || drifted {
 		t.Fatalf("Verify = %v, %v; want no drift", drifted, err)
 	}
 	// Tables gone while natd is down: a pinned pod's ADD fails (the pod does not start

@@ -49,7 +49,8 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := ns.snapshot()
-	if drifted, err := d.Verify(); err != nil || drifted {
+	time.Sleep(minReadBack) // so that Verify really reads the tables back
+	if drifted, _, err := d.Verify(); err != nil || drifted {
 		t.Fatalf("Verify right after Apply = %v, %v; want no drift", drifted, err)
 	}
 	// An old ruleset saved by a firewall tool: the same tables, other elements.
@@ -88,7 +89,8 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 		{"ip", "addr", "del", "198.18.0.200/32", "dev", "uplink0"},
 	} {
 		ns.run(vandal...)
-		drifted, err := d.Verify()
+		time.Sleep(minReadBack) // Verify reads the tables back at most this often
+		drifted, _, err := d.Verify()
 		if err != nil || !drifted {
 			t.Fatalf("after %v: Verify = %v, %v; want drift", vandal, drifted, err)
 		}
@@ -98,13 +100,15 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 		if got := ns.snapshot(); got != want {
 			t.Fatalf("after %v and a sync the kernel differs\n--- got:\n%s\n--- want:\n%s", vandal, got, want)
 		}
-		if drifted, err := d.Verify(); err != nil || drifted {
+		time.Sleep(minReadBack)
+		if drifted, _, err := d.Verify(); err != nil || drifted {
 			t.Fatalf("after repairing %v: Verify = %v, %v; want no drift", vandal, drifted, err)
 		}
 	}
 	// Someone else's commit that leaves natd's tables alone is no drift.
 	ns.run("nft", "add", "table", "ip", "someone-else")
-	if drifted, err := d.Verify(); err != nil || drifted {
+	time.Sleep(minReadBack) // so that Verify really reads the tables back
+	if drifted, _, err := d.Verify(); err != nil || drifted {
 		t.Fatalf("another table's change: Verify = %v, %v; want no drift", drifted, err)
 	}
 }
@@ -233,7 +237,8 @@ func TestKernelWatchChanges(t *testing.T) {
 	case <-time.After(2 * time.Second):
 		t.Fatal("no change reported for another table's commit")
 	}
-	if drifted, err := d.Verify(); err != nil || drifted {
+	time.Sleep(minReadBack) // so that Verify really reads the tables back
+	if drifted, _, err := d.Verify(); err != nil || drifted {
 		t.Fatalf("Verify = %v, %v", drifted, err)
 	}
 	if err := d.RenewLeases(); err != nil {

@@ -150,6 +150,9 @@ func (a *nftApplier) committed(gen0 uint32, rss []*Ruleset, trusted, didCommit b
 	a.appliedGen, a.genKnown = gen1, trusted && err == nil && gen1 == want
 }
 
+// minReadBack spaces Verify's read-backs of natd's tables.
+const minReadBack = 200 * time.Millisecond
+
 // untouched reports whether nobody has committed to nftables since natd's last
 // transaction (its lease renewals included).
 func (a *nftApplier) untouched() (bool, error) {
@@ -163,34 +166,41 @@ func (a *nftApplier) untouched() (bool, error) {
 // drifted reports whether the kernel's tables differ from rss (the rulesets natd
 // applied last, rebuilt with the pod records as they are now). Cheap while nobody else
 // has committed since natd's last transaction.
-func (a *nftApplier) drifted(rss []*Ruleset) (bool, error) {
+func (a *nftApplier) drifted(rss []*Ruleset) (drifted bool, retryIn time.Duration, err error) {
 	if a.applied == nil {
-		return true, nil
+		return true, 0, nil
 	}
 	gen0, err := a.gen()
 	if err != nil {
-		return false, err
+		return false, 0, err
 	}
 	if a.genKnown && gen0 == a.appliedGen && sameRulesets(a.applied, rss) {
-		return false, nil
+		return false, 0, nil
+	}
+	if wait := minReadBack - time.Since(a.verified); wait > 0 {
+		// Other software commits all the time (kube-proxy, every pod's CNI ADD and
+		// DEL): reading every element back each time would cost a busy node dearly.
+		// The caller checks again when the spacing allows.
+		return false, wait, nil
 	}
 	conn, err := a.newConn(0)
 	if err != nil {
-		return false, fmt.Errorf("opening nftables netlink socket: %w", err)
+		return false, 0, fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
 	kernel, err := a.readKernel(conn, rss)
 	if err != nil {
-		return false, err
+		return false, 0, err
 	}
+	a.verified = time.Now()
 	if kernel == nil || !sameRulesets(kernel, rss) {
 		// The next apply must diff against the kernel, not against its memory.
 		a.genKnown, a.verified = false, time.Time{}
-		return true, nil
+		return true, 0, nil
 	}
 	// The kernel matches (someone else's commit did not touch natd): remember the
 	// generation so that the next check is cheap again.
 	a.applied, a.appliedGen, a.genKnown = rss, gen0, true
-	return false, nil
+	return false, 0, nil
 }
 
 // batchBytes estimates the netlink batch that replaces whole tables, with room to
