@@ -128,7 +128,33 @@ func waitSeenAt(t testing.TB, p *lab.Pod, pr proto, addr, want string, forbidden
 		last, lastErr = got, err
 		time.Sleep(100 * time.Millisecond)
 	}
+	t.Logf("natd's kernel state when the partner never saw %s:\n%s", want, kernelState())
 	t.Fatalf("%s/%s over %s to %s: partner never saw %s (last: %q, %v)", p.Namespace, p.Name, pr, addr, want, last, lastErr)
+}
+
+// kernelState is what natd left in every node's kernel (its ip table without the
+// pinned pods' elements, ip rules, routes, addresses, conntrack toward the partner):
+// logged when a wait fails, so that a failure in CI explains itself.
+func kernelState() string {
+	var b strings.Builder
+	for _, n := range topo.Nodes {
+		fmt.Fprintf(&b, "--- %s\n", n.Name)
+		for _, cmd := range [][]string{
+			{"nft", "-t", "list", "table", "ip", "natd"},
+			{"nft", "list", "set", "ip", "natd", "held_marks"},
+			{"nft", "list", "map", "ip", "natd", "held_snat"},
+			{"ip", "rule", "show", "priority", "7000"},
+			{"ip", "route", "show", "table", "all", "proto", "78"},
+			{"ip", "-4", "-o", "addr", "show", "dev", "eth0"},
+		} {
+			out, err := lab.NsRun(n.Netns, cmd...)
+			if err != nil {
+				out = err.Error()
+			}
+			fmt.Fprintf(&b, "$ %s\n%s\n", strings.Join(cmd, " "), out)
+		}
+	}
+	return b.String()
 }
 
 // assertSeen checks both protocols now, with no waiting for convergence.
