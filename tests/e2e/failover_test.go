@@ -142,6 +142,15 @@ func (s *stream) outcome(t testing.TB, egressIP string, faultAt time.Time) outco
 	// The outage starts with the first datagram sent after the fault that never
 	// arrived (a holder whose natd died keeps serving until its lease lapses); the
 	// stream is back with the first egress-IP datagram sent after that one.
+	// Datagrams sent in the last moments before the stream halted may still have been
+	// on their way: they are neither lost nor the start of an outage.
+	if len(sent) > 0 {
+		inFlight := sent[len(sent)-1].Add(-100 * time.Millisecond)
+		for len(sent) > 0 && sent[len(sent)-1].After(inFlight) && !seen[len(sent)-1] {
+			sent = sent[:len(sent)-1]
+		}
+	}
+	o.sent = len(sent)
 	firstLost := -1
 	for seq, at := range sent {
 		if at.After(faultAt) && !seen[seq] {
