@@ -674,6 +674,11 @@ func hasKeyOutside(old, cur []Element, pre, suf int) bool {
 // renewLeases re-adds every leased element of the applied tables with the given
 // timeout, in one transaction.
 func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) error {
+	if a.leased == 0 {
+		// Nothing held: no transaction (every node would otherwise commit ten times
+		// a second, and wake every nftables listener on it).
+		return nil
+	}
 	n := 0
 	for _, rs := range a.applied {
 		t := tableOf(rs)
