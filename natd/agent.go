@@ -257,6 +257,12 @@ func (a *Agent) renewLeases() {
 			klog.InfoS("Renewing leases again")
 		}
 		a.withheld = reason
+		if errors.Is(err, errNoMajority) {
+			// The kernel stops serving by itself; the sync gives the IPs up for good
+			// (and tells gossip), so that this node does not resume serving them when
+			// it is back in touch, before it has heard who took them meanwhile.
+			a.queue.Add(syncKey)
+		}
 	}
 	if err != nil {
 		// Not renewing is the point: the leases lapse and the node stops serving.

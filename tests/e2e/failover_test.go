@@ -375,8 +375,33 @@ func checkRouterPointsAt(t testing.TB, ip, node string) {
 // the pod still leaves with it.
 func afterwards(t testing.TB, ip, holder string) {
 	t.Helper()
+	// From the moment the failed node is back until gossip has healed, it must not
+	// serve the IP again beside the new holder (it may not have heard of the move yet).
+	watchDone := make(chan struct{})
+	twice := make(chan []string, 1)
+	go func() {
+		for {
+			select {
+			case <-watchDone:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if s := servedBy(t, ip); len(s) > 1 {
+				select {
+				case twice <- s:
+				default:
+				}
+			}
+		}
+	}()
 	waitGossipHealthy(t)
 	time.Sleep(time.Second)
+	close(watchDone)
+	select {
+	case s := <-twice:
+		t.Errorf("after the failed node came back, %s was served by %v at once", ip, s)
+	default:
+	}
 	if s := servedBy(t, ip); len(s) != 1 || s[0] != holder {
 		t.Errorf("after the failed node came back, %s is served by %v; want it to stay on %s", ip, s, holder)
 	}
