@@ -742,7 +742,7 @@ func relevantChange(old, cur any) bool {
 	case *podRecord:
 		o, ok := old.(*podRecord)
 		return !ok || o.ipv4 != c.ipv4 || o.nIPv4 != c.nIPv4 || o.ipv6 != c.ipv6 || o.hasIPv6 != c.hasIPv6 ||
-			o.inert != c.inert || o.hostNet != c.hostNet || o.nodeName != c.nodeName ||
+			o.inert != c.inert || o.hostNet != c.hostNet ||
 			o.terminating() != c.terminating()
 	case *corev1.Namespace:
 		o, ok := old.(*corev1.Namespace)

@@ -18,13 +18,12 @@ const maxPodIPv4s = 2
 // pods the cache misses alone cost more than the rest of the sync. It also keeps the
 // agent's memory at a fraction of what full Pods take.
 type podRecord struct {
-	ipv4     [maxPodIPv4s][4]byte
-	nIPv4    uint8
-	hasIPv6  bool
-	inert    bool // host network or finished: not natd's to pin
-	hostNet  bool // host network: shares the node's addresses, so natd cannot pin it
-	nodeName string
-	ipv6     [16]byte
+	ipv4    [maxPodIPv4s][4]byte
+	nIPv4   uint8
+	hasIPv6 bool
+	inert   bool // host network or finished: not natd's to pin
+	hostNet bool // host network: shares the node's addresses, so natd cannot pin it
+	ipv6    [16]byte
 
 	metav1.TypeMeta
 	metav1.ObjectMeta // name, namespace, UID and resource version only: the informer's key
@@ -67,7 +66,6 @@ func recordOf(obj any) (any, error) {
 		return obj, nil // a record already, or a tombstone
 	}
 	r := &podRecord{
-		nodeName: pod.Spec.NodeName,
 		// Host-network pods use the node's address; finished pods' IPs may already
 		// belong to another pod.
 		inert:   pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed,

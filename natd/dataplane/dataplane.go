@@ -217,13 +217,13 @@ func (d *Dataplane) nftConn(sendBuf int) (*nftables.Conn, error) {
 func (d *Dataplane) Apply(state State) (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.apply(state, false)
+	return d.apply(state)
 }
 
 // applyTables puts natd's tables in place for state and the CNI plugin's records, and
 // tells the plugin the pinning those tables implement, all under the pod store's lock:
 // the plugin (whose pod creations wait for it) never sees one without the other.
-func (d *Dataplane) applyTables(state State, force bool) (nftOutcome, error) {
+func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 	unlock, err := d.store.Lock()
 	if err != nil {
 		return nftOutcome{}, err
@@ -231,7 +231,7 @@ func (d *Dataplane) applyTables(state State, force bool) (nftOutcome, error) {
 	defer unlock()
 	rss := d.rulesets(state, d.records())
 	d.nftMu.Lock()
-	out, err := d.nft.apply(rss, force)
+	out, err := d.nft.apply(rss)
 	d.nftMu.Unlock()
 	if err != nil {
 		return out, err
@@ -257,7 +257,7 @@ func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
 	}
 }
 
-func (d *Dataplane) apply(state State, force bool) (Result, error) {
+func (d *Dataplane) apply(state State) (Result, error) {
 	var res Result
 	if err := d.loadStale(); err != nil {
 		return res, err
@@ -292,7 +292,7 @@ func (d *Dataplane) apply(state State, force bool) (Result, error) {
 			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
 		}
 	}
-	out, err := d.applyTables(state, force)
+	out, err := d.applyTables(state)
 	res.Rebuilt = out.rebuilt
 	for _, p := range out.repinned {
 		d.owedFlush[p] = true // owed until a completed Apply has flushed it

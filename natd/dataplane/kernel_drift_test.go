@@ -17,13 +17,7 @@ import (
 // The CNI plugin's records become the cni_pods maps of both families, and the kernel
 // holds exactly what the builders render.
 func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
-	ns := newTestNS(t, "198.18.0.12")
-	d := ns.dataplane()
-	putRecords(t, d, sampleRecords()...)
-	st := sampleState()
-	if _, err := d.Apply(st); err != nil {
-		t.Fatal(err)
-	}
+	ns, d, st := appliedSample(t)
 	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort), BuildRuleset6(st, sampleRecords())} {
 		got := ns.run("nft", "-s", "list", "table", rs.familyName(), TableName)
 		if normalize(got) != normalize(rs.Text(false)) {
@@ -41,13 +35,7 @@ func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 // puts back exactly what was there: elements deleted, added or changed, a flushed map,
 // a flushed ruleset, an old saved ruleset restored, ip rules, routes and addresses.
 func TestKernelVerifyAndRepairDrift(t *testing.T) {
-	ns := newTestNS(t, "198.18.0.12")
-	d := ns.dataplane()
-	putRecords(t, d, sampleRecords()...)
-	st := sampleState()
-	if _, err := d.Apply(st); err != nil {
-		t.Fatal(err)
-	}
+	ns, d, st := appliedSample(t)
 	want := ns.snapshot()
 	time.Sleep(minReadBack) // so that Verify really reads the tables back
 	if drifted, _, err := d.Verify(); err != nil || drifted {
@@ -257,4 +245,18 @@ func putRecords(t *testing.T, d *Dataplane, recs ...PodRecord) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// appliedSample is a node namespace where natd applied sampleState with the CNI
+// plugin's sampleRecords.
+func appliedSample(t *testing.T) (*testNS, *Dataplane, State) {
+	t.Helper()
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	putRecords(t, d, sampleRecords()...)
+	st := sampleState()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	return ns, d, st
 }

@@ -65,7 +65,7 @@ func tableOf(rs *Ruleset) *nftables.Table {
 // replacements otherwise. The elements are diffed against the kernel's own content
 // whenever someone else may have changed it, so removed, flushed or foreign elements
 // are repaired too.
-func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
+func (a *nftApplier) apply(rss []*Ruleset) (nftOutcome, error) {
 	var out nftOutcome
 	conn, err := a.newConn(batchBytes(rss))
 	if err != nil {
@@ -80,7 +80,7 @@ func (a *nftApplier) apply(rss []*Ruleset, force bool) (nftOutcome, error) {
 	// did, or it was read from the kernel just now; only then may the generation after
 	// this transaction be trusted as "natd's tables untouched".
 	trusted := a.genKnown && gen0 == a.appliedGen
-	if base == nil || force || (!trusted && time.Since(a.verified) >= a.verifyEvery) {
+	if base == nil || (!trusted && time.Since(a.verified) >= a.verifyEvery) {
 		kernel, err := a.readKernel(conn, rss)
 		if err != nil {
 			return out, err
