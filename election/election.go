@@ -33,6 +33,20 @@ func Pick(key string, candidates []string) string {
 	return best
 }
 
+// Rank orders candidates for key by rendezvous score, highest first, the same way on
+// every node.
+func Rank(key string, candidates []string) []string {
+	sorted := append([]string(nil), candidates...)
+	sort.Slice(sorted, func(i, j int) bool {
+		si, sj := score([]byte(key), sorted[i]), score([]byte(key), sorted[j])
+		if si != sj {
+			return si > sj
+		}
+		return sorted[i] < sorted[j]
+	})
+	return sorted
+}
+
 // score is the rendezvous weight of node for key. FNV-1a alone mixes the low bits
 // poorly for inputs that differ only at the end (node1, node2, ...), so the result goes
 // through a 64-bit finalizer (splitmix64) to spread it over the whole range.

@@ -36,6 +36,10 @@ type GossipConfig struct {
 	// PushPullInterval is how often a full state exchange runs with one random peer
 	// (0: 10 s).
 	PushPullInterval time.Duration
+	// Heartbeat is the voters' heartbeat schedule (zero: NewHeartbeatTiming(50ms, 250ms)).
+	Heartbeat HeartbeatTiming
+	// Transport replaces the UDP/TCP transport (the scale harness's in-memory network).
+	Transport memberlist.Transport
 	// Clock, for tests; time.Now when nil.
 	Now func() time.Time
 }
@@ -61,6 +65,7 @@ func (c GossipConfig) MinDetection(n int) time.Duration {
 type Member struct {
 	Name  string
 	Addr  netip.Addr
+	Port  uint16
 	Alive bool // alive or suspected; false once declared dead
 	Meta  Meta
 	// DownSince is when this node learned the member was dead.
@@ -82,6 +87,8 @@ type View struct {
 	Self    string
 	Members map[string]Member // every member ever seen and not gone (left or forgotten)
 	At      time.Time
+	// Evidence is what this node can prove about the voters (see heartbeat.go).
+	Evidence Evidence
 }
 
 // Alive reports whether name is a live member.
@@ -111,6 +118,10 @@ type Gossip struct {
 	// started is the memberlist once Create has returned; its listeners run (and call
 	// the delegates) before that.
 	started atomic.Pointer[memberlist.Memberlist]
+
+	hb   *heartbeats
+	stop chan struct{}
+	once sync.Once
 }
 
 // NewGossip starts gossiping on cfg.BindIP:cfg.Port. Join adds it to the cluster.
@@ -118,8 +129,12 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.Heartbeat.Interval <= 0 {
+		cfg.Heartbeat = NewHeartbeatTiming(50*time.Millisecond, 250*time.Millisecond)
+	}
 	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1),
-		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1)}
+		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1),
+		hb: newHeartbeats(cfg.NodeName, cfg.Heartbeat, cfg.Now), stop: make(chan struct{})}
 	// The queue exists before memberlist starts: its listeners answer peers' probes
 	// (and ask for broadcasts to piggyback) before Create returns, at once after a
 	// restart, when peers still probe the old incarnation.
@@ -150,15 +165,19 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.Events = (*events)(g)
 	mc.Ping = (*pings)(g)
 	mc.Logger = log.New(klogWriter{}, "", 0)
-	transport, err := newGuardedTransport(cfg.BindIP, cfg.Port, g.isMemberAddr, mc.Logger)
-	if err != nil {
-		return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
+	var transport memberlist.Transport = cfg.Transport
+	if transport == nil {
+		guarded, err := newGuardedTransport(cfg.BindIP, cfg.Port, g.isMemberAddr, mc.Logger)
+		if err != nil {
+			return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
+		}
+		transport = guarded
+		if cfg.Port == 0 { // tests: the port the transport found
+			mc.BindPort = guarded.GetAutoBindPort()
+			mc.AdvertisePort = mc.BindPort
+		}
 	}
 	mc.Transport = transport
-	if cfg.Port == 0 { // tests: the port the transport found
-		mc.BindPort = transport.GetAutoBindPort()
-		mc.AdvertisePort = mc.BindPort
-	}
 	if cfg.Key != nil {
 		kr, err := memberlist.NewKeyring(nil, cfg.Key)
 		if err != nil {
@@ -175,8 +194,40 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	g.list = list
 	g.started.Store(list)
+	go g.heartbeat()
 	return g, nil
 }
+
+// heartbeat sends the voters' heartbeats every interval until gossip stops.
+func (g *Gossip) heartbeat() {
+	t := time.NewTicker(g.cfg.Heartbeat.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.stop:
+			return
+		case <-t.C:
+		}
+		for _, o := range g.hb.tick() {
+			g.mu.Lock()
+			m, ok := g.members[o.to]
+			g.mu.Unlock()
+			if !ok || !m.Addr.IsValid() {
+				continue // not met yet: memberlist tells of it first
+			}
+			a := memberlist.Address{Addr: PeerAddr(m.Addr, int(m.Port)), Name: o.to}
+			if err := g.list.SendToAddress(a, o.msg); err != nil {
+				klog.V(4).InfoS("Heartbeat not sent", "to", o.to, "err", err)
+			}
+		}
+	}
+}
+
+// SetVoters sets who the voters are, and whether this node holds IPs (it then
+// heartbeats the voters even if it is not one: it is handing its IPs over).
+func (g *Gossip) SetVoters(voters []string, holding bool) { g.hb.setVoters(voters, holding) }
+
+func (g *Gossip) stopHeartbeats() { g.once.Do(func() { close(g.stop) }) }
 
 // isMemberAddr reports whether ip is a member's address (alive or not): streams from
 // there get the members' budget.
@@ -230,7 +281,8 @@ func (g *Gossip) SetLocal(m Meta, timeout time.Duration) error {
 func (g *Gossip) View() View {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	v := View{Self: g.cfg.NodeName, Members: make(map[string]Member, len(g.members)), At: g.cfg.Now()}
+	v := View{Self: g.cfg.NodeName, Members: make(map[string]Member, len(g.members)), At: g.cfg.Now(),
+		Evidence: g.hb.evidence()}
 	for name, m := range g.members {
 		mm := *m
 		if r, ok := g.routes[name]; ok {
@@ -344,10 +396,16 @@ func (g *Gossip) broadcastOwn(own *Routes) {
 }
 
 // Leave announces that this node leaves the cluster for good.
-func (g *Gossip) Leave(timeout time.Duration) error { return g.list.Leave(timeout) }
+func (g *Gossip) Leave(timeout time.Duration) error {
+	g.stopHeartbeats()
+	return g.list.Leave(timeout)
+}
 
 // Shutdown stops gossiping without a goodbye: the others will see this node fail.
-func (g *Gossip) Shutdown() error { return g.list.Shutdown() }
+func (g *Gossip) Shutdown() error {
+	g.stopHeartbeats()
+	return g.list.Shutdown()
+}
 
 func (g *Gossip) update(n *memberlist.Node, alive bool) {
 	meta, err := DecodeMeta(n.Meta)
@@ -356,6 +414,7 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 		meta = Meta{}
 	}
 	addr, _ := netip.AddrFromSlice(n.Addr.To4())
+	port := n.Port
 	g.mu.Lock()
 	m, ok := g.members[n.Name]
 	if !ok {
@@ -371,7 +430,7 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 	if alive && !m.Alive {
 		m.LastContact = g.cfg.Now()
 	}
-	m.Alive, m.Addr = alive, addr
+	m.Alive, m.Addr, m.Port = alive, addr, port
 	if alive || len(n.Meta) > 0 {
 		m.Meta = meta // a dead member keeps its last words (claims, restart grace)
 	}
@@ -392,10 +451,16 @@ func (d *delegate) NodeMeta(limit int) []byte {
 	return b
 }
 
-// NotifyMsg receives a Routes report. Anything unreadable is dropped with a log line:
-// it comes from the network.
+// NotifyMsg receives a Routes report or a heartbeat. Anything unreadable is dropped
+// with a log line: it comes from the network.
 func (d *delegate) NotifyMsg(b []byte) {
 	g := (*Gossip)(d)
+	if len(b) > 1 && b[1] == kindHeartbeat {
+		if err := g.hb.receive(b); err != nil {
+			klog.V(4).InfoS("Ignoring heartbeat", "err", err)
+		}
+		return
+	}
 	r, err := decodeRoutes(b)
 	if err != nil {
 		klog.V(2).InfoS("Ignoring unreadable gossip message", "err", err)

@@ -465,3 +465,43 @@ func TestKeylessFloodCannotExhaustMemoryOrFailOver(t *testing.T) {
 		t.Errorf("a member's push/pull after the flood: %d, %v", n, err)
 	}
 }
+
+// Voters' heartbeats over real memberlist traffic: the voters come in touch, a voter
+// that stops is reported down by the two others, and a member that is not a voter
+// never has a quorum of its own.
+func TestGossipHeartbeatsBetweenVoters(t *testing.T) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	names := []string{"a", "b", "c", "d"}
+	g := map[string]*Gossip{}
+	for _, n := range names {
+		g[n] = testGossip(t, n, key)
+	}
+	for _, n := range names[1:] {
+		if _, err := g[n].Join([]string{PeerAddr(loopback, g["a"].Port())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	voters := names[:3]
+	for _, n := range names {
+		g[n].SetVoters(voters, false)
+	}
+	waitFor(t, "a quorum on every voter", func() bool {
+		for _, n := range voters {
+			if e := g[n].View().Evidence; !e.Quorum() || len(e.InTouch) != 3 {
+				return false
+			}
+		}
+		return true
+	})
+	if e := g["d"].View().Evidence; e.Quorum() {
+		t.Fatal("a member that is not a voter has a quorum")
+	}
+	g["c"].Shutdown()
+	start := time.Now()
+	waitFor(t, "c reported down", func() bool { return g["a"].View().Evidence.Down["c"] && g["b"].View().Evidence.Down["c"] })
+	t.Logf("c reported down after %s", time.Since(start).Round(time.Millisecond))
+	if e := g["a"].View().Evidence; !e.Quorum() || e.Down["b"] {
+		t.Fatalf("the two survivors: quorum %v, down %v", e.Quorum(), e.Down)
+	}
+}

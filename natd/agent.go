@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -50,6 +51,9 @@ type Membership interface {
 	Changed() <-chan struct{}
 	Forget(keep func(name string) bool)
 	SetRoutes(routes []election.Claim) error
+	// SetVoters names the voters and says whether this node holds IPs (see
+	// election.Evidence).
+	SetVoters(voters []string, holding bool)
 	RoutesChanged() <-chan struct{}
 	Leave(timeout time.Duration) error
 	Shutdown() error
@@ -92,6 +96,9 @@ type Agent struct {
 	reported      map[string]string // namespace -> last rejection reported, so events are not repeated
 	hostNetWarned map[string]bool   // "namespace/pod" of host-network pods already warned about
 	held          map[netip.Addr]Holding
+	// leasedAt is when this node last decided, with a quorum, to keep serving what it
+	// holds (a renewal or an Apply): its leases run out --lease after it.
+	leasedAt      time.Time
 	quorumSince   time.Time
 	stateSyncedAt time.Time
 	seenGen       map[netip.Addr]uint32
@@ -233,18 +240,14 @@ func (a *Agent) start(ctx context.Context) error {
 
 // renewLeases keeps this node's egress IPs served by the kernel for another --lease,
 // but only while the agent can show it may: its worker is not stuck, its syncs
-// succeed, and it sees a majority now. Reading the gossip view blocks while gossip is
-// wedged, and then nothing is renewed either. So a node that cannot prove it may hold
-// stops serving by itself within a bounded time (wedgeBound or syncFailBound, plus
-// --lease), whatever part of it hangs.
+// succeed, and its quorum of voters has held without a break since the last renewal.
+// Reading the gossip view blocks while gossip is wedged, and then nothing is renewed
+// either. So a node that cannot prove it may hold stops serving by itself within a
+// bounded time (wedgeBound or syncFailBound, plus --lease), whatever part of it hangs.
 func (a *Agent) renewLeases() {
 	err := a.health.mayServe()
 	if err == nil {
-		nodes, _ := a.nodes.List(labels.Everything())
-		v := a.members.View()
-		if !hasQuorum(v, len(nodes), a.cfg.ContactWindow(len(v.Members))) {
-			err = errNoMajority
-		}
+		err = a.mayRenew(a.members.View().Evidence)
 	}
 	reason := ""
 	if err != nil {
@@ -257,12 +260,12 @@ func (a *Agent) renewLeases() {
 			klog.InfoS("Renewing leases again")
 		}
 		a.withheld = reason
-		if errors.Is(err, errNoMajority) {
-			// The kernel stops serving by itself; the sync gives the IPs up for good
-			// (and tells gossip), so that this node does not resume serving them when
-			// it is back in touch, before it has heard who took them meanwhile.
-			a.queue.Add(syncKey)
-		}
+	}
+	if errors.Is(err, errNoMajority) || errors.Is(err, errLeaseLapsed) {
+		// The kernel stops serving by itself; the sync gives the IPs up for good
+		// (and tells gossip), so that this node does not resume serving them when
+		// it is back in touch, before it has heard who took them meanwhile.
+		a.queue.Add(syncKey)
 	}
 	if err != nil {
 		// Not renewing is the point: the leases lapse and the node stops serving.
@@ -279,6 +282,31 @@ func (a *Agent) renewLeases() {
 		return
 	}
 	a.health.renewDone(nil)
+}
+
+// mayRenew says whether the voters' evidence lets this node extend its leases now.
+// The lease may be extended only if it has not run out and the quorum has not broken
+// since it was last extended: a node that was cut off, even briefly, may have been
+// reported silent, and its IPs taken, meanwhile.
+func (a *Agent) mayRenew(ev election.Evidence) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	switch {
+	case len(a.held) == 0:
+		return nil
+	case !ev.Quorum():
+		return errNoMajority
+	case a.lapsed(ev):
+		return errLeaseLapsed
+	}
+	a.leasedAt = ev.At
+	return nil
+}
+
+// lapsed reports whether this node's leases ran out, or its quorum broke, since it last
+// extended them. The caller holds a.mu.
+func (a *Agent) lapsed(ev election.Evidence) bool {
+	return ev.At.Sub(a.leasedAt) >= a.cfg.Lease || ev.QuorumSince.After(a.leasedAt)
 }
 
 // keepCNIChained installs natd-cni into the node's CNI chain now and again every
@@ -576,8 +604,12 @@ func (a *Agent) inputs() (Cluster, Election, error) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	el := Election{View: a.members.View(), Held: a.held, QuorumSince: a.quorumSince,
-		StateSyncedAt: a.stateSyncedAt, SeenGen: a.seenGen, Now: a.now()}
+	el := Election{View: a.members.View(), Held: a.held, StateSyncedAt: a.stateSyncedAt, SeenGen: a.seenGen, Now: a.now()}
+	if len(a.held) > 0 && a.lapsed(el.View.Evidence) {
+		// What this node held is no longer served (or may have been taken while its
+		// quorum was broken): it is taken again only as a new takeover would be.
+		el.Held = nil
+	}
 	if a.draining {
 		self := el.View.Members[a.cfg.NodeName]
 		self.Meta.Draining = true
@@ -598,7 +630,13 @@ func (a *Agent) apply(plan *Plan) (dataplane.Result, error) {
 	changed := !sameClaims(a.held, plan.Held)
 	newQuorum := plan.Quorum && !plan.QuorumSince.Equal(a.quorumSince)
 	a.held, a.quorumSince, a.seenGen = plan.Held, plan.QuorumSince, plan.SeenGen
+	if len(plan.Held) > 0 {
+		// The plan was made with a quorum unbroken since the last renewal (else inputs
+		// would have dropped what was held), and Apply leased its IPs.
+		a.leasedAt = later(a.leasedAt, plan.EvidenceAt)
+	}
 	a.mu.Unlock()
+	a.members.SetVoters(plan.Voters, len(plan.Held) > 0)
 	if newQuorum {
 		go a.exchangeState()
 	}
@@ -617,17 +655,22 @@ func (a *Agent) publishPlan(c Cluster, el Election, plan *Plan, res dataplane.Re
 	if err := a.members.SetRoutes(plan.Routes); err != nil {
 		klog.ErrorS(err, "Reporting routes to gossip failed")
 	}
+	// READY counts over the API's nodes where natd runs (gossip has met it there):
+	// Windows nodes, or nodes a nodeSelector leaves out, are not waited for.
 	apiNodes := map[string]bool{}
 	for _, n := range c.Nodes {
-		apiNodes[n.Name] = true
+		if _, ok := el.View.Members[n.Name]; ok {
+			apiNodes[n.Name] = true
+		}
 	}
-	// Speakers are the live agents on the API's nodes: one of them, picked by hashing,
-	// speaks for what no holder speaks for (rejected annotations, IPs nobody holds).
+	// Speakers are the live voters: one of them, picked by hashing, speaks for what no
+	// holder speaks for (rejected annotations, IPs nobody holds). Only voters can have
+	// the quorum without which nothing is written.
 	var alive, speakers []string
 	for _, m := range el.View.Members {
 		if m.Alive {
 			alive = append(alive, m.Name)
-			if apiNodes[m.Name] {
+			if apiNodes[m.Name] && slices.Contains(plan.Voters, m.Name) {
 				speakers = append(speakers, m.Name)
 			}
 		}
@@ -803,4 +846,11 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("/healthz", probe(a.health.live))
 	mux.HandleFunc("/readyz", probe(a.health.ready))
 	return mux
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }

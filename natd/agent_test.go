@@ -93,6 +93,8 @@ type fakeMembership struct {
 	block   chan struct{}
 	routes  []election.Claim
 	changed chan struct{}
+	voters  []string
+	holding bool
 }
 
 func (m *fakeMembership) View() election.View {
@@ -122,8 +124,13 @@ func (m *fakeMembership) SetRoutes(r []election.Claim) error {
 	return nil
 }
 func (m *fakeMembership) RoutesChanged() <-chan struct{} { return nil }
-func (m *fakeMembership) Leave(time.Duration) error      { return nil }
-func (m *fakeMembership) Shutdown() error                { return nil }
+func (m *fakeMembership) SetVoters(voters []string, holding bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.voters, m.holding = voters, holding
+}
+func (m *fakeMembership) Leave(time.Duration) error { return nil }
+func (m *fakeMembership) Shutdown() error           { return nil }
 
 // fixture wires an Agent to a fake clientset, a fake kernel, fake gossip and a clock
 // the test moves, as sample-controller's controller tests do.
@@ -172,6 +179,7 @@ func (f *fixture) advance(d time.Duration) {
 	f.mu.Unlock()
 	f.members.mu.Lock()
 	f.members.view.At = f.members.view.At.Add(d)
+	f.members.view.Evidence.At = f.members.view.At
 	for name, m := range f.members.view.Members {
 		m.LastContact = f.members.view.At
 		f.members.view.Members[name] = m
@@ -188,6 +196,7 @@ func (f *fixture) setAlive(names ...string) {
 	for _, n := range names {
 		f.members.view.Members[n] = election.Member{Name: n, Alive: true, LastContact: at}
 	}
+	f.members.view.Evidence = evidence(at, names...)
 }
 
 func (f *fixture) probe(path string) int {
@@ -345,28 +354,85 @@ func TestAgentWedgedGossipStopsServing(t *testing.T) {
 // A node that no longer sees a majority (its contacts went quiet) stops renewing at
 // once, before any sync has run.
 func TestAgentNoMajorityNoRenewal(t *testing.T) {
-	f := newFixture(t, nodes3()...)
+	f := newFixture(t, node("node1", "198.18.0.11", true, true), node("node2", "198.18.0.12", false, true),
+		node("node3", "198.18.0.13", false, true), ns("team-a", "198.18.0.200"))
 	if err := f.agent.Sync(); err != nil {
 		t.Fatal(err)
+	}
+	waitFor(t, func() bool { // the state exchange that follows a new quorum
+		f.agent.mu.Lock()
+		defer f.agent.mu.Unlock()
+		return !f.agent.stateSyncedAt.IsZero()
+	})
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 1 || len(f.agent.held) != 1 {
+		t.Fatalf("the holder renewed %d times, holds %v", f.kernel.renewed(), f.agent.held)
 	}
 	f.mu.Lock()
 	f.clock = f.clock.Add(time.Hour)
 	f.mu.Unlock()
 	f.members.mu.Lock()
 	f.members.view.At = f.members.view.At.Add(time.Hour) // node2 and node3 have not answered for an hour
+	f.members.view.Evidence.At = f.members.view.At
+	f.members.view.Evidence.QuorumSince = time.Time{}
 	f.members.mu.Unlock()
 	for f.agent.queue.Len() > 0 {
 		k, _ := f.agent.queue.Get()
 		f.agent.queue.Done(k)
 	}
 	f.agent.renewLeases()
-	if f.kernel.renewed() != 0 {
-		t.Fatalf("renewed %d times without a majority", f.kernel.renewed())
+	if f.kernel.renewed() != 1 {
+		t.Fatalf("renewed %d times without a majority", f.kernel.renewed()-1)
 	}
 	// ... and a sync follows at once, which gives the IPs up: back in touch, the node
 	// must not serve again what others may have taken meanwhile.
 	if f.agent.queue.Len() == 0 {
 		t.Fatal("losing the majority did not ask for a sync")
+	}
+}
+
+// A quorum that broke between two renewals, even if it is back by the next one, ends
+// the leases: the holder may have been reported silent and its IPs taken meanwhile. It
+// renews nothing, gives its IPs up, and takes them again only after the silence bound.
+func TestAgentBrokenQuorumEndsTheLeases(t *testing.T) {
+	f := newFixture(t, node("node1", "198.18.0.11", true, true), node("node2", "198.18.0.12", false, true),
+		node("node3", "198.18.0.13", false, true), ns("team-a", "198.18.0.200"))
+	f.agent.Sync()
+	waitFor(t, func() bool {
+		f.agent.mu.Lock()
+		defer f.agent.mu.Unlock()
+		return !f.agent.stateSyncedAt.IsZero()
+	})
+	if err := f.agent.Sync(); err != nil || len(f.agent.held) != 1 {
+		t.Fatalf("not holding: %v, %v", f.agent.held, err)
+	}
+	f.advance(50 * time.Millisecond)
+	f.members.mu.Lock()
+	f.members.view.Evidence.QuorumSince = f.members.view.At.Add(-10 * time.Millisecond) // broke, and is back
+	f.members.mu.Unlock()
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 0 {
+		t.Fatal("renewed leases across a broken quorum")
+	}
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.agent.held) != 0 {
+		t.Fatalf("still holds %v after its quorum broke", f.agent.held)
+	}
+	f.advance(f.agent.cfg.Heartbeat().Silence)
+	f.agent.mu.Lock()
+	f.agent.stateSyncedAt = f.now()
+	f.agent.mu.Unlock()
+	if err := f.agent.Sync(); err != nil || len(f.agent.held) != 1 {
+		t.Fatalf("not taken again once settled: %v, %v", f.agent.held, err)
+	}
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 1 {
+		t.Fatal("no renewal once the IP was taken again")
 	}
 }
 

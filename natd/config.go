@@ -50,6 +50,7 @@ type Config struct {
 	GossipProbeTimeout  time.Duration
 	GossipSuspicionMult int
 	Lease               time.Duration
+	HeartbeatInterval   time.Duration
 	MaxEgressIPs        int
 	RestartGrace        time.Duration
 	HandoverTimeout     time.Duration
@@ -137,7 +138,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	c.GossipProbeInterval = 150 * time.Millisecond
 	c.GossipProbeTimeout = 75 * time.Millisecond
 	c.GossipSuspicionMult = 3
-	c.Lease = 400 * time.Millisecond
+	c.Lease = 250 * time.Millisecond
+	c.HeartbeatInterval = 50 * time.Millisecond
 	c.MaxEgressIPs = 32
 	c.RestartGrace = 30 * time.Second
 	c.HandoverTimeout = 3 * time.Second
@@ -165,7 +167,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.GossipProbeInterval, "gossip-probe-interval", c.GossipProbeInterval, "how often each member is probed")
 	fs.DurationVar(&c.GossipProbeTimeout, "gossip-probe-timeout", c.GossipProbeTimeout, "how long a probe may take before it counts as failed")
 	fs.IntVar(&c.GossipSuspicionMult, "gossip-suspicion-mult", c.GossipSuspicionMult, "probe intervals a suspected member has to refute before it is declared dead")
-	fs.DurationVar(&c.Lease, "lease", c.Lease, "how long a holder's kernel keeps serving its egress IPs without natd renewing them; must be shorter than the fastest failure detection")
+	fs.DurationVar(&c.Lease, "lease", c.Lease, "how long a holder's kernel keeps serving its egress IPs without natd renewing them (renewed only while a majority of voters is in touch)")
+	fs.DurationVar(&c.HeartbeatInterval, "heartbeat-interval", c.HeartbeatInterval, "how often voters (egress nodes, and witnesses when there are fewer than three) send each other a heartbeat; failover takes about 2.5 lease + 14 intervals")
 	fs.IntVar(&c.MaxEgressIPs, "max-egress-ips", c.MaxEgressIPs, "most egress IPs one node is given")
 	fs.DurationVar(&c.RestartGrace, "restart-grace", c.RestartGrace, "on SIGTERM, how long the kernel keeps serving this node's IPs and the others wait for natd to come back")
 	fs.DurationVar(&c.HandoverTimeout, "handover-timeout", c.HandoverTimeout, "in a planned move, how long the old holder keeps an IP waiting for the new one to claim it")
@@ -175,18 +178,13 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 // Gossip is the gossip configuration the flags describe, for a member on nodeIP.
 func (c *Config) Gossip(nodeIP netip.Addr, key []byte) election.GossipConfig {
 	return election.GossipConfig{NodeName: c.NodeName, BindIP: nodeIP, Port: c.GossipPort, Key: key,
-		ProbeInterval: c.GossipProbeInterval, ProbeTimeout: c.GossipProbeTimeout, SuspicionMult: c.GossipSuspicionMult}
+		ProbeInterval: c.GossipProbeInterval, ProbeTimeout: c.GossipProbeTimeout, SuspicionMult: c.GossipSuspicionMult,
+		Heartbeat: c.Heartbeat()}
 }
 
-// ContactWindow: see election.GossipConfig.ContactWindow.
-func (c *Config) ContactWindow(members int) time.Duration {
-	return c.Gossip(netip.Addr{}, nil).ContactWindow(members)
-}
-
-// MinDetection is the shortest time gossip can take to declare a member dead, in the
-// smallest cluster (it only grows with more members).
-func (c *Config) MinDetection() time.Duration {
-	return c.Gossip(netip.Addr{}, nil).MinDetection(1)
+// Heartbeat is the voters' heartbeat schedule the flags describe.
+func (c *Config) Heartbeat() election.HeartbeatTiming {
+	return election.NewHeartbeatTiming(c.HeartbeatInterval, c.Lease)
 }
 
 // Validate checks the configuration for the agent.
@@ -202,9 +200,12 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--resync-period must be positive")
 	case c.GossipKeyFile == "" && !c.InsecureGossip:
 		return fmt.Errorf("--gossip-key-file is required (or --insecure-gossip, which lets anyone on the network take egress IPs)")
-	case c.Lease <= 0 || c.Lease >= c.MinDetection():
-		// A holder whose natd died must have stopped serving before anyone can take over.
-		return fmt.Errorf("--lease (%s) must be positive and shorter than the fastest failure detection, --gossip-suspicion-mult × --gossip-probe-interval (%s)", c.Lease, c.MinDetection())
+	case c.HeartbeatInterval < 10*time.Millisecond || c.HeartbeatInterval > time.Second:
+		return fmt.Errorf("--heartbeat-interval (%s) must be between 10ms and 1s", c.HeartbeatInterval)
+	case c.Lease < 2*c.HeartbeatInterval || c.Lease > 10*time.Second:
+		// Leases are renewed every lease/4; shorter than two heartbeats they would be
+		// renewed on evidence they cannot outlive.
+		return fmt.Errorf("--lease (%s) must be between two heartbeat intervals (%s) and 10s", c.Lease, 2*c.HeartbeatInterval)
 	case c.GossipProbeTimeout >= c.GossipProbeInterval:
 		return fmt.Errorf("--gossip-probe-timeout must be shorter than --gossip-probe-interval")
 	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > election.MaxClaims:

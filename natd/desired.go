@@ -40,8 +40,6 @@ type Election struct {
 	View election.View
 	// Held is what this node holds now.
 	Held map[netip.Addr]Holding
-	// QuorumSince is when this node last came to see a majority (zero: it does not).
-	QuorumSince time.Time
 	// StateSyncedAt is when this node last completed a full state exchange (memberlist
 	// push/pull) with its peers: claims gossiped while it was cut off reach it only so.
 	StateSyncedAt time.Time
@@ -78,11 +76,17 @@ type Plan struct {
 	// node gossips it.
 	Held   map[netip.Addr]Holding
 	Claims []election.Claim
-	// Quorum: this node sees a majority of the cluster alive. Without it, it holds nothing.
-	Quorum bool
-	// QuorumSince and SeenGen carry the Election's forward.
+	// Quorum: a majority of the voters is in touch with this node (the voters'
+	// evidence, election.Evidence), unbroken since QuorumSince. Without it, it holds
+	// nothing.
+	Quorum      bool
 	QuorumSince time.Time
-	SeenGen     map[netip.Addr]uint32
+	// EvidenceAt is when the quorum was last seen, as of this plan.
+	EvidenceAt time.Time
+	// Voters are the nodes whose contact decides who may hold (see votersOf).
+	Voters []string
+	// SeenGen carries the Election's forward.
+	SeenGen map[netip.Addr]uint32
 	// RetryAfter, when set, asks for another sync that soon: a handover or a takeover
 	// is waiting on time.
 	RetryAfter time.Duration
@@ -219,7 +223,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		ips = append(ips, ip)
 	}
 	slices.SortFunc(ips, netip.Addr.Compare)
-	assigned := p.elect(ips, eligible, len(c.Nodes), el, plan)
+	assigned := p.elect(ips, eligible, votersOf(eligible, c.Nodes, el.View), el, plan)
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
 		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}
@@ -242,29 +246,26 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 // elect decides who holds each IP (election.Assign over the gossip view) and what this
 // node holds: it takes what is assigned to it, and lets go of an IP only when the new
 // holder has claimed it, when nobody may hold it, when the handover times out, or when
-// this node has lost contact with the majority (the minority side of a partition must
-// not keep answering for its IPs).
-func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el Election, plan *Plan) map[netip.Addr]election.Assignment {
+// this node has lost its quorum of voters (the minority side of a partition must not
+// keep answering for its IPs).
+func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election, plan *Plan) map[netip.Addr]election.Assignment {
 	cfg, v, self := p.Config, el.View, p.Config.NodeName
-	// A majority counts members that are alive and have answered this node lately: a
-	// node cut off from the others notices within the contact window, long before its
-	// failure detector declares them dead.
-	window := cfg.ContactWindow(len(v.Members))
-	plan.Quorum = hasQuorum(v, apiNodes, window)
-	switch {
-	case !plan.Quorum:
-	case el.QuorumSince.IsZero():
-		plan.QuorumSince = el.Now
-	default:
-		plan.QuorumSince = el.QuorumSince
-	}
-	// A node that has just come to see a majority (it started, or a partition healed)
+	ev := v.Evidence
+	// How long a node waits, once in touch with a quorum, before it takes anything new:
+	// the voters' silence bound. By then it has heard the claims made while it was away,
+	// and every voter that took its IPs has seen it in touch again.
+	window := cfg.Heartbeat().Silence
+	plan.Voters = voters
+	plan.Quorum, plan.QuorumSince, plan.EvidenceAt = ev.Quorum(), ev.QuorumSince, ev.At
+	selfVoter := slices.Contains(voters, self)
+	// A node that has just come to see a quorum (it started, or a partition healed)
 	// may not have heard the newest claims yet: it keeps what it holds but takes
-	// nothing new until it has been in touch for a contact window.
-	// ... and it has exchanged full state with its peers since: claims broadcast while
-	// it was away reach it only through such an exchange.
-	settled := plan.Quorum && el.Now.Sub(plan.QuorumSince) >= window && !el.StateSyncedAt.Before(plan.QuorumSince)
-	// Members this node saw die while it had no majority (it was the one cut off) may
+	// nothing new until it has been in touch for the window, with the voters the
+	// planner names (they change as labels do), and has exchanged full state with its
+	// peers since: claims broadcast while it was away reach it only so.
+	settled := plan.Quorum && el.Now.Sub(plan.QuorumSince) >= window && !el.StateSyncedAt.Before(plan.QuorumSince) &&
+		slices.Equal(ev.Voters, voters) && el.Now.Sub(ev.VotersSince) >= window
+	// Members this node saw die while it had no quorum (it was the one cut off) may
 	// be alive and holding IPs it has not heard of: it takes nothing new until gossip
 	// brings them back or a while has passed (if they really died, the majority has
 	// dealt with their IPs).
@@ -284,12 +285,21 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	in := election.Input{IPs: ips, Claims: map[string][]election.Claim{}, MaxGen: map[netip.Addr]uint32{},
 		MaxPerNode: cfg.MaxEgressIPs}
 	for _, n := range eligible {
-		m := v.Members[n]
+		m, known := v.Members[n]
+		// A voter goes by the voters' evidence: an eligible node is down only when a
+		// majority of voters report it silent, and that comes only after its leases
+		// ran out. Any other node only follows: gossip's failure detector says who is
+		// alive, and the newest claim wins whatever it thinks.
+		alive := known && m.Alive
+		if selfVoter {
+			alive = known && !ev.Down[n]
+		}
+		restarting := known && m.Meta.RestartGrace > 0 && (m.Alive || v.InGrace(n))
 		switch {
-		case m.Alive && !m.Meta.Draining:
+		case alive && !m.Meta.Draining:
 			in.Candidates = append(in.Candidates, n)
 			in.Keepers = append(in.Keepers, n)
-		case v.InGrace(n):
+		case restarting:
 			in.Keepers = append(in.Keepers, n)
 		}
 	}
@@ -316,7 +326,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 		h, holding := el.Held[ip]
 		switch {
 		case !plan.Quorum:
-			// Lost the majority: hold nothing.
+			// Lost the quorum: hold nothing.
 		case a.Holder == self && holding:
 			gen := a.Gen
 			if !a.Claimed {
@@ -324,7 +334,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 			}
 			plan.Held[ip] = Holding{Gen: gen}
 		case a.Holder == self && !settled:
-			retry(window - el.Now.Sub(plan.QuorumSince))
+			retry(max(window-el.Now.Sub(plan.QuorumSince), window-el.Now.Sub(ev.VotersSince)))
 		case a.Holder == self:
 			plan.Held[ip] = Holding{Gen: a.Gen}
 		case !holding, a.Holder == "", a.Claimed:
@@ -341,19 +351,28 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, apiNodes int, el El
 	return assigned
 }
 
-// hasQuorum reports whether this node is in touch with a majority of the cluster (the
-// API's nodes or gossip's members, whichever are more). This node's own recent contact
-// is the evidence: gossip may call a member dead that this node has just heard from (a
-// healed partition's stale verdicts), and that must not make the majority side give
-// its IPs up.
-func hasQuorum(v election.View, apiNodes int, window time.Duration) bool {
-	reachable := 0
-	for name, m := range v.Members {
-		if name == v.Self || v.At.Sub(m.LastContact) <= window {
-			reachable++
+// minVoters is the fewest voters natd runs with: with two egress nodes, one survivor
+// alone is no majority of two, but it and a witness are one of three.
+const minVoters = 3
+
+// votersOf names the voters: the egress-eligible nodes and, while they are fewer than
+// minVoters, witnesses: other nodes where natd runs (gossip knows them), highest
+// rendezvous score first, so that every node picks the same ones. Nodes where natd does
+// not run are never witnesses and never count against a majority.
+func votersOf(eligible []string, nodes []*corev1.Node, v election.View) []string {
+	voters := slices.Clone(eligible)
+	if len(voters) < minVoters {
+		var others []string
+		for _, n := range nodes {
+			if _, known := v.Members[n.Name]; known && !slices.Contains(eligible, n.Name) {
+				others = append(others, n.Name)
+			}
 		}
+		others = election.Rank("natd.dev/witness", others)
+		voters = append(voters, others[:min(len(others), minVoters-len(voters))]...)
 	}
-	return 2*reachable > max(apiNodes, len(v.Members))
+	slices.Sort(voters)
+	return voters
 }
 
 // unsureFor bounds how long a node that regained a majority waits for members it saw die

@@ -2,6 +2,7 @@ package natd
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -18,6 +19,8 @@ func testConfig(node string) *Config {
 	return &Config{
 		NodeName:            node,
 		HandoverTimeout:     3 * time.Second,
+		Lease:               250 * time.Millisecond,
+		HeartbeatInterval:   50 * time.Millisecond,
 		GossipProbeInterval: 150 * time.Millisecond,
 		GossipProbeTimeout:  75 * time.Millisecond,
 		MaxEgressIPs:        32,
@@ -93,19 +96,44 @@ func clusterOf(nodes []*corev1.Node, namespaces []*corev1.Namespace, pods []*cor
 		PodsIn: func(ns string) []*podRecord { return byNS[ns] }}
 }
 
-// view is a gossip view in which the named members are alive and claim nothing.
+// view is a gossip view in which the named members are alive and claim nothing; the
+// test clusters' voters are node1, node2 and node3, and the alive ones have been in
+// touch with this node for an hour.
 func view(self string, alive ...string) election.View {
 	v := election.View{Self: self, Members: map[string]election.Member{}, At: time.Now()}
 	for _, n := range alive {
 		v.Members[n] = election.Member{Name: n, Alive: true, LastContact: v.At}
 	}
+	v.Evidence = evidence(v.At, alive...)
 	return v
+}
+
+// evidence is what heartbeats prove when the voters node1..node3 are all there and
+// the inTouch ones answer: the others are down if a majority is left to say so.
+func evidence(at time.Time, inTouch ...string) election.Evidence {
+	e := election.Evidence{At: at, Voters: []string{"node1", "node2", "node3"}, VotersSince: at.Add(-time.Hour),
+		InTouch: map[string]bool{}, Down: map[string]bool{}}
+	for _, n := range inTouch {
+		if e.IsVoter(n) {
+			e.InTouch[n] = true
+		}
+	}
+	quorum := 2*len(e.InTouch) > len(e.Voters)
+	for _, n := range e.Voters {
+		if !e.InTouch[n] && quorum {
+			e.Down[n] = true
+		}
+	}
+	if quorum {
+		e.QuorumSince = at.Add(-time.Hour)
+	}
+	return e
 }
 
 // elect is an election input for a node that has seen a majority for a long time.
 func elect(self string, alive ...string) Election {
 	now := time.Now()
-	return Election{View: view(self, alive...), Now: now, QuorumSince: now.Add(-time.Hour), StateSyncedAt: now.Add(-time.Minute)}
+	return Election{View: view(self, alive...), Now: now, StateSyncedAt: now.Add(-time.Minute)}
 }
 
 func TestPlanOnWorker(t *testing.T) {
@@ -339,15 +367,11 @@ func TestPlanRestartGrace(t *testing.T) {
 	}
 }
 
-// A node whose peers are alive in gossip but have not answered it for longer than the
-// contact window is cut off: it holds nothing.
+// A node whose peers are alive in gossip but whose heartbeats no longer come back is
+// cut off: it holds nothing.
 func TestPlanCutOffHoldsNothing(t *testing.T) {
 	el := elect("node2", "node1", "node2", "node3")
-	for _, n := range []string{"node1", "node3"} {
-		m := el.View.Members[n]
-		m.LastContact = el.View.At.Add(-5 * time.Second)
-		el.View.Members[n] = m
-	}
+	el.View.Evidence = evidence(el.Now, "node2")
 	el.Held = map[netip.Addr]Holding{eip: {Gen: 4}}
 	plan, _ := (&Planner{Config: testConfig("node2")}).Plan(cluster(), el)
 	if len(plan.Held) != 0 || plan.Quorum {
@@ -355,31 +379,91 @@ func TestPlanCutOffHoldsNothing(t *testing.T) {
 	}
 }
 
-// A node that has only just come to see a majority keeps what it holds but takes
-// nothing new until it has heard the others for a while.
+// A node that has only just come to see a quorum keeps what it holds but takes nothing
+// new until it has been in touch for the voters' silence bound, and has exchanged
+// state since.
 func TestPlanNoTakeoverRightAfterQuorum(t *testing.T) {
 	el := elect("node3", "node1", "node3")
-	el.QuorumSince = time.Time{} // it has just (re)joined
-	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
-	if len(plan.Held) != 0 || plan.RetryAfter == 0 || plan.QuorumSince != el.Now {
+	el.View.Evidence.QuorumSince = el.Now // it has just (re)joined
+	cfg := testConfig("node3")
+	plan, _ := (&Planner{Config: cfg}).Plan(cluster(), el)
+	if len(plan.Held) != 0 || plan.RetryAfter != cfg.Heartbeat().Silence {
 		t.Fatalf("took over right after regaining quorum: held %v, retry %s", plan.Held, plan.RetryAfter)
 	}
-	el.QuorumSince, el.Now = plan.QuorumSince, el.Now.Add(2*time.Second)
-	// Not before a full state exchange since the majority came back.
-	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	el.Now = el.Now.Add(cfg.Heartbeat().Silence)
+	el.StateSyncedAt = el.Now.Add(-2 * cfg.Heartbeat().Silence)
+	// Not before a full state exchange since the quorum came back.
+	plan, _ = (&Planner{Config: cfg}).Plan(cluster(), el)
 	if _, ok := plan.Held[eip]; ok {
 		t.Fatal("took over before exchanging state with the peers")
 	}
-	el.StateSyncedAt = el.QuorumSince.Add(time.Millisecond)
-	el.View.At = el.Now
-	for _, n := range []string{"node1", "node3"} {
-		m := el.View.Members[n]
-		m.LastContact = el.Now
-		el.View.Members[n] = m
-	}
-	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	el.StateSyncedAt = el.View.Evidence.QuorumSince.Add(time.Millisecond)
+	plan, _ = (&Planner{Config: cfg}).Plan(cluster(), el)
 	if _, ok := plan.Held[eip]; !ok {
 		t.Fatal("no takeover once settled")
+	}
+	// Voters that changed a moment ago (a label): nothing new for the bound either.
+	el.View.Evidence.VotersSince = el.Now.Add(-time.Millisecond)
+	plan, _ = (&Planner{Config: cfg}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; ok {
+		t.Fatal("took over right after the voters changed")
+	}
+}
+
+// A voter goes by the voters' evidence, not by gossip's failure detector: a holder that
+// gossip already calls dead keeps its IP until a majority of voters reports it silent
+// (its leases have run out by then), and then the IP moves.
+func TestPlanVoterTakesOverOnlyWhenTheVotersSaySo(t *testing.T) {
+	el := elect("node3", "node1", "node2", "node3")
+	el.View = claim(el.View, "node2", 4)
+	m := el.View.Members["node2"]
+	m.Alive = false // gossip's verdict
+	el.View.Members["node2"] = m
+	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if _, ok := plan.Held[eip]; ok || plan.Holders[eip] != "node2" {
+		t.Fatalf("took over on gossip's word alone: held %v, holder %q", plan.Held, plan.Holders[eip])
+	}
+	el.View.Evidence.Down["node2"] = true
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
+	if h, ok := plan.Held[eip]; !ok || h.Gen != 5 {
+		t.Fatalf("no takeover once the voters report node2 silent: %v", plan.Held)
+	}
+	// A node that is not a voter only follows: gossip's verdict and the newest claim.
+	nodes := cluster()
+	el4 := el
+	el4.View.Members = maps.Clone(el.View.Members)
+	for _, n := range []string{"node4", "node5"} {
+		nodes.Nodes = append(nodes.Nodes, node(n, "198.18.0.1"+n[4:], false, true))
+		el4.View.Members[n] = election.Member{Name: n, Alive: true}
+	}
+	el4.View.Self = "node4"
+	if slices.Contains(votersOf([]string{"node2", "node3"}, nodes.Nodes, el4.View), "node4") {
+		el4.View.Self = "node5" // the one that is not a witness
+	}
+	el4.View.Evidence = election.Evidence{}
+	plan, _ = (&Planner{Config: testConfig(el4.View.Self)}).Plan(nodes, el4)
+	if plan.Holders[eip] != "node3" || plan.Quorum || len(plan.Held) != 0 {
+		t.Fatalf("follower: holder %q, quorum %v, held %v", plan.Holders[eip], plan.Quorum, plan.Held)
+	}
+}
+
+// Voters: the eligible nodes, and witnesses (natd nodes, the same on every node) while
+// there are fewer than three; nodes where natd does not run are never counted.
+func TestVotersOf(t *testing.T) {
+	nodes := []*corev1.Node{node("a", "198.18.0.1", true, true), node("b", "198.18.0.2", true, true),
+		node("c", "198.18.0.3", false, true), node("d", "198.18.0.4", false, true), node("win", "198.18.0.5", false, true)}
+	v := view("a", "a", "b", "c", "d") // no natd on "win"
+	got := votersOf([]string{"a", "b"}, nodes, v)
+	if len(got) != 3 || !slices.Contains(got, "a") || !slices.Contains(got, "b") || slices.Contains(got, "win") {
+		t.Fatalf("voters %v", got)
+	}
+	v2 := view("d", "d", "c", "b", "a")
+	if again := votersOf([]string{"b", "a"}, nodes, v2); !slices.Equal(got, again) {
+		t.Fatalf("voters differ between nodes: %v and %v", got, again)
+	}
+	four := []string{"a", "b", "c", "d"}
+	if got := votersOf(four, nodes, v); !slices.Equal(got, four) {
+		t.Fatalf("four egress nodes need no witness: %v", got)
 	}
 }
 
@@ -387,7 +471,7 @@ func TestPlanNoTakeoverRightAfterQuorum(t *testing.T) {
 // cut off: that member may be alive and hold the IP under a claim it has not heard of.
 func TestPlanBackFromPartitionTakesNothingOfTheUnsure(t *testing.T) {
 	el := elect("node3", "node1", "node3")
-	el.QuorumSince = el.Now.Add(-2 * time.Second)                                                      // majority again, settled
+	el.View.Evidence.QuorumSince = el.Now.Add(-2 * time.Second)                                        // majority again, settled
 	el.View.Members["node2"] = election.Member{Name: "node2", DownSince: el.Now.Add(-5 * time.Second)} // died before that
 	el.StateSyncedAt = el.Now.Add(-time.Second)                                                        // state exchanged since
 	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
@@ -404,7 +488,7 @@ func TestPlanBackFromPartitionTakesNothingOfTheUnsure(t *testing.T) {
 	}
 }
 
-// Gossip calling a member dead that this node has just heard from (a healed
+// Gossip calling a member dead that the voters' evidence shows in touch (a healed
 // partition's stale verdict) does not cost the majority its IPs.
 func TestPlanStaleDeathVerdictKeepsQuorum(t *testing.T) {
 	el := elect("node3", "node1", "node3")

@@ -36,7 +36,8 @@ const (
 var (
 	errWedged        = errors.New("the sync loop is stuck")
 	errSyncsFailing  = errors.New("syncs have been failing")
-	errNoMajority    = errors.New("no majority of the cluster in sight")
+	errNoMajority    = errors.New("no majority of the voters in touch")
+	errLeaseLapsed   = errors.New("the leases ran out or the quorum broke since they were renewed")
 	errRenewalStuck  = errors.New("the lease renewal loop is stuck")
 	errRenewalFailed = errors.New("renewing leases failed")
 )

@@ -85,7 +85,7 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	metrics := NewMetrics()
 	metrics.ExportCounters(dp.Counters)
 	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
-		"encryptedGossip", key != nil, "lease", cfg.Lease, "minDetection", cfg.MinDetection())
+		"encryptedGossip", key != nil, "lease", cfg.Lease, "heartbeatInterval", cfg.HeartbeatInterval, "silence", cfg.Heartbeat().Silence)
 	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), nil
 }
 
