@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"math"
 	"net"
 	"net/netip"
@@ -208,7 +209,12 @@ func (g *Gossip) heartbeat() {
 			return
 		case <-t.C:
 		}
-		for _, o := range g.hb.tick() {
+		out, changed := g.hb.tick()
+		if changed {
+			g.logEvidence()
+			g.signal()
+		}
+		for _, o := range out {
 			g.mu.Lock()
 			m, ok := g.members[o.to]
 			g.mu.Unlock()
@@ -221,6 +227,14 @@ func (g *Gossip) heartbeat() {
 			}
 		}
 	}
+}
+
+// logEvidence says when this node's quorum begins or ends, and who is down.
+func (g *Gossip) logEvidence() {
+	e := g.hb.evidence()
+	down := slices.Sorted(maps.Keys(e.Down))
+	inTouch := slices.Sorted(maps.Keys(e.InTouch))
+	klog.InfoS("Voters' evidence changed", "quorum", e.Quorum(), "inTouch", inTouch, "down", down, "voters", e.Voters)
 }
 
 // SetVoters sets who the voters are, and whether this node holds IPs (it then

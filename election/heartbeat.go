@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -93,6 +94,7 @@ type heartbeats struct {
 	peers       map[string]*peerState
 	lastTick    time.Time
 	quorumSince time.Time
+	lastDown    map[string]bool // as of the last tick, to tell when it changes
 }
 
 type sentHeartbeat struct {
@@ -173,11 +175,13 @@ type outgoing struct {
 }
 
 // tick advances the heartbeat: it keeps the quorum's continuity and returns the
-// heartbeats to send now.
-func (h *heartbeats) tick() []outgoing {
+// heartbeats to send now, and whether the evidence changed (the quorum began or
+// ended, a voter went down or came back): the planner must look again.
+func (h *heartbeats) tick() (out []outgoing, changed bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	now := h.now()
+	since := h.quorumSince
 	switch {
 	case !h.quorumAt(now):
 		h.quorumSince = time.Time{}
@@ -187,6 +191,9 @@ func (h *heartbeats) tick() []outgoing {
 		h.quorumSince = now
 	}
 	h.lastTick = now
+	down := h.downAt(now)
+	changed = !since.Equal(h.quorumSince) || !maps.Equal(down, h.lastDown)
+	h.lastDown = down
 	h.seq++
 	h.sent = append(h.sent, sentHeartbeat{seq: h.seq, at: now})
 	for len(h.sent) > 1 && now.Sub(h.sent[0].at) > h.timing.Fresh {
@@ -198,7 +205,7 @@ func (h *heartbeats) tick() []outgoing {
 		}
 	}
 	if !h.isVoter(h.self) && !h.active {
-		return nil
+		return nil, changed
 	}
 	var silent []string
 	for _, v := range h.voters {
@@ -208,7 +215,6 @@ func (h *heartbeats) tick() []outgoing {
 	}
 	// Every other voter, and whoever heartbeats this node (a holder handing its IPs
 	// over after it stopped being a voter needs the voters' echoes).
-	var out []outgoing
 	send := func(name string) {
 		p := h.peer(name, now)
 		if p == nil {
@@ -232,7 +238,7 @@ func (h *heartbeats) tick() []outgoing {
 			send(name)
 		}
 	}
-	return out
+	return out, changed
 }
 
 // silentAt reports whether this node has not heard v for D (counting from when it
@@ -338,13 +344,9 @@ func (h *heartbeats) inTouchAt(now time.Time) map[string]bool {
 	return in
 }
 
-// evidence is the snapshot Gossip's View carries.
-func (h *heartbeats) evidence() Evidence {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	now := h.now()
-	e := Evidence{At: now, Voters: slices.Clone(h.voters), VotersSince: h.votersSince,
-		InTouch: h.inTouchAt(now), Down: map[string]bool{}}
+// downAt lists the voters a majority of voters reports silent at now. The caller
+// holds h.mu.
+func (h *heartbeats) downAt(now time.Time) map[string]bool {
 	// Count, for every voter, the voters reporting it silent: this node's own word (if
 	// a voter) and every report that answers a recent heartbeat of this node.
 	reports := map[string]int{}
@@ -366,11 +368,23 @@ func (h *heartbeats) evidence() Evidence {
 			}
 		}
 	}
+	down := map[string]bool{}
 	for x, n := range reports {
 		if 2*n > len(h.voters) {
-			e.Down[x] = true
+			down[x] = true
 		}
 	}
+	return down
+}
+
+// evidence is the snapshot Gossip's View carries.
+func (h *heartbeats) evidence() Evidence {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	now := h.now()
+	e := Evidence{At: now, Voters: slices.Clone(h.voters), VotersSince: h.votersSince,
+		InTouch: h.inTouchAt(now), Down: map[string]bool{}}
+	e.Down = h.downAt(now)
 	// The quorum stands only if it holds now and the tick has kept watching it.
 	if 2*len(e.InTouch) > len(h.voters) && now.Sub(h.lastTick) <= 2*h.timing.Interval {
 		e.QuorumSince = h.quorumSince

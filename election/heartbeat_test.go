@@ -62,7 +62,8 @@ func (n *simNet) run(d time.Duration, each func()) {
 				continue
 			}
 			sn.nextTick += time.Duration(float64(n.timing.Interval) / sn.rate)
-			for _, o := range sn.hb.tick() {
+			out, _ := sn.hb.tick()
+			for _, o := range out {
 				if n.cut(name, o.to) {
 					continue
 				}
@@ -95,7 +96,9 @@ func (n *simNet) kernelTime(name string, d time.Duration) time.Duration {
 
 func (n *simNet) evidence(name string) Evidence { return n.nodes[name].hb.evidence() }
 
-func testTiming() HeartbeatTiming { return NewHeartbeatTiming(50*time.Millisecond, 250*time.Millisecond) }
+func testTiming() HeartbeatTiming {
+	return NewHeartbeatTiming(50*time.Millisecond, 250*time.Millisecond)
+}
 
 func names(n int) []string {
 	out := make([]string, n)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -98,7 +99,10 @@ type Agent struct {
 	held          map[netip.Addr]Holding
 	// leasedAt is when this node last decided, with a quorum, to keep serving what it
 	// holds (a renewal or an Apply): its leases run out --lease after it.
-	leasedAt      time.Time
+	leasedAt time.Time
+	// resuming: this natd found IPs its predecessor left served for a restart, and has
+	// not yet planned with a quorum; it keeps them as they are until then.
+	resuming      bool
 	quorumSince   time.Time
 	stateSyncedAt time.Time
 	seenGen       map[netip.Addr]uint32
@@ -235,7 +239,37 @@ func (a *Agent) start(ctx context.Context) error {
 		}
 	}
 	klog.InfoS("Informer caches synced")
-	return a.joinCluster(ctx)
+	if err := a.joinCluster(ctx); err != nil {
+		return err
+	}
+	a.awaitQuorum(ctx)
+	return nil
+}
+
+// awaitQuorum gives the voters' heartbeats a moment to come back before the first sync:
+// a natd restarted on a holder keeps its IPs only if its first plan is made with a
+// quorum. Without one (it is cut off, or alone) it goes on and holds nothing.
+func (a *Agent) awaitQuorum(ctx context.Context) {
+	deadline := time.Now().Add(2 * a.cfg.Heartbeat().Silence)
+	for !a.members.View().Evidence.Quorum() && time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(a.cfg.HeartbeatInterval)
+	}
+}
+
+// startVoting names the voters as the API and gossip know them now, so that this
+// node's heartbeats begin before its first sync (the sync names them from then on).
+func (a *Agent) startVoting() {
+	nodes, _ := a.nodes.List(labels.Everything())
+	var eligible []string
+	for _, n := range nodes {
+		if isEligible(n) {
+			eligible = append(eligible, n.Name)
+		}
+	}
+	a.mu.Lock()
+	holding := len(a.held) > 0
+	a.mu.Unlock()
+	a.members.SetVoters(votersOf(eligible, nodes, a.members.View()), holding)
 }
 
 // renewLeases keeps this node's egress IPs served by the kernel for another --lease,
@@ -306,6 +340,9 @@ func (a *Agent) mayRenew(ev election.Evidence) error {
 // lapsed reports whether this node's leases ran out, or its quorum broke, since it last
 // extended them. The caller holds a.mu.
 func (a *Agent) lapsed(ev election.Evidence) bool {
+	if a.resuming {
+		return false // the kernel serves them under the grace its predecessor set
+	}
 	return ev.At.Sub(a.leasedAt) >= a.cfg.Lease || ev.QuorumSince.After(a.leasedAt)
 }
 
@@ -362,6 +399,11 @@ func (a *Agent) joinCluster(ctx context.Context) error {
 	}
 	meta := election.Meta{Claims: claims}
 	if len(claims) > 0 {
+		// The natd before this one stopped for a restart and the kernel kept serving
+		// these (their leases are current). This natd still says it is restarting, so
+		// that the voters keep its claims, until its first plan with a quorum.
+		a.resuming = true
+		meta.RestartGrace = a.cfg.RestartGrace
 		klog.InfoS("Found egress IPs held before this start", "claims", meta.Claims)
 	}
 	if a.members, err = a.newMembership(nodeIP); err != nil {
@@ -370,6 +412,7 @@ func (a *Agent) joinCluster(ctx context.Context) error {
 	if err := a.members.SetLocal(meta, 0); err != nil {
 		return err
 	}
+	defer a.startVoting()
 	peers := a.peers(func(string) bool { return true })
 	if len(peers) == 0 {
 		return nil
@@ -471,6 +514,9 @@ func (a *Agent) publishClaims(ctx context.Context) {
 func (a *Agent) localMeta(grace time.Duration) election.Meta {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.resuming {
+		grace = a.cfg.RestartGrace
+	}
 	return election.Meta{Draining: a.draining, RestartGrace: grace, Claims: claimsOf(a.held)}
 }
 
@@ -605,6 +651,15 @@ func (a *Agent) inputs() (Cluster, Election, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	el := Election{View: a.members.View(), Held: a.held, StateSyncedAt: a.stateSyncedAt, SeenGen: a.seenGen, Now: a.now()}
+	if a.status != nil {
+		el.SeenGen = maps.Clone(el.SeenGen)
+		if el.SeenGen == nil {
+			el.SeenGen = map[netip.Addr]uint32{}
+		}
+		for ip, g := range a.status.recordedGens() {
+			el.SeenGen[ip] = max(el.SeenGen[ip], g)
+		}
+	}
 	if len(a.held) > 0 && a.lapsed(el.View.Evidence) {
 		// What this node held is no longer served (or may have been taken while its
 		// quorum was broken): it is taken again only as a new takeover would be.
@@ -630,6 +685,11 @@ func (a *Agent) apply(plan *Plan) (dataplane.Result, error) {
 	changed := !sameClaims(a.held, plan.Held)
 	newQuorum := plan.Quorum && !plan.QuorumSince.Equal(a.quorumSince)
 	a.held, a.quorumSince, a.seenGen = plan.Held, plan.QuorumSince, plan.SeenGen
+	resumed := a.resuming && plan.Quorum
+	if resumed {
+		a.resuming = false
+		changed = true // the claims stand: no longer restarting
+	}
 	if len(plan.Held) > 0 {
 		// The plan was made with a quorum unbroken since the last renewal (else inputs
 		// would have dropped what was held), and Apply leased its IPs.

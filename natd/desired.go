@@ -138,10 +138,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		if n.Name == cfg.NodeName {
 			self = n
 		}
-		// Readiness is not asked: whether a node's natd is alive is gossip's to say,
-		// faster than the node lifecycle controller, and without the API.
-		// A cordoned node is being emptied for maintenance: its IPs move away, planned.
-		if n.Labels[LabelEgressNode] == "true" && !n.Spec.Unschedulable && n.DeletionTimestamp == nil && ip.IsValid() {
+		if isEligible(n) {
 			eligible = append(eligible, n.Name)
 		}
 	}
@@ -449,6 +446,14 @@ func (p *podPins) resolve() (v4, v6 map[netip.Addr][]netip.Addr) {
 		v6[e] = append(v6[e], netip.AddrFrom16(x.addr))
 	}
 	return v4, v6
+}
+
+// isEligible reports whether n may hold egress IPs. Readiness is not asked: whether a
+// node's natd is alive is for the voters' heartbeats to say, faster than the node
+// lifecycle controller, and without the API. A cordoned node is being emptied for
+// maintenance: its IPs move away, planned.
+func isEligible(n *corev1.Node) bool {
+	return n.Labels[LabelEgressNode] == "true" && !n.Spec.Unschedulable && n.DeletionTimestamp == nil && internalIP(n).IsValid()
 }
 
 func internalIP(n *corev1.Node) netip.Addr {

@@ -3,6 +3,7 @@ package natd
 import (
 	"context"
 	"fmt"
+	"math"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -223,6 +224,21 @@ func (w *statusWriter) processNext(ctx context.Context) bool {
 	}
 	w.queue.Forget(name)
 	return true
+}
+
+// recordedGens returns the claim generation each EgressIP's status records: a new claim
+// must beat it even when every node that knew the old claim has restarted since, or
+// the status (which keeps the newest generation) would refuse the new holder.
+func (w *statusWriter) recordedGens() map[netip.Addr]uint32 {
+	out := map[netip.Addr]uint32{}
+	objs, _ := w.lister.List(labels.Everything())
+	for _, o := range objs {
+		ip, err := netip.ParseAddr(o.Spec.IP)
+		if err == nil && o.Status.ClaimGeneration > 0 && o.Status.ClaimGeneration <= math.MaxUint32 {
+			out[ip] = uint32(o.Status.ClaimGeneration)
+		}
+	}
+	return out
 }
 
 // write brings one object in line, if this node is its writer.

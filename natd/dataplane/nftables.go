@@ -804,21 +804,40 @@ func withSetIDs(exprs []expr.Any, sets map[string]*nftables.Set) []expr.Any {
 // generations of its claims: what a previous run (or a crashed one) left on the uplink.
 func heldAddrsInKernel(conn *nftables.Conn) ([]election.Claim, error) {
 	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
-	s, err := conn.GetSetByName(t, setHeldAddrs)
-	if err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return nil, nil
+	elements := func(name string) ([]nftables.SetElement, error) {
+		s, err := conn.GetSetByName(t, name)
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("reading set %s: %w", name, err)
 		}
-		return nil, fmt.Errorf("reading set %s: %w", setHeldAddrs, err)
+		els, err := conn.GetSetElements(s)
+		if err != nil {
+			return nil, fmt.Errorf("reading elements of %s: %w", name, err)
+		}
+		return els, nil
 	}
-	els, err := conn.GetSetElements(s)
+	addrs, err := elements(setHeldAddrs)
 	if err != nil {
-		return nil, fmt.Errorf("reading elements of %s: %w", setHeldAddrs, err)
+		return nil, err
+	}
+	// Only IPs whose lease is current: a lapsed lease (natd was killed) is served no
+	// more, and the kernel no longer lists it in held_marks.
+	marks, err := elements(setHeldMarks)
+	if err != nil {
+		return nil, err
+	}
+	leased := map[netip.Addr]bool{}
+	for _, e := range marks {
+		if len(e.Key) >= 4 {
+			leased[netip.AddrFrom4([4]byte(e.Key[:4]))] = true
+		}
 	}
 	var out []election.Claim
-	for _, e := range els {
+	for _, e := range addrs {
 		a, ok := netip.AddrFromSlice(e.Key)
-		if !ok || !a.Is4() {
+		if !ok || !a.Is4() || !leased[a] {
 			continue
 		}
 		c := election.Claim{IP: a}
