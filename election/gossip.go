@@ -37,7 +37,7 @@ type GossipConfig struct {
 	// PushPullInterval is how often a full state exchange runs with one random peer
 	// (0: 10 s).
 	PushPullInterval time.Duration
-	// Heartbeat is the voters' heartbeat schedule (zero: NewHeartbeatTiming(50ms, 250ms)).
+	// Heartbeat is the voters' heartbeat schedule (zero: NewHeartbeatTiming(40ms, 300ms)).
 	Heartbeat HeartbeatTiming
 	// Transport replaces the UDP/TCP transport (the scale harness's in-memory network).
 	Transport memberlist.Transport
@@ -131,7 +131,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.Heartbeat.Interval <= 0 {
-		cfg.Heartbeat = NewHeartbeatTiming(50*time.Millisecond, 250*time.Millisecond)
+		cfg.Heartbeat = NewHeartbeatTiming(40*time.Millisecond, 300*time.Millisecond)
 	}
 	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1),
 		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1),

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"k8s.io/klog/v2"
 )
 
 // Voters are the nodes whose contact decides who may hold egress IPs: the egress-
@@ -26,12 +28,14 @@ import (
 //   - it reports a peer silent only D after it last heard it (or began watching it);
 //   - a peer is in touch when its heartbeat echoes one sent within W and says it heard
 //     this node within W; a node has a quorum while a majority of voters (itself
-//     included, if a voter) are in touch, continuously from tick to tick;
+//     included, if a voter) are in touch; the quorum is unbroken while no two
+//     consecutive moments this node saw it are more than S apart (a stall of the node,
+//     or a few lost heartbeats, shorter than that is bridged);
 //   - a voter is down when a majority of voters report it silent (fresh reports);
 //   - a holder renews its leases (--lease) only while its quorum has not broken since
 //     the last renewal; after a break it takes IPs again only after D of quorum.
 //
-// Because D > max(L+2W, 3W+2H), a quorum that reports a holder silent overlaps, in at
+// Because D > max(L+2W, 3W+S), a quorum that reports a holder silent overlaps, in at
 // least one voter, the quorum the holder last renewed with, and that voter's report
 // comes after the holder's lease ran out. The bound does not depend on the cluster's
 // size: only voters take part.
@@ -40,17 +44,18 @@ import (
 type HeartbeatTiming struct {
 	Interval time.Duration // H: how often each voter sends each other voter a heartbeat
 	Fresh    time.Duration // W: how old a round trip may be and still count
+	Stall    time.Duration // S: the longest gap in a quorum that does not break it
 	Silence  time.Duration // D: how long a voter must go unheard to be reported silent
 }
 
 // NewHeartbeatTiming derives the windows from the heartbeat interval and the lease: W
-// is three heartbeats (one lost heartbeat or echo changes nothing), and D is the
-// bound max(L+2W, 3W+2H) with 2H for a late lease commit, and 10 % for clocks that run
-// at different rates.
+// is three heartbeats (one lost heartbeat or echo changes nothing), S is the lease (a
+// gap the lease would bridge anyway), and D is the bound max(L+2W, 3W+S) with 2H for
+// a late lease commit, and 10 % for clocks that run at different rates.
 func NewHeartbeatTiming(interval, lease time.Duration) HeartbeatTiming {
 	w := 3 * interval
-	d := max(lease+2*w, 3*w+2*interval) + 2*interval
-	return HeartbeatTiming{Interval: interval, Fresh: w, Silence: d + d/10}
+	d := max(lease+2*w, 3*w+lease) + 2*interval
+	return HeartbeatTiming{Interval: interval, Fresh: w, Stall: lease, Silence: d + d/10}
 }
 
 // Evidence is what this node can prove about the voters now.
@@ -92,9 +97,11 @@ type heartbeats struct {
 	votersSince time.Time
 	active      bool // this node holds IPs: it heartbeats even if not a voter (a handover)
 	peers       map[string]*peerState
-	lastTick    time.Time
+	lastQuorum  time.Time // the last moment this node saw its quorum
 	quorumSince time.Time
-	lastDown    map[string]bool // as of the last tick, to tell when it changes
+	// What the last tick told the planner, to tell when it changes.
+	toldSince time.Time
+	toldDown  map[string]bool
 }
 
 type sentHeartbeat struct {
@@ -181,19 +188,10 @@ func (h *heartbeats) tick() (out []outgoing, changed bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	now := h.now()
-	since := h.quorumSince
-	switch {
-	case !h.quorumAt(now):
-		h.quorumSince = time.Time{}
-	case h.quorumSince.IsZero() || now.Sub(h.lastTick) > 2*h.timing.Interval:
-		// A quorum is unbroken only if this node looked every tick: after a stall it
-		// begins anew.
-		h.quorumSince = now
-	}
-	h.lastTick = now
+	h.observe(now)
 	down := h.downAt(now)
-	changed = !since.Equal(h.quorumSince) || !maps.Equal(down, h.lastDown)
-	h.lastDown = down
+	changed = !h.toldSince.Equal(h.quorumSince) || !maps.Equal(down, h.toldDown)
+	h.toldSince, h.toldDown = h.quorumSince, down
 	h.seq++
 	h.sent = append(h.sent, sentHeartbeat{seq: h.seq, at: now})
 	for len(h.sent) > 1 && now.Sub(h.sent[0].at) > h.timing.Fresh {
@@ -239,6 +237,27 @@ func (h *heartbeats) tick() (out []outgoing, changed bool) {
 		}
 	}
 	return out, changed
+}
+
+// observe looks at the quorum now and keeps its continuity: a quorum seen again within
+// S of the last sighting goes on; after a longer gap (this node stalled, or lost touch)
+// it begins anew; and once gone for longer than S it is over. The caller holds h.mu.
+func (h *heartbeats) observe(now time.Time) (quorum bool) {
+	gap := now.Sub(h.lastQuorum)
+	if h.quorumAt(now) {
+		if h.quorumSince.IsZero() || gap > h.timing.Stall {
+			if !h.quorumSince.IsZero() {
+				klog.InfoS("Quorum of voters broke and began anew", "gap", gap)
+			}
+			h.quorumSince = now
+		}
+		h.lastQuorum = now
+		return true
+	}
+	if gap > h.timing.Stall {
+		h.quorumSince = time.Time{}
+	}
+	return false
 }
 
 // silentAt reports whether this node has not heard v for D (counting from when it
@@ -384,9 +403,10 @@ func (h *heartbeats) evidence() Evidence {
 	now := h.now()
 	e := Evidence{At: now, Voters: slices.Clone(h.voters), VotersSince: h.votersSince,
 		InTouch: h.inTouchAt(now), Down: map[string]bool{}}
+	quorum := h.observe(now) // every look is a sighting (or not) of the quorum
 	e.Down = h.downAt(now)
-	// The quorum stands only if it holds now and the tick has kept watching it.
-	if 2*len(e.InTouch) > len(h.voters) && now.Sub(h.lastTick) <= 2*h.timing.Interval {
+	// A renewal needs the quorum now, not only an unbroken one.
+	if quorum {
 		e.QuorumSince = h.quorumSince
 	}
 	return e

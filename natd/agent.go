@@ -737,7 +737,7 @@ func (a *Agent) publishPlan(c Cluster, el Election, plan *Plan, res dataplane.Re
 	}
 	sort.Strings(speakers)
 	if !plan.Quorum {
-		klog.V(2).InfoS("No majority of the cluster in sight; holding no egress IPs", "alive", alive, "apiNodes", len(c.Nodes))
+		klog.V(2).InfoS("No quorum of voters in touch; holding no egress IPs", "alive", alive, "apiNodes", len(c.Nodes))
 	}
 	a.metrics.EgressIPsHeld.Set(float64(len(plan.Held)))
 	a.metrics.MembersAlive.Set(float64(len(alive)))

@@ -29,7 +29,8 @@ var (
 // With NATD_E2E=required a lab that cannot be built fails the run instead of skipping
 // it. NATD_E2E_NETWORK=dual brings the lab up dual-stack (--network dual): the dual
 // tests (TestDualStack*) run only there, and `make test` runs them with a few of the
-// others in a second, dual lab.
+// others in a second, dual lab. NATD_E2E_NODES sets the lab's size (default 3): `make
+// test` runs the unplanned failovers in a 10-node lab too (nine voters).
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
@@ -89,7 +90,13 @@ func run(m *testing.M) int {
 		os.Remove(labDir) // Up creates it, and Down then removes it whole
 		start := time.Now()
 		// NATD_E2E_PROXY_MODE=iptables runs the suite with kube-proxy in iptables mode.
-		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: 3, Natd: filepath.Join(bins, "natd"),
+		nodes := 3
+		if v := os.Getenv("NATD_E2E_NODES"); v != "" {
+			if _, err := fmt.Sscan(v, &nodes); err != nil {
+				return skip("NATD_E2E_NODES=%q: %v", v, err)
+			}
+		}
+		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: nodes, Natd: filepath.Join(bins, "natd"),
 			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, ProxyMode: os.Getenv("NATD_E2E_PROXY_MODE"),
 			Network: os.Getenv("NATD_E2E_NETWORK"), Out: os.Stderr})
 		defer func() {
@@ -130,7 +137,7 @@ func dumpAgentLogs() {
 		}
 		var keep []string
 		for _, l := range strings.Split(string(b), "\n") {
-			for _, k := range []string{"Took over", "Released", "majority", "Member state", "rror", "Found egress", "Not renewing", "failed", "Repairing"} {
+			for _, k := range []string{"Took over", "Released", "majority", "evidence", "stalled", "Member state", "rror", "Found egress", "Not renewing", "failed", "Repairing"} {
 				if strings.Contains(l, k) {
 					keep = append(keep, l)
 					break
