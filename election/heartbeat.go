@@ -69,11 +69,15 @@ type Evidence struct {
 	InTouch map[string]bool
 	// Down lists the voters a majority of voters report silent.
 	Down map[string]bool
-	// QuorumSince is when this node's quorum began, unbroken since (zero: no quorum).
+	// QuorumSince is when this node's quorum began, unbroken since (zero: broken).
 	QuorumSince time.Time
+	// QuorumNow: a majority of voters is in touch at this moment. Only such a moment
+	// may extend a lease or take an IP; an unbroken quorum that misses a moment keeps
+	// what it has until the lease would run out.
+	QuorumNow bool
 }
 
-// Quorum reports whether a majority of voters is in touch with this node.
+// Quorum reports whether this node's quorum of voters is unbroken.
 func (e Evidence) Quorum() bool { return !e.QuorumSince.IsZero() }
 
 // IsVoter reports whether name is one of the voters.
@@ -403,12 +407,9 @@ func (h *heartbeats) evidence() Evidence {
 	now := h.now()
 	e := Evidence{At: now, Voters: slices.Clone(h.voters), VotersSince: h.votersSince,
 		InTouch: h.inTouchAt(now), Down: map[string]bool{}}
-	quorum := h.observe(now) // every look is a sighting (or not) of the quorum
+	e.QuorumNow = h.observe(now) // every look is a sighting (or not) of the quorum
+	e.QuorumSince = h.quorumSince
 	e.Down = h.downAt(now)
-	// A renewal needs the quorum now, not only an unbroken one.
-	if quorum {
-		e.QuorumSince = h.quorumSince
-	}
 	return e
 }
 

@@ -168,7 +168,7 @@ func twoHolderModel(t *testing.T, net *simNet, lease time.Duration, faults func(
 					continue
 				}
 				e := net.evidence(name)
-				if e.Quorum() && !e.QuorumSince.After(leasedAt[name]) && e.At.Sub(leasedAt[name]) < lease {
+				if e.QuorumNow && e.Quorum() && !e.QuorumSince.After(leasedAt[name]) && e.At.Sub(leasedAt[name]) < lease {
 					leasedAt[name], leaseEnd[name] = e.At, net.now+net.kernelTime(name, lease)
 				}
 			}
@@ -195,7 +195,7 @@ func twoHolderModel(t *testing.T, net *simNet, lease time.Duration, faults func(
 				continue
 			}
 			e := net.evidence(name)
-			if e.Quorum() && e.Down[holder] && net.now >= leaseEnd[name] {
+			if e.QuorumNow && e.Down[holder] && net.now >= leaseEnd[name] {
 				leaseEnd[name], leasedAt[name] = net.now+net.kernelTime(name, lease), e.At
 				takeovers++
 				holder = name

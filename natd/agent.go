@@ -284,6 +284,11 @@ func (a *Agent) renewLeases() {
 		err = a.mayRenew(a.members.View().Evidence)
 	}
 	reason := ""
+	if errors.Is(err, errNotInTouchNow) {
+		a.metrics.LeaseRenewalsWithheld.Inc()
+		a.health.renewDone(nil)
+		return
+	}
 	if err != nil {
 		reason = err.Error()
 	}
@@ -332,6 +337,10 @@ func (a *Agent) mayRenew(ev election.Evidence) error {
 		return errNoMajority
 	case a.lapsed(ev):
 		return errLeaseLapsed
+	case !ev.QuorumNow:
+		// Unbroken, but not in touch at this moment (a lost heartbeat, a short
+		// stall): this renewal is skipped; the next ones in the lease make up for it.
+		return errNotInTouchNow
 	}
 	a.leasedAt = ev.At
 	return nil
@@ -621,6 +630,12 @@ func (a *Agent) sync() error {
 	c, el, err := a.inputs()
 	if err != nil {
 		return err
+	}
+	if ev := el.View.Evidence; len(el.Held) > 0 && ev.Quorum() && !ev.QuorumNow {
+		// Applying would extend the leases on a moment without a quorum in touch:
+		// wait for the next one (the quorum breaks for good within the lease).
+		a.queue.AddAfter(syncKey, a.cfg.HeartbeatInterval)
+		return nil
 	}
 	plan, err := a.planner.Plan(c, el)
 	if err != nil {

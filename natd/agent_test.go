@@ -409,8 +409,18 @@ func TestAgentBrokenQuorumEndsTheLeases(t *testing.T) {
 	if err := f.agent.Sync(); err != nil || len(f.agent.held) != 1 {
 		t.Fatalf("not holding: %v, %v", f.agent.held, err)
 	}
+	// A moment out of touch, the quorum unbroken: this renewal is skipped, nothing is
+	// given up, and a sync waits for a moment in touch.
+	f.members.mu.Lock()
+	f.members.view.Evidence.QuorumNow = false
+	f.members.mu.Unlock()
+	f.agent.renewLeases()
+	if err := f.agent.Sync(); err != nil || f.kernel.renewed() != 0 || len(f.agent.held) != 1 {
+		t.Fatalf("a moment out of touch: renewed %d, held %v, %v", f.kernel.renewed(), f.agent.held, err)
+	}
 	f.advance(50 * time.Millisecond)
 	f.members.mu.Lock()
+	f.members.view.Evidence.QuorumNow = true
 	f.members.view.Evidence.QuorumSince = f.members.view.At.Add(-10 * time.Millisecond) // broke, and is back
 	f.members.mu.Unlock()
 	f.agent.renewLeases()

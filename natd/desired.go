@@ -260,7 +260,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 	// nothing new until it has been in touch for the window, with the voters the
 	// planner names (they change as labels do), and has exchanged full state with its
 	// peers since: claims broadcast while it was away reach it only so.
-	settled := plan.Quorum && el.Now.Sub(plan.QuorumSince) >= window && !el.StateSyncedAt.Before(plan.QuorumSince) &&
+	settled := plan.Quorum && ev.QuorumNow && el.Now.Sub(plan.QuorumSince) >= window && !el.StateSyncedAt.Before(plan.QuorumSince) &&
 		slices.Equal(ev.Voters, voters) && el.Now.Sub(ev.VotersSince) >= window
 	// Members this node saw die while it had no quorum (it was the one cut off) may
 	// be alive and holding IPs it has not heard of: it takes nothing new until gossip

@@ -125,7 +125,7 @@ func evidence(at time.Time, inTouch ...string) election.Evidence {
 		}
 	}
 	if quorum {
-		e.QuorumSince = at.Add(-time.Hour)
+		e.QuorumSince, e.QuorumNow = at.Add(-time.Hour), true
 	}
 	return e
 }
