@@ -15,6 +15,22 @@ type Claim struct {
 	Gen uint32
 }
 
+// Generations are compared as serial numbers (RFC 1982): b is newer than a when it is
+// ahead by less than half the space. A claim at 0xffffffff is followed by one at 0, and
+// the newer still wins: the counter wraps harmlessly, as long as no two claims of one
+// IP that are both still around are 2^31 generations apart.
+
+// NewerGen reports whether generation b is newer than a.
+func NewerGen(a, b uint32) bool { return int32(b-a) > 0 }
+
+// LaterGen returns the newer of two generations.
+func LaterGen(a, b uint32) uint32 {
+	if NewerGen(a, b) {
+		return b
+	}
+	return a
+}
+
 // Input is everything Assign needs; every node builds the same Input from the same
 // membership view and API objects.
 type Input struct {
@@ -82,7 +98,7 @@ func Assign(in Input) map[netip.Addr]Assignment {
 		best := cs[0]
 		for _, m := range cs[1:] {
 			gb, gm := gens[best][ip], gens[m][ip]
-			if gm > gb || (gm == gb && score(key[:], m) > score(key[:], best)) {
+			if NewerGen(gb, gm) || (gm == gb && score(key[:], m) > score(key[:], best)) {
 				best = m
 			}
 		}
@@ -105,7 +121,7 @@ func Assign(in Input) map[netip.Addr]Assignment {
 		}
 		a := Assignment{Holder: best}
 		if best != "" {
-			a.Gen = in.MaxGen[ip] + 1
+			a.Gen = in.MaxGen[ip] + 1 // wraps from 0xffffffff to 0, still newer
 			load[best]++
 		}
 		out[ip] = a

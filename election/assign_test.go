@@ -137,3 +137,20 @@ func FuzzDecodeMeta(f *testing.F) {
 		}
 	})
 }
+
+// Generations wrap harmlessly: the claim after 0xffffffff is 0, and it is the newer.
+func TestGenerationsWrap(t *testing.T) {
+	ip := netip.MustParseAddr("198.18.0.200")
+	in := Input{IPs: []netip.Addr{ip}, Candidates: []string{"a", "b"}, Keepers: []string{"a", "b"},
+		Claims: map[string][]Claim{"a": {{IP: ip, Gen: 0xffffffff}}, "b": {{IP: ip, Gen: 0}}}}
+	if got := Assign(in)[ip]; got.Holder != "b" || got.Gen != 0 {
+		t.Fatalf("after a wrap the older claim won: %+v", got)
+	}
+	in = Input{IPs: []netip.Addr{ip}, Candidates: []string{"a"}, MaxGen: map[netip.Addr]uint32{ip: 0xffffffff}}
+	if got := Assign(in)[ip]; got.Gen != 0 || !NewerGen(0xffffffff, got.Gen) {
+		t.Fatalf("new claim after 0xffffffff: %+v", got)
+	}
+	if LaterGen(0xfffffffe, 1) != 1 || LaterGen(5, 3) != 5 || NewerGen(7, 7) {
+		t.Fatal("LaterGen/NewerGen")
+	}
+}

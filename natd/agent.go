@@ -672,7 +672,7 @@ func (a *Agent) inputs() (Cluster, Election, error) {
 			el.SeenGen = map[netip.Addr]uint32{}
 		}
 		for ip, g := range a.status.recordedGens() {
-			el.SeenGen[ip] = max(el.SeenGen[ip], g)
+			el.SeenGen[ip] = election.LaterGen(el.SeenGen[ip], g)
 		}
 	}
 	if len(a.held) > 0 && a.lapsed(el.View.Evidence) {

@@ -303,16 +303,16 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 	for name, m := range v.Members {
 		in.Claims[name] = m.Meta.Claims
 		for _, c := range m.Meta.Claims {
-			in.MaxGen[c.IP] = max(in.MaxGen[c.IP], c.Gen)
+			in.MaxGen[c.IP] = election.LaterGen(in.MaxGen[c.IP], c.Gen)
 		}
 	}
 	// This node's claims are what it holds, not what it last managed to gossip.
 	in.Claims[self] = claimsOf(el.Held)
 	for _, c := range in.Claims[self] {
-		in.MaxGen[c.IP] = max(in.MaxGen[c.IP], c.Gen)
+		in.MaxGen[c.IP] = election.LaterGen(in.MaxGen[c.IP], c.Gen)
 	}
 	for ip, g := range el.SeenGen {
-		in.MaxGen[ip] = max(in.MaxGen[ip], g)
+		in.MaxGen[ip] = election.LaterGen(in.MaxGen[ip], g)
 	}
 	plan.SeenGen = in.MaxGen
 	assigned := election.Assign(in)

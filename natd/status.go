@@ -306,7 +306,8 @@ func (w *statusWriter) write(ctx context.Context, name string) error {
 		}
 		klog.InfoS("Created EgressIP", "egressIP", name)
 	}
-	if f.HeldHere && cur.Status.ClaimGeneration > int64(f.Gen) {
+	if f.HeldHere && cur.Status.ClaimGeneration > 0 && cur.Status.ClaimGeneration <= math.MaxUint32 &&
+		election.NewerGen(f.Gen, uint32(cur.Status.ClaimGeneration)) {
 		return nil // a newer holder has written: this node's facts are behind
 	}
 	ready := 0

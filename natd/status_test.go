@@ -302,3 +302,20 @@ func TestStatusStaleWritersStayQuiet(t *testing.T) {
 		t.Errorf("a stale writer recorded events: %q", ev)
 	}
 }
+
+// The generation a status records is remembered even when no node does any more (every
+// natd restarted): a new claim beats it, so the status takes the new holder.
+func TestStatusRecordedGenerationsSeedNewClaims(t *testing.T) {
+	w, _, _ := writerFor(t, "node2", &egressv1alpha1.EgressIP{ObjectMeta: metav1.ObjectMeta{Name: ObjectName(eipA)},
+		Spec: egressv1alpha1.EgressIPSpec{IP: eipA.String()}, Status: egressv1alpha1.EgressIPStatus{Node: "node3", ClaimGeneration: 6}})
+	gens := w.recordedGens()
+	if gens[eipA] != 6 {
+		t.Fatalf("recorded generations: %v", gens)
+	}
+	el := elect("node2", "node1", "node2")
+	el.SeenGen = gens
+	plan, err := (&Planner{Config: testConfig("node2")}).Plan(cluster(), el)
+	if err != nil || plan.Held[eip].Gen != 7 {
+		t.Fatalf("new claim: %+v, %v", plan.Held, err)
+	}
+}
