@@ -50,7 +50,7 @@ check-generated: generate
 # delegates from its own goroutines). The unplanned failovers run again in a 10-node
 # lab (nine voters): every node's leases are watched for a second holder.
 test: deps kube-bins check-generated vet
-	$(GO) test -count=1 -race ./election/ ./natd/ ./natd/cniplugin/
+	$(GO) test -count=1 -race -short ./election/ ./natd/ ./natd/cniplugin/
 	$(GO) test -count=1 -p 1 -timeout 20m ./...
 	NATD_E2E_PROXY_MODE=iptables $(GO) test -count=1 -timeout 5m -run 'Service' ./tests/e2e/
 	NATD_E2E_NODES=10 $(GO) test -count=1 -timeout 5m -run '^(TestFailoverPartition|TestFailoverNatdKilled)$$' ./tests/e2e/

@@ -2,11 +2,11 @@ package election
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"log"
 	"maps"
-	"math"
 	"net"
 	"net/netip"
 	"slices"
@@ -26,8 +26,10 @@ type GossipConfig struct {
 	BindIP   netip.Addr
 	Port     int
 	// Key encrypts and authenticates all gossip (16, 24 or 32 bytes); nil means
-	// plain text, which only --insecure-gossip allows.
-	Key []byte
+	// plain text, which only --insecure-gossip allows. OtherKeys are accepted too (a
+	// rotation in progress); SetKeys changes them all while running.
+	Key       []byte
+	OtherKeys [][]byte
 	// Failure detection: a member is probed every ProbeInterval, must answer within
 	// ProbeTimeout, and is declared dead after SuspicionMult probe intervals of
 	// suspicion (scaled by log10 of the cluster size, as memberlist does).
@@ -45,23 +47,6 @@ type GossipConfig struct {
 	Now func() time.Time
 }
 
-// ContactWindow is how long a live member may go without answering this node's probes
-// before this node stops counting it towards a majority. Members are probed in turn,
-// one per probe interval, so each is probed once every n-1 intervals; three rounds of
-// that is far beyond normal jitter, and far below how long it takes a cut-off node's
-// own failure detector (slowed down by memberlist's health awareness as its probes
-// fail) to declare everyone else dead.
-func (c GossipConfig) ContactWindow(n int) time.Duration {
-	return time.Duration(3*max(1, n-1))*c.ProbeInterval + c.ProbeTimeout
-}
-
-// MinDetection is the shortest time after which a member that stopped answering can be
-// declared dead, for n members: no failover can start sooner.
-func (c GossipConfig) MinDetection(n int) time.Duration {
-	scale := math.Max(1, math.Log10(math.Max(1, float64(n)))) // as memberlist scales it
-	return time.Duration(float64(c.SuspicionMult) * scale * float64(c.ProbeInterval))
-}
-
 // Member is one member as this node sees it.
 type Member struct {
 	Name  string
@@ -71,9 +56,6 @@ type Member struct {
 	Meta  Meta
 	// DownSince is when this node learned the member was dead.
 	DownSince time.Time
-	// LastContact is when this node last heard from the member directly: it joined,
-	// or answered one of this node's probes.
-	LastContact time.Time
 	// Routes is what the member last reported to have programmed (nil: nothing heard).
 	Routes *Routes
 }
@@ -120,8 +102,9 @@ type Gossip struct {
 	// the delegates) before that.
 	started atomic.Pointer[memberlist.Memberlist]
 
-	hb   *heartbeats
-	stop chan struct{}
+	keyring *memberlist.Keyring // nil: plain text
+	hb      *heartbeats
+	stop    chan struct{}
 	once sync.Once
 }
 
@@ -164,7 +147,6 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.TCPTimeout = 2 * time.Second
 	mc.Delegate = (*delegate)(g)
 	mc.Events = (*events)(g)
-	mc.Ping = (*pings)(g)
 	mc.Logger = log.New(klogWriter{}, "", 0)
 	var transport memberlist.Transport = cfg.Transport
 	if transport == nil {
@@ -180,12 +162,13 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	mc.Transport = transport
 	if cfg.Key != nil {
-		kr, err := memberlist.NewKeyring(nil, cfg.Key)
+		kr, err := memberlist.NewKeyring(cfg.OtherKeys, cfg.Key)
 		if err != nil {
 			transport.Shutdown()
 			return nil, fmt.Errorf("gossip key: %w", err)
 		}
 		mc.Keyring = kr
+		g.keyring = kr
 		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	}
 	list, err := memberlist.Create(mc)
@@ -235,6 +218,42 @@ func (g *Gossip) logEvidence() {
 	down := slices.Sorted(maps.Keys(e.Down))
 	inTouch := slices.Sorted(maps.Keys(e.InTouch))
 	klog.InfoS("Voters' evidence changed", "quorum", e.Quorum(), "inTouch", inTouch, "down", down, "voters", e.Voters)
+}
+
+// ErrNoKeyring is returned by SetKeys when gossip runs in plain text.
+var ErrNoKeyring = errors.New("gossip runs without a key (--insecure-gossip)")
+
+// SetKeys makes keys the gossip keys, the first one primary (it seals what this node
+// sends; all of them open what it receives), and reports whether anything changed. A
+// rotation adds the new key everywhere first, then makes it primary everywhere, then
+// removes the old one: at every step every node can read every other.
+func (g *Gossip) SetKeys(keys [][]byte) (changed bool, err error) {
+	if g.keyring == nil {
+		return false, ErrNoKeyring
+	}
+	if len(keys) == 0 {
+		return false, errors.New("no gossip key")
+	}
+	cur := g.keyring.GetKeys() // primary first
+	if len(cur) == len(keys) && slices.EqualFunc(cur, keys, bytes.Equal) {
+		return false, nil
+	}
+	for _, k := range keys {
+		if err := g.keyring.AddKey(k); err != nil {
+			return true, fmt.Errorf("installing a gossip key: %w", err)
+		}
+	}
+	if err := g.keyring.UseKey(keys[0]); err != nil {
+		return true, fmt.Errorf("switching the primary gossip key: %w", err)
+	}
+	for _, k := range cur {
+		if !slices.ContainsFunc(keys, func(x []byte) bool { return bytes.Equal(x, k) }) {
+			if err := g.keyring.RemoveKey(k); err != nil {
+				return true, fmt.Errorf("removing a gossip key: %w", err)
+			}
+		}
+	}
+	return true, nil
 }
 
 // SetVoters sets who the voters are, and whether this node holds IPs (it then
@@ -441,9 +460,6 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 	if m.Alive && !alive {
 		m.DownSince = g.cfg.Now()
 	}
-	if alive && !m.Alive {
-		m.LastContact = g.cfg.Now()
-	}
 	m.Alive, m.Addr, m.Port = alive, addr, port
 	if alive || len(n.Meta) > 0 {
 		m.Meta = meta // a dead member keeps its last words (claims, restart grace)
@@ -525,19 +541,6 @@ func (d *delegate) MergeRemoteState(b []byte, _ bool) {
 	if fresh {
 		g.signalRoutes()
 	}
-}
-
-// pings records when each member last answered a probe of this node's.
-type pings Gossip
-
-func (p *pings) AckPayload() []byte { return nil }
-func (p *pings) NotifyPingComplete(other *memberlist.Node, _ time.Duration, _ []byte) {
-	g := (*Gossip)(p)
-	g.mu.Lock()
-	if m, ok := g.members[other.Name]; ok {
-		m.LastContact = g.cfg.Now()
-	}
-	g.mu.Unlock()
 }
 
 type events Gossip

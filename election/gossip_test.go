@@ -505,3 +505,55 @@ func TestGossipHeartbeatsBetweenVoters(t *testing.T) {
 		t.Fatalf("the two survivors: quorum %v, down %v", e.Quorum(), e.Down)
 	}
 }
+
+// A key rotation while running (add the new key everywhere, make it primary, remove the
+// old one) keeps every voter in touch at every step; afterwards a node with only the
+// old key cannot join.
+func TestGossipKeyRotation(t *testing.T) {
+	oldKey, newKey := make([]byte, 32), make([]byte, 32)
+	rand.Read(oldKey)
+	rand.Read(newKey)
+	names := []string{"a", "b", "c"}
+	g := map[string]*Gossip{}
+	for _, n := range names {
+		g[n] = testGossip(t, n, oldKey)
+		g[n].SetVoters(names, false)
+	}
+	for _, n := range names[1:] {
+		if _, err := g[n].Join([]string{PeerAddr(loopback, g["a"].Port())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inTouch := func() bool {
+		for _, n := range names {
+			if e := g[n].View().Evidence; !e.QuorumNow || len(e.InTouch) != 3 {
+				return false
+			}
+		}
+		return true
+	}
+	waitFor(t, "all in touch", inTouch)
+	since := g["a"].View().Evidence.QuorumSince
+	for _, step := range [][][]byte{{oldKey, newKey}, {newKey, oldKey}, {newKey}} {
+		for _, n := range names {
+			if _, err := g[n].SetKeys(step); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(100 * time.Millisecond) // nodes switch one after another
+		}
+		time.Sleep(300 * time.Millisecond)
+		if !inTouch() {
+			t.Fatalf("voters lost touch at rotation step with %d keys", len(step))
+		}
+	}
+	if got := g["a"].View().Evidence.QuorumSince; !got.Equal(since) {
+		t.Fatalf("the quorum broke during the rotation (began %s, now %s)", since, got)
+	}
+	if changed, err := g["a"].SetKeys([][]byte{newKey}); changed || err != nil {
+		t.Fatalf("the same keys again: changed %v, %v", changed, err)
+	}
+	stale := testGossip(t, "stale", oldKey)
+	if n, _ := stale.Join([]string{PeerAddr(loopback, g["a"].Port())}); n > 0 {
+		t.Fatal("a node with only the old key joined")
+	}
+}

@@ -55,6 +55,8 @@ type Membership interface {
 	// SetVoters names the voters and says whether this node holds IPs (see
 	// election.Evidence).
 	SetVoters(voters []string, holding bool)
+	// SetKeys makes keys the gossip keys, the first primary.
+	SetKeys(keys [][]byte) (changed bool, err error)
 	RoutesChanged() <-chan struct{}
 	Leave(timeout time.Duration) error
 	Shutdown() error
@@ -85,6 +87,7 @@ type Agent struct {
 	now           func() time.Time
 	health        *health
 	withheld      string // why leases are not renewed now ("": they are); the renewal loop's own
+	keyErr        string // the last error reading the gossip keys; the key loop's own
 
 	factory    informers.SharedInformerFactory
 	namespaces corelisters.NamespaceLister
@@ -197,6 +200,10 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	go every(ctx, verifyEvery, func() { a.queue.Add(verifyKey) })
 	go every(ctx, a.cfg.Lease/4, a.renewLeases)
 	go every(ctx, 10*time.Second, a.rejoin)
+	if a.cfg.GossipKeyFile != "" {
+		a.reloadKeys()
+		go every(ctx, keyReloadEvery, a.reloadKeys)
+	}
 	go a.publishClaims(ctx)
 	if a.status != nil {
 		go a.status.run(ctx, a.members.View, a.members.RoutesChanged(), a.cfg.ResyncPeriod)
@@ -353,6 +360,39 @@ func (a *Agent) lapsed(ev election.Evidence) bool {
 		return false // the kernel serves them under the grace its predecessor set
 	}
 	return ev.At.Sub(a.leasedAt) >= a.cfg.Lease || ev.QuorumSince.After(a.leasedAt)
+}
+
+// keyReloadEvery is how often --gossip-key-file is read again: a Secret's new content
+// reaches the pod's volume within about a minute, and natd follows within this.
+const keyReloadEvery = 2 * time.Second
+
+// reloadKeys applies the keys in --gossip-key-file: a key rotation needs no restart.
+// A file natd cannot read changes nothing: the keys in use stay.
+func (a *Agent) reloadKeys() {
+	keys, err := gossipKeys(a.cfg)
+	if err != nil {
+		if err.Error() != a.keyErr {
+			klog.ErrorS(err, "Cannot read the gossip keys; keeping the keys in use")
+		}
+		a.keyErr = err.Error()
+		return
+	}
+	a.keyErr = ""
+	changed, err := a.members.SetKeys(keys)
+	if err != nil {
+		klog.ErrorS(err, "Changing the gossip keys failed")
+		return
+	}
+	a.metrics.GossipKeys.Set(float64(len(keys)))
+	a.metrics.GossipPrimaryKey.Reset()
+	a.metrics.GossipPrimaryKey.WithLabelValues(keyFingerprint(keys[0])).Set(1)
+	if changed {
+		fps := make([]string, len(keys))
+		for i, k := range keys {
+			fps[i] = keyFingerprint(k)
+		}
+		klog.InfoS("Gossip keys changed", "primary", fps[0], "keys", fps)
+	}
 }
 
 // keepCNIChained installs natd-cni into the node's CNI chain now and again every

@@ -124,6 +124,7 @@ func (m *fakeMembership) SetRoutes(r []election.Claim) error {
 	return nil
 }
 func (m *fakeMembership) RoutesChanged() <-chan struct{} { return nil }
+func (m *fakeMembership) SetKeys([][]byte) (bool, error) { return false, nil }
 func (m *fakeMembership) SetVoters(voters []string, holding bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -172,7 +173,7 @@ func (f *fixture) now() time.Time {
 	return f.clock
 }
 
-// advance moves the clock; the other members keep answering this node's probes.
+// advance moves the clock; the voters stay in touch.
 func (f *fixture) advance(d time.Duration) {
 	f.mu.Lock()
 	f.clock = f.clock.Add(d)
@@ -180,10 +181,6 @@ func (f *fixture) advance(d time.Duration) {
 	f.members.mu.Lock()
 	f.members.view.At = f.members.view.At.Add(d)
 	f.members.view.Evidence.At = f.members.view.At
-	for name, m := range f.members.view.Members {
-		m.LastContact = f.members.view.At
-		f.members.view.Members[name] = m
-	}
 	f.members.mu.Unlock()
 }
 
@@ -194,7 +191,7 @@ func (f *fixture) setAlive(names ...string) {
 	at := f.clock
 	f.members.view = election.View{Self: "node1", At: at, Members: map[string]election.Member{}}
 	for _, n := range names {
-		f.members.view.Members[n] = election.Member{Name: n, Alive: true, LastContact: at}
+		f.members.view.Members[n] = election.Member{Name: n, Alive: true}
 	}
 	f.members.view.Evidence = evidence(at, names...)
 }

@@ -6,6 +6,7 @@ package natd
 import (
 	"flag"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -128,7 +129,7 @@ func (h hexUint32) Set(s string) error {
 // RegisterFlags binds the agent's flags to fs with their defaults.
 func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	c.NodeName = os.Getenv("NODE_NAME")
-	c.MetricsAddr = ":9793"
+	c.MetricsAddr = ""
 	c.ResyncPeriod = 30 * time.Second
 	c.FwmarkMask = 0x00ff0000
 	c.RulePriority = 7000
@@ -152,7 +153,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.Var(prefixList{&c.ServiceCIDRs}, "service-cidr", "service CIDR of the cluster, never SNATed (repeatable)")
 	fs.Var(prefixList{&c.ExcludeCIDRs}, "exclude-cidr", "more destinations that are never SNATed (repeatable)")
 	fs.BoolVar(&c.FailOpen, "fail-open", false, "when no egress node is healthy, send pinned traffic the normal way instead of dropping it")
-	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz (default: port 9793 on the node IP (--node-ip or $NODE_IP) and on 127.0.0.1; on every address only when neither is known)")
 	fs.DurationVar(&c.ResyncPeriod, "resync-period", c.ResyncPeriod, "how often the node is re-synced to repair drift")
 	fs.Var(hexUint32{&c.FwmarkMask}, "fwmark-mask", "bits of the packet mark natd owns (one contiguous run of at least 8 bits)")
 	fs.IntVar(&c.RulePriority, "rule-priority", c.RulePriority, "priority of natd's ip rules")
@@ -175,11 +176,33 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGUSR1 (drain), how long natd waits for its IPs to be taken over before it exits")
 }
 
-// Gossip is the gossip configuration the flags describe, for a member on nodeIP.
-func (c *Config) Gossip(nodeIP netip.Addr, key []byte) election.GossipConfig {
-	return election.GossipConfig{NodeName: c.NodeName, BindIP: nodeIP, Port: c.GossipPort, Key: key,
+// Gossip is the gossip configuration the flags describe, for a member on nodeIP with
+// keys (the first primary; none: plain text).
+func (c *Config) Gossip(nodeIP netip.Addr, keys [][]byte) election.GossipConfig {
+	gc := election.GossipConfig{NodeName: c.NodeName, BindIP: nodeIP, Port: c.GossipPort,
 		ProbeInterval: c.GossipProbeInterval, ProbeTimeout: c.GossipProbeTimeout, SuspicionMult: c.GossipSuspicionMult,
 		Heartbeat: c.Heartbeat()}
+	if len(keys) > 0 {
+		gc.Key, gc.OtherKeys = keys[0], keys[1:]
+	}
+	return gc
+}
+
+// MetricsAddrs are where /metrics, /healthz and /readyz listen: --metrics-addr, or by
+// default port 9793 on the node IP and on loopback, never on every address — a pod
+// must not read natd's metrics through some other interface of the node.
+func (c *Config) MetricsAddrs() []string {
+	if c.MetricsAddr != "" {
+		return []string{c.MetricsAddr}
+	}
+	ip := c.NodeIP
+	if !ip.IsValid() {
+		ip, _ = netip.ParseAddr(os.Getenv("NODE_IP"))
+	}
+	if !ip.IsValid() {
+		return []string{":9793"}
+	}
+	return []string{net.JoinHostPort(ip.String(), "9793"), "127.0.0.1:9793"}
 }
 
 // Heartbeat is the voters' heartbeat schedule the flags describe.

@@ -102,7 +102,7 @@ func clusterOf(nodes []*corev1.Node, namespaces []*corev1.Namespace, pods []*cor
 func view(self string, alive ...string) election.View {
 	v := election.View{Self: self, Members: map[string]election.Member{}, At: time.Now()}
 	for _, n := range alive {
-		v.Members[n] = election.Member{Name: n, Alive: true, LastContact: v.At}
+		v.Members[n] = election.Member{Name: n, Alive: true}
 	}
 	v.Evidence = evidence(v.At, alive...)
 	return v
@@ -316,7 +316,7 @@ func TestPlanMakeBeforeBreak(t *testing.T) {
 	}
 	// node3 never claims: node2 lets go after the handover timeout.
 	el.View = claim(el.View, "node3", 0)
-	el.View.Members["node3"] = election.Member{Name: "node3", Alive: true, LastContact: el.View.At}
+	el.View.Members["node3"] = election.Member{Name: "node3", Alive: true}
 	el.Held = map[netip.Addr]Holding{eip: {Gen: 4, HandoverSince: now}}
 	el.Now = now.Add(4 * time.Second)
 	plan, _ = p.Plan(c, el)

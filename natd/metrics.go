@@ -24,6 +24,10 @@ type Metrics struct {
 	LeaseRenewalsWithheld prometheus.Counter
 	LeaseRenewalFailures  prometheus.Counter
 	DriftRepairs          prometheus.Counter
+	// The gossip keys in use: how many, and the primary's fingerprint (a key rotation
+	// waits for every node to show the same).
+	GossipKeys       prometheus.Gauge
+	GossipPrimaryKey *prometheus.GaugeVec
 }
 
 // NewMetrics registers natd's metrics in a fresh registry.
@@ -45,14 +49,19 @@ func NewMetrics() *Metrics {
 			Name: "natd_failovers_total", Help: "Egress IPs this node took over from another node."}),
 		LeaseRenewalsWithheld: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "natd_lease_renewals_withheld_total",
-			Help: "Lease renewals skipped because this node could not show it may serve (stuck or failing sync loop, no majority)."}),
+			Help: "Lease renewals skipped because this node could not show it may serve (stuck or failing sync loop, no quorum of voters in touch)."}),
 		LeaseRenewalFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "natd_lease_renewal_failures_total", Help: "Lease renewals the kernel refused (natd's tables were changed); each triggers a repair."}),
 		DriftRepairs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "natd_kernel_drift_repairs_total", Help: "Times natd found its kernel state changed by someone else and repaired it."}),
+		GossipKeys: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "natd_gossip_keys", Help: "Gossip keys this node accepts (--gossip-key-file, re-read every 2 s)."}),
+		GossipPrimaryKey: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "natd_gossip_primary_key", Help: "1 for the fingerprint (first 8 hex digits of its SHA-256) of the key this node sends with."},
+			[]string{"fingerprint"}),
 	}
 	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld, m.MembersAlive, m.Failovers,
-		m.LeaseRenewalsWithheld, m.LeaseRenewalFailures, m.DriftRepairs,
+		m.LeaseRenewalsWithheld, m.LeaseRenewalFailures, m.DriftRepairs, m.GossipKeys, m.GossipPrimaryKey,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

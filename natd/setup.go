@@ -1,13 +1,17 @@
 package natd
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -75,22 +79,24 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	broadcaster.StartStructuredLogging(2)
 	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
 	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "natd", Host: cfg.NodeName})
-	key, err := gossipKey(cfg)
+	keys, err := gossipKeys(cfg)
 	if err != nil {
 		return nil, err
 	}
 	newMembership := func(nodeIP netip.Addr) (Membership, error) {
-		return election.NewGossip(cfg.Gossip(nodeIP, key))
+		return election.NewGossip(cfg.Gossip(nodeIP, keys))
 	}
 	metrics := NewMetrics()
 	metrics.ExportCounters(dp.Counters)
 	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
-		"encryptedGossip", key != nil, "lease", cfg.Lease, "heartbeatInterval", cfg.HeartbeatInterval, "silence", cfg.Heartbeat().Silence)
+		"encryptedGossip", keys != nil, "gossipKeys", len(keys), "lease", cfg.Lease, "heartbeatInterval", cfg.HeartbeatInterval, "silence", cfg.Heartbeat().Silence)
 	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), nil
 }
 
-// gossipKey reads the base64 key in --gossip-key-file; nil with --insecure-gossip.
-func gossipKey(cfg *Config) ([]byte, error) {
+// gossipKeys reads the keys in --gossip-key-file: one base64 key per line (16, 24 or 32
+// bytes), the first one primary; blank lines and lines starting with # are skipped.
+// nil with --insecure-gossip.
+func gossipKeys(cfg *Config) ([][]byte, error) {
 	if cfg.GossipKeyFile == "" {
 		return nil, nil // Validate allowed it: --insecure-gossip
 	}
@@ -98,14 +104,33 @@ func gossipKey(cfg *Config) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading --gossip-key-file: %w", err)
 	}
-	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
-	if err != nil {
-		return nil, fmt.Errorf("--gossip-key-file %s is not base64: %w", cfg.GossipKeyFile, err)
+	var keys [][]byte
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		key, err := base64.StdEncoding.DecodeString(line)
+		if err != nil {
+			return nil, fmt.Errorf("--gossip-key-file %s, line %d: not base64: %w", cfg.GossipKeyFile, i+1, err)
+		}
+		if n := len(key); n != 16 && n != 24 && n != 32 {
+			return nil, fmt.Errorf("--gossip-key-file %s, line %d: a %d-byte key; it must be 16, 24 or 32 bytes", cfg.GossipKeyFile, i+1, n)
+		}
+		if !slices.ContainsFunc(keys, func(k []byte) bool { return bytes.Equal(k, key) }) {
+			keys = append(keys, key)
+		}
 	}
-	if n := len(key); n != 16 && n != 24 && n != 32 {
-		return nil, fmt.Errorf("--gossip-key-file %s holds a %d-byte key; it must be 16, 24 or 32 bytes", cfg.GossipKeyFile, n)
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("--gossip-key-file %s holds no key", cfg.GossipKeyFile)
 	}
-	return key, nil
+	return keys, nil
+}
+
+// keyFingerprint names a key in logs and metrics without revealing it.
+func keyFingerprint(key []byte) string {
+	sum := sha256.Sum256(key)
+	return hex.EncodeToString(sum[:4])
 }
 
 // GenerateKey returns a new gossip key, base64-encoded, for --gossip-key-file.

@@ -67,12 +67,18 @@ func run(ctx context.Context, cfg *natd.Config, drain <-chan struct{}) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Addr: cfg.MetricsAddr, Handler: a.Handler()}
-	go func() {
-		if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			klog.ErrorS(err, "Metrics server failed", "addr", cfg.MetricsAddr)
-		}
-	}()
-	defer srv.Close()
+	addrs := cfg.MetricsAddrs()
+	if len(addrs) == 1 && addrs[0] == ":9793" {
+		klog.InfoS("Serving metrics on every address: set --metrics-addr, --node-ip or $NODE_IP to keep them to the node IP")
+	}
+	for _, addr := range addrs {
+		srv := &http.Server{Addr: addr, Handler: a.Handler()}
+		go func() {
+			if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				klog.ErrorS(err, "Metrics server failed", "addr", addr)
+			}
+		}()
+		defer srv.Close()
+	}
 	return a.Run(ctx, drain)
 }

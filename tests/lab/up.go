@@ -681,7 +681,10 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 		// of pinned pods' IPv6 traffic.
 		args = append(args, "--cluster-cidr", t.ClusterCIDR6, "--service-cidr", t.ServiceCIDR6)
 	}
-	return startIn(n.Netns, t.API.NatdBinary, n.NatdLog, append(args, extra...)...)
+	// NODE_IP as the DaemonSet sets it (status.hostIP): /metrics listens on the node IP
+	// and loopback only.
+	env := []string{"NODE_IP=" + n.IP, t.API.NatdBinary}
+	return startIn(n.Netns, "env", n.NatdLog, append(env, append(args, extra...)...)...)
 }
 
 // WaitNatdReady waits until the node's natd answers /readyz (its first sync is done).
