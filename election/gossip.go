@@ -105,7 +105,7 @@ type Gossip struct {
 	keyring *memberlist.Keyring // nil: plain text
 	hb      *heartbeats
 	stop    chan struct{}
-	once sync.Once
+	once    sync.Once
 }
 
 // NewGossip starts gossiping on cfg.BindIP:cfg.Port. Join adds it to the cluster.
