@@ -158,8 +158,10 @@ func (h *heartbeats) setVoters(voters []string, active bool) {
 			h.peer(v, now).watchSince = now
 		}
 	}
+	// The quorum goes on if the new set of voters has one too (the next look decides):
+	// an egress label added somewhere must not make every holder give its IPs up. A
+	// node takes nothing new until D after the change (the planner's VotersSince).
 	h.voters, h.votersSince = sorted, now
-	h.quorumSince = time.Time{} // a quorum of another set of voters proves nothing
 }
 
 func (h *heartbeats) isVoter(name string) bool {

@@ -381,3 +381,23 @@ func TestHeartbeatWireFormat(t *testing.T) {
 		t.Fatalf("garbage changed the evidence: %+v", e)
 	}
 }
+
+// A new egress node (one more voter) does not break the quorum of those that hold IPs.
+func TestHeartbeatsNewVoterKeepsTheQuorum(t *testing.T) {
+	voters := names(4)
+	net := newSimNet(t, 5, voters, testTiming())
+	for _, v := range voters[:3] {
+		net.nodes[v].hb.setVoters(voters[:3], false)
+	}
+	net.nodes[voters[3]].hb.setVoters(voters, false)
+	net.run(time.Second, nil)
+	since := net.evidence(voters[0]).QuorumSince
+	for _, v := range voters {
+		net.nodes[v].hb.setVoters(voters, false)
+	}
+	net.run(time.Second, nil)
+	e := net.evidence(voters[0])
+	if !e.QuorumNow || !e.QuorumSince.Equal(since) || len(e.InTouch) != 4 {
+		t.Fatalf("after a voter was added: quorum since %s (was %s), in touch %v", e.QuorumSince, since, e.InTouch)
+	}
+}
