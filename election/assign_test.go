@@ -98,7 +98,7 @@ func TestAssignNoCandidates(t *testing.T) {
 }
 
 func TestMetaRoundTrip(t *testing.T) {
-	m := Meta{Draining: true, RestartGrace: 20 * time.Second,
+	m := Meta{Draining: true, RestartGrace: 20 * time.Second, Boot: 1 << 60, Seq: 7,
 		Claims: []Claim{{IP: ipA, Gen: 1}, {IP: ipB, Gen: 1 << 30}, {IP: ipC}}}
 	b, err := m.Encode()
 	if err != nil {
@@ -106,7 +106,7 @@ func TestMetaRoundTrip(t *testing.T) {
 	}
 	got, err := DecodeMeta(b)
 	if err != nil || got.Draining != m.Draining || got.RestartGrace != m.RestartGrace || len(got.Claims) != 3 ||
-		got.Claims[1] != m.Claims[1] {
+		got.Claims[1] != m.Claims[1] || got.Boot != m.Boot || got.Seq != m.Seq {
 		t.Fatalf("round trip: %+v, %v", got, err)
 	}
 	var many Meta
@@ -115,6 +115,9 @@ func TestMetaRoundTrip(t *testing.T) {
 	}
 	if _, err := many.Encode(); err == nil {
 		t.Fatal("encoded more claims than fit in 512 bytes")
+	}
+	if !got.Newer(Meta{Boot: 1 << 60, Seq: 6}) || got.Newer(Meta{Boot: 1 << 60, Seq: 8}) || got.Newer(Meta{Boot: 1<<60 + 1}) {
+		t.Fatal("Newer orders by boot, then seq")
 	}
 	for _, bad := range [][]byte{{1}, {2, 0, 0, 0}, {1, 0, 0, 0, 1, 2, 3}} {
 		if _, err := DecodeMeta(bad); err == nil {

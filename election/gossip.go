@@ -41,6 +41,12 @@ type GossipConfig struct {
 	PushPullInterval time.Duration
 	// Heartbeat is the voters' heartbeat schedule (zero: NewHeartbeatTiming(40ms, 300ms)).
 	Heartbeat HeartbeatTiming
+	// Boot orders this natd's metadata after its previous lives' (see Meta.Boot); zero:
+	// the clock now.
+	Boot uint64
+	// ForgetDeadAfter is how long memberlist keeps a dead member's state (zero: its
+	// default, 30 s); tests shorten it.
+	ForgetDeadAfter time.Duration
 	// Transport replaces the UDP/TCP transport (the scale harness's in-memory network).
 	Transport memberlist.Transport
 	// Clock, for tests; time.Now when nil.
@@ -103,6 +109,9 @@ type Gossip struct {
 	started atomic.Pointer[memberlist.Memberlist]
 
 	keyring *memberlist.Keyring // nil: plain text
+	metaSeq uint32
+	// staleMetas counts metadata refused as older than what was seen (replays).
+	staleMetas atomic.Int64
 	hb      *heartbeats
 	stop    chan struct{}
 	once    sync.Once
@@ -112,6 +121,9 @@ type Gossip struct {
 func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.Boot == 0 {
+		cfg.Boot = uint64(time.Now().UnixNano())
 	}
 	if cfg.Heartbeat.Interval <= 0 {
 		cfg.Heartbeat = NewHeartbeatTiming(40*time.Millisecond, 300*time.Millisecond)
@@ -145,6 +157,9 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 		mc.PushPullInterval = cfg.PushPullInterval
 	}
 	mc.TCPTimeout = 2 * time.Second
+	if cfg.ForgetDeadAfter > 0 {
+		mc.GossipToTheDeadTime = cfg.ForgetDeadAfter
+	}
 	mc.Delegate = (*delegate)(g)
 	mc.Events = (*events)(g)
 	mc.Logger = log.New(klogWriter{}, "", 0)
@@ -155,10 +170,10 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 			return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
 		}
 		transport = guarded
-		if cfg.Port == 0 { // tests: the port the transport found
-			mc.BindPort = guarded.GetAutoBindPort()
-			mc.AdvertisePort = mc.BindPort
-		}
+	}
+	if p, ok := transport.(interface{ GetAutoBindPort() int }); ok && cfg.Port == 0 {
+		mc.BindPort = p.GetAutoBindPort() // tests: the port the transport found
+		mc.AdvertisePort = mc.BindPort
 	}
 	mc.Transport = transport
 	if cfg.Key != nil {
@@ -305,6 +320,8 @@ func (g *Gossip) SetLocal(m Meta, timeout time.Duration) error {
 		return err
 	}
 	g.mu.Lock()
+	g.metaSeq++
+	m.Boot, m.Seq = g.cfg.Boot, g.metaSeq
 	g.local = m
 	g.mu.Unlock()
 	return g.list.UpdateNode(timeout)
@@ -453,6 +470,13 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 	if !ok {
 		m = &Member{Name: n.Name}
 		g.members[n.Name] = m
+	}
+	if ok && len(n.Meta) > 0 && err == nil && !meta.Newer(m.Meta) {
+		// Older than what this node has seen of the member: a replay (or a reordered
+		// update). Liveness is memberlist's to say; the record stays.
+		klog.V(2).InfoS("Ignoring stale gossip metadata", "member", n.Name, "boot", meta.Boot, "seq", meta.Seq)
+		g.staleMetas.Add(1)
+		meta = m.Meta
 	}
 	if m.Alive != alive || !ok {
 		klog.V(2).InfoS("Member state", "member", n.Name, "alive", alive)

@@ -8,9 +8,12 @@ import (
 	"net/netip"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/memberlist"
 )
 
 var loopback = netip.MustParseAddr("127.0.0.1")
@@ -555,5 +558,149 @@ func TestGossipKeyRotation(t *testing.T) {
 	stale := testGossip(t, "stale", oldKey)
 	if n, _ := stale.Join([]string{PeerAddr(loopback, g["a"].Port())}); n > 0 {
 		t.Fatal("a node with only the old key joined")
+	}
+}
+
+// recordingTransport is a real UDP/TCP transport that keeps a copy of every datagram it
+// receives, and can be handed datagrams again: an attacker's capture and replay.
+type recordingTransport struct {
+	*memberlist.NetTransport
+	packets chan *memberlist.Packet
+	mu      sync.Mutex
+	from    func(addr string) bool // record only these senders
+	record  bool
+	kept    []*memberlist.Packet
+}
+
+func newRecordingTransport(t *testing.T) *recordingTransport {
+	nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{"127.0.0.1"}, BindPort: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &recordingTransport{NetTransport: nt, packets: make(chan *memberlist.Packet, 1024)}
+	go func() {
+		for p := range nt.PacketCh() {
+			r.mu.Lock()
+			if r.record && r.from(p.From.String()) {
+				r.kept = append(r.kept, &memberlist.Packet{Buf: slices.Clone(p.Buf), From: p.From, Timestamp: p.Timestamp})
+			}
+			r.mu.Unlock()
+			r.packets <- p
+		}
+	}()
+	return r
+}
+
+func (r *recordingTransport) PacketCh() <-chan *memberlist.Packet { return r.packets }
+
+func (r *recordingTransport) replay() int {
+	r.mu.Lock()
+	kept := slices.Clone(r.kept)
+	r.mu.Unlock()
+	for _, p := range kept {
+		r.packets <- &memberlist.Packet{Buf: slices.Clone(p.Buf), From: p.From, Timestamp: time.Now()}
+	}
+	return len(kept)
+}
+
+// Real, encrypted packets captured from a member's previous life and replayed after it
+// restarted change nothing: not its metadata (once memberlist has forgotten a dead
+// member, it takes them, since the restarted member's incarnation starts at 1 again;
+// natd's boot stamp refuses them), not the voters' evidence.
+func TestReplayedPacketsOfAPreviousLifeChangeNothing(t *testing.T) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	rec := newRecordingTransport(t)
+	cfgA := testConfig("a", key)
+	cfgA.Transport = rec
+	cfgA.ForgetDeadAfter = 300 * time.Millisecond // memberlist forgets c's incarnations
+	a := testGossipWith(t, cfgA)
+	cfgB := testConfig("b", key)
+	cfgB.ForgetDeadAfter = 300 * time.Millisecond
+	b := testGossipWith(t, cfgB)
+	c1 := testGossip(t, "c", key)
+	cPort := c1.Port()
+	rec.from = func(addr string) bool { return strings.HasSuffix(addr, fmt.Sprintf(":%d", cPort)) }
+	voters := []string{"a", "b", "c"}
+	for _, g := range []*Gossip{a, b, c1} {
+		g.SetVoters(voters, false)
+		if g != a {
+			if _, err := g.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	rec.mu.Lock()
+	rec.record = true
+	rec.mu.Unlock()
+	// c's previous life: a few updates (each a new incarnation), the last one
+	// draining and claiming an IP at generation 9.
+	ip := netip.MustParseAddr("198.18.0.200")
+	for gen := uint32(5); gen <= 9; gen++ {
+		if err := c1.SetLocal(Meta{Draining: gen == 9, Claims: []Claim{{IP: ip, Gen: gen}}}, time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "a sees c draining", func() bool { return a.View().Members["c"].Meta.Draining })
+	time.Sleep(time.Second) // heartbeats and gossip to record
+	rec.mu.Lock()
+	rec.record = false
+	rec.mu.Unlock()
+	c1.Shutdown()
+	waitFor(t, "memberlist finds c dead", func() bool { return a.list.NumMembers() == 2 && b.list.NumMembers() == 2 })
+	time.Sleep(time.Second) // ... and forgets it: a probe round after ForgetDeadAfter
+
+	// c comes back: same name and address, a new life, not draining, claiming nothing.
+	cfgC := testConfig("c", key)
+	cfgC.Port = cPort
+	c2 := testGossipWith(t, cfgC)
+	c2.SetVoters(voters, false)
+	if err := c2.SetLocal(Meta{}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c2.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a sees c's new life", func() bool {
+		m := a.View().Members["c"]
+		return m.Alive && !m.Meta.Draining && len(m.Meta.Claims) == 0
+	})
+	waitFor(t, "a in touch with c", func() bool { return a.View().Evidence.InTouch["c"] })
+	n := rec.replay()
+	if n < 20 {
+		t.Fatalf("only %d packets captured", n)
+	}
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		m := a.View().Members["c"]
+		if m.Meta.Draining || len(m.Meta.Claims) != 0 {
+			t.Fatalf("%d replayed packets brought back c's previous life: %+v", n, m.Meta)
+		}
+		if e := a.View().Evidence; !e.QuorumNow || e.Down["c"] {
+			t.Fatalf("replayed packets changed the evidence: %+v", e)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("%d packets of c's previous life replayed to a: nothing changed (%d stale records refused)", n, a.staleMetas.Load())
+}
+
+// natd's own guard against a previous life's metadata, below memberlist: an update
+// older (boot, seq) than the one seen is refused, whatever incarnation carries it.
+func TestGossipRefusesStaleMetadata(t *testing.T) {
+	g := testGossip(t, "a", nil)
+	node := func(m Meta) *memberlist.Node {
+		b, err := m.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &memberlist.Node{Name: "c", Addr: net.ParseIP("127.0.0.9"), Port: 7946, Meta: b}
+	}
+	ip := netip.MustParseAddr("198.18.0.200")
+	g.update(node(Meta{Boot: 100, Seq: 3, Draining: true, Claims: []Claim{{IP: ip, Gen: 9}}}), true)
+	g.update(node(Meta{Boot: 200, Seq: 1}), true) // a new life
+	g.update(node(Meta{Boot: 100, Seq: 4, Draining: true, Claims: []Claim{{IP: ip, Gen: 9}}}), true)
+	g.update(node(Meta{Boot: 200, Seq: 0, Draining: true}), true) // older in this life
+	if m := g.View().Members["c"]; m.Meta.Draining || len(m.Meta.Claims) != 0 || m.Meta.Boot != 200 || g.staleMetas.Load() != 2 {
+		t.Fatalf("stale metadata taken: %+v (%d refused)", m.Meta, g.staleMetas.Load())
 	}
 }

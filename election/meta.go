@@ -17,11 +17,26 @@ type Meta struct {
 	// after it goes down, and its kernel keeps serving them meanwhile.
 	RestartGrace time.Duration
 	Claims       []Claim
+	// Boot and Seq order one member's metadata across its restarts: Boot is when its
+	// natd started (unix ns, never below the one before), Seq counts its updates. A
+	// record older than one already seen is a replay of captured traffic (memberlist
+	// starts a restarted member's incarnation at 1 again, so it would accept it) and
+	// is ignored.
+	Boot uint64
+	Seq  uint32
+}
+
+// Newer reports whether m is a later record of its member than old.
+func (m Meta) Newer(old Meta) bool {
+	if m.Boot != old.Boot {
+		return m.Boot > old.Boot
+	}
+	return m.Seq >= old.Seq
 }
 
 const (
-	metaVersion   = 1
-	metaHeader    = 4
+	metaVersion   = 2
+	metaHeader    = 16 // version, flags, grace(2), boot(8), seq(4)
 	claimSize     = 8
 	flagDraining  = 1 << 0
 	graceUnit     = 100 * time.Millisecond
@@ -45,6 +60,8 @@ func (m Meta) Encode() ([]byte, error) {
 		grace = 0xffff
 	}
 	binary.BigEndian.PutUint16(b[2:], uint16(grace))
+	binary.BigEndian.PutUint64(b[4:], m.Boot)
+	binary.BigEndian.PutUint32(b[12:], m.Seq)
 	for _, c := range m.Claims {
 		b = appendClaim(b, c)
 	}
@@ -76,6 +93,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	}
 	m.Draining = b[1]&flagDraining != 0
 	m.RestartGrace = time.Duration(binary.BigEndian.Uint16(b[2:])) * graceUnit
+	m.Boot, m.Seq = binary.BigEndian.Uint64(b[4:]), binary.BigEndian.Uint32(b[12:])
 	for rest := b[metaHeader:]; len(rest) > 0; rest = rest[claimSize:] {
 		m.Claims = append(m.Claims, readClaim(rest))
 	}

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -83,8 +84,11 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	boot := bootStamp(cfg.StateDir)
 	newMembership := func(nodeIP netip.Addr) (Membership, error) {
-		return election.NewGossip(cfg.Gossip(nodeIP, keys))
+		gc := cfg.Gossip(nodeIP, keys)
+		gc.Boot = boot
+		return election.NewGossip(gc)
 	}
 	metrics := NewMetrics()
 	metrics.ExportCounters(dp.Counters)
@@ -125,6 +129,25 @@ func gossipKeys(cfg *Config) ([][]byte, error) {
 		return nil, fmt.Errorf("--gossip-key-file %s holds no key", cfg.GossipKeyFile)
 	}
 	return keys, nil
+}
+
+// bootStamp orders this natd's gossip metadata after its previous lives' on this node:
+// the clock now, but never at or below the last start's (kept in the state dir), even
+// if the clock went back.
+func bootStamp(stateDir string) uint64 {
+	boot := uint64(time.Now().UnixNano())
+	file := filepath.Join(stateDir, "boot")
+	if b, err := os.ReadFile(file); err == nil {
+		var last uint64
+		if _, err := fmt.Sscan(string(b), &last); err == nil && last >= boot {
+			boot = last + 1
+		}
+	}
+	os.MkdirAll(stateDir, 0o755)
+	if err := os.WriteFile(file, []byte(fmt.Sprint(boot)), 0o644); err != nil {
+		klog.InfoS("Cannot keep the boot stamp; a clock that goes back could hide this node's claims", "err", err)
+	}
+	return boot
 }
 
 // keyFingerprint names a key in logs and metrics without revealing it.
@@ -175,6 +198,9 @@ func Cleanup(cfg *Config) error {
 	}
 	defer dp.Close()
 	if err := dp.Cleanup(); err != nil {
+		return err
+	}
+	if err := os.Remove(filepath.Join(cfg.StateDir, "boot")); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	klog.InfoS("Removed natd's kernel state")
