@@ -112,9 +112,9 @@ type Gossip struct {
 	metaSeq uint32
 	// staleMetas counts metadata refused as older than what was seen (replays).
 	staleMetas atomic.Int64
-	hb      *heartbeats
-	stop    chan struct{}
-	once    sync.Once
+	hb         *heartbeats
+	stop       chan struct{}
+	once       sync.Once
 }
 
 // NewGossip starts gossiping on cfg.BindIP:cfg.Port. Join adds it to the cluster.
