@@ -7,19 +7,23 @@ LAB_DIR ?= /tmp/natd-lab
 
 .PHONY: all build image deps kube-bins generate check-generated test test-e2e test-e2e-dual bench bench-failover demo lab-up lab-down vet clean
 
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+LDFLAGS  := -X natd.dev/natd/natd.Version=$(VERSION) -X natd.dev/natd/natd.revision=$(REVISION)
+
 all: build
 
 build:
-	$(GO) build -o bin/ ./cmd/...
+	$(GO) build -ldflags='$(LDFLAGS)' -o bin/ ./cmd/...
 
 # The DaemonSet's image natd.dev/natd:dev as an OCI archive, bin/natd-image.tar, built
 # without a container engine: a static natd on an empty base. Load it with
 # `podman load -i bin/natd-image.tar` or push it with
 # `skopeo copy oci-archive:bin/natd-image.tar docker://REGISTRY/natd:TAG`.
 image:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/natd-static ./cmd/natd
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w $(LDFLAGS)' -o bin/natd-static ./cmd/natd
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/image/natd-cni ./cmd/natd-cni
-	$(GO) run ./cmd/natd-image --binary bin/natd-static --cni-plugin bin/image/natd-cni --out bin/natd-image.tar
+	$(GO) run ./cmd/natd-image --binary bin/natd-static --cni-plugin bin/image/natd-cni --version $(VERSION) --revision '$(REVISION)' --out bin/natd-image.tar
 
 deps:
 	@scripts/install-deps.sh

@@ -1,6 +1,7 @@
 package natd
 
 import (
+	"runtime"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -60,6 +61,10 @@ func NewMetrics() *Metrics {
 			Name: "natd_gossip_primary_key", Help: "1 for the fingerprint (first 8 hex digits of its SHA-256) of the key this node sends with."},
 			[]string{"fingerprint"}),
 	}
+	buildInfo := prometheus.NewGauge(prometheus.GaugeOpts{Name: "natd_build_info", Help: "1, labelled with the running natd's version, revision and Go version.",
+		ConstLabels: prometheus.Labels{"version": Version, "revision": Revision(), "goversion": runtime.Version()}})
+	buildInfo.Set(1)
+	m.Registry.MustRegister(buildInfo)
 	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld, m.MembersAlive, m.Failovers,
 		m.LeaseRenewalsWithheld, m.LeaseRenewalFailures, m.DriftRepairs, m.GossipKeys, m.GossipPrimaryKey,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

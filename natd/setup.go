@@ -92,7 +92,7 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	}
 	metrics := NewMetrics()
 	metrics.ExportCounters(dp.Counters)
-	klog.InfoS("Starting natd", "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
+	klog.InfoS("Starting natd", "version", Version, "revision", Revision(), "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
 		"encryptedGossip", keys != nil, "gossipKeys", len(keys), "lease", cfg.Lease, "heartbeatInterval", cfg.HeartbeatInterval, "silence", cfg.Heartbeat().Silence)
 	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), nil
 }

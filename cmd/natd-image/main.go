@@ -66,11 +66,18 @@ func main() {
 	out := flag.String("out", "bin/natd-image.tar", "where to write the OCI image archive")
 	tag := flag.String("tag", "natd.dev/natd:dev", "the image reference recorded in the archive")
 	arch := flag.String("arch", runtime.GOARCH, "the image architecture (GOARCH), which the binary must match")
+	version := flag.String("version", "dev", "natd's version, for the image's labels")
+	revision := flag.String("revision", "", "the source revision, for the image's labels")
 	cni := flag.String("cni-plugin", "", "the static natd-cni binary, installed beside natd (natd copies it into the node's CNI bin directory)")
 	flag.Parse()
 	if *binary == "" || flag.NArg() != 0 {
 		flag.Usage()
 		os.Exit(2)
+	}
+	buildLabels["org.opencontainers.image.version"] = *version
+	buildLabels["org.opencontainers.image.source"] = "https://natd.dev/natd"
+	if *revision != "" {
+		buildLabels["org.opencontainers.image.revision"] = *revision
 	}
 	var extras []string
 	if *cni != "" {
@@ -81,6 +88,9 @@ func main() {
 		os.Exit(1)
 	}
 }
+
+// buildLabels are the version labels the image carries beside its title.
+var buildLabels = map[string]string{}
 
 func run(binary, out, tag, arch string, extras ...string) error {
 	img, err := build(binary, arch, extras...)
@@ -100,6 +110,18 @@ func run(binary, out, tag, arch string, extras ...string) error {
 	}
 	fmt.Printf("%s: %s@%s (linux/%s, %d bytes)\n", out, tag, digest, arch, info.Size())
 	return nil
+}
+
+func imageLabels() map[string]string {
+	l := map[string]string{
+		"org.opencontainers.image.title":       "natd",
+		"org.opencontainers.image.description": "natd node agent: pins Kubernetes namespaces to egress IPs",
+		"org.opencontainers.image.licenses":    "Apache-2.0",
+	}
+	for k, v := range buildLabels {
+		l[k] = v
+	}
+	return l
 }
 
 // build returns the image: the binary as /usr/local/bin/natd on an empty base, and
@@ -149,10 +171,7 @@ func build(binary, arch string, extras ...string) (v1.Image, error) {
 			// natd programs nftables, routes and addresses: it runs as root and
 			// gets NET_ADMIN/NET_RAW from the DaemonSet, not from the image.
 			User: "0",
-			Labels: map[string]string{
-				"org.opencontainers.image.title":       "natd",
-				"org.opencontainers.image.description": "natd node agent: pins Kubernetes namespaces to egress IPs",
-			},
+			Labels: imageLabels(),
 		},
 	})
 	if err != nil {

@@ -19,6 +19,10 @@ import (
 func main() {
 	cmd := "run"
 	args := os.Args[1:]
+	if len(args) == 1 && (args[0] == "--version" || args[0] == "-version" || args[0] == "version") {
+		fmt.Println(natd.VersionString())
+		return
+	}
 	if len(args) > 0 && (args[0] == "cleanup" || args[0] == "run" || args[0] == "gen-key") {
 		cmd, args = args[0], args[1:]
 	}

@@ -28,6 +28,14 @@ func TestManifestsApplyWithLeastPrivilege(t *testing.T) {
 	if out, err := kubectl("get", "daemonset", "-n", "natd-system", "natd", "-o", "jsonpath={.spec.template.spec.containers[0].securityContext.capabilities.add}"); err != nil || !strings.Contains(out, "NET_ADMIN") {
 		t.Errorf("DaemonSet not accepted as written: %q %v", out, err)
 	}
+	if out, err := kubectl("get", "daemonset", "-n", "natd-system", "natd", "-o", "jsonpath={.spec.template.spec.containers[0].securityContext.seccompProfile.type}"); err != nil || out != "RuntimeDefault" {
+		t.Errorf("DaemonSet's seccomp profile: %q %v", out, err)
+	}
+	// Under a cluster whose default Pod Security level is baseline, natd's pods (host
+	// network, NET_ADMIN) are admitted only because the namespace says privileged.
+	if out, err := kubectl("get", "namespace", "natd-system", "-o", `jsonpath={.metadata.labels.pod-security\.kubernetes\.io/enforce}`); err != nil || out != "privileged" {
+		t.Errorf("natd-system's Pod Security level: %q %v", out, err)
+	}
 	sa := "system:serviceaccount:natd-system:natd"
 	for _, c := range []struct {
 		verb, resource string
