@@ -39,7 +39,8 @@ type Kernel interface {
 	Verify() (drifted bool, retryIn time.Duration, err error)
 	// WatchChanges calls changed after every nftables commit on the node.
 	WatchChanges(stop <-chan struct{}, changed func()) error
-	RenewLeases() error
+	// RenewLeases extends the held IPs' leases to until (the evidence's time + --lease).
+	RenewLeases(until time.Time) error
 	HoldLeases(grace time.Duration) error
 	KernelClaims() ([]election.Claim, error)
 }
@@ -287,8 +288,11 @@ func (a *Agent) startVoting() {
 // bounded time (wedgeBound or syncFailBound, plus --lease), whatever part of it hangs.
 func (a *Agent) renewLeases() {
 	err := a.health.mayServe()
+	var until time.Time
 	if err == nil {
-		err = a.mayRenew(a.members.View().Evidence)
+		ev := a.members.View().Evidence
+		err = a.mayRenew(ev)
+		until = ev.At.Add(a.cfg.Lease) // the lease counts from the quorum seen, not from the commit
 	}
 	reason := ""
 	if errors.Is(err, errNotInTouchNow) {
@@ -319,7 +323,7 @@ func (a *Agent) renewLeases() {
 		a.health.renewDone(nil)
 		return
 	}
-	if err := a.kernel.RenewLeases(); err != nil {
+	if err := a.kernel.RenewLeases(until); err != nil {
 		// Most likely someone removed natd's tables: a sync puts them back.
 		a.metrics.LeaseRenewalFailures.Inc()
 		klog.ErrorS(err, "Renewing leases failed; repairing the node")

@@ -62,7 +62,7 @@ func (k *fakeKernel) Verify() (bool, time.Duration, error) {
 	return d, 0, nil
 }
 
-func (k *fakeKernel) RenewLeases() error {
+func (k *fakeKernel) RenewLeases(time.Time) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.renewals++

@@ -221,6 +221,11 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	}
 	slices.SortFunc(ips, netip.Addr.Compare)
 	assigned := p.elect(ips, eligible, votersOf(eligible, c.Nodes, el.View), el, plan)
+	if len(plan.Held) > 0 {
+		// However long the Apply takes, the leases end --lease after the moment the
+		// quorum that lets this node hold was seen.
+		st.LeaseUntil = plan.EvidenceAt.Add(cfg.Lease)
+	}
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
 		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}

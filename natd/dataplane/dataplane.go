@@ -231,7 +231,9 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 	defer unlock()
 	rss := d.rulesets(state, d.records())
 	d.nftMu.Lock()
+	d.nft.leaseTimeout = d.leaseLeft(state.LeaseUntil)
 	out, err := d.nft.apply(rss)
+	d.nft.leaseTimeout = 0
 	d.nftMu.Unlock()
 	if err != nil {
 		return out, err
@@ -554,16 +556,33 @@ func (d *Dataplane) KernelClaims() ([]election.Claim, error) {
 	return heldAddrsInKernel(conn)
 }
 
-// RenewLeases pushes the expiry of every held IP's lease to Lease from now. natd calls
+// RenewLeases pushes the expiry of every held IP's lease to until (at most Lease from
+// now): the moment the agent saw the evidence that lets it hold, plus Lease. natd calls
 // it several times per lease; when natd dies, the leases lapse and the node stops
 // SNATing and answering ARP for its egress IPs by itself.
-func (d *Dataplane) RenewLeases() error {
+func (d *Dataplane) RenewLeases(until time.Time) error {
 	d.nftMu.Lock()
 	defer d.nftMu.Unlock()
 	if d.frozen || d.cfg.Lease == 0 {
 		return nil
 	}
-	return d.renew(d.cfg.Lease)
+	left := d.leaseLeft(until)
+	if left <= time.Millisecond {
+		return ErrLeaseDeadlinePassed
+	}
+	return d.renew(left)
+}
+
+// ErrLeaseDeadlinePassed: a renewal came too late for the evidence it was granted on.
+var ErrLeaseDeadlinePassed = errors.New("the lease's deadline passed before it could be renewed")
+
+// leaseLeft is how long leased elements may live from now to end by until (at most
+// --lease; zero until: --lease), and at least a millisecond (nftables' unit).
+func (d *Dataplane) leaseLeft(until time.Time) time.Duration {
+	if until.IsZero() {
+		return 0
+	}
+	return min(max(time.Until(until), time.Millisecond), d.cfg.Lease)
 }
 
 // HoldLeases extends every lease to grace and stops renewing: natd is stopping for a

@@ -229,7 +229,7 @@ func TestKernelWatchChanges(t *testing.T) {
 	if drifted, _, err := d.Verify(); err != nil || drifted {
 		t.Fatalf("Verify = %v, %v", drifted, err)
 	}
-	if err := d.RenewLeases(); err != nil {
+	if err := d.RenewLeases(time.Now().Add(d.cfg.Lease)); err != nil {
 		t.Fatal(err)
 	}
 	if !d.nft.genKnown {

@@ -3,6 +3,7 @@ package dataplane
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -358,7 +359,7 @@ func TestKernelLeasesLapseUnlessRenewed(t *testing.T) {
 	}
 	for i := 0; i < 5; i++ { // renewed every 100 ms, it outlives its 300 ms
 		time.Sleep(100 * time.Millisecond)
-		if err := d.RenewLeases(); err != nil {
+		if err := d.RenewLeases(time.Now().Add(d.cfg.Lease)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -378,7 +379,7 @@ func TestKernelLeasesLapseUnlessRenewed(t *testing.T) {
 		t.Fatalf("KernelClaims of a lapsed lease = %v, %v", claims, err)
 	}
 	// Stopping for a restart: the lease is held for the grace time, renewal stops.
-	if err := d.RenewLeases(); err != nil {
+	if err := d.RenewLeases(time.Now().Add(d.cfg.Lease)); err != nil {
 		t.Fatal(err)
 	}
 	if err := d.HoldLeases(3 * time.Second); err != nil {
@@ -392,5 +393,34 @@ func TestKernelLeasesLapseUnlessRenewed(t *testing.T) {
 	claims, err := d.KernelClaims()
 	if err != nil || len(claims) != 1 || claims[0].IP.String() != "198.18.0.200" || claims[0].Gen != 3 {
 		t.Fatalf("KernelClaims = %v, %v", claims, err)
+	}
+}
+
+// A lease ends at the state's LeaseUntil however late the Apply or the renewal
+// commits: a slow sync must not stretch the lease past what the evidence allowed.
+func TestKernelLeaseEndsAtItsDeadline(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	d.cfg.Lease = 2 * time.Second
+	st := sampleState()
+	st.LeaseUntil = time.Now().Add(150 * time.Millisecond)
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	leased := func() bool {
+		return strings.Contains(ns.run("nft", "list", "set", "ip", TableName, setHeldMarks), "198.18.0.200")
+	}
+	if !leased() {
+		t.Fatal("no lease right after apply")
+	}
+	time.Sleep(400 * time.Millisecond)
+	if leased() {
+		t.Fatal("the lease outlived its deadline (it ran --lease from the commit)")
+	}
+	if err := d.RenewLeases(time.Now().Add(-time.Millisecond)); !errors.Is(err, ErrLeaseDeadlinePassed) {
+		t.Fatalf("a renewal past its deadline: %v", err)
+	}
+	if leased() {
+		t.Fatal("a renewal past its deadline served again")
 	}
 }

@@ -36,6 +36,9 @@ type nftApplier struct {
 	// has touched natd's tables and there is nothing to read back.
 	appliedGen uint32
 	genKnown   bool
+	// leaseTimeout, when set, replaces the sets' own timeout for the leased elements
+	// this apply adds (the time left until State.LeaseUntil).
+	leaseTimeout time.Duration
 	// verifyEvery bounds how often apply reads the tables back when someone else
 	// committed (kube-proxy, the CNI plugin, an operator), so that a busy node pays for
 	// it at most once per period. Drift that breaks an element update (a deleted
@@ -259,7 +262,7 @@ func (a *nftApplier) rebuildTable(conn *nftables.Conn, rs *Ruleset) error {
 		}
 	}
 	for _, s := range rs.Sets {
-		if err := addElements(conn, sets[s.Name], s, s.Elements, s.Timeout); err != nil {
+		if err := addElements(conn, sets[s.Name], s, s.Elements, a.timeoutOf(s)); err != nil {
 			return err
 		}
 	}
@@ -476,7 +479,7 @@ func (a *nftApplier) updateElements(conn *nftables.Conn, cur []*Ruleset, diffs [
 					return changed, err
 				}
 			}
-			if err := addElements(conn, ns, s, add, s.Timeout); err != nil {
+			if err := addElements(conn, ns, s, add, a.timeoutOf(s)); err != nil {
 				return changed, err
 			}
 		}
@@ -710,6 +713,15 @@ func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) err
 	}
 	a.appliedGen = gen1
 	return nil
+}
+
+// timeoutOf is the timeout of elements added to s: none for a set without one, the
+// time left in the lease for a leased set.
+func (a *nftApplier) timeoutOf(s *Set) time.Duration {
+	if s.Timeout > 0 && a.leaseTimeout > 0 {
+		return a.leaseTimeout
+	}
+	return s.Timeout
 }
 
 func toNftSet(t *nftables.Table, s *Set) *nftables.Set {

@@ -9,12 +9,17 @@
 package dataplane
 
 import (
+	"time"
 	"net/netip"
 )
 
 // State is everything one node's kernel must reflect. It is a pure value: build it,
 // hand it to Apply.
 type State struct {
+	// LeaseUntil is when the leases of held IPs must run out, whatever time the Apply
+	// takes: the moment the agent last saw the quorum that lets it hold, plus --lease.
+	// Zero: --lease from the commit.
+	LeaseUntil time.Time
 	// NodeIP is this node's own address; the interface that carries it is the uplink
 	// where held egress IPs are added and announced.
 	NodeIP netip.Addr

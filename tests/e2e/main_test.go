@@ -30,7 +30,8 @@ var (
 // it. NATD_E2E_NETWORK=dual brings the lab up dual-stack (--network dual): the dual
 // tests (TestDualStack*) run only there, and `make test` runs them with a few of the
 // others in a second, dual lab. NATD_E2E_NODES sets the lab's size (default 3): `make
-// test` runs the unplanned failovers in a 10-node lab too (nine voters).
+// test` runs the unplanned failovers in a 10-node lab too (nine voters), with
+// NATD_E2E_NATD_ARGS slowing the heartbeats for ten nodes sharing two cores.
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
@@ -96,7 +97,9 @@ func run(m *testing.M) int {
 				return skip("NATD_E2E_NODES=%q: %v", v, err)
 			}
 		}
-		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: nodes, Natd: filepath.Join(bins, "natd"),
+		// NATD_E2E_NATD_ARGS: more flags for every natd (space-separated).
+		natdArgs := strings.Fields(os.Getenv("NATD_E2E_NATD_ARGS"))
+		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: nodes, NatdArgs: natdArgs, Natd: filepath.Join(bins, "natd"),
 			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, ProxyMode: os.Getenv("NATD_E2E_PROXY_MODE"),
 			Network: os.Getenv("NATD_E2E_NETWORK"), Out: os.Stderr})
 		defer func() {

@@ -25,6 +25,8 @@ type Topology struct {
 	Router      Router  `json:"router"`
 	// API is where the API server listens, for tools that want more than kubeconfig.
 	API API `json:"api"`
+	// NatdArgs are the extra flags every natd of this lab runs with (restarts too).
+	NatdArgs []string `json:"natdArgs,omitempty"`
 	// ProxyMode is kube-proxy's mode on every node: nftables or iptables.
 	ProxyMode string `json:"proxyMode"`
 	// CNI is how pods are wired: each node's conflist, run with libcni.

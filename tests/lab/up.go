@@ -168,7 +168,7 @@ func (u *upper) say(format string, args ...any) {
 }
 
 func (u *upper) up(ctx context.Context) (*Topology, error) {
-	t := &Topology{
+	t := &Topology{NatdArgs: u.o.NatdArgs,
 		Kubeconfig: filepath.Join(u.dir, "kubeconfig"), NodeCIDR: NodeCIDR, EgressCIDR: EgressCIDR,
 		ClusterCIDR: ClusterCIDR, ServiceCIDR: ServiceCIDR,
 		Partner: Partner{Netns: nsPartner, IP: PartnerIP, Port: PartnerPort},
@@ -246,7 +246,7 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 	for i := range t.Nodes {
 		n := &t.Nodes[i]
 		u.say("natd on %s", n.Name)
-		if n.NatdPid, err = StartNatd(u.dir, t, n, u.o.NatdArgs); err != nil {
+		if n.NatdPid, err = StartNatd(u.dir, t, n, nil); err != nil {
 			return nil, err
 		}
 		if err := u.l.addPid(n.NatdPid, t.API.NatdBinary); err != nil {
@@ -684,7 +684,8 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 	// NODE_IP as the DaemonSet sets it (status.hostIP): /metrics listens on the node IP
 	// and loopback only.
 	env := []string{"NODE_IP=" + n.IP, t.API.NatdBinary}
-	return startIn(n.Netns, "env", n.NatdLog, append(env, append(args, extra...)...)...)
+	args = append(append(args, t.NatdArgs...), extra...)
+	return startIn(n.Netns, "env", n.NatdLog, append(env, args...)...)
 }
 
 // WaitNatdReady waits until the node's natd answers /readyz (its first sync is done).
