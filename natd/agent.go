@@ -9,12 +9,15 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -87,6 +90,7 @@ type Agent struct {
 	status        *statusWriter // nil: no EgressIP objects are written
 	now           func() time.Time
 	health        *health
+	client        kubernetes.Interface
 	withheld      string // why leases are not renewed now ("": they are); the renewal loop's own
 	keyErr        string // the last error reading the gossip keys; the key loop's own
 
@@ -123,6 +127,7 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 	// is read through its indexer, never through a typed Pod lister.
 	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(slimObject))
 	a := &Agent{
+		client:        client,
 		cfg:           cfg,
 		planner:       &Planner{Config: cfg},
 		kernel:        kernel,
@@ -226,6 +231,18 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	}
 	select {
 	case <-ctx.Done():
+		if a.uninstalling() {
+			// Not a restart: the IPs go to the nodes that stay (if any), and the caller
+			// removes everything natd put on this node.
+			stopWorker()
+			klog.InfoS("natd's DaemonSet is being deleted: leaving the cluster and cleaning the node up", "daemonSet", a.cfg.DaemonSet)
+			// Renewals stopped with ctx: the leases run out within --lease. Only then
+			// may the others (who take a departed member's IPs at once) take them.
+			time.Sleep(a.cfg.Lease)
+			a.members.Leave(time.Second)
+			a.members.Shutdown()
+			return ErrUninstalled
+		}
 		// No sync may run after the leases are extended: it would shorten them again.
 		stopWorker()
 		a.stopForRestart()
@@ -364,6 +381,31 @@ func (a *Agent) lapsed(ev election.Evidence) bool {
 		return false // the kernel serves them under the grace its predecessor set
 	}
 	return ev.At.Sub(a.leasedAt) >= a.cfg.Lease || ev.QuorumSince.After(a.leasedAt)
+}
+
+// ErrUninstalled is returned by Run when natd stopped because it is being uninstalled:
+// the node is to be cleaned up (Cleanup), not kept serving for a restart.
+var ErrUninstalled = errors.New("natd is being uninstalled")
+
+// uninstalling reports whether the DaemonSet natd runs from (--daemonset) is gone or
+// being deleted. When the API cannot say (it is down), natd assumes a restart: keeping
+// the node programmed for --restart-grace is the safe side.
+func (a *Agent) uninstalling() bool {
+	ns, name, ok := strings.Cut(a.cfg.DaemonSet, "/")
+	if !ok || a.client == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	ds, err := a.client.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return true
+	case err != nil:
+		klog.InfoS("Cannot tell a restart from an uninstall; keeping the node programmed", "daemonSet", a.cfg.DaemonSet, "err", err)
+		return false
+	}
+	return ds.DeletionTimestamp != nil
 }
 
 // keyReloadEvery is how often --gossip-key-file is read again: a Secret's new content

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -555,4 +556,34 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(2 * time.Millisecond)
 	}
 	t.Fatal("condition never held")
+}
+
+// natd tells an uninstall (its DaemonSet gone or being deleted) from a restart, and
+// takes a restart when the API cannot say.
+func TestAgentTellsUninstallFromRestart(t *testing.T) {
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: "natd-system", Name: "natd"}}
+	f := newFixture(t, append(nodes3(), ds)...)
+	f.agent.cfg.DaemonSet = "natd-system/natd"
+	if f.agent.uninstalling() {
+		t.Fatal("a DaemonSet in place taken for an uninstall")
+	}
+	now := metav1.Now()
+	ds.DeletionTimestamp = &now
+	ds.Finalizers = []string{"test"}
+	if _, err := f.agent.client.AppsV1().DaemonSets("natd-system").Update(context.Background(), ds, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if !f.agent.uninstalling() {
+		t.Fatal("a DaemonSet being deleted not taken for an uninstall")
+	}
+	if err := f.agent.client.AppsV1().DaemonSets("natd-system").Delete(context.Background(), "natd", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if !f.agent.uninstalling() {
+		t.Fatal("a deleted DaemonSet not taken for an uninstall")
+	}
+	f.agent.cfg.DaemonSet = ""
+	if f.agent.uninstalling() {
+		t.Fatal("without --daemonset every stop is a restart")
+	}
 }

@@ -52,6 +52,7 @@ type Config struct {
 	GossipSuspicionMult int
 	Lease               time.Duration
 	HeartbeatInterval   time.Duration
+	DaemonSet           string // namespace/name of the DaemonSet natd runs from (uninstall detection)
 	MaxEgressIPs        int
 	RestartGrace        time.Duration
 	HandoverTimeout     time.Duration
@@ -148,6 +149,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "name of this node's Node object (default $NODE_NAME)")
 	fs.Var(addrFlag{&c.NodeIP}, "node-ip", "this node's IP (default: the Node's InternalIP)")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster config)")
+	fs.StringVar(&c.DaemonSet, "daemonset", "", "namespace/name of the DaemonSet natd runs from: on SIGTERM, when it is gone or being deleted (an uninstall), natd removes everything it put on the node instead of keeping its IPs for a restart")
 	fs.Var(prefixList{&c.EgressCIDRs}, "egress-cidr", "CIDR egress IPs may be taken from (repeatable, required)")
 	fs.Var(prefixList{&c.ClusterCIDRs}, "cluster-cidr", "pod CIDR of the cluster, never SNATed (repeatable, required)")
 	fs.Var(prefixList{&c.ServiceCIDRs}, "service-cidr", "service CIDR of the cluster, never SNATed (repeatable)")

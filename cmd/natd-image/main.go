@@ -170,7 +170,7 @@ func build(binary, arch string, extras ...string) (v1.Image, error) {
 			Entrypoint: []string{binaryPath},
 			// natd programs nftables, routes and addresses: it runs as root and
 			// gets NET_ADMIN/NET_RAW from the DaemonSet, not from the image.
-			User: "0",
+			User:   "0",
 			Labels: imageLabels(),
 		},
 	})

@@ -58,6 +58,9 @@ func main() {
 		err = natd.Cleanup(&cfg)
 	default:
 		err = run(ctx, &cfg, drain)
+		if errors.Is(err, natd.ErrUninstalled) {
+			err = natd.Cleanup(&cfg)
+		}
 	}
 	klog.Flush()
 	if err != nil {

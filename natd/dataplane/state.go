@@ -9,8 +9,8 @@
 package dataplane
 
 import (
-	"time"
 	"net/netip"
+	"time"
 )
 
 // State is everything one node's kernel must reflect. It is a pure value: build it,

@@ -45,9 +45,11 @@ func TestManifestsApplyWithLeastPrivilege(t *testing.T) {
 		{"watch", "pods", "yes", nil}, {"list", "namespaces", "yes", nil}, {"get", "nodes", "yes", nil}, {"create", "events", "yes", nil},
 		{"create", "egressips.egress.natd.dev", "yes", nil}, {"delete", "egressips.egress.natd.dev", "yes", nil},
 		{"update", "egressips.egress.natd.dev", "yes", []string{"--subresource", "status"}},
+		{"get", "daemonsets.apps/natd", "yes", []string{"-n", "natd-system"}},
 		// Not needed, so not granted:
 		{"delete", "pods", "no", nil}, {"update", "nodes", "no", nil}, {"get", "secrets", "no", nil}, {"patch", "namespaces", "no", nil},
-		{"update", "egressips.egress.natd.dev", "no", nil}, {"get", "egressips.egress.natd.dev", "no", nil}, {"patch", "egressips.egress.natd.dev", "no", []string{"--subresource", "status"}},
+		{"update", "egressips.egress.natd.dev", "no", nil}, {"get", "daemonsets.apps/other", "no", []string{"-n", "natd-system"}},
+		{"get", "daemonsets.apps/natd", "no", []string{"-n", "kube-system"}}, {"delete", "daemonsets.apps/natd", "no", []string{"-n", "natd-system"}}, {"get", "egressips.egress.natd.dev", "no", nil}, {"patch", "egressips.egress.natd.dev", "no", []string{"--subresource", "status"}},
 	} {
 		out, _ := kubectl(append([]string{"auth", "can-i", c.verb, c.resource, "--as", sa}, c.extra...)...)
 		// The answer is the last word; kubectl may warn before it.
