@@ -21,10 +21,26 @@ func TestAdmissionPolicyDecidesWhoMayPinWhat(t *testing.T) {
 	kubectl(t, "apply", "--server-side", "--field-manager", "natd-e2e", "-f", filepath.Join(manifestsDir(), "namespace.yaml"))
 	kubectl(t, "apply", "--server-side", "--field-manager", "natd-e2e", "-k", dir)
 	t.Cleanup(func() {
-		run("delete", "-k", dir, "--wait")
+		// The policy first, and until the API server has let it go: the tests after
+		// this one pin namespaces freely.
+		run("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", "natd-egress-ip-allowed")
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			if _, err := run("annotate", "--overwrite", "namespace", "tenant-a", "egress.natd.dev/ip=198.18.0.219"); err == nil {
+				break
+			}
+		}
+		run("delete", "-k", dir, "--ignore-not-found")
 		run("delete", "namespace", "tenant-a", "--wait=false")
 	})
 	kubectl(t, "create", "namespace", "tenant-a")
+	// Without the allowlist the policy is off (a missing one must not stop every
+	// namespace change in the cluster): the API server needs it for any request.
+	kubectl(t, "-n", "natd-system", "delete", "configmap", "natd-egress-allow")
+	time.Sleep(2 * time.Second)
+	kubectl(t, "create", "namespace", "tenant-b")
+	kubectl(t, "label", "namespace", "tenant-b", "team=b")
+	kubectl(t, "delete", "namespace", "tenant-b", "--wait=false")
+	kubectl(t, "apply", "--server-side", "--field-manager", "natd-e2e", "-k", dir)
 	annotateNS := func(ip string) (string, error) {
 		return run("annotate", "--overwrite", "namespace", "tenant-a", "egress.natd.dev/ip="+ip)
 	}
