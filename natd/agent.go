@@ -275,6 +275,12 @@ func (a *Agent) start(ctx context.Context) error {
 // a natd restarted on a holder keeps its IPs only if its first plan is made with a
 // quorum. Without one (it is cut off, or alone) it goes on and holds nothing.
 func (a *Agent) awaitQuorum(ctx context.Context) {
+	a.mu.Lock()
+	resuming := a.resuming
+	a.mu.Unlock()
+	if !resuming {
+		return // nothing to keep: the first sync takes nothing new without a quorum anyway
+	}
 	deadline := time.Now().Add(2 * a.cfg.Heartbeat().Silence)
 	for !a.members.View().Evidence.Quorum() && time.Now().Before(deadline) && ctx.Err() == nil {
 		time.Sleep(a.cfg.HeartbeatInterval)
