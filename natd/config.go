@@ -225,6 +225,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--resync-period must be positive")
 	case c.GossipKeyFile == "" && !c.InsecureGossip:
 		return fmt.Errorf("--gossip-key-file is required (or --insecure-gossip, which lets anyone on the network take egress IPs)")
+	case c.DaemonSet != "" && !validDaemonSetRef(c.DaemonSet):
+		return fmt.Errorf("--daemonset %q: want namespace/name", c.DaemonSet)
 	case c.HeartbeatInterval < 10*time.Millisecond || c.HeartbeatInterval > time.Second:
 		return fmt.Errorf("--heartbeat-interval (%s) must be between 10ms and 1s", c.HeartbeatInterval)
 	case c.Lease < 2*c.HeartbeatInterval || c.Lease > 10*time.Second:
@@ -249,4 +251,9 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("at least one IPv4 --cluster-cidr is required")
 	}
 	return nil
+}
+
+func validDaemonSetRef(s string) bool {
+	ns, name, ok := strings.Cut(s, "/")
+	return ok && ns != "" && name != "" && !strings.Contains(name, "/")
 }
