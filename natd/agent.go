@@ -291,16 +291,10 @@ func (a *Agent) awaitQuorum(ctx context.Context) {
 // node's heartbeats begin before its first sync (the sync names them from then on).
 func (a *Agent) startVoting() {
 	nodes, _ := a.nodes.List(labels.Everything())
-	var eligible []string
-	for _, n := range nodes {
-		if isEligible(n) {
-			eligible = append(eligible, n.Name)
-		}
-	}
 	a.mu.Lock()
 	holding := len(a.held) > 0
 	a.mu.Unlock()
-	a.members.SetVoters(votersOf(eligible, nodes, a.members.View()), holding)
+	a.members.SetVoters(votersOf(eligibleNodes(nodes), nodes, a.members.View()), holding)
 }
 
 // renewLeases keeps this node's egress IPs served by the kernel for another --lease,
@@ -311,11 +305,10 @@ func (a *Agent) startVoting() {
 // bounded time (wedgeBound or syncFailBound, plus --lease), whatever part of it hangs.
 func (a *Agent) renewLeases() {
 	err := a.health.mayServe()
-	var until time.Time
+	var ev election.Evidence
 	if err == nil {
-		ev := a.members.View().Evidence
+		ev = a.members.View().Evidence
 		err = a.mayRenew(ev)
-		until = ev.At.Add(a.cfg.Lease) // the lease counts from the quorum seen, not from the commit
 	}
 	reason := ""
 	if errors.Is(err, errNotInTouchNow) {
@@ -346,7 +339,8 @@ func (a *Agent) renewLeases() {
 		a.health.renewDone(nil)
 		return
 	}
-	if err := a.kernel.RenewLeases(until); err != nil {
+	// The lease counts from the quorum seen, not from the commit.
+	if err := a.kernel.RenewLeases(ev.At.Add(a.cfg.Lease)); err != nil {
 		// Most likely someone removed natd's tables: a sync puts them back.
 		a.metrics.LeaseRenewalFailures.Inc()
 		klog.ErrorS(err, "Renewing leases failed; repairing the node")
@@ -354,10 +348,14 @@ func (a *Agent) renewLeases() {
 		a.queue.Add(syncKey)
 		return
 	}
+	a.mu.Lock()
+	a.leasedAt = later(a.leasedAt, ev.At)
+	a.mu.Unlock()
 	a.health.renewDone(nil)
 }
 
-// mayRenew says whether the voters' evidence lets this node extend its leases now.
+// mayRenew says whether the voters' evidence lets this node extend its leases now (nil
+// also when it holds nothing: the renewal is then a no-op).
 // The lease may be extended only if it has not run out and the quorum has not broken
 // since it was last extended: a node that was cut off, even briefly, may have been
 // reported silent, and its IPs taken, meanwhile.
@@ -376,7 +374,6 @@ func (a *Agent) mayRenew(ev election.Evidence) error {
 		// stall): this renewal is skipped; the next ones in the lease make up for it.
 		return errNotInTouchNow
 	}
-	a.leasedAt = ev.At
 	return nil
 }
 

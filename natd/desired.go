@@ -115,7 +115,6 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	nodeIPs := map[netip.Addr]string{}
 	var nodeIPs6 []netip.Prefix
 	nodeIPOf := map[string]netip.Addr{}
-	var eligible []string
 	var self *corev1.Node
 	for _, n := range c.Nodes {
 		ip := internalIP(n)
@@ -138,13 +137,11 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		if n.Name == cfg.NodeName {
 			self = n
 		}
-		if isEligible(n) {
-			eligible = append(eligible, n.Name)
-		}
 	}
 	if self == nil {
 		return nil, fmt.Errorf("node %s is not in the API (yet)", cfg.NodeName)
 	}
+	eligible := eligibleNodes(c.Nodes)
 	st := &plan.State
 	st.NodeIP = cfg.NodeIP
 	if !st.NodeIP.IsValid() {
@@ -459,6 +456,17 @@ func (p *podPins) resolve() (v4, v6 map[netip.Addr][]netip.Addr) {
 // maintenance: its IPs move away, planned.
 func isEligible(n *corev1.Node) bool {
 	return n.Labels[LabelEgressNode] == "true" && !n.Spec.Unschedulable && n.DeletionTimestamp == nil && internalIP(n).IsValid()
+}
+
+// eligibleNodes names the nodes that may hold egress IPs.
+func eligibleNodes(nodes []*corev1.Node) []string {
+	var out []string
+	for _, n := range nodes {
+		if isEligible(n) {
+			out = append(out, n.Name)
+		}
+	}
+	return out
 }
 
 func internalIP(n *corev1.Node) netip.Addr {

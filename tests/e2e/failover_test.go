@@ -276,9 +276,11 @@ func metrics(ns string) string {
 	return string(b)
 }
 
-func restartNatd(t testing.TB, node string) {
+// restartNatd (re)starts a node's natd, with extra flags if any, and waits until it is
+// ready; it returns the topology with the new PID.
+func restartNatd(t testing.TB, node string, extra ...string) *lab.Topology {
 	t.Helper()
-	cur, err := lab.RestartNatd(labDir, node, nil)
+	cur, err := lab.RestartNatd(labDir, node, extra)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,6 +289,7 @@ func restartNatd(t testing.TB, node string) {
 		t.Fatal(err)
 	}
 	topo = cur
+	return cur
 }
 
 // fault injects a failure of the holder and returns how to heal it.

@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"context"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"natd.dev/natd/tests/lab"
 )
@@ -28,16 +26,7 @@ func TestCleanupRemovesEverything(t *testing.T) {
 	if err := lab.StopNatd(cur, n); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		restarted, err := lab.RestartNatd(labDir, holder, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rn, _ := restarted.Node(holder)
-		if err := lab.WaitNatdReady(context.Background(), rn, 30*time.Second); err != nil {
-			t.Fatal(err)
-		}
-	})
+	t.Cleanup(func() { restartNatd(t, holder) })
 	// A natd that is down leaves the kernel programmed: traffic keeps its egress IP.
 	assertSeen(t, p, ip)
 
@@ -91,24 +80,9 @@ func TestUninstallLeavesNothing(t *testing.T) {
 	unpinOnCleanup(t, "pin-uninstall")
 	waitSeen(t, p, tcp, ip)
 	holder := waitHolder(t, ip)
-	cur, err := lab.RestartNatd(labDir, holder, []string{"--daemonset", "natd-system/natd"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	cur := restartNatd(t, holder, "--daemonset", "natd-system/natd")
 	n, _ := cur.Node(holder)
-	if err := lab.WaitNatdReady(context.Background(), n, 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		restarted, err := lab.RestartNatd(labDir, holder, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rn, _ := restarted.Node(holder)
-		if err := lab.WaitNatdReady(context.Background(), rn, 30*time.Second); err != nil {
-			t.Fatal(err)
-		}
-	})
+	t.Cleanup(func() { restartNatd(t, holder) })
 	waitSeen(t, p, tcp, ip)
 	kubectl(t, "-n", "natd-system", "delete", "daemonset", "natd")
 	if err := lab.StopNatd(cur, n); err != nil { // the kubelet's SIGTERM
