@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -95,6 +96,7 @@ type Agent struct {
 	keyErr        string // the last error reading the gossip keys; the key loop's own
 
 	factory    informers.SharedInformerFactory
+	podFactory informers.SharedInformerFactory // this node's pods
 	namespaces corelisters.NamespaceLister
 	pods       cache.Indexer // of *podRecord, by namespace and by node
 	nodes      corelisters.NodeLister
@@ -126,6 +128,13 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 	// cost the agent hundreds of megabytes. Pods become podRecords, so the pod informer
 	// is read through its indexer, never through a typed Pod lister.
 	factory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(slimObject))
+	// A node classifies its own pods only (other nodes' pinned traffic reaches it
+	// through the tunnel, which names its egress IP), so it watches only those, as the
+	// kubelet does: the API server's cost does not grow with nodes × pods.
+	podFactory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(slimObject),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", cfg.NodeName).String()
+		}))
 	a := &Agent{
 		client:        client,
 		cfg:           cfg,
@@ -135,6 +144,7 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 		recorder:      recorder,
 		metrics:       metrics,
 		factory:       factory,
+		podFactory:    podFactory,
 		namespaces:    factory.Core().V1().Namespaces().Lister(),
 		nodes:         factory.Core().V1().Nodes().Lister(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
@@ -147,7 +157,7 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 		now:           time.Now,
 	}
 	a.health = newHealth(a.now)
-	podInformer := factory.Core().V1().Pods().Informer()
+	podInformer := podFactory.Core().V1().Pods().Informer()
 	a.pods = podInformer.GetIndexer()
 	if egress != nil {
 		a.status = newStatusWriter(cfg.NodeName, egress, recorder)
@@ -184,6 +194,7 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	defer a.queue.ShutDown()
 	defer a.factory.Shutdown()
+	defer a.podFactory.Shutdown()
 	if err := a.start(ctx); err != nil {
 		return err
 	}
@@ -257,10 +268,13 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 // before the first sync.
 func (a *Agent) start(ctx context.Context) error {
 	a.factory.Start(ctx.Done())
+	a.podFactory.Start(ctx.Done())
 	klog.InfoS("Waiting for informer caches")
-	for typ, ok := range a.factory.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("cache for %v did not sync", typ)
+	for _, f := range []informers.SharedInformerFactory{a.factory, a.podFactory} {
+		for typ, ok := range f.WaitForCacheSync(ctx.Done()) {
+			if !ok {
+				return fmt.Errorf("cache for %v did not sync", typ)
+			}
 		}
 	}
 	klog.InfoS("Informer caches synced")
@@ -929,7 +943,7 @@ func (a *Agent) report(namespaces []*corev1.Namespace, plan *Plan, speakers []st
 				continue
 			}
 			klog.InfoS("Pod of a pinned namespace uses the host network and cannot be pinned", "namespace", ns.Name, "pod", pod)
-			if a.recorder != nil && election.Pick(ns.Name, speakers) == a.cfg.NodeName {
+			if a.recorder != nil { // the pod's own node: the only one that watches it
 				a.recorder.Eventf(namespaceRef(ns), corev1.EventTypeWarning, "HostNetworkPodNotPinned",
 					"pod %s uses the host network: its traffic leaves with its node's address, not the egress IP", pod)
 			}

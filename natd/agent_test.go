@@ -229,23 +229,25 @@ func podsOf(st dataplane.State) map[string]string {
 
 // Two pods with one IP (normal while an IP is reused) must neither crash natd nor
 // give the address two egress IPs: the running pod wins over the terminating one, and
-// of two running pods the first namespace by name, on every node alike.
+// of two running pods the first namespace by name, on every node alike. Other nodes'
+// pods are theirs to classify.
 func TestAgentTwoPodsOneIP(t *testing.T) {
 	objs := append(nodes3(),
 		ns("team-a", "198.18.0.200"), ns("team-b", "198.18.0.201"), ns("team-c", "198.18.0.201"),
 		terminating(pod("team-a", "old", "node1", "10.244.11.10")),
 		pod("team-b", "new", "node1", "10.244.11.10"),
-		pod("team-b", "x", "node2", "10.244.12.10"),
-		pod("team-c", "y", "node2", "10.244.12.10"),
-		pod("team-a", "z", "node3", "10.244.13.10"),
-		pod("team-c", "z", "node3", "10.244.13.10"),
+		pod("team-b", "x", "node1", "10.244.11.20"),
+		pod("team-c", "y", "node1", "10.244.11.20"),
+		pod("team-a", "z", "node1", "10.244.11.30"),
+		pod("team-c", "z", "node1", "10.244.11.30"),
+		pod("team-a", "remote", "node2", "10.244.12.10"),
 	)
 	f := newFixture(t, objs...)
 	if err := f.agent.Sync(); err != nil {
 		t.Fatal(err)
 	}
 	got := podsOf(f.kernel.last())
-	want := map[string]string{"10.244.11.10": "198.18.0.201", "10.244.12.10": "198.18.0.201", "10.244.13.10": "198.18.0.200"}
+	want := map[string]string{"10.244.11.10": "198.18.0.201", "10.244.11.20": "198.18.0.201", "10.244.11.30": "198.18.0.200"}
 	for ip, eip := range want {
 		if got[ip] != eip {
 			t.Errorf("pod %s pinned to %q, want %s (all: %v)", ip, got[ip], eip, got)
@@ -527,12 +529,13 @@ func TestAgentCountsTakeoversAndRepairsDrift(t *testing.T) {
 // A pod of a pinned namespace on the host network cannot be pinned: one Warning Event
 // per pod on the namespace, not repeated every sync.
 func TestAgentWarnsAboutHostNetworkPods(t *testing.T) {
-	host := pod("team-a", "agent", "node2", "198.18.0.12")
+	host := pod("team-a", "agent", "node1", "198.18.0.11")
 	host.Spec.HostNetwork = true
-	f := newFixture(t, append(nodes3(), ns("team-a", "198.18.0.200"), host)...)
+	other := pod("team-a", "agent-2", "node2", "198.18.0.12") // node2 warns about its own
+	other.Spec.HostNetwork = true
+	f := newFixture(t, append(nodes3(), ns("team-a", "198.18.0.200"), host, other)...)
 	rec := record.NewFakeRecorder(10)
 	f.agent.recorder = rec
-	f.setAlive("node1") // the only speaker
 	for i := 0; i < 2; i++ {
 		if err := f.agent.Sync(); err != nil {
 			t.Fatal(err)

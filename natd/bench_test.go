@@ -97,7 +97,7 @@ func benchNetns(b *testing.B) *netns.NsHandle {
 func benchDataplane(b *testing.B, h *netns.NsHandle) *dataplane.Dataplane {
 	marks, _ := dataplane.NewMarks(0x00ff0000)
 	d, err := dataplane.New(dataplane.Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: h,
-		EgressCIDRs: benchConfig().EgressCIDRs, StateDir: b.TempDir(), VerifyEvery: time.Second})
+		EgressCIDRs: benchConfig().EgressCIDRs, StateDir: b.TempDir(), VerifyEvery: time.Second, TunnelPort: 4799})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -193,7 +193,7 @@ func BenchmarkAgentMemory50k(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		rs := dataplane.BuildRuleset(plan.State, nil, mustMarks(), map[netip.Addr]int{}, time.Second, 7946)
+		rs := dataplane.BuildRuleset(plan.State, nil, mustMarks(), map[netip.Addr]int{}, time.Second, 7946, 4799)
 		runtime.GC()
 		var after runtime.MemStats
 		runtime.ReadMemStats(&after)

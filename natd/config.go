@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"natd.dev/natd/election"
+	"natd.dev/natd/natd/dataplane"
 )
 
 // Names of the user interface (see CONTRACT.md).
@@ -45,6 +46,7 @@ type Config struct {
 	CNIPlugin  string
 
 	GossipPort          int
+	TunnelPort          int
 	GossipKeyFile       string
 	InsecureGossip      bool
 	GossipProbeInterval time.Duration
@@ -137,6 +139,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	c.TableBase = 7100
 	c.StateDir = "/run/natd"
 	c.GossipPort = 7946
+	c.TunnelPort = 4799
 	c.GossipProbeInterval = 150 * time.Millisecond
 	c.GossipProbeTimeout = 75 * time.Millisecond
 	c.GossipSuspicionMult = 3
@@ -165,6 +168,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", "/opt/cni/bin", "the node's CNI plugin directory, where natd installs natd-cni")
 	fs.StringVar(&c.CNIPlugin, "cni-plugin", "", "the natd-cni binary to install (default: natd-cni beside the natd binary)")
 	fs.IntVar(&c.GossipPort, "gossip-port", c.GossipPort, "memberlist port (TCP and UDP) on the node IP")
+	fs.IntVar(&c.TunnelPort, "tunnel-port", c.TunnelPort, "UDP port of natd's VXLAN tunnels, which carry pinned traffic from a pod's node to the egress IP's holder (must differ from the CNI's VXLAN port)")
 	fs.StringVar(&c.GossipKeyFile, "gossip-key-file", "", "file with the base64 gossip encryption key (16, 24 or 32 bytes; `natd gen-key` makes one)")
 	fs.BoolVar(&c.InsecureGossip, "insecure-gossip", false, "allow unencrypted, unauthenticated gossip (no --gossip-key-file)")
 	fs.DurationVar(&c.GossipProbeInterval, "gossip-probe-interval", c.GossipProbeInterval, "how often each member is probed")
@@ -235,6 +239,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--lease (%s) must be between two heartbeat intervals (%s) and 10s", c.Lease, 2*c.HeartbeatInterval)
 	case c.GossipProbeTimeout >= c.GossipProbeInterval:
 		return fmt.Errorf("--gossip-probe-timeout must be shorter than --gossip-probe-interval")
+	case c.TunnelPort < 1 || c.TunnelPort > 65535 || c.TunnelPort == c.GossipPort:
+		return fmt.Errorf("--tunnel-port (%d) must be a UDP port other than --gossip-port", c.TunnelPort)
 	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > election.MaxClaims:
 		return fmt.Errorf("--max-egress-ips must be between 1 and %d", election.MaxClaims)
 	}
@@ -246,6 +252,10 @@ func (c *Config) Validate() error {
 		if !p.Addr().Is4() {
 			return fmt.Errorf("--egress-cidr %s: only IPv4 egress IPs are supported for now", p)
 		}
+	}
+	if a, b, overlap := dataplane.VNIOverlap(c.EgressCIDRs); overlap {
+		// Each egress IP's tunnel is told apart by the IP's last three octets.
+		return fmt.Errorf("--egress-cidr %s and %s hold addresses that differ only in the first octet; natd's tunnels cannot tell them apart", a, b)
 	}
 	if !slices.ContainsFunc(c.ClusterCIDRs, func(p netip.Prefix) bool { return p.Addr().Is4() }) {
 		return fmt.Errorf("at least one IPv4 --cluster-cidr is required")

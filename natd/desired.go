@@ -203,6 +203,9 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		rank := pins.namespace(ip)
 		for _, pod := range c.PodsIn(ns.Name) {
 			switch {
+			case pod.node != cfg.NodeName:
+				// Another node's pod: its node classifies it and sends its pinned
+				// traffic through the tunnel, which tells the holder its egress IP.
 			case pod.hostNet:
 				plan.HostNetworkPods[ns.Name] = append(plan.HostNetworkPods[ns.Name], pod.Name)
 			case !pod.inert:

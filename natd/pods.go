@@ -23,6 +23,7 @@ type podRecord struct {
 	hasIPv6 bool
 	inert   bool // host network or finished: not natd's to pin
 	hostNet bool // host network: shares the node's addresses, so natd cannot pin it
+	node    string
 	ipv6    [16]byte
 
 	metav1.TypeMeta
@@ -70,6 +71,7 @@ func recordOf(obj any) (any, error) {
 		// belong to another pod.
 		inert:   pod.Spec.HostNetwork || pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed,
 		hostNet: pod.Spec.HostNetwork,
+		node:    pod.Spec.NodeName,
 		ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID,
 			ResourceVersion: pod.ResourceVersion, DeletionTimestamp: pod.DeletionTimestamp},
 	}

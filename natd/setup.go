@@ -39,6 +39,7 @@ func dataplaneConfig(cfg *Config) (dataplane.Config, error) {
 	return dataplane.Config{Marks: marks, RulePriority: cfg.RulePriority, TableBase: cfg.TableBase,
 		EgressCIDRs: cfg.EgressCIDRs, StateDir: cfg.StateDir, Lease: cfg.Lease, VerifyEvery: time.Second,
 		GossipPort: uint16(cfg.GossipPort),
+		TunnelPort: uint16(cfg.TunnelPort),
 		// Repeats reach neighbours that ignored the first announcement (Linux ignores
 		// an ARP update within neigh locktime, 1 s, of the previous one) or lost it.
 		Announce: []time.Duration{250 * time.Millisecond, 1100 * time.Millisecond, 2500 * time.Millisecond, 5 * time.Second}}, nil

@@ -3,6 +3,7 @@ package dataplane
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -29,6 +30,11 @@ type staleFlows struct {
 	// repinned are pod IPs whose classification changed (pinned, unpinned, or pinned
 	// to another egress IP): every entry they opened was NATed under the old one.
 	repinned map[netip.Addr]bool
+	// relayedBit, when set, is the pinned-connection bit of the conntrack mark: after
+	// a takeover, other nodes' pinned flows this node passed on un-NATed (through the
+	// tunnel, while it thought another node held their IP) are stale too.
+	relayedBit uint32
+	local      []netip.Prefix // this node's pod CIDRs
 }
 
 func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
@@ -44,6 +50,9 @@ func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 	if eip, ok := s.pinnedTo[src]; ok && natted != eip {
 		return true
 	}
+	if s.relayedBit != 0 && f.Mark&s.relayedBit != 0 && natted == src && !slices.ContainsFunc(s.local, func(p netip.Prefix) bool { return p.Contains(src) }) {
+		return true
+	}
 	return false
 }
 
@@ -53,7 +62,11 @@ func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr, r
 	if len(taken) == 0 && len(released) == 0 && len(repinned) == 0 {
 		return nil
 	}
-	s := &staleFlows{pinnedTo: map[netip.Addr]netip.Addr{}, released: map[netip.Addr]bool{}, repinned: repinned}
+	s := &staleFlows{pinnedTo: map[netip.Addr]netip.Addr{}, released: map[netip.Addr]bool{}, repinned: repinned,
+		local: state.LocalPodCIDRs}
+	if len(taken) > 0 {
+		s.relayedBit = d.cfg.Marks.PinnedFlow()
+	}
 	for _, ip := range released {
 		s.released[ip] = true
 	}

@@ -48,6 +48,9 @@ type Config struct {
 	VerifyEvery time.Duration
 	// GossipPort is natd's gossip port: only nodes may reach it (0: not guarded).
 	GossipPort uint16
+	// TunnelPort is the UDP port of natd's VXLAN tunnels (pinned traffic on its way to
+	// the holder); only nodes may reach it.
+	TunnelPort uint16
 	// Announce is when gratuitous ARPs go out after a takeover, counted from it; the
 	// repeats reach neighbours that ignored the first (Linux ignores an update within
 	// neigh locktime, 1 s by default, of the last one) or lost it.
@@ -94,7 +97,6 @@ type Dataplane struct {
 	owedFlush map[netip.Addr]bool
 	// announcing cancels the gratuitous ARP repeats of an IP that is released.
 	announcing     map[netip.Addr]chan struct{}
-	rpFilterWarned bool
 }
 
 // New opens netlink handles for cfg.NetNS (or the current namespace).
@@ -115,7 +117,8 @@ func New(cfg Config) (*Dataplane, error) {
 	d.nft.newConn = d.nftConn
 	d.nft.gen = d.nftGen
 	d.nft.verifyEvery = cfg.VerifyEvery
-	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase}
+	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase,
+		tunnelPort: cfg.TunnelPort, inNetns: d.inNetns}
 	return d, nil
 }
 
@@ -253,7 +256,7 @@ func (d *Dataplane) records() []PodRecord {
 // rulesets are natd's tables for state: ip, ip6 and arp.
 func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
 	return []*Ruleset{
-		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort),
+		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort),
 		BuildRuleset6(state, records),
 		BuildARPRuleset(state, d.cfg.Lease),
 	}
@@ -271,15 +274,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	d.allocateSlots(state.Egress)
 	slots, held := d.slotRoutes(state)
 
-	if len(held) > 0 {
-		if err := d.loosenRPFilter(uplink.Attrs().Name); err != nil && !d.rpFilterWarned {
-			// Not fatal: with host-gateway routing strict filtering passes anyway, and a
-			// container may see /proc/sys read-only. Said once, not every sync.
-			klog.InfoS("Could not loosen rp_filter; with an overlay CNI, forwarded pinned traffic may be dropped", "interface", uplink.Attrs().Name, "err", err)
-			d.rpFilterWarned = true
-		}
-	}
-	if err := d.router.ensure(uplink, slots); err != nil {
+	if err := d.router.ensure(uplink, state.NodeIP, slots); err != nil {
 		return res, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -360,7 +355,7 @@ func (d *Dataplane) slotRoutes(state State) ([]slotRoute, map[netip.Addr]bool) {
 	slots := make([]slotRoute, 0, len(state.Egress))
 	held := map[netip.Addr]bool{}
 	for _, e := range state.Egress {
-		s := slotRoute{idx: d.slots[e.IP]}
+		s := slotRoute{idx: d.slots[e.IP], vni: TunnelVNI(e.IP)}
 		if !e.Local && e.HolderIP.IsValid() {
 			s.via = e.HolderIP
 		}
@@ -412,7 +407,7 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 		return false, 0, err
 	}
 	slots, held := d.slotRoutes(state)
-	if ok, err := d.router.intact(uplink, slots); err != nil || !ok {
+	if ok, err := d.router.intact(uplink, state.NodeIP, slots); err != nil || !ok {
 		return !ok, 0, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -645,36 +640,8 @@ func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr) {
 	}()
 }
 
-// loosenRPFilter sets the uplink's rp_filter to loose (2) when it is strict (1). A holder
-// receives pinned packets from other nodes on its uplink with pod source addresses; with
-// an overlay CNI the route back to those pods is the tunnel device, so strict reverse
-// path filtering would drop them. The original value is kept for cleanup.
-func (d *Dataplane) loosenRPFilter(dev string) error {
-	return d.inNetns(func() error {
-		path := filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter")
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return fmt.Errorf("reading rp_filter of %s: %w", dev, err)
-		}
-		if strings.TrimSpace(string(b)) != "1" {
-			return nil
-		}
-		if d.cfg.StateDir != "" {
-			if err := os.MkdirAll(d.cfg.StateDir, 0o755); err != nil {
-				return fmt.Errorf("creating state dir: %w", err)
-			}
-			if err := os.WriteFile(filepath.Join(d.cfg.StateDir, "rp_filter."+dev), b, 0o644); err != nil {
-				return fmt.Errorf("saving rp_filter of %s: %w", dev, err)
-			}
-		}
-		if err := os.WriteFile(path, []byte("2"), 0o644); err != nil {
-			return fmt.Errorf("setting rp_filter of %s to loose: %w", dev, err)
-		}
-		klog.InfoS("Set reverse path filter to loose for forwarded pinned traffic", "interface", dev)
-		return nil
-	})
-}
-
+// restoreRPFilter puts back the uplink rp_filter values that natd versions before the
+// tunnel loosened (they kept the originals in the state dir).
 func (d *Dataplane) restoreRPFilter() error {
 	if d.cfg.StateDir == "" {
 		return nil

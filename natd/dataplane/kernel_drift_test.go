@@ -18,7 +18,7 @@ import (
 // holds exactly what the builders render.
 func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 	ns, d, st := appliedSample(t)
-	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort), BuildRuleset6(st, sampleRecords())} {
+	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort), BuildRuleset6(st, sampleRecords())} {
 		got := ns.run("nft", "-s", "list", "table", rs.familyName(), TableName)
 		if normalize(got) != normalize(rs.Text(false)) {
 			t.Fatalf("kernel %s table differs from the rendered one\n--- kernel:\n%s\n--- rendered:\n%s", rs.familyName(), got, rs.Text(false))

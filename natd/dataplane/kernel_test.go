@@ -78,7 +78,7 @@ func (ns *testNS) dataplane() *Dataplane {
 	marks, _ := NewMarks(0x00ff0000)
 	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
 		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir,
-		Lease: time.Minute, GossipPort: 7946})
+		Lease: time.Minute, GossipPort: 7946, TunnelPort: 4799})
 	if err != nil {
 		ns.t.Fatal(err)
 	}
@@ -149,7 +149,7 @@ func TestKernelApplyMatchesRenderedRuleset(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := ns.run("nft", "-s", "list", "table", "ip", TableName)
-	want := BuildRuleset(st, nil, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort).Text(false)
+	want := BuildRuleset(st, nil, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort).Text(false)
 	if normalize(got) != normalize(want) {
 		t.Fatalf("kernel ruleset differs from rendered one\n--- kernel:\n%s\n--- rendered:\n%s", got, want)
 	}
@@ -180,7 +180,29 @@ func (ns *testNS) snapshot() string {
 	b.WriteString(strings.Join(rules, "\n") + "\n")
 	b.WriteString(ns.run("ip", "route", "show", "table", "all", "proto", "78"))
 	b.WriteString(ns.run("ip", "-o", "-4", "addr", "show", "dev", "uplink0"))
+	// Tunnel devices (kind, VNI, port, MAC), their neighbours and forwarding entries.
+	for _, l := range strings.Split(strings.TrimSpace(ns.run("ip", "-o", "link", "show", "type", "vxlan")), "\n") {
+		if name, _, ok := strings.Cut(strings.TrimSpace(strings.SplitN(l+": ", ": ", 3)[1]), "@"); ok || name != "" {
+			b.WriteString(tunnelSnapshot(ns, name))
+		}
+	}
 	return b.String()
+}
+
+func tunnelSnapshot(ns *testNS, dev string) string {
+	if dev == "" {
+		return ""
+	}
+	detail := ns.run("ip", "-d", "-o", "link", "show", "dev", dev)
+	var keep []string
+	for _, f := range []string{"vxlan id", "dstport", "link/ether", "mtu", "alias"} {
+		if i := strings.Index(detail, f); i >= 0 {
+			fields := strings.Fields(detail[i:])
+			keep = append(keep, strings.Join(fields[:min(len(fields), strings.Count(f, " ")+2)], " "))
+		}
+	}
+	return dev + ": " + strings.Join(keep, " ") + "\n" + ns.run("ip", "-4", "neigh", "show", "dev", dev) +
+		ns.run("bridge", "fdb", "show", "dev", dev) + ns.run("ip", "-o", "-4", "addr", "show", "dev", dev)
 }
 
 func TestKernelReapplyIsIdempotent(t *testing.T) {
@@ -249,7 +271,7 @@ func TestKernelReplacingState(t *testing.T) {
 		t.Fatalf("apply: %+v; want 198.18.0.201 announced and 198.18.0.200 released", res)
 	}
 	got := ns.snapshot()
-	want := normalize(BuildRuleset(next, nil, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort).Text(false))
+	want := normalize(BuildRuleset(next, nil, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort).Text(false))
 	if !strings.HasPrefix(got, want+"\n") {
 		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
 	}
@@ -309,8 +331,12 @@ func TestKernelCleanupRemovesEverything(t *testing.T) {
 	if _, err := d.Apply(sampleState()); err != nil {
 		t.Fatal(err)
 	}
-	if got := strings.TrimSpace(ns.run("sysctl", "-n", "net.ipv4.conf.uplink0.rp_filter")); got != "2" {
-		t.Errorf("holder's uplink rp_filter = %s, want 2 (loose) for forwarded pinned traffic", got)
+	if out := ns.run("ip", "-o", "link", "show", "type", "vxlan"); strings.Count(out, tunnelPrefix) != 3 {
+		t.Errorf("want a tunnel device per egress IP, have:\n%s", out)
+	}
+	// Tunnelled packets arrive on natd's own devices, so the uplink's filter stays.
+	if got := strings.TrimSpace(ns.run("sysctl", "-n", "net.ipv4.conf.uplink0.rp_filter")); got != "1" {
+		t.Errorf("holder's uplink rp_filter = %s, want the node's 1", got)
 	}
 	// Somebody else's rule, route and table in the same namespace must survive.
 	ns.run("ip", "rule", "add", "fwmark", "0x1", "lookup", "100", "priority", "7000")

@@ -14,11 +14,15 @@ import (
 // natd and `natd cleanup` find exactly what natd made and nothing else.
 const RouteProtocol = 0x4e // 'N'; unassigned in iproute2's rt_protos
 
-// slotRoute is what one egress IP's route table should hold: a default route to the
-// holder when another node holds it; nothing otherwise, so marked packets fall through
-// to the main table (held here: SNAT and out the uplink; no holder: dropped by nft).
+// slotRoute is what one egress IP's slot should hold in the kernel: its tunnel device
+// (always, so that other nodes' pinned packets arrive wherever this node stands) and,
+// when another node holds the IP, a table whose default route sends marked packets
+// into the tunnel to that holder. Otherwise the table is empty, so marked packets fall
+// through to the main table (held here: SNAT and out the uplink; no holder: dropped by
+// nft).
 type slotRoute struct {
 	idx int
+	vni uint32
 	via netip.Addr
 }
 
@@ -27,6 +31,8 @@ type router struct {
 	marks        Marks
 	rulePriority int
 	tableBase    int
+	tunnelPort   uint16
+	inNetns      func(func() error) error
 }
 
 func (r *router) table(idx int) int { return r.tableBase + idx }
@@ -41,9 +47,58 @@ func (r *router) rightMark(ru netlink.Rule) bool {
 	return ru.Mark == r.marks.Value(ru.Table-r.tableBase) && ru.Mask != nil && *ru.Mask == r.marks.Mask
 }
 
-// ensure adds the ip rules and points each table at its holder. It never removes a
-// slot; prune does that once nftables no longer marks packets for it.
-func (r *router) ensure(uplink netlink.Link, slots []slotRoute) error {
+func (r *router) spec(s slotRoute, nodeIP netip.Addr, uplink netlink.Link) tunnelSpec {
+	return tunnelSpec{idx: s.idx, vni: s.vni, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
+}
+
+// wantRoutes is what table idx must hold to send marked packets to via through the
+// tunnel: the default route into the tunnel, and a throw route for the holder itself,
+// because the encapsulated packet keeps the mark and must reach the holder through the
+// main table, not loop into the tunnel.
+func (r *router) wantRoutes(s slotRoute, tunnel netlink.Link) []netlink.Route {
+	if !s.via.IsValid() {
+		return nil
+	}
+	return []netlink.Route{
+		{Table: r.table(s.idx), Dst: defaultDst(), Type: unix.RTN_UNICAST, Gw: s.via.AsSlice(), LinkIndex: tunnel.Attrs().Index,
+			Flags: int(netlink.FLAG_ONLINK), Protocol: RouteProtocol},
+		{Table: r.table(s.idx), Dst: &net.IPNet{IP: s.via.AsSlice(), Mask: net.CIDRMask(32, 32)}, Type: unix.RTN_THROW,
+			Protocol: RouteProtocol},
+	}
+}
+
+func defaultDst() *net.IPNet { return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)} }
+
+// routeKey identifies a route by what natd sets on it.
+func routeKey(rt netlink.Route) string {
+	dst := "0.0.0.0/0"
+	if rt.Dst != nil {
+		dst = rt.Dst.String()
+	}
+	onlink := rt.Flags&int(netlink.FLAG_ONLINK) != 0
+	return fmt.Sprintf("%d %s %d %s %d %v", rt.Table, dst, rt.Type, rt.Gw, rt.LinkIndex, onlink)
+}
+
+func sameRoutes(have, want []netlink.Route) bool {
+	if len(have) != len(want) {
+		return false
+	}
+	keys := map[string]bool{}
+	for _, rt := range have {
+		keys[routeKey(rt)] = true
+	}
+	for _, rt := range want {
+		if !keys[routeKey(rt)] {
+			return false
+		}
+	}
+	return true
+}
+
+// ensure adds the ip rules, makes each slot's tunnel device and points it and its table
+// at the holder. It never removes a slot; prune does that once nftables no longer
+// marks packets for it.
+func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute) error {
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
 		return fmt.Errorf("listing ip rules: %w", err)
@@ -82,35 +137,43 @@ func (r *router) ensure(uplink netlink.Link, slots []slotRoute) error {
 				return fmt.Errorf("adding ip rule for table %d: %w", ru.Table, err)
 			}
 		}
-		cur, ok := routes[r.table(s.idx)]
-		if !s.via.IsValid() {
-			if ok {
-				if err := r.nl.RouteDel(&cur); err != nil && !errors.Is(err, unix.ESRCH) {
-					return fmt.Errorf("deleting route of table %d: %w", cur.Table, err)
-				}
+		tunnel, err := r.ensureTunnel(r.spec(s, nodeIP, uplink))
+		if err != nil {
+			return err
+		}
+		if err := r.pointTunnel(tunnel, s.via); err != nil {
+			return err
+		}
+		want := r.wantRoutes(s, tunnel)
+		cur := routes[r.table(s.idx)]
+		if sameRoutes(cur, want) {
+			continue
+		}
+		// The new routes first (replace re-points the default route in place), then
+		// whatever is left of the old ones.
+		keep := map[string]bool{}
+		for i := range want {
+			if err := r.nl.RouteReplace(&want[i]); err != nil {
+				return fmt.Errorf("pointing table %d at %s: %w", want[i].Table, s.via, err)
 			}
-			continue
+			keep[routeKey(want[i])] = true
 		}
-		if ok && cur.LinkIndex == uplink.Attrs().Index && cur.Gw.Equal(s.via.AsSlice()) {
-			continue
-		}
-		rt := &netlink.Route{
-			Table:     r.table(s.idx),
-			Dst:       &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
-			Gw:        s.via.AsSlice(),
-			LinkIndex: uplink.Attrs().Index,
-			Protocol:  RouteProtocol,
-		}
-		if err := r.nl.RouteReplace(rt); err != nil {
-			return fmt.Errorf("pointing table %d at %s: %w", rt.Table, s.via, err)
+		for _, rt := range cur {
+			if keep[routeKey(rt)] {
+				continue
+			}
+			rt := rt
+			if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
+				return fmt.Errorf("deleting route of table %d: %w", rt.Table, err)
+			}
 		}
 	}
 	return nil
 }
 
-// intact reports whether every slot has its ip rule and its table holds exactly the
-// route ensure would put there.
-func (r *router) intact(uplink netlink.Link, slots []slotRoute) (bool, error) {
+// intact reports whether every slot has its ip rule, its tunnel device as ensure
+// makes it, and its table holds exactly the routes ensure would put there.
+func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute) (bool, error) {
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
 		return false, fmt.Errorf("listing ip rules: %w", err)
@@ -125,26 +188,35 @@ func (r *router) intact(uplink netlink.Link, slots []slotRoute) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	tunnels, err := r.tunnels()
+	if err != nil {
+		return false, err
+	}
 	for _, s := range slots {
 		if !have[r.table(s.idx)] {
 			return false, nil
 		}
-		cur, ok := routes[r.table(s.idx)]
-		switch {
-		case !s.via.IsValid() && ok:
+		tunnel, ok := tunnels[TunnelDevice(s.idx)]
+		if !ok || !r.spec(s, nodeIP, uplink).matches(tunnel) {
 			return false, nil
-		case s.via.IsValid() && (!ok || cur.LinkIndex != uplink.Attrs().Index || !cur.Gw.Equal(s.via.AsSlice())):
+		}
+		if ok, err := r.tunnelPointed(tunnel, s.via); err != nil || !ok {
+			return false, err
+		}
+		if !sameRoutes(routes[r.table(s.idx)], r.wantRoutes(s, tunnel)) {
 			return false, nil
 		}
 	}
 	return true, nil
 }
 
-// prune removes the rules and routes of slots no longer in use.
+// prune removes the rules, routes and tunnel devices of slots no longer in use.
 func (r *router) prune(slots []slotRoute) error {
 	keep := map[int]bool{}
+	keepDev := map[string]bool{}
 	for _, s := range slots {
 		keep[r.table(s.idx)] = true
+		keepDev[TunnelDevice(s.idx)] = true
 	}
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
@@ -162,29 +234,44 @@ func (r *router) prune(slots []slotRoute) error {
 	if err != nil {
 		return err
 	}
-	for table, rt := range routes {
-		if !keep[table] {
+	for table, list := range routes {
+		if keep[table] {
+			continue
+		}
+		for _, rt := range list {
 			rt := rt
 			if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
 				return fmt.Errorf("deleting route of table %d: %w", table, err)
 			}
 		}
 	}
+	tunnels, err := r.tunnels()
+	if err != nil {
+		return err
+	}
+	for name, l := range tunnels {
+		if keepDev[name] {
+			continue
+		}
+		if err := r.nl.LinkDel(l); err != nil && !isNotFound(err) {
+			return fmt.Errorf("removing tunnel device %s: %w", name, err)
+		}
+	}
 	return nil
 }
 
 // routes returns natd's routes by table.
-func (r *router) routes() (map[int]netlink.Route, error) {
+func (r *router) routes() (map[int][]netlink.Route, error) {
 	list, err := r.nl.RouteListFiltered(unix.AF_INET,
 		&netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: RouteProtocol},
 		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 	if err != nil {
 		return nil, fmt.Errorf("listing routes: %w", err)
 	}
-	out := map[int]netlink.Route{}
+	out := map[int][]netlink.Route{}
 	for _, rt := range list {
 		if rt.Table > r.tableBase && rt.Table <= r.tableBase+255 {
-			out[rt.Table] = rt
+			out[rt.Table] = append(out[rt.Table], rt)
 		}
 	}
 	return out, nil

@@ -331,6 +331,34 @@ func (r *Rule) l4Dport(proto byte, name string, port uint16) *Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)})
 }
 
+// iifname matches the device a packet came in on.
+func (r *Rule) iifname(name string) *Rule {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, name)
+	return r.add(fmt.Sprintf("iifname %q", name),
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b})
+}
+
+func (r *Rule) gotoChain(chain string) *Rule {
+	return r.add("goto "+chain, &expr.Verdict{Kind: expr.VerdictGoto, Chain: chain})
+}
+
+// tunnelOuter matches the encapsulated packets of natd's tunnels: UDP to the tunnel
+// port from a node's address (a pod's packet never has one).
+func (r *Rule) tunnelOuter(port uint16) *Rule {
+	return r.ipAddrIn("saddr", setNodeIPs, false).l4Dport(unix.IPPROTO_UDP, "udp", port)
+}
+
+// fibSaddrIifMissing matches packets whose source has no route back through the
+// interface they came in on (strict reverse path filtering, for one rule).
+func (r *Rule) fibSaddrIifMissing() *Rule {
+	// Interface index 0: no such route.
+	return r.add("fib saddr . iif oif 0",
+		&expr.Fib{Register: 1, ResultOIF: true, FlagSADDR: true, FlagIIF: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(0)})
+}
+
 func (r *Rule) nexthopIn(set string) *Rule {
 	return r.add("rt ip nexthop @"+set,
 		&expr.Rt{Register: 1, Key: expr.RtNexthop4},
@@ -430,8 +458,9 @@ func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
 // BuildRuleset renders natd's whole ip table for state and the node's pod records.
 // index gives each egress IP its slot (mark value and route table); it must hold every
 // IP in state.Egress. lease is how long SNAT to a held egress IP lasts unless natd
-// renews it (0: forever). gossipPort, when set, is guarded against non-node sources.
-func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, gossipPort uint16) *Ruleset {
+// renews it (0: forever). gossipPort, when set, is guarded against non-node sources;
+// tunnelPort is the UDP port of natd's tunnels between nodes.
+func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, gossipPort, tunnelPort uint16) *Ruleset {
 	rs := &Ruleset{Family: nftables.TableFamilyIPv4}
 	var held []EgressIP
 	podEgress := verdictMap(mapPodEgress, nftables.TypeIPAddr, "ipv4_addr")
@@ -449,9 +478,13 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	}
 	podEgress.Elements = make([]Element, 0, n)
 	var egressChains []*Chain
+	var fromTunnels []*Rule
 	for _, e := range state.Egress {
 		mark := marks.Value(index[e.IP])
 		ch := &Chain{Name: EgressChainName(e.IP)}
+		// Another node's pinned packet for this egress IP: the tunnel device it came
+		// out of names the IP (one VNI per egress IP), whatever the pod.
+		fromTunnels = append(fromTunnels, newRule().iifname(TunnelDevice(index[e.IP])).gotoChain(ch.Name))
 		switch {
 		case e.HasHolder():
 			ch.Rules = append(ch.Rules, newRule().setMarkBits(marks.Mask, mark))
@@ -490,28 +523,32 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	prerouting := &Chain{
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
-		Rules: []*Rule{
+		Rules: slices.Concat([]*Rule{
 			// Replies of connections opened towards a pod (a NodePort, an ingress
 			// controller in a pinned namespace) are not the pod's egress.
 			newRule().ctReply().verdict(expr.VerdictReturn),
 			newRule().ipAddrIn("daddr", setClusterDsts, false).verdict(expr.VerdictReturn),
+		}, fromTunnels, []*Rule{
 			// This node's pods as the CNI plugin registered them, before their first
 			// packet: pinned, or explicitly not (return), whatever natd's view of the
 			// API says about an older pod that had the same IP.
 			newRule().saddrVmap(MapCNIPods),
 			newRule().saddrVmap(mapPodEgress),
-			// Another node's pod sending outside through this node: only pinned traffic
-			// is routed here, so this node does not know the pod as pinned yet (its
-			// informer lags the sender's). Let it through and the CNI would masquerade
-			// it with this node's IP.
+			// Another node's pod sending outside through this node, but not through
+			// natd's tunnel: a natd from before the tunnel forwarding pinned traffic
+			// during an upgrade. This node cannot tell whether the pod is pinned; let it
+			// through and the CNI would masquerade it with this node's IP.
 			newRule().ipAddrIn("saddr", setPodCIDRs, false).ipAddrIn("saddr", setLocalPodCIDRs, true).
 				markMaskedIsZero(marks.Mask).countDrops(DropUnpinnedTransit).verdict(expr.VerdictDrop),
-		},
+		}),
 	}
 	snat := &Chain{
 		Name: "pinned_snat", Type: nftables.ChainTypeNAT, Hook: nftables.ChainHookPostrouting,
 		Priority: prioSNAT, Header: "type nat hook postrouting priority srcnat - 10; policy accept;",
 		Rules: []*Rule{
+			// A tunnel packet this node sends: the encapsulation keeps the inner
+			// packet's mark, but it is the node's own traffic.
+			newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictReturn),
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
 			// NAT chains see a connection's first packet only: remember it is pinned.
 			newRule().setCtBit(marks.PinnedFlow()),
@@ -523,6 +560,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Name: "leak_guard", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPostrouting,
 		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
 		Rules: []*Rule{
+			newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictAccept),
 			// A pinned connection whose packet lost its classification (natd's maps were
 			// flushed): its NAT binding would send it with the pod's own address.
 			newRule().ctOriginalWithBit(marks.PinnedFlow()).markMaskedIsZero(marks.Mask).
@@ -534,33 +572,47 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			// counts the packet against its egress IP: held_addrs keeps a counter per
 			// element.
 			newRule().saddrMarkIn(marks.Mask, setHeldMarks).ipAddrIn("saddr", setHeldAddrs, false).verdict(expr.VerdictAccept),
-			// On its way to the holder, still with the pod's own address.
+			// Into the tunnel to the holder, still with the pod's own address.
 			newRule().ipAddrIn("saddr", setPodCIDRs, false).nexthopIn(setNodeIPs).verdict(expr.VerdictAccept),
 			// Anything else would reach the partner with another source address.
 			newRule().countDrops(DropLeakGuard).verdict(expr.VerdictDrop),
 		},
 	}
 	rs.Chains = append(egressChains, prerouting, snat, guard)
-	if gossipPort != 0 {
-		rs.Chains = append(rs.Chains, gossipGuard(gossipPort))
-	}
+	rs.Chains = append(rs.Chains, nodePortGuards(gossipPort, tunnelPort)...)
 	return rs
 }
 
-// gossipGuard drops traffic to natd's gossip port from anything but a node: gossip only
-// ever flows between node IPs, and every pod can reach a node's port. A flood of
-// datagrams or connections from a pod then never reaches memberlist's socket, so it can
-// neither crowd out the members' probes (a node that cannot hear acks gives its IPs up)
-// nor cost natd memory.
-func gossipGuard(port uint16) *Chain {
-	return &Chain{
-		Name: "gossip_guard", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookInput,
+// nodePortGuards keep natd's ports (gossip, tunnel) to nodes. Gossip and tunnel
+// packets only ever flow between node IPs, and every pod can reach a node's ports. A
+// flood of datagrams or connections from a pod then never reaches memberlist's socket,
+// so it can neither crowd out the voters' heartbeats (a holder that cannot hear them
+// gives its IPs up) nor cost natd memory; and no pod can hand a holder a packet to
+// send out with an egress IP by wrapping it in natd's tunnel. A pod that forges a
+// node's address is stopped twice: its own node does not forward anything to a
+// node's tunnel port, and the receiving node wants a tunnel packet to arrive on the
+// interface its route back to the sender uses.
+func nodePortGuards(gossipPort, tunnelPort uint16) []*Chain {
+	input := &Chain{
+		Name: "node_ports", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookInput,
 		Priority: 0, Header: "type filter hook input priority filter; policy accept;",
+	}
+	if gossipPort != 0 {
+		input.Rules = append(input.Rules,
+			newRule().l4Dport(unix.IPPROTO_TCP, "tcp", gossipPort).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop),
+			newRule().l4Dport(unix.IPPROTO_UDP, "udp", gossipPort).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop))
+	}
+	input.Rules = append(input.Rules,
+		newRule().l4Dport(unix.IPPROTO_UDP, "udp", tunnelPort).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop),
+		newRule().l4Dport(unix.IPPROTO_UDP, "udp", tunnelPort).fibSaddrIifMissing().counter().verdict(expr.VerdictDrop))
+	forward := &Chain{
+		Name: "node_ports_forward", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookForward,
+		Priority: 0, Header: "type filter hook forward priority filter; policy accept;",
 		Rules: []*Rule{
-			newRule().l4Dport(unix.IPPROTO_TCP, "tcp", port).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop),
-			newRule().l4Dport(unix.IPPROTO_UDP, "udp", port).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop),
+			newRule().l4Dport(unix.IPPROTO_UDP, "udp", tunnelPort).ipAddrIn("daddr", setNodeIPs, false).counter().verdict(expr.VerdictDrop),
 		},
 	}
+	return []*Chain{input, forward}
 }
 
 // linkScope6 are IPv6 destinations that never leave the link, so never reach the

@@ -17,7 +17,7 @@ func TestBuildRulesetText(t *testing.T) {
 		netip.MustParseAddr("198.18.0.201"): 2,
 		netip.MustParseAddr("198.18.0.202"): 3,
 	}
-	got := BuildRuleset(st, sampleRecords(), marks, index, 400*time.Millisecond, 7946).Text(false)
+	got := BuildRuleset(st, sampleRecords(), marks, index, 400*time.Millisecond, 7946, 4799).Text(false)
 	want := `table ip natd {
 	set cluster_dsts {
 		type ipv4_addr
@@ -78,6 +78,9 @@ func TestBuildRulesetText(t *testing.T) {
 		type filter hook prerouting priority dstnat + 10; policy accept;
 		ct direction reply return
 		ip daddr @cluster_dsts return
+		iifname "natd-t1" goto egress_198.18.0.200
+		iifname "natd-t2" goto egress_198.18.0.201
+		iifname "natd-t3" goto egress_198.18.0.202
 		ip saddr vmap @cni_pods
 		ip saddr vmap @pod_egress
 		ip saddr @pod_cidrs ip saddr != @local_pod_cidrs meta mark & 0x00ff0000 == 0x00000000 counter drop
@@ -85,6 +88,7 @@ func TestBuildRulesetText(t *testing.T) {
 
 	chain pinned_snat {
 		type nat hook postrouting priority srcnat - 10; policy accept;
+		ip saddr @node_ips udp dport 4799 return
 		meta mark & 0x00ff0000 == 0x00000000 return
 		ct mark set ct mark | 0x00010000
 		snat to meta mark & 0x00ff0000 map @held_snat
@@ -93,6 +97,7 @@ func TestBuildRulesetText(t *testing.T) {
 
 	chain leak_guard {
 		type filter hook postrouting priority srcnat + 10; policy accept;
+		ip saddr @node_ips udp dport 4799 accept
 		ct direction original ct mark & 0x00010000 == 0x00010000 meta mark & 0x00ff0000 == 0x00000000 counter drop
 		meta mark & 0x00ff0000 == 0x00000000 return
 		ip saddr . meta mark & 0x00ff0000 @held_marks ip saddr @held_addrs accept
@@ -100,10 +105,17 @@ func TestBuildRulesetText(t *testing.T) {
 		counter drop
 	}
 
-	chain gossip_guard {
+	chain node_ports {
 		type filter hook input priority filter; policy accept;
 		tcp dport 7946 ip saddr != @node_ips counter drop
 		udp dport 7946 ip saddr != @node_ips counter drop
+		udp dport 4799 ip saddr != @node_ips counter drop
+		udp dport 4799 fib saddr . iif oif 0 counter drop
+	}
+
+	chain node_ports_forward {
+		type filter hook forward priority filter; policy accept;
+		udp dport 4799 ip daddr @node_ips counter drop
 	}
 }
 `
@@ -181,7 +193,7 @@ func TestFailOpenEgressChainIsEmpty(t *testing.T) {
 	marks, _ := NewMarks(0x00ff0000)
 	st := State{Egress: []EgressIP{{IP: netip.MustParseAddr("198.18.0.200"), FailOpen: true,
 		Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}}}}
-	rs := BuildRuleset(st, nil, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0, 0)
+	rs := BuildRuleset(st, nil, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0, 0, 4799)
 	if c := rs.Chains[0]; c.Name != "egress_198.18.0.200" || len(c.Rules) != 0 {
 		t.Fatalf("fail-open chain without holder: %+v; want no rules (packet goes the normal way)", c)
 	}

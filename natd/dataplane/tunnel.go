@@ -1,0 +1,283 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Pinned traffic of a pod on a node that does not hold its egress IP travels to the
+// holder inside a VXLAN tunnel that natd owns: one device per egress IP in use, whose
+// VNI is derived from the egress IP (TunnelVNI), so the holder knows which egress IP a
+// packet is pinned to from the device it arrives on — without knowing the pod, which
+// it may not have seen in the API yet. The outer source is the sending node's own
+// address, so underlays that drop foreign sources (cloud source/destination checks,
+// port security) carry it, and it needs nothing of the CNI's routes.
+//
+// A device has no remote of its own. Its table's default route goes via the holder's
+// node IP (onlink); a permanent neighbour entry gives that next hop the holder's
+// tunnel MAC, and a forwarding entry sends that MAC to the holder's node IP. Each
+// node's tunnel devices share one MAC derived from its node IP (TunnelMAC), so no node
+// ever has to learn another's: a holder change re-points one route, one neighbour and
+// one forwarding entry per egress IP.
+
+// TunnelOverhead is what VXLAN adds to a packet (outer IPv4, UDP, VXLAN, inner
+// Ethernet): the tunnel devices' MTU is the uplink's minus this.
+const TunnelOverhead = 50
+
+// tunnelPrefix starts the name of every tunnel device natd makes.
+const tunnelPrefix = "natd-t"
+
+// tunnelAlias marks natd's devices, so that cleanup never removes someone else's that
+// happens to share the prefix.
+const tunnelAlias = "natd egress tunnel"
+
+// tunnelAddr is the address every tunnel device carries. Reverse path filtering, loose
+// or strict, drops everything that arrives on a device without an IPv4 address; this
+// link-local /32 is never a source or destination of any packet.
+var tunnelAddr = netip.MustParseAddr("169.254.78.78")
+
+// TunnelDevice names the tunnel device of egress IP slot idx.
+func TunnelDevice(idx int) string { return fmt.Sprintf("%s%d", tunnelPrefix, idx) }
+
+// TunnelVNI is the VXLAN network identifier of egress IP ip on every node: its low 24
+// bits. Egress CIDRs whose addresses would share one (they differ only in the first
+// octet) are refused by the configuration (VNIOverlap).
+func TunnelVNI(ip netip.Addr) uint32 {
+	b := ip.As4()
+	return uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+// VNIOverlap reports two egress CIDRs that hold different addresses with one VNI.
+func VNIOverlap(cidrs []netip.Prefix) (a, b netip.Prefix, overlap bool) {
+	for i, p := range cidrs {
+		for _, q := range cidrs[i+1:] {
+			if !p.Addr().Is4() || !q.Addr().Is4() || p.Addr().As4()[0] == q.Addr().As4()[0] || p.Overlaps(q) {
+				continue
+			}
+			// Compare the ranges of low 24 bits each covers.
+			lo1, hi1 := vniRange(p)
+			lo2, hi2 := vniRange(q)
+			if lo1 <= hi2 && lo2 <= hi1 {
+				return p, q, true
+			}
+		}
+	}
+	return netip.Prefix{}, netip.Prefix{}, false
+}
+
+func vniRange(p netip.Prefix) (lo, hi uint32) {
+	if p.Bits() < 8 {
+		return 0, 1<<24 - 1
+	}
+	return TunnelVNI(p.Masked().Addr()), TunnelVNI(broadcast(p))
+}
+
+// TunnelMAC is the MAC address of every tunnel device of the node with IP nodeIP.
+func TunnelMAC(nodeIP netip.Addr) net.HardwareAddr {
+	b := nodeIP.As4()
+	return net.HardwareAddr{0x02, 0x4e, b[0], b[1], b[2], b[3]}
+}
+
+// tunnelSpec is what one egress IP's tunnel device must be.
+type tunnelSpec struct {
+	idx   int
+	vni   uint32
+	local netip.Addr
+	port  uint16
+	mtu   int
+}
+
+// matches reports whether link is the device spec describes.
+func (s tunnelSpec) matches(link netlink.Link) bool {
+	vx, ok := link.(*netlink.Vxlan)
+	if !ok {
+		return false
+	}
+	a := vx.Attrs()
+	return a.Alias == tunnelAlias && uint32(vx.VxlanId) == s.vni && vx.Port == int(s.port) &&
+		vx.SrcAddr.Equal(s.local.AsSlice()) && !vx.Learning && a.MTU == s.mtu &&
+		a.HardwareAddr.String() == TunnelMAC(s.local).String() && a.OperState != netlink.OperDown &&
+		a.Flags&net.FlagUp != 0
+}
+
+// ensureTunnel makes the device spec describes (re-making one that differs), up, with
+// its address and loose reverse path filtering, and returns it.
+func (r *router) ensureTunnel(s tunnelSpec) (netlink.Link, error) {
+	name := TunnelDevice(s.idx)
+	link, err := r.nl.LinkByName(name)
+	switch {
+	case err == nil && s.matches(link):
+	case err == nil || !isNotFound(err):
+		if err == nil {
+			if err := r.nl.LinkDel(link); err != nil {
+				return nil, fmt.Errorf("removing tunnel device %s to re-make it: %w", name, err)
+			}
+		} else {
+			return nil, fmt.Errorf("finding tunnel device %s: %w", name, err)
+		}
+		fallthrough
+	default:
+		vx := &netlink.Vxlan{
+			LinkAttrs: netlink.LinkAttrs{Name: name, MTU: s.mtu, HardwareAddr: TunnelMAC(s.local)},
+			VxlanId:   int(s.vni), SrcAddr: s.local.AsSlice(), Port: int(s.port), Learning: false,
+		}
+		if err := r.nl.LinkAdd(vx); err != nil {
+			return nil, fmt.Errorf("adding tunnel device %s: %w", name, err)
+		}
+		if link, err = r.nl.LinkByName(name); err != nil {
+			return nil, fmt.Errorf("finding tunnel device %s: %w", name, err)
+		}
+		if err := r.nl.LinkSetAlias(link, tunnelAlias); err != nil {
+			return nil, fmt.Errorf("marking tunnel device %s: %w", name, err)
+		}
+		if err := r.sysctls(name); err != nil {
+			return nil, err
+		}
+		if err := r.nl.LinkSetUp(link); err != nil {
+			return nil, fmt.Errorf("setting tunnel device %s up: %w", name, err)
+		}
+	}
+	if err := r.nl.AddrReplace(link, &netlink.Addr{IPNet: &net.IPNet{IP: tunnelAddr.AsSlice(), Mask: net.CIDRMask(32, 32)},
+		Scope: unix.RT_SCOPE_LINK}); err != nil {
+		return nil, fmt.Errorf("adding address to tunnel device %s: %w", name, err)
+	}
+	return link, nil
+}
+
+// sysctls sets a new tunnel device's reverse path filter to loose — packets arrive on
+// it with other nodes' pod addresses, which routes reach through other devices — and
+// turns IPv6 off on it (it carries IPv4 only, and would otherwise send router
+// solicitations into the tunnel).
+func (r *router) sysctls(dev string) error {
+	return r.inNetns(func() error {
+		if err := os.WriteFile(filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter"), []byte("2"), 0o644); err != nil {
+			return fmt.Errorf("setting rp_filter of %s to loose: %w", dev, err)
+		}
+		err := os.WriteFile(filepath.Join("/proc/sys/net/ipv6/conf", dev, "disable_ipv6"), []byte("1"), 0o644)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("turning IPv6 off on %s: %w", dev, err)
+		}
+		return nil
+	})
+}
+
+// pointTunnel makes link reach holder: a permanent neighbour entry (holder's node IP
+// → its tunnel MAC) and a forwarding entry (that MAC → the holder's node IP); entries
+// for any other node are removed. An invalid holder removes them all.
+func (r *router) pointTunnel(link netlink.Link, holder netip.Addr) error {
+	idx := link.Attrs().Index
+	neighs, err := r.nl.NeighList(idx, unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("listing neighbours of %s: %w", link.Attrs().Name, err)
+	}
+	fdb, err := r.nl.NeighList(idx, unix.AF_BRIDGE)
+	if err != nil {
+		return fmt.Errorf("listing forwarding entries of %s: %w", link.Attrs().Name, err)
+	}
+	if holder.IsValid() {
+		mac := TunnelMAC(holder)
+		if !hasNeigh(neighs, holder, mac) {
+			if err := r.nl.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
+				IP: holder.AsSlice(), HardwareAddr: mac}); err != nil {
+				return fmt.Errorf("adding neighbour %s to %s: %w", holder, link.Attrs().Name, err)
+			}
+		}
+		if !hasFDB(fdb, holder, mac) {
+			if err := r.nl.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, State: netlink.NUD_PERMANENT,
+				Flags: netlink.NTF_SELF, IP: holder.AsSlice(), HardwareAddr: mac}); err != nil {
+				return fmt.Errorf("adding forwarding entry for %s to %s: %w", holder, link.Attrs().Name, err)
+			}
+		}
+	}
+	for _, n := range neighs {
+		if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok && ip != holder && n.State&netlink.NUD_PERMANENT != 0 {
+			n := n
+			if err := r.nl.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("removing neighbour %s from %s: %w", ip, link.Attrs().Name, err)
+			}
+		}
+	}
+	for _, n := range fdb {
+		if holder.IsValid() && n.HardwareAddr.String() == TunnelMAC(holder).String() {
+			continue
+		}
+		if n.HardwareAddr.String() == "00:00:00:00:00:00" && n.IP == nil {
+			continue
+		}
+		n := n
+		n.Flags |= netlink.NTF_SELF
+		if err := r.nl.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("removing forwarding entry %s from %s: %w", n.HardwareAddr, link.Attrs().Name, err)
+		}
+	}
+	return nil
+}
+
+// tunnelPointed reports whether link reaches holder and nothing else.
+func (r *router) tunnelPointed(link netlink.Link, holder netip.Addr) (bool, error) {
+	idx := link.Attrs().Index
+	neighs, err := r.nl.NeighList(idx, unix.AF_INET)
+	if err != nil {
+		return false, fmt.Errorf("listing neighbours of %s: %w", link.Attrs().Name, err)
+	}
+	fdb, err := r.nl.NeighList(idx, unix.AF_BRIDGE)
+	if err != nil {
+		return false, fmt.Errorf("listing forwarding entries of %s: %w", link.Attrs().Name, err)
+	}
+	if !holder.IsValid() {
+		return true, nil
+	}
+	return hasNeigh(neighs, holder, TunnelMAC(holder)) && hasFDB(fdb, holder, TunnelMAC(holder)), nil
+}
+
+func hasNeigh(list []netlink.Neigh, ip netip.Addr, mac net.HardwareAddr) bool {
+	for _, n := range list {
+		if n.IP.Equal(ip.AsSlice()) && n.HardwareAddr.String() == mac.String() && n.State&netlink.NUD_PERMANENT != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+func hasFDB(list []netlink.Neigh, ip netip.Addr, mac net.HardwareAddr) bool {
+	for _, n := range list {
+		if n.IP.Equal(ip.AsSlice()) && n.HardwareAddr.String() == mac.String() {
+			return true
+		}
+	}
+	return false
+}
+
+// tunnels lists natd's tunnel devices by name.
+func (r *router) tunnels() (map[string]netlink.Link, error) {
+	links, err := r.nl.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("listing links: %w", err)
+	}
+	out := map[string]netlink.Link{}
+	for _, l := range links {
+		if isTunnel(l) {
+			out[l.Attrs().Name] = l
+		}
+	}
+	return out, nil
+}
+
+// isTunnel reports whether l is one of natd's tunnel devices.
+func isTunnel(l netlink.Link) bool {
+	_, vx := l.(*netlink.Vxlan)
+	return vx && strings.HasPrefix(l.Attrs().Name, tunnelPrefix) && l.Attrs().Alias == tunnelAlias
+}
+
+func isNotFound(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf)
+}
