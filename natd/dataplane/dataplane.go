@@ -96,7 +96,7 @@ type Dataplane struct {
 	// classification changed) and that no completed Apply has flushed yet.
 	owedFlush map[netip.Addr]bool
 	// announcing cancels the gratuitous ARP repeats of an IP that is released.
-	announcing     map[netip.Addr]chan struct{}
+	announcing map[netip.Addr]chan struct{}
 }
 
 // New opens netlink handles for cfg.NetNS (or the current namespace).
@@ -277,6 +277,10 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.router.ensure(uplink, state.NodeIP, slots); err != nil {
 		return res, err
 	}
+	guard := wantGuard(slots)
+	if err := d.router.ensureGuard(guard, state.ClusterDestinations); err != nil {
+		return res, err
+	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
 	if err != nil {
 		return res, err
@@ -310,6 +314,9 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	}
 
 	if err := d.router.prune(slots); err != nil {
+		return res, err
+	}
+	if err := d.router.pruneGuard(guard, state.ClusterDestinations, true); err != nil {
 		return res, err
 	}
 	released := map[netip.Addr]bool{}
@@ -408,6 +415,9 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	}
 	slots, held := d.slotRoutes(state)
 	if ok, err := d.router.intact(uplink, state.NodeIP, slots); err != nil || !ok {
+		return !ok, 0, err
+	}
+	if ok, err := d.router.guardIntact(wantGuard(slots), state.ClusterDestinations); err != nil || !ok {
 		return !ok, 0, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -527,6 +537,9 @@ func (d *Dataplane) Cleanup() error {
 		errs = append(errs, err)
 	}
 	if err := d.router.prune(nil); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.router.pruneGuard(nil, nil, false); err != nil {
 		errs = append(errs, err)
 	}
 	if err := d.restoreRPFilter(); err != nil {

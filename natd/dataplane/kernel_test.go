@@ -175,7 +175,8 @@ func (ns *testNS) snapshot() string {
 	}
 	b.WriteString(normalize(string(arp)) + "\n")
 	// Rules of one priority list in insertion order; a repaired rule comes last.
-	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "7000")), "\n")
+	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "7000")+"\n"+
+		ns.run("ip", "rule", "show", "priority", "7001")), "\n") // slots, then the route guard
 	sort.Strings(rules)
 	b.WriteString(strings.Join(rules, "\n") + "\n")
 	b.WriteString(ns.run("ip", "route", "show", "table", "all", "proto", "78"))
@@ -230,7 +231,7 @@ func TestKernelReapplyIsIdempotent(t *testing.T) {
 		t.Fatalf("re-applying changed the kernel\n--- first:\n%s\n--- after:\n%s", first, again)
 	}
 	// One rule and one route per egress IP with a remote holder; no duplicates.
-	if n := strings.Count(first, "fwmark"); n != 3 {
+	if n := strings.Count(first, "fwmark 0x"); n != 3 {
 		t.Errorf("%d ip rules, want 3 (one per egress IP):\n%s", n, first)
 	}
 	if n := strings.Count(first, "default via"); n != 1 {
@@ -275,7 +276,7 @@ func TestKernelReplacingState(t *testing.T) {
 	if !strings.HasPrefix(got, want+"\n") {
 		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
 	}
-	if strings.Count(got, "fwmark") != 2 || !strings.Contains(got, "default via 198.18.0.11") ||
+	if strings.Count(got, "fwmark 0x") != 2 || !strings.Contains(got, "default via 198.18.0.11") ||
 		strings.Count(got, "default via") != 1 {
 		t.Errorf("want two ip rules and one route (to .11 for .200):\n%s", got)
 	}

@@ -87,11 +87,19 @@ func (m Marks) PinnedFlow() uint32 { return 1 << m.shift }
 // MaxIndex is the number of egress IPs a node can route at once.
 func (m Marks) MaxIndex() int {
 	n := int(m.Mask >> m.shift)
-	if n > 255 {
-		n = 255 // keep route table numbers in a small, documented range
+	if n > passIndex-1 {
+		n = passIndex - 1 // keep route table numbers in a small, documented range
 	}
 	return n
 }
+
+// passIndex is the mark value no slot uses.
+const passIndex = 255
+
+// Pass is the mark of pinned packets that natd lets the main table route: fail-open
+// traffic. It keeps tunnelled fail-open packets clear of the route guard, which
+// blackholes tunnelled packets that carry no natd mark (natd's tables are gone).
+func (m Marks) Pass() uint32 { return m.Value(passIndex) }
 
 // Ruleset is the complete content of one of natd's tables: built by BuildRuleset as a
 // pure function of the state, rendered as nft text for tests and humans, and turned into
@@ -372,14 +380,20 @@ func (r *Rule) loadMaskedMark(mask uint32) []expr.Any {
 	}
 }
 
-func (r *Rule) markMaskedIsZero(mask uint32) *Rule {
-	ex := append(r.loadMaskedMark(mask), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(0)})
-	return r.add(fmt.Sprintf("meta mark & 0x%08x == 0x00000000", mask), ex...)
+func (r *Rule) markMaskedIsZero(mask uint32) *Rule { return r.markMaskedIs(mask, 0) }
+
+func (r *Rule) markMaskedIs(mask, value uint32) *Rule {
+	ex := append(r.loadMaskedMark(mask), &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(value)})
+	return r.add(fmt.Sprintf("meta mark & 0x%08x == 0x%08x", mask, value), ex...)
 }
 
 // setMarkBits sets natd's bits of the mark to value and keeps everyone else's.
 func (r *Rule) setMarkBits(mask, value uint32) *Rule {
-	return r.add(fmt.Sprintf("meta mark set meta mark & 0x%08x | 0x%08x", ^mask|value, value),
+	text := fmt.Sprintf("meta mark set meta mark & 0x%08x | 0x%08x", ^mask|value, value)
+	if ^mask|value == ^uint32(0) {
+		text = fmt.Sprintf("meta mark set meta mark | 0x%08x", value) // as nft prints it
+	}
+	return r.add(text,
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^mask), Xor: native32(value)},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
@@ -492,6 +506,9 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			// Fail closed: no node can give this traffic its egress IP, so it must not
 			// leave at all.
 			ch.Rules = append(ch.Rules, newRule().countDrops(DropFailClosed).verdict(expr.VerdictDrop))
+		default:
+			// Fail open: out the normal way, past the route guard.
+			ch.Rules = append(ch.Rules, newRule().setMarkBits(marks.Mask, marks.Pass()))
 		}
 		egressChains = append(egressChains, ch)
 		for _, p := range e.Pods {
@@ -550,6 +567,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			// packet's mark, but it is the node's own traffic.
 			newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictReturn),
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
+			newRule().markMaskedIs(marks.Mask, marks.Pass()).verdict(expr.VerdictReturn),
 			// NAT chains see a connection's first packet only: remember it is pinned.
 			newRule().setCtBit(marks.PinnedFlow()),
 			newRule().snatToMarkMap(marks.Mask, mapHeldSNAT),
@@ -561,6 +579,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
 		Rules: []*Rule{
 			newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictAccept),
+			newRule().markMaskedIs(marks.Mask, marks.Pass()).verdict(expr.VerdictReturn),
 			// A pinned connection whose packet lost its classification (natd's maps were
 			// flushed): its NAT binding would send it with the pod's own address.
 			newRule().ctOriginalWithBit(marks.PinnedFlow()).markMaskedIsZero(marks.Mask).

@@ -90,6 +90,7 @@ func TestBuildRulesetText(t *testing.T) {
 		type nat hook postrouting priority srcnat - 10; policy accept;
 		ip saddr @node_ips udp dport 4799 return
 		meta mark & 0x00ff0000 == 0x00000000 return
+		meta mark & 0x00ff0000 == 0x00ff0000 return
 		ct mark set ct mark | 0x00010000
 		snat to meta mark & 0x00ff0000 map @held_snat
 		snat to ip saddr
@@ -98,6 +99,7 @@ func TestBuildRulesetText(t *testing.T) {
 	chain leak_guard {
 		type filter hook postrouting priority srcnat + 10; policy accept;
 		ip saddr @node_ips udp dport 4799 accept
+		meta mark & 0x00ff0000 == 0x00ff0000 return
 		ct direction original ct mark & 0x00010000 == 0x00010000 meta mark & 0x00ff0000 == 0x00000000 counter drop
 		meta mark & 0x00ff0000 == 0x00000000 return
 		ip saddr . meta mark & 0x00ff0000 @held_marks ip saddr @held_addrs accept
@@ -189,13 +191,13 @@ func TestBuildARPRulesetText(t *testing.T) {
 	}
 }
 
-func TestFailOpenEgressChainIsEmpty(t *testing.T) {
+func TestFailOpenEgressChainPassesTheGuard(t *testing.T) {
 	marks, _ := NewMarks(0x00ff0000)
 	st := State{Egress: []EgressIP{{IP: netip.MustParseAddr("198.18.0.200"), FailOpen: true,
 		Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}}}}
 	rs := BuildRuleset(st, nil, marks, map[netip.Addr]int{netip.MustParseAddr("198.18.0.200"): 1}, 0, 0, 4799)
-	if c := rs.Chains[0]; c.Name != "egress_198.18.0.200" || len(c.Rules) != 0 {
-		t.Fatalf("fail-open chain without holder: %+v; want no rules (packet goes the normal way)", c)
+	if c := rs.Chains[0]; c.Name != "egress_198.18.0.200" || len(c.Rules) != 1 || c.Rules[0].Text() != "meta mark set meta mark | 0x00ff0000" {
+		t.Fatalf("fail-open chain without holder: %+v; want only the pass mark (the packet goes the normal way, past the route guard)", c)
 	}
 }
 
@@ -244,7 +246,7 @@ func TestNewMarks(t *testing.T) {
 		}
 	}
 	m, err := NewMarks(0xff000000)
-	if err != nil || m.Value(1) != 0x01000000 || m.MaxIndex() != 255 {
+	if err != nil || m.Value(1) != 0x01000000 || m.MaxIndex() != 254 || m.Pass() != 0xff000000 {
 		t.Errorf("NewMarks(0xff000000) = %+v, %v", m, err)
 	}
 }

@@ -213,6 +213,7 @@ func TestTamperingIsRepaired(t *testing.T) {
 			tamper{node, "nft delete element ip natd pod_egress { " + p.IP + " }", false},
 			tamper{node, "nft flush map ip natd pod_egress && nft flush map ip natd cni_pods", false},
 			tamper{node, "ip rule flush priority 7000", false}, // natd's rules (--rule-priority)
+			tamper{node, "ip rule flush priority 7001", false}, // the route guard
 			tamper{node, "nft delete table ip natd", true},
 		)
 	}
@@ -257,6 +258,12 @@ func TestTamperingIsRepaired(t *testing.T) {
 		}
 		t.Logf("%-75s on %s: repaired in %4s, %d of %d arrivals with another source while natd's table was gone",
 			tp.cmd, tp.node, repaired.Round(time.Millisecond), leaked, len(udp)+len(tcp))
+		// The holder's route guard blackholes tunnelled packets while its tables are
+		// gone; the pod's own node has no such guard (see routeguard.go), so what
+		// its packets do in the moment before the repair is only reported.
+		if leaked > 0 && tp.node != p.Node {
+			t.Errorf("%s on %s: %d tunnelled packets left with another source address (the route guard must blackhole them)", tp.cmd, tp.node, leaked)
+		}
 	}
 }
 
@@ -278,8 +285,9 @@ func natdSnapshot(t *testing.T, netns string) string {
 		}
 	}
 	rules, _ := lab.NsRun(netns, "ip", "rule", "show", "priority", "7000")
+	guard, _ := lab.NsRun(netns, "ip", "rule", "show", "priority", "7001") // the route guard
 	routes, _ := lab.NsRun(netns, "ip", "route", "show", "table", "all", "proto", "78")
-	b.WriteString(rules + routes)
+	b.WriteString(rules + guard + routes)
 	return sortedLines(b.String())
 }
 

@@ -1,0 +1,233 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// The route guard keeps a holder from sending other nodes' pinned packets out
+// unclassified when natd's nftables tables are gone — deleted by hand, a firewall
+// reload, `nft flush ruleset` — until natd rebuilds them, and for as long as natd is not
+// running to do so. Without the tables nothing marks a packet that comes out of a
+// tunnel device, and the main table would send it out through the CNI's MASQUERADE
+// with the holder's node address. Policy routing does not depend on nftables: a rule
+// per tunnel device sends its packets that carry no natd mark to the guard table,
+// where every cluster destination is thrown back to the rules that follow and
+// everything else is a blackhole. With the tables in place every such packet carries
+// a mark (its egress IP's, or the pass mark of fail-open traffic), so the guard
+// changes nothing.
+//
+// The same rule cannot guard this node's own pods: reverse path filtering looks up the
+// route back to a reply's source as a flow from the pod's address arriving on the
+// pod's device, unmarked — exactly the packet the rule would blackhole — and would drop
+// every reply to a pinned pod.
+
+// guardRule is one of the route guard's rules: packets that came out of a tunnel
+// device.
+type guardRule struct{ iif string }
+
+func (g guardRule) key() string { return "iif " + g.iif }
+
+func (r *router) guardTable() int    { return r.tableBase }
+func (r *router) guardPriority() int { return r.rulePriority + 1 }
+
+func (r *router) oursGuard(ru netlink.Rule) bool {
+	return ru.Priority == r.guardPriority() && ru.Table == r.guardTable()
+}
+
+// guardKey is the key of a kernel rule of the guard, or "" when it is not one as
+// natd makes them (unmarked packets from a device only).
+func (r *router) guardKey(ru netlink.Rule) string {
+	if ru.Mark != 0 || ru.Mask == nil || *ru.Mask != r.marks.Mask || ru.IifName == "" || ru.Src != nil {
+		return ""
+	}
+	return guardRule{iif: ru.IifName}.key()
+}
+
+// wantGuard lists the guard's rules: one per tunnel device.
+func wantGuard(slots []slotRoute) []guardRule {
+	out := make([]guardRule, 0, len(slots))
+	for _, s := range slots {
+		out = append(out, guardRule{iif: TunnelDevice(s.idx)})
+	}
+	return out
+}
+
+// wantGuardRoutes is the guard table: cluster destinations thrown back, the rest a
+// blackhole.
+func (r *router) wantGuardRoutes(clusterDsts []netip.Prefix) []netlink.Route {
+	out := []netlink.Route{{Table: r.guardTable(), Dst: defaultDst(), Type: unix.RTN_BLACKHOLE, Protocol: RouteProtocol}}
+	for _, rg := range mergeRanges(clusterDsts, false) {
+		for _, p := range rangePrefixes(rg) {
+			out = append(out, netlink.Route{Table: r.guardTable(), Type: unix.RTN_THROW, Protocol: RouteProtocol,
+				Dst: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}})
+		}
+	}
+	return out
+}
+
+// rangePrefixes splits a range of IPv4 addresses into prefixes.
+func rangePrefixes(rg addrRange) []netip.Prefix {
+	var out []netip.Prefix
+	a := rg.start
+	for a.IsValid() && (!rg.end.IsValid() || a.Less(rg.end)) {
+		bits := 0
+		for ; bits < 32; bits++ {
+			p := netip.PrefixFrom(a, bits)
+			if p.Masked().Addr() != a {
+				continue
+			}
+			if last := broadcast(p); rg.end.IsValid() && !last.Less(rg.end) {
+				continue
+			}
+			break
+		}
+		p := netip.PrefixFrom(a, bits)
+		out = append(out, p)
+		a = broadcast(p).Next()
+	}
+	return out
+}
+
+// ensureGuard adds the guard table's routes and the guard rules in want; it removes
+// nothing (pruneGuard does, after the nftables step).
+func (r *router) ensureGuard(want []guardRule, clusterDsts []netip.Prefix) error {
+	routes, err := r.guardRoutes()
+	if err != nil {
+		return err
+	}
+	wantRoutes := r.wantGuardRoutes(clusterDsts)
+	for i := range wantRoutes {
+		if slices.ContainsFunc(routes, func(rt netlink.Route) bool { return routeKey(rt) == routeKey(wantRoutes[i]) }) {
+			continue
+		}
+		if err := r.nl.RouteReplace(&wantRoutes[i]); err != nil {
+			return fmt.Errorf("adding guard route %s: %w", wantRoutes[i].Dst, err)
+		}
+	}
+	have, err := r.guardRules()
+	if err != nil {
+		return err
+	}
+	for _, g := range want {
+		if have[g.key()] {
+			continue
+		}
+		ru := netlink.NewRule()
+		ru.Family = unix.AF_INET
+		ru.Priority = r.guardPriority()
+		ru.Table = r.guardTable()
+		mask := r.marks.Mask
+		ru.Mark, ru.Mask = 0, &mask
+		ru.Protocol = RouteProtocol
+		ru.IifName = g.iif
+		if err := r.nl.RuleAdd(ru); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding guard rule %s: %w", g.key(), err)
+		}
+	}
+	return nil
+}
+
+// pruneGuard removes guard rules not in want (and, with keepTable false, the guard
+// table), and guard routes that are not wanted.
+func (r *router) pruneGuard(want []guardRule, clusterDsts []netip.Prefix, keepTable bool) error {
+	keep := map[string]bool{}
+	for _, g := range want {
+		keep[g.key()] = true
+	}
+	rules, err := r.nl.RuleList(unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("listing ip rules: %w", err)
+	}
+	for _, ru := range rules {
+		if !r.oursGuard(ru) {
+			continue
+		}
+		if k := r.guardKey(ru); k != "" && keep[k] {
+			keep[k] = false // a duplicate goes
+			continue
+		}
+		ru := ru
+		if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("deleting guard rule: %w", err)
+		}
+	}
+	routes, err := r.guardRoutes()
+	if err != nil {
+		return err
+	}
+	wantRoutes := map[string]bool{}
+	if keepTable {
+		for _, rt := range r.wantGuardRoutes(clusterDsts) {
+			wantRoutes[routeKey(rt)] = true
+		}
+	}
+	for _, rt := range routes {
+		if wantRoutes[routeKey(rt)] {
+			continue
+		}
+		rt := rt
+		if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("deleting guard route %s: %w", rt.Dst, err)
+		}
+	}
+	return nil
+}
+
+// guardIntact reports whether the guard's rules and table are exactly as wanted.
+func (r *router) guardIntact(want []guardRule, clusterDsts []netip.Prefix) (bool, error) {
+	have, err := r.guardRules()
+	if err != nil {
+		return false, err
+	}
+	if len(have) != len(want) {
+		return false, nil
+	}
+	for _, g := range want {
+		if !have[g.key()] {
+			return false, nil
+		}
+	}
+	routes, err := r.guardRoutes()
+	if err != nil {
+		return false, err
+	}
+	return sameRoutes(routes, r.wantGuardRoutes(clusterDsts)), nil
+}
+
+// guardRules lists the keys of the guard rules in the kernel; a rule of the guard's
+// priority and table that natd would not make counts under an impossible key.
+func (r *router) guardRules() (map[string]bool, error) {
+	rules, err := r.nl.RuleList(unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("listing ip rules: %w", err)
+	}
+	have := map[string]bool{}
+	for i, ru := range rules {
+		if !r.oursGuard(ru) {
+			continue
+		}
+		k := r.guardKey(ru)
+		if k == "" || have[k] {
+			k = fmt.Sprintf("\x00foreign %d", i)
+		}
+		have[k] = true
+	}
+	return have, nil
+}
+
+func (r *router) guardRoutes() ([]netlink.Route, error) {
+	list, err := r.nl.RouteListFiltered(unix.AF_INET,
+		&netlink.Route{Table: r.guardTable(), Protocol: RouteProtocol},
+		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	if err != nil {
+		return nil, fmt.Errorf("listing guard routes: %w", err)
+	}
+	return list, nil
+}
