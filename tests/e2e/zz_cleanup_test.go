@@ -52,7 +52,9 @@ func assertNodeClean(t *testing.T, cur *lab.Topology, n *lab.Node) {
 	}
 	for _, c := range [][]string{
 		{"ip", "rule", "show", "priority", "7000"},
+		{"ip", "rule", "show", "priority", "7001"}, // the route guard
 		{"ip", "route", "show", "table", "all", "proto", "78"},
+		{"ip", "-o", "link", "show", "type", "vxlan"}, // natd's tunnels (the lab's CNI has none)
 		{"ip", "-o", "addr", "show", "to", lab.EgressCIDR},
 	} {
 		out, err := lab.NsRun(n.Netns, c...)
