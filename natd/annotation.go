@@ -2,6 +2,7 @@ package natd
 
 import (
 	"fmt"
+	"natd.dev/natd/natd/dataplane"
 	"net/netip"
 	"strings"
 )
@@ -74,6 +75,10 @@ func ParseEgressIP(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.A
 		if ip == lastAddr(in) {
 			return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s is the broadcast address of %s", ip, in)
 		}
+	}
+	if dataplane.TunnelVNI(ip) == dataplane.ReplyVNI {
+		// Its tunnel's VNI is the one replies travel on.
+		return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s ends in .0.0: natd reserves that tunnel ID", ip)
 	}
 	return ip, nil
 }

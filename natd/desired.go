@@ -136,8 +136,11 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		if n.Name == cfg.NodeName {
 			self = n
+		} else if cidrs := podCIDRs4(n); ip.Is4() && len(cidrs) > 0 {
+			plan.State.Peers = append(plan.State.Peers, dataplane.Peer{IP: ip, PodCIDRs: cidrs})
 		}
 	}
+	slices.SortFunc(plan.State.Peers, func(a, b dataplane.Peer) int { return a.IP.Compare(b.IP) })
 	if self == nil {
 		return nil, fmt.Errorf("node %s is not in the API (yet)", cfg.NodeName)
 	}
@@ -171,16 +174,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 			st.PodCIDRs = append(st.PodCIDRs, pr)
 		}
 	}
-	for _, s := range self.Spec.PodCIDRs {
-		if pr, err := netip.ParsePrefix(s); err == nil && pr.Addr().Is4() {
-			st.LocalPodCIDRs = append(st.LocalPodCIDRs, pr.Masked())
-		}
-	}
-	if len(st.LocalPodCIDRs) == 0 && self.Spec.PodCIDR != "" {
-		if pr, err := netip.ParsePrefix(self.Spec.PodCIDR); err == nil && pr.Addr().Is4() {
-			st.LocalPodCIDRs = append(st.LocalPodCIDRs, pr.Masked())
-		}
-	}
+	st.LocalPodCIDRs = podCIDRs4(self)
 
 	// Namespaces in name order, so that every node resolves a pod IP claimed by two
 	// namespaces alike.
@@ -490,4 +484,20 @@ func isReady(n *corev1.Node) bool {
 		}
 	}
 	return false
+}
+
+// podCIDRs4 are a node's IPv4 pod CIDRs (spec.podCIDRs, or the older spec.podCIDR).
+func podCIDRs4(n *corev1.Node) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range n.Spec.PodCIDRs {
+		if pr, err := netip.ParsePrefix(s); err == nil && pr.Addr().Is4() {
+			out = append(out, pr.Masked())
+		}
+	}
+	if len(out) == 0 && n.Spec.PodCIDR != "" {
+		if pr, err := netip.ParsePrefix(n.Spec.PodCIDR); err == nil && pr.Addr().Is4() {
+			out = append(out, pr.Masked())
+		}
+	}
+	return out
 }

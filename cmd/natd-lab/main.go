@@ -20,7 +20,7 @@ import (
 
 const usage = `natd-lab: a natd cluster in network namespaces
 
-  natd-lab up [--nodes N] [--proxy-mode nftables|iptables] [--network flat|dual]
+  natd-lab up [--nodes N] [--proxy-mode nftables|iptables] [--network flat|dual|overlay]
                                                build the lab; start kube-proxy and natd on every node
                                                (dual: nodes, pods and partner get IPv6 addresses too)
   natd-lab down                                remove everything the lab made
@@ -95,7 +95,7 @@ func run(ctx context.Context, verb string, args []string) error {
 		kubeBins := fs.String("kube-bins", defaultKubeBins(), "directory with etcd, kube-apiserver and kubectl")
 		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
 		proxyMode := fs.String("proxy-mode", lab.ProxyModeNFTables, "kube-proxy's mode: nftables or iptables")
-		network := fs.String("network", lab.NetworkFlat, "network mode: flat or dual (dual-stack)")
+		network := fs.String("network", lab.NetworkFlat, "network mode: flat, dual (dual-stack) or overlay (a VXLAN CNI on an underlay that drops foreign sources)")
 		parse(fs, args)
 		natd, _ := filepath.Abs(*natdBin)
 		start := time.Now()

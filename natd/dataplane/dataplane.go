@@ -277,6 +277,11 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.router.ensure(uplink, state.NodeIP, slots); err != nil {
 		return res, err
 	}
+	if len(slots) > 0 {
+		if err := d.router.ensureReplies(uplink, state.NodeIP, state.Peers); err != nil {
+			return res, err
+		}
+	}
 	guard := wantGuard(slots)
 	if err := d.router.ensureGuard(guard, state.ClusterDestinations); err != nil {
 		return res, err
@@ -416,6 +421,11 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	slots, held := d.slotRoutes(state)
 	if ok, err := d.router.intact(uplink, state.NodeIP, slots); err != nil || !ok {
 		return !ok, 0, err
+	}
+	if len(slots) > 0 {
+		if ok, err := d.router.repliesIntact(uplink, state.NodeIP, state.Peers); err != nil || !ok {
+			return !ok, 0, err
+		}
 	}
 	if ok, err := d.router.guardIntact(wantGuard(slots), state.ClusterDestinations); err != nil || !ok {
 		return !ok, 0, err

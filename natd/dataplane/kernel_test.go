@@ -231,8 +231,8 @@ func TestKernelReapplyIsIdempotent(t *testing.T) {
 		t.Fatalf("re-applying changed the kernel\n--- first:\n%s\n--- after:\n%s", first, again)
 	}
 	// One rule and one route per egress IP with a remote holder; no duplicates.
-	if n := strings.Count(first, "fwmark 0x"); n != 3 {
-		t.Errorf("%d ip rules, want 3 (one per egress IP):\n%s", n, first)
+	if n := strings.Count(first, "fwmark 0x"); n != 4 {
+		t.Errorf("%d ip rules, want 4 (one per egress IP, one for replies):\n%s", n, first)
 	}
 	if n := strings.Count(first, "default via"); n != 1 {
 		t.Errorf("%d routes, want 1 (to the remote holder):\n%s", n, first)
@@ -276,7 +276,7 @@ func TestKernelReplacingState(t *testing.T) {
 	if !strings.HasPrefix(got, want+"\n") {
 		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
 	}
-	if strings.Count(got, "fwmark 0x") != 2 || !strings.Contains(got, "default via 198.18.0.11") ||
+	if strings.Count(got, "fwmark 0x") != 3 || !strings.Contains(got, "default via 198.18.0.11") ||
 		strings.Count(got, "default via") != 1 {
 		t.Errorf("want two ip rules and one route (to .11 for .200):\n%s", got)
 	}
@@ -332,8 +332,8 @@ func TestKernelCleanupRemovesEverything(t *testing.T) {
 	if _, err := d.Apply(sampleState()); err != nil {
 		t.Fatal(err)
 	}
-	if out := ns.run("ip", "-o", "link", "show", "type", "vxlan"); strings.Count(out, tunnelPrefix) != 3 {
-		t.Errorf("want a tunnel device per egress IP, have:\n%s", out)
+	if out := ns.run("ip", "-o", "link", "show", "type", "vxlan"); strings.Count(out, tunnelPrefix) != 4 {
+		t.Errorf("want a tunnel device per egress IP and the reply tunnel, have:\n%s", out)
 	}
 	// Tunnelled packets arrive on natd's own devices, so the uplink's filter stays.
 	if got := strings.TrimSpace(ns.run("sysctl", "-n", "net.ipv4.conf.uplink0.rp_filter")); got != "1" {

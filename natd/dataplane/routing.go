@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -48,7 +49,16 @@ func (r *router) rightMark(ru netlink.Rule) bool {
 }
 
 func (r *router) spec(s slotRoute, nodeIP netip.Addr, uplink netlink.Link) tunnelSpec {
-	return tunnelSpec{idx: s.idx, vni: s.vni, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
+	return tunnelSpec{name: TunnelDevice(s.idx), vni: s.vni, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
+}
+
+// holders is the node a slot's tunnel must reach: the holder, when another node holds
+// the IP.
+func (s slotRoute) holders() []netip.Addr {
+	if s.via.IsValid() {
+		return []netip.Addr{s.via}
+	}
+	return nil
 }
 
 // wantRoutes is what table idx must hold to send marked packets to via through the
@@ -141,7 +151,7 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 		if err != nil {
 			return err
 		}
-		if err := r.pointTunnel(tunnel, s.via); err != nil {
+		if err := r.pointTunnel(tunnel, s.holders()); err != nil {
 			return err
 		}
 		want := r.wantRoutes(s, tunnel)
@@ -200,7 +210,7 @@ func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 		if !ok || !r.spec(s, nodeIP, uplink).matches(tunnel) {
 			return false, nil
 		}
-		if ok, err := r.tunnelPointed(tunnel, s.via); err != nil || !ok {
+		if ok, err := r.tunnelPointed(tunnel, s.holders()); err != nil || !ok {
 			return false, err
 		}
 		if !sameRoutes(routes[r.table(s.idx)], r.wantRoutes(s, tunnel)) {
@@ -210,13 +220,18 @@ func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 	return true, nil
 }
 
-// prune removes the rules, routes and tunnel devices of slots no longer in use.
+// prune removes the rules, routes and tunnel devices of slots no longer in use, and the
+// reply tunnel when no slot is.
 func (r *router) prune(slots []slotRoute) error {
 	keep := map[int]bool{}
 	keepDev := map[string]bool{}
 	for _, s := range slots {
 		keep[r.table(s.idx)] = true
 		keepDev[TunnelDevice(s.idx)] = true
+	}
+	if len(slots) > 0 {
+		keep[r.replyTable()] = true
+		keepDev[ReplyDevice] = true
 	}
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
@@ -258,6 +273,111 @@ func (r *router) prune(slots []slotRoute) error {
 		}
 	}
 	return nil
+}
+
+func (r *router) replyTable() int { return r.tableBase + replyIndex }
+
+func (r *router) replySpec(nodeIP netip.Addr, uplink netlink.Link) tunnelSpec {
+	return tunnelSpec{name: ReplyDevice, vni: ReplyVNI, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
+}
+
+// wantReplyRoutes is the reply table: each peer's pod CIDRs through the reply tunnel.
+func (r *router) wantReplyRoutes(peers []Peer, tunnel netlink.Link) []netlink.Route {
+	var out []netlink.Route
+	for _, p := range peers {
+		for _, c := range p.PodCIDRs {
+			out = append(out, netlink.Route{Table: r.replyTable(), Type: unix.RTN_UNICAST, Protocol: RouteProtocol,
+				Dst: &net.IPNet{IP: c.Addr().AsSlice(), Mask: net.CIDRMask(c.Bits(), 32)}, Gw: p.IP.AsSlice(),
+				LinkIndex: tunnel.Attrs().Index, Flags: int(netlink.FLAG_ONLINK)})
+		}
+	}
+	return out
+}
+
+func peerIPs(peers []Peer) []netip.Addr {
+	out := make([]netip.Addr, 0, len(peers))
+	for _, p := range peers {
+		out = append(out, p.IP)
+	}
+	return out
+}
+
+// ensureReplies makes the reply tunnel, points it at every peer, and routes packets
+// with the reply mark through it to their pod's node.
+func (r *router) ensureReplies(uplink netlink.Link, nodeIP netip.Addr, peers []Peer) error {
+	tunnel, err := r.ensureTunnel(r.replySpec(nodeIP, uplink))
+	if err != nil {
+		return err
+	}
+	if err := r.pointTunnel(tunnel, peerIPs(peers)); err != nil {
+		return err
+	}
+	rules, err := r.nl.RuleList(unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("listing ip rules: %w", err)
+	}
+	if !slices.ContainsFunc(rules, func(ru netlink.Rule) bool { return r.ours(ru) && r.rightMark(ru) && ru.Table == r.replyTable() }) {
+		ru := netlink.NewRule()
+		ru.Family, ru.Priority, ru.Table, ru.Protocol = unix.AF_INET, r.rulePriority, r.replyTable(), RouteProtocol
+		ru.Mark = r.marks.Reply()
+		mask := r.marks.Mask
+		ru.Mask = &mask
+		if err := r.nl.RuleAdd(ru); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding the reply rule: %w", err)
+		}
+	}
+	routes, err := r.routes()
+	if err != nil {
+		return err
+	}
+	want := r.wantReplyRoutes(peers, tunnel)
+	if sameRoutes(routes[r.replyTable()], want) {
+		return nil
+	}
+	keep := map[string]bool{}
+	for i := range want {
+		if err := r.nl.RouteReplace(&want[i]); err != nil {
+			return fmt.Errorf("adding reply route %s: %w", want[i].Dst, err)
+		}
+		keep[routeKey(want[i])] = true
+	}
+	for _, rt := range routes[r.replyTable()] {
+		if !keep[routeKey(rt)] {
+			rt := rt
+			if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
+				return fmt.Errorf("deleting reply route %s: %w", rt.Dst, err)
+			}
+		}
+	}
+	return nil
+}
+
+// repliesIntact reports whether the reply tunnel, its rule and its routes are as
+// ensureReplies makes them.
+func (r *router) repliesIntact(uplink netlink.Link, nodeIP netip.Addr, peers []Peer) (bool, error) {
+	tunnels, err := r.tunnels()
+	if err != nil {
+		return false, err
+	}
+	tunnel, ok := tunnels[ReplyDevice]
+	if !ok || !r.replySpec(nodeIP, uplink).matches(tunnel) {
+		return false, nil
+	}
+	if ok, err := r.tunnelPointed(tunnel, peerIPs(peers)); err != nil || !ok {
+		return false, err
+	}
+	rules, err := r.nl.RuleList(unix.AF_INET)
+	if err != nil {
+		return false, fmt.Errorf("listing ip rules: %w", err)
+	}
+	if !slices.ContainsFunc(rules, func(ru netlink.Rule) bool { return r.ours(ru) && r.rightMark(ru) && ru.Table == r.replyTable() }) {
+		return false, nil
+	}
+	routes, err := r.routes()
+	if err != nil {
+		return false, err
+	}
+	return sameRoutes(routes[r.replyTable()], r.wantReplyRoutes(peers, tunnel)), nil
 }
 
 // routes returns natd's routes by table.

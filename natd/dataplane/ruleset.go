@@ -47,9 +47,10 @@ const (
 // connection wins, so an earlier binding keeps the CNI from rewriting a pinned packet.
 // The guard runs after all NAT, when the packet carries its final source address.
 const (
-	prioMark  = -90 // dstnat + 10
-	prioSNAT  = 90  // srcnat - 10
-	prioGuard = 110 // srcnat + 10
+	prioMark  = -90  // dstnat + 10
+	prioSNAT  = 90   // srcnat - 10
+	prioGuard = 110  // srcnat + 10
+	prioClamp = -150 // mangle
 )
 
 // Marks are the bits of the packet mark natd owns; the rest is left to others
@@ -87,19 +88,30 @@ func (m Marks) PinnedFlow() uint32 { return 1 << m.shift }
 // MaxIndex is the number of egress IPs a node can route at once.
 func (m Marks) MaxIndex() int {
 	n := int(m.Mask >> m.shift)
-	if n > passIndex-1 {
-		n = passIndex - 1 // keep route table numbers in a small, documented range
+	if n > replyIndex-1 {
+		n = replyIndex - 1 // keep route table numbers in a small, documented range
 	}
 	return n
 }
 
-// passIndex is the mark value no slot uses.
-const passIndex = 255
+// The mark values no slot uses.
+const (
+	passIndex  = 255
+	replyIndex = 254
+)
 
 // Pass is the mark of pinned packets that natd lets the main table route: fail-open
 // traffic. It keeps tunnelled fail-open packets clear of the route guard, which
 // blackholes tunnelled packets that carry no natd mark (natd's tables are gone).
 func (m Marks) Pass() uint32 { return m.Value(passIndex) }
+
+// Reply is the mark of replies to connections that came out of a tunnel: policy
+// routing sends them back to the pod's node through the reply tunnel.
+func (m Marks) Reply() uint32 { return m.Value(replyIndex) }
+
+// TunnelledFlow is the conntrack-mark bit of connections that came out of a tunnel
+// (the bit above PinnedFlow).
+func (m Marks) TunnelledFlow() uint32 { return 2 << m.shift }
 
 // Ruleset is the complete content of one of natd's tables: built by BuildRuleset as a
 // pure function of the state, rendered as nft text for tests and humans, and turned into
@@ -339,6 +351,31 @@ func (r *Rule) l4Dport(proto byte, name string, port uint16) *Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port)})
 }
 
+// oifnamePrefix matches output devices whose name starts with prefix.
+func (r *Rule) oifnamePrefix(prefix string) *Rule {
+	return r.add(fmt.Sprintf("oifname %q", prefix+"*"),
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte(prefix)})
+}
+
+// tcpSyn matches TCP packets with the SYN flag.
+func (r *Rule) tcpSyn() *Rule {
+	return r.add("tcp flags syn",
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x02}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0}})
+}
+
+// clampMSS sets a SYN's MSS option to what the route's MTU allows.
+func (r *Rule) clampMSS() *Rule {
+	return r.add("tcp option maxseg size set rt mtu",
+		&expr.Rt{Register: 1, Key: expr.RtTCPMSS},
+		&expr.Byteorder{SourceRegister: 1, DestRegister: 1, Op: expr.ByteorderHton, Len: 2, Size: 2},
+		&expr.Exthdr{Op: expr.ExthdrOpTcpopt, Type: 2, Offset: 2, Len: 2, SourceRegister: 1})
+}
+
 // iifname matches the device a packet came in on.
 func (r *Rule) iifname(name string) *Rule {
 	b := make([]byte, unix.IFNAMSIZ)
@@ -435,6 +472,17 @@ func (r *Rule) ctOriginalWithBit(bit uint32) *Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(bit)})
 }
 
+// ctReplyWithBit matches packets of the reply direction whose connection has bit set
+// in its mark.
+func (r *Rule) ctReplyWithBit(bit uint32) *Rule {
+	return r.add(fmt.Sprintf("ct direction reply ct mark & 0x%08x == 0x%08x", bit, bit),
+		&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(bit), Xor: native32(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(bit)})
+}
+
 // ctReply matches packets of the reply direction of their connection.
 func (r *Rule) ctReply() *Rule {
 	return r.add("ct direction reply",
@@ -498,7 +546,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		ch := &Chain{Name: EgressChainName(e.IP)}
 		// Another node's pinned packet for this egress IP: the tunnel device it came
 		// out of names the IP (one VNI per egress IP), whatever the pod.
-		fromTunnels = append(fromTunnels, newRule().iifname(TunnelDevice(index[e.IP])).gotoChain(ch.Name))
+		fromTunnels = append(fromTunnels, newRule().iifname(TunnelDevice(index[e.IP])).setCtBit(marks.TunnelledFlow()).gotoChain(ch.Name))
 		switch {
 		case e.HasHolder():
 			ch.Rules = append(ch.Rules, newRule().setMarkBits(marks.Mask, mark))
@@ -541,6 +589,10 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 		Rules: slices.Concat([]*Rule{
+			// Replies to another node's pod whose connection came out of a tunnel go
+			// back through the reply tunnel, whatever the CNI's routes and reverse path
+			// filters would do with a partner's address.
+			newRule().ctReplyWithBit(marks.TunnelledFlow()).setMarkBits(marks.Mask, marks.Reply()).verdict(expr.VerdictReturn),
 			// Replies of connections opened towards a pod (a NodePort, an ingress
 			// controller in a pinned namespace) are not the pod's egress.
 			newRule().ctReply().verdict(expr.VerdictReturn),
@@ -580,6 +632,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Rules: []*Rule{
 			newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictAccept),
 			newRule().markMaskedIs(marks.Mask, marks.Pass()).verdict(expr.VerdictReturn),
+			newRule().markMaskedIs(marks.Mask, marks.Reply()).verdict(expr.VerdictReturn),
 			// A pinned connection whose packet lost its classification (natd's maps were
 			// flushed): its NAT binding would send it with the pod's own address.
 			newRule().ctOriginalWithBit(marks.PinnedFlow()).markMaskedIsZero(marks.Mask).
@@ -597,7 +650,16 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			newRule().countDrops(DropLeakGuard).verdict(expr.VerdictDrop),
 		},
 	}
-	rs.Chains = append(egressChains, prerouting, snat, guard)
+	// A connection through a tunnel carries 50 bytes of encapsulation each way: its
+	// SYNs announce the tunnel's MSS, so that neither end sends what the tunnel cannot
+	// carry (a partner behind a firewall that drops ICMP would never learn the path
+	// MTU of the reply tunnel).
+	clamp := &Chain{
+		Name: "tunnel_mss", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookForward,
+		Priority: prioClamp, Header: "type filter hook forward priority mangle; policy accept;",
+		Rules:    []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
+	}
+	rs.Chains = append(egressChains, prerouting, snat, guard, clamp)
 	rs.Chains = append(rs.Chains, nodePortGuards(gossipPort, tunnelPort)...)
 	return rs
 }

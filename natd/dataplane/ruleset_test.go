@@ -76,11 +76,12 @@ func TestBuildRulesetText(t *testing.T) {
 
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
+		ct direction reply ct mark & 0x00020000 == 0x00020000 meta mark set meta mark & 0xfffeffff | 0x00fe0000 return
 		ct direction reply return
 		ip daddr @cluster_dsts return
-		iifname "natd-t1" goto egress_198.18.0.200
-		iifname "natd-t2" goto egress_198.18.0.201
-		iifname "natd-t3" goto egress_198.18.0.202
+		iifname "natd-t1" ct mark set ct mark | 0x00020000 goto egress_198.18.0.200
+		iifname "natd-t2" ct mark set ct mark | 0x00020000 goto egress_198.18.0.201
+		iifname "natd-t3" ct mark set ct mark | 0x00020000 goto egress_198.18.0.202
 		ip saddr vmap @cni_pods
 		ip saddr vmap @pod_egress
 		ip saddr @pod_cidrs ip saddr != @local_pod_cidrs meta mark & 0x00ff0000 == 0x00000000 counter drop
@@ -100,11 +101,17 @@ func TestBuildRulesetText(t *testing.T) {
 		type filter hook postrouting priority srcnat + 10; policy accept;
 		ip saddr @node_ips udp dport 4799 accept
 		meta mark & 0x00ff0000 == 0x00ff0000 return
+		meta mark & 0x00ff0000 == 0x00fe0000 return
 		ct direction original ct mark & 0x00010000 == 0x00010000 meta mark & 0x00ff0000 == 0x00000000 counter drop
 		meta mark & 0x00ff0000 == 0x00000000 return
 		ip saddr . meta mark & 0x00ff0000 @held_marks ip saddr @held_addrs accept
 		ip saddr @pod_cidrs rt ip nexthop @node_ips accept
 		counter drop
+	}
+
+	chain tunnel_mss {
+		type filter hook forward priority mangle; policy accept;
+		oifname "natd-t*" tcp flags syn tcp option maxseg size set rt mtu
 	}
 
 	chain node_ports {
@@ -246,7 +253,7 @@ func TestNewMarks(t *testing.T) {
 		}
 	}
 	m, err := NewMarks(0xff000000)
-	if err != nil || m.Value(1) != 0x01000000 || m.MaxIndex() != 254 || m.Pass() != 0xff000000 {
+	if err != nil || m.Value(1) != 0x01000000 || m.MaxIndex() != 253 || m.Pass() != 0xff000000 || m.Reply() != 0xfe000000 {
 		t.Errorf("NewMarks(0xff000000) = %+v, %v", m, err)
 	}
 }

@@ -32,12 +32,21 @@ type State struct {
 	NodeIPs []netip.Addr
 	// LocalPodCIDRs are this node's IPv4 pod CIDRs.
 	LocalPodCIDRs []netip.Prefix
+	// Peers are the other nodes with IPv4 pod CIDRs: replies to their pods' tunnelled
+	// connections go back to them through the reply tunnel.
+	Peers []Peer
 	// Egress lists every egress IP in use, sorted by IP.
 	Egress []EgressIP
 	// PinnedNamespaces maps every namespace whose annotation is valid to its egress
 	// IP. The CNI plugin pins a new pod by its namespace before natd has seen the pod,
 	// from this map as natd last wrote it to the node.
 	PinnedNamespaces map[string]netip.Addr
+}
+
+// Peer is another node: its IPv4 address and pod CIDRs.
+type Peer struct {
+	IP       netip.Addr
+	PodCIDRs []netip.Prefix
 }
 
 // EgressIP is one egress IP and the pods pinned to it.

@@ -35,6 +35,16 @@ const TunnelOverhead = 50
 // tunnelPrefix starts the name of every tunnel device natd makes.
 const tunnelPrefix = "natd-t"
 
+// Replies to other nodes' tunnelled connections go back through one more device, the
+// reply tunnel, to the pod's node, which receives them on its own reply tunnel. A
+// reply then never depends on the CNI's routes or on the reverse path filter of the
+// CNI's devices (a partner's address arriving on an overlay device is dropped by a
+// strict filter). VNI 0 is the reply tunnel's: an egress IP ending in .0.0 is refused.
+const (
+	ReplyDevice = tunnelPrefix + "r"
+	ReplyVNI    = 0
+)
+
 // tunnelAlias marks natd's devices, so that cleanup never removes someone else's that
 // happens to share the prefix.
 const tunnelAlias = "natd egress tunnel"
@@ -86,9 +96,9 @@ func TunnelMAC(nodeIP netip.Addr) net.HardwareAddr {
 	return net.HardwareAddr{0x02, 0x4e, b[0], b[1], b[2], b[3]}
 }
 
-// tunnelSpec is what one egress IP's tunnel device must be.
+// tunnelSpec is what one tunnel device must be.
 type tunnelSpec struct {
-	idx   int
+	name  string
 	vni   uint32
 	local netip.Addr
 	port  uint16
@@ -111,7 +121,7 @@ func (s tunnelSpec) matches(link netlink.Link) bool {
 // ensureTunnel makes the device spec describes (re-making one that differs), up, with
 // its address and loose reverse path filtering, and returns it.
 func (r *router) ensureTunnel(s tunnelSpec) (netlink.Link, error) {
-	name := TunnelDevice(s.idx)
+	name := s.name
 	link, err := r.nl.LinkByName(name)
 	switch {
 	case err == nil && s.matches(link):
@@ -169,10 +179,10 @@ func (r *router) sysctls(dev string) error {
 	})
 }
 
-// pointTunnel makes link reach holder: a permanent neighbour entry (holder's node IP
-// → its tunnel MAC) and a forwarding entry (that MAC → the holder's node IP); entries
-// for any other node are removed. An invalid holder removes them all.
-func (r *router) pointTunnel(link netlink.Link, holder netip.Addr) error {
+// pointTunnel makes link reach the nodes in peers: a permanent neighbour entry (node
+// IP → its tunnel MAC) and a forwarding entry (that MAC → the node IP) each; entries
+// for any other node are removed.
+func (r *router) pointTunnel(link netlink.Link, peers []netip.Addr) error {
 	idx := link.Attrs().Index
 	neighs, err := r.nl.NeighList(idx, unix.AF_INET)
 	if err != nil {
@@ -182,23 +192,27 @@ func (r *router) pointTunnel(link netlink.Link, holder netip.Addr) error {
 	if err != nil {
 		return fmt.Errorf("listing forwarding entries of %s: %w", link.Attrs().Name, err)
 	}
-	if holder.IsValid() {
-		mac := TunnelMAC(holder)
-		if !hasNeigh(neighs, holder, mac) {
+	want := map[netip.Addr]bool{}
+	wantMAC := map[string]bool{}
+	for _, peer := range peers {
+		want[peer] = true
+		mac := TunnelMAC(peer)
+		wantMAC[mac.String()] = true
+		if !hasNeigh(neighs, peer, mac) {
 			if err := r.nl.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
-				IP: holder.AsSlice(), HardwareAddr: mac}); err != nil {
-				return fmt.Errorf("adding neighbour %s to %s: %w", holder, link.Attrs().Name, err)
+				IP: peer.AsSlice(), HardwareAddr: mac}); err != nil {
+				return fmt.Errorf("adding neighbour %s to %s: %w", peer, link.Attrs().Name, err)
 			}
 		}
-		if !hasFDB(fdb, holder, mac) {
+		if !hasFDB(fdb, peer, mac) {
 			if err := r.nl.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, State: netlink.NUD_PERMANENT,
-				Flags: netlink.NTF_SELF, IP: holder.AsSlice(), HardwareAddr: mac}); err != nil {
-				return fmt.Errorf("adding forwarding entry for %s to %s: %w", holder, link.Attrs().Name, err)
+				Flags: netlink.NTF_SELF, IP: peer.AsSlice(), HardwareAddr: mac}); err != nil {
+				return fmt.Errorf("adding forwarding entry for %s to %s: %w", peer, link.Attrs().Name, err)
 			}
 		}
 	}
 	for _, n := range neighs {
-		if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok && ip != holder && n.State&netlink.NUD_PERMANENT != 0 {
+		if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok && !want[ip] && n.State&netlink.NUD_PERMANENT != 0 {
 			n := n
 			if err := r.nl.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
 				return fmt.Errorf("removing neighbour %s from %s: %w", ip, link.Attrs().Name, err)
@@ -206,10 +220,7 @@ func (r *router) pointTunnel(link netlink.Link, holder netip.Addr) error {
 		}
 	}
 	for _, n := range fdb {
-		if holder.IsValid() && n.HardwareAddr.String() == TunnelMAC(holder).String() {
-			continue
-		}
-		if n.HardwareAddr.String() == "00:00:00:00:00:00" && n.IP == nil {
+		if wantMAC[n.HardwareAddr.String()] && n.IP != nil && want[netip.AddrFrom4([4]byte(n.IP.To4()))] {
 			continue
 		}
 		n := n
@@ -221,8 +232,8 @@ func (r *router) pointTunnel(link netlink.Link, holder netip.Addr) error {
 	return nil
 }
 
-// tunnelPointed reports whether link reaches holder and nothing else.
-func (r *router) tunnelPointed(link netlink.Link, holder netip.Addr) (bool, error) {
+// tunnelPointed reports whether link reaches every node in peers.
+func (r *router) tunnelPointed(link netlink.Link, peers []netip.Addr) (bool, error) {
 	idx := link.Attrs().Index
 	neighs, err := r.nl.NeighList(idx, unix.AF_INET)
 	if err != nil {
@@ -232,10 +243,12 @@ func (r *router) tunnelPointed(link netlink.Link, holder netip.Addr) (bool, erro
 	if err != nil {
 		return false, fmt.Errorf("listing forwarding entries of %s: %w", link.Attrs().Name, err)
 	}
-	if !holder.IsValid() {
-		return true, nil
+	for _, peer := range peers {
+		if !hasNeigh(neighs, peer, TunnelMAC(peer)) || !hasFDB(fdb, peer, TunnelMAC(peer)) {
+			return false, nil
+		}
 	}
-	return hasNeigh(neighs, holder, TunnelMAC(holder)) && hasFDB(fdb, holder, TunnelMAC(holder)), nil
+	return true, nil
 }
 
 func hasNeigh(list []netlink.Neigh, ip netip.Addr, mac net.HardwareAddr) bool {

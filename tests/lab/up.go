@@ -115,11 +115,11 @@ func Up(ctx context.Context, o Options) (*Topology, error) {
 	switch o.Network {
 	case "":
 		o.Network = NetworkFlat
-	case NetworkFlat, NetworkDual:
-	case NetworkOverlay, NetworkRouted:
-		return nil, fmt.Errorf("--network %s is not implemented yet (flat and dual are)", o.Network)
+	case NetworkFlat, NetworkDual, NetworkOverlay:
+	case NetworkRouted:
+		return nil, fmt.Errorf("--network %s is not implemented yet (flat, dual and overlay are)", o.Network)
 	default:
-		return nil, fmt.Errorf("--network must be %s or %s (%s and %s are not implemented yet)", NetworkFlat, NetworkDual,
+		return nil, fmt.Errorf("--network must be %s, %s or %s (%s is not implemented yet)", NetworkFlat, NetworkDual,
 			NetworkOverlay, NetworkRouted)
 	}
 	if _, err := os.Stat(filepath.Join(o.Dir, "lab-ledger.json")); err == nil {
@@ -339,6 +339,11 @@ func (u *upper) network(t *Topology) error {
 			return err
 		}
 	}
+	if t.Network == NetworkOverlay {
+		if err := u.sourceCheck(t); err != nil {
+			return err
+		}
+	}
 	// The API server sits on the node network (for the agents) and has one link to the
 	// host (for kubectl and the tests): the only thing the lab adds to the host.
 	if err := u.cmds(nsRouter,
@@ -399,9 +404,13 @@ func (u *upper) node(t *Topology, i int) error {
 		// As many distributions ship it: strict reverse path filtering on the uplink.
 		"sysctl -qw net.ipv4.conf.all.rp_filter=1", "sysctl -qw net.ipv4.conf.eth0.rp_filter=1",
 	}
-	for j, other := range t.Nodes {
-		if j != i {
-			cmds = append(cmds, "ip route add "+other.PodCIDR+" via "+other.IP)
+	if t.Network == NetworkOverlay {
+		cmds = append(cmds, overlayCmds(t, i)...)
+	} else {
+		for j, other := range t.Nodes {
+			if j != i {
+				cmds = append(cmds, "ip route add "+other.PodCIDR+" via "+other.IP)
+			}
 		}
 	}
 	if t.Dual() {
@@ -431,6 +440,49 @@ func (u *upper) node(t *Topology, i int) error {
 		}
 		return nil
 	})
+}
+
+// The overlay mode's CNI, as flannel's VXLAN backend builds it: a VXLAN device per node
+// (VNI 1, UDP 8472) whose address is the first of its pod CIDR; each other node's pod
+// CIDR routes through it via that node's first pod address, with a permanent neighbour
+// entry (the node's VTEP MAC) and a forwarding entry (that MAC → the node's IP).
+const overlayDevice = "flannel.1"
+
+func vtepMAC(i int) string { return fmt.Sprintf("02:aa:00:00:00:%02x", i+1) }
+
+func overlayCmds(t *Topology, i int) []string {
+	n := t.Nodes[i]
+	first := func(cidr string) string { return netip.MustParsePrefix(cidr).Addr().String() }
+	cmds := []string{
+		"ip link add " + overlayDevice + " type vxlan id 1 dstport 8472 local " + n.IP + " dev eth0 nolearning",
+		"ip link set " + overlayDevice + " address " + vtepMAC(i) + " mtu 1450 up",
+		"ip addr add " + first(n.PodCIDR) + "/32 dev " + overlayDevice,
+	}
+	for j, other := range t.Nodes {
+		if j == i {
+			continue
+		}
+		cmds = append(cmds,
+			"ip route add "+other.PodCIDR+" via "+first(other.PodCIDR)+" dev "+overlayDevice+" onlink",
+			"ip neigh replace "+first(other.PodCIDR)+" lladdr "+vtepMAC(j)+" dev "+overlayDevice+" nud permanent",
+			"bridge fdb append "+vtepMAC(j)+" dev "+overlayDevice+" dst "+other.IP+" self permanent")
+	}
+	return cmds
+}
+
+// sourceCheck makes the router's bridge drop every IPv4 frame from a node whose source
+// is neither that node's IP nor in the egress CIDR, as a cloud's source/destination
+// check or port security does: pod addresses never cross the node network.
+func (u *upper) sourceCheck(t *Topology) error {
+	var rules []string
+	for i, n := range t.Nodes {
+		rules = append(rules, fmt.Sprintf("nft add rule bridge lab source_check iifname n%d ether type ip ip saddr != { %s, %s } counter drop",
+			i+1, n.IP, EgressCIDR))
+	}
+	return u.cmds(nsRouter, append([]string{
+		"nft add table bridge lab",
+		"nft add chain bridge lab source_check { type filter hook prerouting priority 0 ; }",
+	}, rules...)...)
 }
 
 // masquerade installs the lab CNI's LAB-CNI-MASQ chain for one family: traffic of
