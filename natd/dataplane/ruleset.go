@@ -657,7 +657,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	clamp := &Chain{
 		Name: "tunnel_mss", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookForward,
 		Priority: prioClamp, Header: "type filter hook forward priority mangle; policy accept;",
-		Rules:    []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
+		Rules: []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
 	}
 	rs.Chains = append(egressChains, prerouting, snat, guard, clamp)
 	rs.Chains = append(rs.Chains, nodePortGuards(gossipPort, tunnelPort)...)
