@@ -5,7 +5,7 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build image deps kube-bins generate check-generated test test-e2e test-e2e-dual bench bench-failover demo lab-up lab-down vet clean
+.PHONY: all build image deps kube-bins generate check-generated test test-e2e test-e2e-dual test-e2e-overlay bench bench-failover demo lab-up lab-down vet clean
 
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
@@ -61,6 +61,13 @@ test: deps kube-bins check-generated vet
 	NATD_E2E_PROXY_MODE=iptables $(GO) test -count=1 -timeout 5m -run 'Service' ./tests/e2e/
 	NATD_E2E_NODES=10 NATD_E2E_NATD_ARGS='--heartbeat-interval=80ms --lease=600ms' $(GO) test -count=1 -timeout 5m -run '^(TestFailoverPartition|TestFailoverNatdKilled)$$' ./tests/e2e/
 	$(MAKE) test-e2e-dual
+	$(MAKE) test-e2e-overlay
+
+# The core pinning, fail-closed and failover scenarios in the overlay lab (natd-lab up
+# --network overlay): a VXLAN CNI on an underlay that drops foreign sources.
+OVERLAY_TESTS := ^(TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestClusterTrafficKeepsPodIP|TestPinnedThroughServiceToTheOutside|TestNoEligibleNodeFailsClosed|TestNewPodsFirstPacketsOnAnotherNode|TestPodsCannotUseTheTunnel|TestLargeTransfersThroughTheTunnel|TestFailoverNatdKilled|TestFailoverPartition)$$
+test-e2e-overlay: deps kube-bins
+	NATD_E2E_NETWORK=overlay $(GO) test -count=1 -timeout 10m -run '$(OVERLAY_TESTS)' ./tests/e2e/
 
 # The end-to-end tests of the dual-stack lab (natd-lab up --network dual): natd's IPv6
 # promise, with the core pinning test and kube-proxy's Services in the same lab.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -208,4 +209,56 @@ func sendRaw(ns string, pkt []byte) error {
 		copy(to.Addr[:], pkt[16:20])
 		return syscall.Sendto(fd, pkt, 0, &to)
 	})
+}
+
+// Bulk TCP both ways between a pinned pod on a node that does not hold its egress IP
+// and the partner: every segment fits the tunnels (50 bytes of encapsulation each
+// way), so nothing stalls on a path MTU.
+func TestLargeTransfersThroughTheTunnel(t *testing.T) {
+	const ns, eip, size = "bulk", "198.18.0.221", 4 << 20
+	pin(t, ns, eip)
+	holder := waitHolder(t, eip)
+	node := "node1"
+	if holder == node {
+		node = "node2"
+	}
+	p := newPod(t, ns, "bulk", node)
+	waitSeen(t, p, tcp, eip, nodeIPs()...)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := lab.DialIn(ctx, p.Netns, "tcp", partnerAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	rd := bufio.NewReader(c)
+	start := time.Now()
+	fmt.Fprintf(c, "GET /bytes?n=%d HTTP/1.1\r\nHost: partner\r\n\r\n", size)
+	resp, err := http.ReadResponse(rd, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err != nil || n != size {
+		t.Fatalf("download: %d of %d bytes (%v)", n, size, err)
+	}
+	down := time.Since(start)
+	start = time.Now()
+	fmt.Fprintf(c, "POST /upload HTTP/1.1\r\nHost: partner\r\nContent-Length: %d\r\n\r\n", size)
+	if _, err := c.Write(make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	resp, err = http.ReadResponse(rd, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if got := strings.TrimSpace(string(body)); got != fmt.Sprintf("%s %d", eip, size) {
+		t.Fatalf("upload: partner says %q, want %q", got, fmt.Sprintf("%s %d", eip, size))
+	}
+	t.Logf("%d MiB down in %s, up in %s through the tunnels (pod on %s, holder %s)", size>>20,
+		down.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), node, holder)
 }

@@ -84,6 +84,25 @@ func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(st.get(r.URL.Query().Get("id")))
 	})
+	// Bulk transfers: GET /bytes?n=N sends N bytes; POST /upload reads the body and
+	// answers with the source address and how many bytes arrived.
+	mux.HandleFunc("/bytes", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+		w.Header().Set("Content-Length", strconv.Itoa(n))
+		chunk := make([]byte, 64<<10)
+		for n > 0 {
+			k := min(n, len(chunk))
+			if _, err := w.Write(chunk[:k]); err != nil {
+				return
+			}
+			n -= k
+		}
+	})
+	mux.HandleFunc("/upload", func(w http.ResponseWriter, r *http.Request) {
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "%s %d\n", host, n)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		host, _, _ := net.SplitHostPort(r.RemoteAddr)
 		if id := r.URL.Query().Get("stream"); id != "" {

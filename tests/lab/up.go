@@ -431,8 +431,14 @@ func (u *upper) node(t *Topology, i int) error {
 	// The CNI's masquerade, as ip-masq-agent or flannel install it: pod traffic to
 	// anything outside the cluster and node networks leaves with the node's IP; in the
 	// dual mode the same for IPv6 with the node's IPv6 address.
+	// An overlay CNI masquerades pod traffic to node addresses too (flannel does): the
+	// underlay would drop a pod's address.
+	nodeCIDR := NodeCIDR
+	if t.Network == NetworkOverlay {
+		nodeCIDR = ""
+	}
 	return InNetns(n.Netns, func() error {
-		if err := masquerade(iptables.ProtocolIPv4, ClusterCIDR, NodeCIDR); err != nil {
+		if err := masquerade(iptables.ProtocolIPv4, ClusterCIDR, nodeCIDR); err != nil {
 			return err
 		}
 		if t.Dual() {
@@ -486,7 +492,8 @@ func (u *upper) sourceCheck(t *Topology) error {
 }
 
 // masquerade installs the lab CNI's LAB-CNI-MASQ chain for one family: traffic of
-// pods (clusterCIDR) to anything but pods and nodes is masqueraded.
+// pods (clusterCIDR) to anything but pods and nodes (nodeCIDR, unless empty) is
+// masqueraded.
 func masquerade(family iptables.Protocol, clusterCIDR, nodeCIDR string) error {
 	ipt, err := iptables.NewWithProtocol(family)
 	if err != nil {
@@ -495,11 +502,11 @@ func masquerade(family iptables.Protocol, clusterCIDR, nodeCIDR string) error {
 	if err := ipt.NewChain("nat", "LAB-CNI-MASQ"); err != nil {
 		return err
 	}
-	for _, r := range [][]string{
-		{"-d", clusterCIDR, "-j", "RETURN"},
-		{"-d", nodeCIDR, "-j", "RETURN"},
-		{"-j", "MASQUERADE"},
-	} {
+	rules := [][]string{{"-d", clusterCIDR, "-j", "RETURN"}}
+	if nodeCIDR != "" {
+		rules = append(rules, []string{"-d", nodeCIDR, "-j", "RETURN"})
+	}
+	for _, r := range append(rules, []string{"-j", "MASQUERADE"}) {
 		if err := ipt.Append("nat", "LAB-CNI-MASQ", r...); err != nil {
 			return err
 		}
