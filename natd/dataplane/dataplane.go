@@ -190,6 +190,12 @@ func (d *Dataplane) nftConn(sendBuf int) (*nftables.Conn, error) {
 		var serr error
 		if err := raw.Control(func(fd uintptr) {
 			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, sendBuf)
+			if serr == nil {
+				// Every message of the batch is acknowledged, and the kernel charges
+				// each ack's buffer (about 1 KiB) to the receive buffer: a batch of a
+				// few hundred chains and rules overflows the default one (ENOBUFS).
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, max(sendBuf, 4<<20))
+			}
 		}); err != nil {
 			return err
 		}

@@ -451,3 +451,34 @@ func TestKernelLeaseEndsAtItsDeadline(t *testing.T) {
 		t.Fatal("a renewal past its deadline served again")
 	}
 }
+
+// As many egress IPs as a node routes at once (253), each with its tunnel device and
+// another node holding it, and 100 peers: one Apply builds it all, a second one finds
+// nothing to change, and Verify sees no drift.
+func TestKernelManyEgressIPs(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	st := sampleState()
+	st.Egress = nil
+	for i := 0; i < d.cfg.Marks.MaxIndex(); i++ {
+		ip := netip.AddrFrom4([4]byte{198, 19, byte(i / 200), byte(1 + i%200)})
+		st.Egress = append(st.Egress, EgressIP{IP: ip, HolderIP: netip.MustParseAddr("198.18.0.11"),
+			Pods: []netip.Addr{netip.AddrFrom4([4]byte{10, 244, 2, byte(i)})}})
+	}
+	for i := 0; i < 100; i++ {
+		st.Peers = append(st.Peers, Peer{IP: netip.AddrFrom4([4]byte{198, 18, 1, byte(i)}),
+			PodCIDRs: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 245, byte(i), 0}), 24)}})
+	}
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := d.Apply(st); err != nil || res.Rebuilt {
+		t.Fatalf("second apply: %+v, %v; want nothing to do", res, err)
+	}
+	if drifted, _, err := d.Verify(); err != nil || drifted {
+		t.Fatalf("Verify = %v, %v; want no drift", drifted, err)
+	}
+	if n := strings.Count(ns.run("ip", "-o", "link", "show", "type", "vxlan"), tunnelPrefix); n != len(st.Egress)+1 {
+		t.Errorf("%d tunnel devices, want %d", n, len(st.Egress)+1)
+	}
+}

@@ -119,6 +119,7 @@ type outcome struct {
 	// the watch, or the IP was not to move). READY may lag: a node cut off cannot say
 	// it has re-pointed.
 	status time.Duration
+	tcp    tcpOutcome // the long-lived connection opened before the fault
 }
 
 func (s *stream) outcome(t testing.TB, egressIP string, faultAt time.Time) outcome {
@@ -309,6 +310,7 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 	before = waitServedBy(t, ip, 10*time.Second)
 
 	s := startStream(t, p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
+	conn := startConnection(t, p)
 	time.Sleep(500 * time.Millisecond)
 	faultAt := time.Now()
 	statusAt := make(chan time.Duration, 1)
@@ -335,6 +337,7 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 	}
 	time.Sleep(1500 * time.Millisecond) // let gratuitous ARP repeats and handovers settle
 	s.halt()
+	o.tcp = conn.stop()
 	if samples := twice(); len(samples) > 0 {
 		t.Errorf("%s: two nodes served %s at once in %d samples: %v", name, ip, len(samples), samples[0])
 	}
@@ -364,11 +367,85 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 		case <-time.After(3 * time.Second):
 		}
 	}
-	t.Logf("%s: %s %s → %s; recovery %s, %d/%d datagrams lost, %d leaked; status showed it after %s",
-		name, ip, before, after, o.recovery.Round(time.Millisecond), o.lost, o.sent, o.leaked, o.status.Round(time.Millisecond))
+	t.Logf("%s: %s %s → %s; recovery %s, %d/%d datagrams lost, %d leaked; status showed it after %s; %s",
+		name, ip, before, after, o.recovery.Round(time.Millisecond), o.lost, o.sent, o.leaked, o.status.Round(time.Millisecond), o.tcp)
 	heal()
 	healed = true
 	return before, after, o
+}
+
+// connection is one long-lived TCP connection to the partner: a request every 50 ms on
+// the same connection, never reopened, as a database session or a message consumer
+// would hold it.
+type connection struct {
+	stopc chan struct{}
+	done  chan tcpOutcome
+}
+
+// tcpOutcome is what happened to a long-lived connection across a move.
+type tcpOutcome struct {
+	survived bool          // every request was answered on the one connection
+	stall    time.Duration // the longest time between two answers
+	answered int
+	err      error
+}
+
+func (o tcpOutcome) String() string {
+	if o.survived {
+		return fmt.Sprintf("TCP connection survived (longest stall %s, %d requests)", o.stall.Round(time.Millisecond), o.answered)
+	}
+	return fmt.Sprintf("TCP connection broke after %d requests (longest stall %s): %v", o.answered, o.stall.Round(time.Millisecond), o.err)
+}
+
+func startConnection(t testing.TB, p *lab.Pod) *connection {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := lab.DialIn(ctx, p.Netns, "tcp", partnerAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &connection{stopc: make(chan struct{}), done: make(chan tcpOutcome, 1)}
+	go func() {
+		defer c.Close()
+		rd := bufio.NewReader(c)
+		o := tcpOutcome{survived: true}
+		last := time.Now()
+		for {
+			select {
+			case <-k.stopc:
+				k.done <- o
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: partner\r\n\r\n")
+			resp, err := http.ReadResponse(rd, nil)
+			if err == nil {
+				_, err = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			if err != nil {
+				o.survived, o.err = false, err
+				<-k.stopc
+				k.done <- o
+				return
+			}
+			o.answered++
+			if gap := time.Since(last); gap > o.stall {
+				o.stall = gap
+			}
+			last = time.Now()
+		}
+	}()
+	return k
+}
+
+// stop ends the connection and reports; a request still waiting for its answer gets
+// up to 20 s.
+func (k *connection) stop() tcpOutcome {
+	close(k.stopc)
+	return <-k.done
 }
 
 // plannedMoves are the fault kinds that hand an IP over make-before-break.
