@@ -337,11 +337,12 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 	}
 	time.Sleep(1500 * time.Millisecond) // let gratuitous ARP repeats and handovers settle
 	s.halt()
-	o.tcp = conn.stop()
+	tcpOut := conn.stop()
 	if samples := twice(); len(samples) > 0 {
 		t.Errorf("%s: two nodes served %s at once in %d samples: %v", name, ip, len(samples), samples[0])
 	}
 	o = s.outcome(t, ip, faultAt)
+	o.tcp = tcpOut
 	if o.recovery < 0 {
 		mac, _ := lab.RouterNeighbour(topo, ip)
 		diag := fmt.Sprintf("served by %v; router has %s for it;", servedBy(t, ip), mac)
