@@ -327,7 +327,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.router.prune(slots); err != nil {
 		return res, err
 	}
-	if err := d.router.pruneGuard(guard, state.ClusterDestinations, true); err != nil {
+	if err := d.router.pruneGuard(guard, state.ClusterDestinations); err != nil {
 		return res, err
 	}
 	released := map[netip.Addr]bool{}
@@ -516,8 +516,9 @@ func (d *Dataplane) allocateSlots(egress []EgressIP) {
 	}
 }
 
-// Cleanup removes everything natd put into this node's kernel: its nftables table, ip
-// rules, route tables, the egress IPs it held, and the uplink's rp_filter setting.
+// Cleanup removes everything natd put into this node's kernel: its nftables tables, ip
+// rules, route tables, tunnel devices, the egress IPs it held, and the uplink
+// rp_filter setting natd versions before the tunnel changed.
 func (d *Dataplane) Cleanup() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -555,7 +556,7 @@ func (d *Dataplane) Cleanup() error {
 	if err := d.router.prune(nil); err != nil {
 		errs = append(errs, err)
 	}
-	if err := d.router.pruneGuard(nil, nil, false); err != nil {
+	if err := d.router.pruneGuard(nil, nil); err != nil {
 		errs = append(errs, err)
 	}
 	if err := d.restoreRPFilter(); err != nil {

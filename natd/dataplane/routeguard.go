@@ -98,6 +98,9 @@ func rangePrefixes(rg addrRange) []netip.Prefix {
 // ensureGuard adds the guard table's routes and the guard rules in want; it removes
 // nothing (pruneGuard does, after the nftables step).
 func (r *router) ensureGuard(want []guardRule, clusterDsts []netip.Prefix) error {
+	if len(want) == 0 {
+		return nil
+	}
 	routes, err := r.guardRoutes()
 	if err != nil {
 		return err
@@ -134,9 +137,10 @@ func (r *router) ensureGuard(want []guardRule, clusterDsts []netip.Prefix) error
 	return nil
 }
 
-// pruneGuard removes guard rules not in want (and, with keepTable false, the guard
-// table), and guard routes that are not wanted.
-func (r *router) pruneGuard(want []guardRule, clusterDsts []netip.Prefix, keepTable bool) error {
+// pruneGuard removes guard rules not in want, and guard routes that are not wanted
+// (all of them when want is empty).
+func (r *router) pruneGuard(want []guardRule, clusterDsts []netip.Prefix) error {
+	keepTable := len(want) > 0
 	keep := map[string]bool{}
 	for _, g := range want {
 		keep[g.key()] = true
@@ -197,6 +201,9 @@ func (r *router) guardIntact(want []guardRule, clusterDsts []netip.Prefix) (bool
 	routes, err := r.guardRoutes()
 	if err != nil {
 		return false, err
+	}
+	if len(want) == 0 {
+		return len(routes) == 0, nil
 	}
 	return sameRoutes(routes, r.wantGuardRoutes(clusterDsts)), nil
 }

@@ -133,6 +133,10 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 	if err != nil {
 		return err
 	}
+	ts, err := r.readTunnels()
+	if err != nil {
+		return err
+	}
 	for _, s := range slots {
 		if !have[r.table(s.idx)] {
 			ru := netlink.NewRule()
@@ -147,11 +151,11 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 				return fmt.Errorf("adding ip rule for table %d: %w", ru.Table, err)
 			}
 		}
-		tunnel, err := r.ensureTunnel(r.spec(s, nodeIP, uplink))
+		tunnel, err := r.ensureTunnel(ts, r.spec(s, nodeIP, uplink))
 		if err != nil {
 			return err
 		}
-		if err := r.pointTunnel(tunnel, s.holders()); err != nil {
+		if err := r.pointTunnel(ts, tunnel, s.holders()); err != nil {
 			return err
 		}
 		want := r.wantRoutes(s, tunnel)
@@ -198,7 +202,7 @@ func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 	if err != nil {
 		return false, err
 	}
-	tunnels, err := r.tunnels()
+	ts, err := r.readTunnels()
 	if err != nil {
 		return false, err
 	}
@@ -206,12 +210,9 @@ func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 		if !have[r.table(s.idx)] {
 			return false, nil
 		}
-		tunnel, ok := tunnels[TunnelDevice(s.idx)]
-		if !ok || !r.spec(s, nodeIP, uplink).matches(tunnel) {
+		tunnel, ok := ts.links[TunnelDevice(s.idx)]
+		if !ok || !r.spec(s, nodeIP, uplink).matches(tunnel) || !ts.pointed(tunnel, s.holders()) {
 			return false, nil
-		}
-		if ok, err := r.tunnelPointed(tunnel, s.holders()); err != nil || !ok {
-			return false, err
 		}
 		if !sameRoutes(routes[r.table(s.idx)], r.wantRoutes(s, tunnel)) {
 			return false, nil
@@ -305,11 +306,15 @@ func peerIPs(peers []Peer) []netip.Addr {
 // ensureReplies makes the reply tunnel, points it at every peer, and routes packets
 // with the reply mark through it to their pod's node.
 func (r *router) ensureReplies(uplink netlink.Link, nodeIP netip.Addr, peers []Peer) error {
-	tunnel, err := r.ensureTunnel(r.replySpec(nodeIP, uplink))
+	ts, err := r.readTunnels()
 	if err != nil {
 		return err
 	}
-	if err := r.pointTunnel(tunnel, peerIPs(peers)); err != nil {
+	tunnel, err := r.ensureTunnel(ts, r.replySpec(nodeIP, uplink))
+	if err != nil {
+		return err
+	}
+	if err := r.pointTunnel(ts, tunnel, peerIPs(peers)); err != nil {
 		return err
 	}
 	rules, err := r.nl.RuleList(unix.AF_INET)
@@ -355,16 +360,13 @@ func (r *router) ensureReplies(uplink netlink.Link, nodeIP netip.Addr, peers []P
 // repliesIntact reports whether the reply tunnel, its rule and its routes are as
 // ensureReplies makes them.
 func (r *router) repliesIntact(uplink netlink.Link, nodeIP netip.Addr, peers []Peer) (bool, error) {
-	tunnels, err := r.tunnels()
+	ts, err := r.readTunnels()
 	if err != nil {
 		return false, err
 	}
-	tunnel, ok := tunnels[ReplyDevice]
-	if !ok || !r.replySpec(nodeIP, uplink).matches(tunnel) {
+	tunnel, ok := ts.links[ReplyDevice]
+	if !ok || !r.replySpec(nodeIP, uplink).matches(tunnel) || !ts.pointed(tunnel, peerIPs(peers)) {
 		return false, nil
-	}
-	if ok, err := r.tunnelPointed(tunnel, peerIPs(peers)); err != nil || !ok {
-		return false, err
 	}
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {

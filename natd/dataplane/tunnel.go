@@ -118,23 +118,65 @@ func (s tunnelSpec) matches(link netlink.Link) bool {
 		a.Flags&net.FlagUp != 0
 }
 
+// tunnelState is what the kernel has of natd's tunnels, read in four dumps so that a
+// sync or a drift check costs the same few netlink round trips with 250 egress IPs as
+// with one.
+type tunnelState struct {
+	links map[string]netlink.Link // natd's tunnel devices by name
+	neigh map[int][]netlink.Neigh // IPv4 neighbours by link index
+	fdb   map[int][]netlink.Neigh // forwarding entries by link index
+	addr  map[int]bool            // links that carry tunnelAddr
+}
+
+func (r *router) readTunnels() (*tunnelState, error) {
+	ts := &tunnelState{neigh: map[int][]netlink.Neigh{}, fdb: map[int][]netlink.Neigh{}, addr: map[int]bool{}}
+	var err error
+	if ts.links, err = r.tunnels(); err != nil {
+		return nil, err
+	}
+	neighs, err := r.nl.NeighList(0, unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("listing neighbours: %w", err)
+	}
+	for _, n := range neighs {
+		ts.neigh[n.LinkIndex] = append(ts.neigh[n.LinkIndex], n)
+	}
+	fdb, err := r.nl.NeighList(0, unix.AF_BRIDGE)
+	if err != nil {
+		return nil, fmt.Errorf("listing forwarding entries: %w", err)
+	}
+	for _, n := range fdb {
+		ts.fdb[n.LinkIndex] = append(ts.fdb[n.LinkIndex], n)
+	}
+	addrs, err := r.nl.AddrList(nil, unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && ip == tunnelAddr {
+			ts.addr[a.LinkIndex] = true
+		}
+	}
+	return ts, nil
+}
+
 // ensureTunnel makes the device spec describes (re-making one that differs), up, with
 // its address and loose reverse path filtering, and returns it.
-func (r *router) ensureTunnel(s tunnelSpec) (netlink.Link, error) {
+func (r *router) ensureTunnel(ts *tunnelState, s tunnelSpec) (netlink.Link, error) {
 	name := s.name
-	link, err := r.nl.LinkByName(name)
-	switch {
-	case err == nil && s.matches(link):
-	case err == nil || !isNotFound(err):
-		if err == nil {
-			if err := r.nl.LinkDel(link); err != nil {
+	if link, ok := ts.links[name]; ok {
+		if s.matches(link) && ts.addr[link.Attrs().Index] {
+			return link, nil
+		}
+		if !s.matches(link) {
+			if err := r.nl.LinkDel(link); err != nil && !isNotFound(err) {
 				return nil, fmt.Errorf("removing tunnel device %s to re-make it: %w", name, err)
 			}
-		} else {
-			return nil, fmt.Errorf("finding tunnel device %s: %w", name, err)
+			delete(ts.links, name)
 		}
-		fallthrough
-	default:
+	}
+	link, ok := ts.links[name]
+	if !ok {
 		vx := &netlink.Vxlan{
 			LinkAttrs: netlink.LinkAttrs{Name: name, MTU: s.mtu, HardwareAddr: TunnelMAC(s.local)},
 			VxlanId:   int(s.vni), SrcAddr: s.local.AsSlice(), Port: int(s.port), Learning: false,
@@ -142,6 +184,7 @@ func (r *router) ensureTunnel(s tunnelSpec) (netlink.Link, error) {
 		if err := r.nl.LinkAdd(vx); err != nil {
 			return nil, fmt.Errorf("adding tunnel device %s: %w", name, err)
 		}
+		var err error
 		if link, err = r.nl.LinkByName(name); err != nil {
 			return nil, fmt.Errorf("finding tunnel device %s: %w", name, err)
 		}
@@ -182,16 +225,9 @@ func (r *router) sysctls(dev string) error {
 // pointTunnel makes link reach the nodes in peers: a permanent neighbour entry (node
 // IP → its tunnel MAC) and a forwarding entry (that MAC → the node IP) each; entries
 // for any other node are removed.
-func (r *router) pointTunnel(link netlink.Link, peers []netip.Addr) error {
+func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.Addr) error {
 	idx := link.Attrs().Index
-	neighs, err := r.nl.NeighList(idx, unix.AF_INET)
-	if err != nil {
-		return fmt.Errorf("listing neighbours of %s: %w", link.Attrs().Name, err)
-	}
-	fdb, err := r.nl.NeighList(idx, unix.AF_BRIDGE)
-	if err != nil {
-		return fmt.Errorf("listing forwarding entries of %s: %w", link.Attrs().Name, err)
-	}
+	neighs, fdb := ts.neigh[idx], ts.fdb[idx]
 	want := map[netip.Addr]bool{}
 	wantMAC := map[string]bool{}
 	for _, peer := range peers {
@@ -232,23 +268,15 @@ func (r *router) pointTunnel(link netlink.Link, peers []netip.Addr) error {
 	return nil
 }
 
-// tunnelPointed reports whether link reaches every node in peers.
-func (r *router) tunnelPointed(link netlink.Link, peers []netip.Addr) (bool, error) {
+// pointed reports whether link reaches every node in peers and has its address.
+func (ts *tunnelState) pointed(link netlink.Link, peers []netip.Addr) bool {
 	idx := link.Attrs().Index
-	neighs, err := r.nl.NeighList(idx, unix.AF_INET)
-	if err != nil {
-		return false, fmt.Errorf("listing neighbours of %s: %w", link.Attrs().Name, err)
-	}
-	fdb, err := r.nl.NeighList(idx, unix.AF_BRIDGE)
-	if err != nil {
-		return false, fmt.Errorf("listing forwarding entries of %s: %w", link.Attrs().Name, err)
-	}
 	for _, peer := range peers {
-		if !hasNeigh(neighs, peer, TunnelMAC(peer)) || !hasFDB(fdb, peer, TunnelMAC(peer)) {
-			return false, nil
+		if !hasNeigh(ts.neigh[idx], peer, TunnelMAC(peer)) || !hasFDB(ts.fdb[idx], peer, TunnelMAC(peer)) {
+			return false
 		}
 	}
-	return true, nil
+	return ts.addr[idx]
 }
 
 func hasNeigh(list []netlink.Neigh, ip netip.Addr, mac net.HardwareAddr) bool {
