@@ -163,7 +163,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.Delegate = (*delegate)(g)
 	mc.Events = (*events)(g)
 	mc.Logger = log.New(klogWriter{}, "", 0)
-	var transport memberlist.Transport = cfg.Transport
+	transport := cfg.Transport
 	if transport == nil {
 		guarded, err := newGuardedTransport(cfg.BindIP, cfg.Port, g.isMemberAddr, mc.Logger)
 		if err != nil {
@@ -179,8 +179,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	if cfg.Key != nil {
 		kr, err := memberlist.NewKeyring(cfg.OtherKeys, cfg.Key)
 		if err != nil {
-			transport.Shutdown()
-			return nil, fmt.Errorf("gossip key: %w", err)
+			return nil, errors.Join(fmt.Errorf("gossip key: %w", err), transport.Shutdown())
 		}
 		mc.Keyring = kr
 		g.keyring = kr
@@ -188,8 +187,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	list, err := memberlist.Create(mc)
 	if err != nil {
-		transport.Shutdown()
-		return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
+		return nil, errors.Join(fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err), transport.Shutdown())
 	}
 	g.list = list
 	g.started.Store(list)

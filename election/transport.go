@@ -109,14 +109,14 @@ func (t *guardedTransport) admit() {
 			// Over budget: refuse at once rather than queue (a flood must not delay
 			// the members' own exchanges behind it).
 			klog.V(2).InfoS("Refused a gossip stream over budget", "remote", c.RemoteAddr().String())
-			c.Close()
+			c.Close() //nolint:errcheck // refused: nothing was read or written
 			continue
 		}
 		gc := &guardedConn{Conn: c, r: io.LimitReader(c, limit), release: func() { <-slots }}
 		select {
 		case t.streams <- gc:
 		case <-t.done:
-			gc.Close()
+			gc.Close() //nolint:errcheck // shutting down
 			return
 		}
 	}
@@ -137,7 +137,7 @@ func (t *guardedTransport) Shutdown() error {
 		for {
 			select {
 			case c := <-streams:
-				c.Close()
+				c.Close() //nolint:errcheck // shutting down
 			case <-packets:
 			case <-drained:
 				return

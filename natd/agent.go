@@ -250,8 +250,7 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 			// Renewals stopped with ctx: the leases run out within --lease. Only then
 			// may the others (who take a departed member's IPs at once) take them.
 			time.Sleep(a.cfg.Lease)
-			a.members.Leave(time.Second)
-			a.members.Shutdown()
+			a.leave()
 			return ErrUninstalled
 		}
 		// No sync may run after the leases are extended: it would shorten them again.
@@ -642,7 +641,9 @@ func (a *Agent) stopForRestart() {
 	if err := a.members.SetLocal(a.localMeta(a.cfg.RestartGrace), time.Second); err != nil {
 		klog.ErrorS(err, "Announcing the restart failed")
 	}
-	a.members.Shutdown()
+	if err := a.members.Shutdown(); err != nil {
+		klog.InfoS("Stopping gossip failed", "err", err)
+	}
 }
 
 // drain hands this node's IPs over: it stops being a candidate, the others take its IPs
@@ -668,8 +669,18 @@ func (a *Agent) drain(ctx context.Context) {
 	left := len(a.held)
 	a.mu.Unlock()
 	klog.InfoS("Drained; leaving the cluster", "stillHeld", left)
-	a.members.Leave(time.Second)
-	a.members.Shutdown()
+	a.leave()
+}
+
+// leave tells the other members this node is gone and stops gossip. A leave that is
+// not heard is only slower: the others find the node dead.
+func (a *Agent) leave() {
+	if err := a.members.Leave(time.Second); err != nil {
+		klog.InfoS("Leaving the gossip cluster failed; the others will find this node dead", "err", err)
+	}
+	if err := a.members.Shutdown(); err != nil {
+		klog.InfoS("Stopping gossip failed", "err", err)
+	}
 }
 
 func (a *Agent) signalPublish() {

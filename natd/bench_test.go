@@ -182,7 +182,6 @@ func BenchmarkAgentMemory50k(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
-		pods = nil
 		byNS := map[string][]*podRecord{}
 		for _, o := range store.List() {
 			r := o.(*podRecord)

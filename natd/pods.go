@@ -35,24 +35,8 @@ var _ metav1.Object = &podRecord{}
 
 func (p *podRecord) DeepCopyObject() runtime.Object {
 	c := *p
-	c.ObjectMeta = *p.ObjectMeta.DeepCopy()
+	c.ObjectMeta = *p.DeepCopy()
 	return &c
-}
-
-// appendIPs appends the pod's IPv4 addresses to out.
-func (p *podRecord) appendIPs(out []netip.Addr) []netip.Addr {
-	for i := uint8(0); i < p.nIPv4; i++ {
-		out = append(out, netip.AddrFrom4(p.ipv4[i]))
-	}
-	return out
-}
-
-// appendIPv6 appends the pod's IPv6 address, if it has one, to out.
-func (p *podRecord) appendIPv6(out []netip.Addr) []netip.Addr {
-	if p.hasIPv6 {
-		out = append(out, netip.AddrFrom16(p.ipv6))
-	}
-	return out
 }
 
 // terminating reports whether the pod is being deleted: of two pods that the API shows

@@ -144,8 +144,11 @@ func bootStamp(stateDir string) uint64 {
 			boot = last + 1
 		}
 	}
-	os.MkdirAll(stateDir, 0o755)
-	if err := os.WriteFile(file, []byte(fmt.Sprint(boot)), 0o644); err != nil {
+	err := os.MkdirAll(stateDir, 0o755)
+	if err == nil {
+		err = os.WriteFile(file, []byte(fmt.Sprint(boot)), 0o644)
+	}
+	if err != nil {
 		klog.InfoS("Cannot keep the boot stamp; a clock that goes back could hide this node's claims", "err", err)
 	}
 	return boot

@@ -7,14 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GO=${GO:-go}
+export GOTOOLCHAIN=${GOTOOLCHAIN:-go1.27.3} # as the Makefile: the Go the checks run on
 CACHE=${NATD_CACHE:-$HOME/.cache/natd}
 GOLANGCI_LINT_VERSION=v2.15.0
 GOVULNCHECK_VERSION=v1.9.0
 VULNDB_VERSION=v0.0.0-20261105234957-e22db6528018
 
 mkdir -p "$CACHE/bin"
-tool() { # tool NAME PACKAGE@VERSION: builds once into $CACHE/bin/NAME-VERSION
-	local name=$1 pkg=$2 bin="$CACHE/bin/$1-${2##*@}"
+tool() { # tool NAME PACKAGE@VERSION: builds once into $CACHE/bin/NAME-VERSION-GOVERSION
+	local name=$1 pkg=$2 bin="$CACHE/bin/$1-${2##*@}-$($GO env GOVERSION)"
 	if [[ ! -x $bin ]]; then
 		GOBIN="$CACHE/bin/.tmp-$name" $GO install "$pkg" >&2
 		mv "$CACHE/bin/.tmp-$name/$name" "$bin"

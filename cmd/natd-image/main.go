@@ -203,7 +203,7 @@ func checkStaticELF(binary, arch string) error {
 	if err != nil {
 		return fmt.Errorf("reading %s as ELF: %w", binary, err)
 	}
-	defer f.Close()
+	defer f.Close() //nolint:errcheck // read only
 	for _, prog := range f.Progs {
 		if prog.Type == elf.PT_INTERP {
 			return fmt.Errorf("%s: %w", binary, errNotStatic)
@@ -257,7 +257,7 @@ func writeArchive(img v1.Image, tag, out string) error {
 	if err != nil {
 		return fmt.Errorf("making the layout directory: %w", err)
 	}
-	defer os.RemoveAll(dir)
+	defer os.RemoveAll(dir) //nolint:errcheck // a temporary directory; the archive is what counts
 
 	cfg, err := img.ConfigFile()
 	if err != nil {
@@ -286,10 +286,9 @@ func writeArchive(img v1.Image, tag, out string) error {
 	if err != nil {
 		return fmt.Errorf("creating the archive: %w", err)
 	}
-	defer os.Remove(tmp.Name())
+	defer os.Remove(tmp.Name()) //nolint:errcheck // gone already after the rename
 	if err := tarDir(dir, tmp); err != nil {
-		tmp.Close()
-		return fmt.Errorf("writing %s: %w", out, err)
+		return errors.Join(fmt.Errorf("writing %s: %w", out, err), tmp.Close())
 	}
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("writing %s: %w", out, err)
@@ -332,7 +331,7 @@ func tarDir(root string, w io.Writer) error {
 		if err != nil {
 			return err
 		}
-		defer f.Close()
+		defer f.Close() //nolint:errcheck // read only
 		info, err := f.Stat()
 		if err != nil {
 			return err

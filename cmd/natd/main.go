@@ -85,7 +85,7 @@ func run(ctx context.Context, cfg *natd.Config, drain <-chan struct{}) error {
 				klog.ErrorS(err, "Metrics server failed", "addr", addr)
 			}
 		}()
-		defer srv.Close()
+		defer srv.Close() //nolint:errcheck // on the way out
 	}
 	return a.Run(ctx, drain)
 }

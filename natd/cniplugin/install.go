@@ -90,7 +90,7 @@ func (in Installer) ensureBinary() (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("installing %s: %w", PluginType, err)
 	}
-	defer os.Remove(tmp.Name())
+	defer os.Remove(tmp.Name()) //nolint:errcheck // gone already after the rename
 	_, werr := io.Copy(tmp, bytes.NewReader(want))
 	if err := errors.Join(werr, tmp.Chmod(0o755), tmp.Close()); err != nil {
 		return false, fmt.Errorf("installing %s: %w", PluginType, err)
@@ -135,7 +135,7 @@ func (in Installer) editConflist(edit func([]any) []any) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("writing %s: %w", path, err)
 	}
-	defer os.Remove(tmp.Name())
+	defer os.Remove(tmp.Name()) //nolint:errcheck // gone already after the rename
 	_, werr := tmp.Write(append(out, '\n'))
 	if err := errors.Join(werr, tmp.Chmod(0o644), tmp.Close()); err != nil {
 		return false, fmt.Errorf("writing %s: %w", path, err)

@@ -126,7 +126,7 @@ func New(cfg Config) (*Dataplane, error) {
 func (d *Dataplane) Close() {
 	d.nl.Close()
 	if d.genConn != nil {
-		d.genConn.Close()
+		d.genConn.Close() //nolint:errcheck // a read-only socket
 	}
 }
 
@@ -151,7 +151,7 @@ func (d *Dataplane) nftGen() (uint32, error) {
 	}
 	msgs, err := d.genConn.Execute(req)
 	if err != nil {
-		d.genConn.Close()
+		d.genConn.Close() //nolint:errcheck // broken already: the next read opens a new one
 		d.genConn = nil
 		return 0, fmt.Errorf("reading nftables generation: %w", err)
 	}
@@ -711,7 +711,7 @@ func (d *Dataplane) inNetns(fn func() error) error {
 		runtime.UnlockOSThread()
 		return fmt.Errorf("getting current netns: %w", err)
 	}
-	defer orig.Close()
+	defer orig.Close() //nolint:errcheck // a handle only
 	if err := netns.Set(*d.cfg.NetNS); err != nil {
 		runtime.UnlockOSThread()
 		return fmt.Errorf("entering netns: %w", err)
@@ -741,12 +741,11 @@ func (d *Dataplane) WatchChanges(stop <-chan struct{}, changed func()) error {
 		return fmt.Errorf("opening netfilter netlink socket: %w", err)
 	}
 	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
-		c.Close()
-		return fmt.Errorf("subscribing to nftables changes: %w", err)
+		return errors.Join(fmt.Errorf("subscribing to nftables changes: %w", err), c.Close())
 	}
 	go func() {
 		<-stop
-		c.Close()
+		c.Close() //nolint:errcheck // stopping
 	}()
 	go func() {
 		for {

@@ -22,7 +22,7 @@ func sendGratuitousARP(ifindex int, mac net.HardwareAddr, ip netip.Addr) error {
 	if err != nil {
 		return fmt.Errorf("opening packet socket: %w", err)
 	}
-	defer unix.Close(fd)
+	defer unix.Close(fd) //nolint:errcheck // sent or not, the socket is done
 	to := &unix.SockaddrLinklayer{Ifindex: ifindex, Protocol: htons(unix.ETH_P_ARP), Halen: 6,
 		Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
 	for _, op := range []uint16{1, 2} {

@@ -853,7 +853,7 @@ func heldAddrsInKernel(conn *nftables.Conn) ([]election.Claim, error) {
 			continue
 		}
 		c := election.Claim{IP: a}
-		fmt.Sscanf(e.Comment, "gen=%d", &c.Gen) // no comment: generation 0
+		_, _ = fmt.Sscanf(e.Comment, "gen=%d", &c.Gen) // no comment: generation 0
 		out = append(out, c)
 	}
 	return out, nil

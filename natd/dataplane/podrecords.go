@@ -76,15 +76,13 @@ func (s PodStore) Lock() (func(), error) {
 	for {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
-			return func() { f.Close() }, nil // closing releases the lock
+			return func() { f.Close() }, nil //nolint:errcheck // closing releases the lock; nothing was written
 		}
 		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("locking pod store: %w", err)
+			return nil, errors.Join(fmt.Errorf("locking pod store: %w", err), f.Close())
 		}
 		if time.Now().After(deadline) {
-			f.Close()
-			return nil, ErrLockTimeout
+			return nil, errors.Join(ErrLockTimeout, f.Close())
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
