@@ -28,7 +28,8 @@ type State struct {
 	ClusterDestinations []netip.Prefix
 	// PodCIDRs are the cluster's IPv4 pod CIDRs (all nodes).
 	PodCIDRs []netip.Prefix
-	// NodeIPs are the IPv4 addresses of all nodes (next hops towards a remote holder).
+	// NodeIPs are the IPv4 addresses of all nodes: the only sources natd's tunnel and
+	// gossip ports accept, and next hops into a tunnel.
 	NodeIPs []netip.Addr
 	// LocalPodCIDRs are this node's IPv4 pod CIDRs.
 	LocalPodCIDRs []netip.Prefix
@@ -62,9 +63,9 @@ type EgressIP struct {
 	// FailOpen lets pinned traffic leave the normal way when there is no holder,
 	// instead of dropping it.
 	FailOpen bool
-	// Pods are the pinned pods' IPv4 addresses (all nodes, any order, each address
-	// once across all egress IPs): the holder SNATs traffic that other nodes forward
-	// to it, so it must know every one of them.
+	// Pods are this node's pinned pods' IPv4 addresses (any order, each address once
+	// across all egress IPs). Other nodes' pods are theirs to classify: their pinned
+	// traffic arrives through the egress IP's tunnel device.
 	Pods []netip.Addr
 	// Pods6 are the pinned pods' IPv6 addresses. An IPv4 egress IP gives them no way
 	// out: their traffic to the outside is dropped, never sent with another source.
