@@ -158,28 +158,33 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 		if err := r.pointTunnel(ts, tunnel, s.holders()); err != nil {
 			return err
 		}
-		want := r.wantRoutes(s, tunnel)
-		cur := routes[r.table(s.idx)]
-		if sameRoutes(cur, want) {
+		if err := r.replaceRoutes(routes[r.table(s.idx)], r.wantRoutes(s, tunnel)); err != nil {
+			return fmt.Errorf("pointing table %d at %s: %w", r.table(s.idx), s.via, err)
+		}
+	}
+	return nil
+}
+
+// replaceRoutes turns one table's routes cur into want: the new routes first (replace
+// re-points a route in place), then whatever is left of the old ones.
+func (r *router) replaceRoutes(cur, want []netlink.Route) error {
+	if sameRoutes(cur, want) {
+		return nil
+	}
+	keep := map[string]bool{}
+	for i := range want {
+		if err := r.nl.RouteReplace(&want[i]); err != nil {
+			return fmt.Errorf("adding route %s: %w", want[i].Dst, err)
+		}
+		keep[routeKey(want[i])] = true
+	}
+	for _, rt := range cur {
+		if keep[routeKey(rt)] {
 			continue
 		}
-		// The new routes first (replace re-points the default route in place), then
-		// whatever is left of the old ones.
-		keep := map[string]bool{}
-		for i := range want {
-			if err := r.nl.RouteReplace(&want[i]); err != nil {
-				return fmt.Errorf("pointing table %d at %s: %w", want[i].Table, s.via, err)
-			}
-			keep[routeKey(want[i])] = true
-		}
-		for _, rt := range cur {
-			if keep[routeKey(rt)] {
-				continue
-			}
-			rt := rt
-			if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
-				return fmt.Errorf("deleting route of table %d: %w", rt.Table, err)
-			}
+		rt := rt
+		if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("deleting route %s: %w", rt.Dst, err)
 		}
 	}
 	return nil
@@ -335,24 +340,8 @@ func (r *router) ensureReplies(uplink netlink.Link, nodeIP netip.Addr, peers []P
 	if err != nil {
 		return err
 	}
-	want := r.wantReplyRoutes(peers, tunnel)
-	if sameRoutes(routes[r.replyTable()], want) {
-		return nil
-	}
-	keep := map[string]bool{}
-	for i := range want {
-		if err := r.nl.RouteReplace(&want[i]); err != nil {
-			return fmt.Errorf("adding reply route %s: %w", want[i].Dst, err)
-		}
-		keep[routeKey(want[i])] = true
-	}
-	for _, rt := range routes[r.replyTable()] {
-		if !keep[routeKey(rt)] {
-			rt := rt
-			if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
-				return fmt.Errorf("deleting reply route %s: %w", rt.Dst, err)
-			}
-		}
+	if err := r.replaceRoutes(routes[r.replyTable()], r.wantReplyRoutes(peers, tunnel)); err != nil {
+		return fmt.Errorf("routing replies: %w", err)
 	}
 	return nil
 }

@@ -463,21 +463,16 @@ func (r *Rule) setCtBit(bit uint32) *Rule {
 
 // ctOriginalWithBit matches packets of the original direction whose connection has bit
 // set in its mark.
-func (r *Rule) ctOriginalWithBit(bit uint32) *Rule {
-	return r.add(fmt.Sprintf("ct direction original ct mark & 0x%08x == 0x%08x", bit, bit),
-		&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}},
-		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(bit), Xor: native32(0)},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(bit)})
-}
+func (r *Rule) ctOriginalWithBit(bit uint32) *Rule { return r.ctDirectionWithBit(0, "original", bit) }
 
 // ctReplyWithBit matches packets of the reply direction whose connection has bit set
 // in its mark.
-func (r *Rule) ctReplyWithBit(bit uint32) *Rule {
-	return r.add(fmt.Sprintf("ct direction reply ct mark & 0x%08x == 0x%08x", bit, bit),
+func (r *Rule) ctReplyWithBit(bit uint32) *Rule { return r.ctDirectionWithBit(1, "reply", bit) }
+
+func (r *Rule) ctDirectionWithBit(dir byte, name string, bit uint32) *Rule {
+	return r.add(fmt.Sprintf("ct direction %s ct mark & 0x%08x == 0x%08x", name, bit, bit),
 		&expr.Ct{Key: expr.CtKeyDIRECTION, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{dir}},
 		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(bit), Xor: native32(0)},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(bit)})
