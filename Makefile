@@ -98,9 +98,12 @@ bench: deps kube-bins
 # Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner,
 # gossip failure detection with 50 and 200 members on loopback, and how long the routes
 # reports READY counts take to reach one member after all re-point at once (50, 100).
+# The lab's failovers first: the gossip benchmarks below run 50 to 200 memberlist
+# members in one process, which two cores cannot keep up with (they may fail; issue 9's
+# in-memory harness is the fix), and must not keep the lab's figures from being taken.
 bench-failover: deps kube-bins
-	$(GO) test -run '^$$' -bench 'Detection|RoutesSpread' -benchtime 5x ./election/
 	$(GO) test -run '^$$' -bench Failover -benchtime 1x -timeout 40m ./tests/e2e/
+	$(GO) test -run '^$$' -bench 'Detection|RoutesSpread' -benchtime 5x ./election/
 
 demo: deps kube-bins build
 	@KEEP=$(KEEP) LAB_DIR=$(LAB_DIR) scripts/demo.sh
