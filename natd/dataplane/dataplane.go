@@ -280,13 +280,8 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	d.allocateSlots(state.Egress)
 	slots, held := d.slotRoutes(state)
 
-	if err := d.router.ensure(uplink, state.NodeIP, slots); err != nil {
+	if err := d.router.ensure(uplink, state.NodeIP, slots, state.Peers); err != nil {
 		return res, err
-	}
-	if len(slots) > 0 {
-		if err := d.router.ensureReplies(uplink, state.NodeIP, state.Peers); err != nil {
-			return res, err
-		}
 	}
 	guard := wantGuard(slots)
 	if err := d.router.ensureGuard(guard, state.ClusterDestinations); err != nil {
@@ -425,13 +420,8 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 		return false, 0, err
 	}
 	slots, held := d.slotRoutes(state)
-	if ok, err := d.router.intact(uplink, state.NodeIP, slots); err != nil || !ok {
+	if ok, err := d.router.intact(uplink, state.NodeIP, slots, state.Peers); err != nil || !ok {
 		return !ok, 0, err
-	}
-	if len(slots) > 0 {
-		if ok, err := d.router.repliesIntact(uplink, state.NodeIP, state.Peers); err != nil || !ok {
-			return !ok, 0, err
-		}
 	}
 	if ok, err := d.router.guardIntact(wantGuard(slots), state.ClusterDestinations); err != nil || !ok {
 		return !ok, 0, err

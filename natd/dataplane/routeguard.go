@@ -172,16 +172,7 @@ func (r *router) pruneGuard(want []guardRule, clusterDsts []netip.Prefix) error 
 			wantRoutes[routeKey(rt)] = true
 		}
 	}
-	for _, rt := range routes {
-		if wantRoutes[routeKey(rt)] {
-			continue
-		}
-		rt := rt
-		if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
-			return fmt.Errorf("deleting guard route %s: %w", rt.Dst, err)
-		}
-	}
-	return nil
+	return r.deleteRoutes(routes, wantRoutes)
 }
 
 // guardIntact reports whether the guard's rules and table are exactly as wanted.

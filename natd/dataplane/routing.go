@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -48,17 +47,39 @@ func (r *router) rightMark(ru netlink.Rule) bool {
 	return ru.Mark == r.marks.Value(ru.Table-r.tableBase) && ru.Mask != nil && *ru.Mask == r.marks.Mask
 }
 
-func (r *router) spec(s slotRoute, nodeIP netip.Addr, uplink netlink.Link) tunnelSpec {
-	return tunnelSpec{name: TunnelDevice(s.idx), vni: s.vni, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
+// channel is one tunnel with its ip rule (mark value idx) and route table (base+idx):
+// an egress IP's slot, or the reply tunnel (replyIndex). ensure, intact and prune treat
+// them alike.
+type channel struct {
+	idx    int
+	tunnel tunnelSpec
+	peers  []netip.Addr                              // the nodes the tunnel must reach
+	routes func(tunnel netlink.Link) []netlink.Route // what its table must hold
 }
 
-// holders is the node a slot's tunnel must reach: the holder, when another node holds
-// the IP.
-func (s slotRoute) holders() []netip.Addr {
-	if s.via.IsValid() {
-		return []netip.Addr{s.via}
+// channels lists the slots' channels and, when there is a slot, the reply tunnel's.
+func (r *router) channels(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute, peers []Peer) []channel {
+	spec := func(name string, vni uint32) tunnelSpec {
+		return tunnelSpec{name: name, vni: vni, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
 	}
-	return nil
+	out := make([]channel, 0, len(slots)+1)
+	for _, s := range slots {
+		c := channel{idx: s.idx, tunnel: spec(TunnelDevice(s.idx), s.vni),
+			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantRoutes(s, tunnel) }}
+		if s.via.IsValid() {
+			c.peers = []netip.Addr{s.via}
+		}
+		out = append(out, c)
+	}
+	if len(slots) > 0 {
+		c := channel{idx: replyIndex, tunnel: spec(ReplyDevice, ReplyVNI),
+			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantReplyRoutes(peers, tunnel) }}
+		for _, p := range peers {
+			c.peers = append(c.peers, p.IP)
+		}
+		out = append(out, c)
+	}
+	return out
 }
 
 // wantRoutes is what table idx must hold to send marked packets to via through the
@@ -105,10 +126,10 @@ func sameRoutes(have, want []netlink.Route) bool {
 	return true
 }
 
-// ensure adds the ip rules, makes each slot's tunnel device and points it and its table
-// at the holder. It never removes a slot; prune does that once nftables no longer
+// ensure adds the ip rules, makes each channel's tunnel device, points it at its nodes
+// and fills its table. It never removes a slot; prune does that once nftables no longer
 // marks packets for it.
-func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute) error {
+func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute, peers []Peer) error {
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
 		return fmt.Errorf("listing ip rules: %w", err)
@@ -137,13 +158,13 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 	if err != nil {
 		return err
 	}
-	for _, s := range slots {
-		if !have[r.table(s.idx)] {
+	for _, c := range r.channels(uplink, nodeIP, slots, peers) {
+		if !have[r.table(c.idx)] {
 			ru := netlink.NewRule()
 			ru.Family = unix.AF_INET
 			ru.Priority = r.rulePriority
-			ru.Table = r.table(s.idx)
-			ru.Mark = r.marks.Value(s.idx)
+			ru.Table = r.table(c.idx)
+			ru.Mark = r.marks.Value(c.idx)
 			mask := r.marks.Mask
 			ru.Mask = &mask
 			ru.Protocol = RouteProtocol
@@ -151,15 +172,15 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 				return fmt.Errorf("adding ip rule for table %d: %w", ru.Table, err)
 			}
 		}
-		tunnel, err := r.ensureTunnel(ts, r.spec(s, nodeIP, uplink))
+		tunnel, err := r.ensureTunnel(ts, c.tunnel)
 		if err != nil {
 			return err
 		}
-		if err := r.pointTunnel(ts, tunnel, s.holders()); err != nil {
+		if err := r.pointTunnel(ts, tunnel, c.peers); err != nil {
 			return err
 		}
-		if err := r.replaceRoutes(routes[r.table(s.idx)], r.wantRoutes(s, tunnel)); err != nil {
-			return fmt.Errorf("pointing table %d at %s: %w", r.table(s.idx), s.via, err)
+		if err := r.replaceRoutes(routes[r.table(c.idx)], c.routes(tunnel)); err != nil {
+			return fmt.Errorf("filling table %d: %w", r.table(c.idx), err)
 		}
 	}
 	return nil
@@ -178,21 +199,27 @@ func (r *router) replaceRoutes(cur, want []netlink.Route) error {
 		}
 		keep[routeKey(want[i])] = true
 	}
-	for _, rt := range cur {
+	return r.deleteRoutes(cur, keep)
+}
+
+// deleteRoutes deletes the routes of list whose key is not in keep.
+func (r *router) deleteRoutes(list []netlink.Route, keep map[string]bool) error {
+	for _, rt := range list {
 		if keep[routeKey(rt)] {
 			continue
 		}
 		rt := rt
 		if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
-			return fmt.Errorf("deleting route %s: %w", rt.Dst, err)
+			return fmt.Errorf("deleting route %s of table %d: %w", rt.Dst, rt.Table, err)
 		}
 	}
 	return nil
 }
 
-// intact reports whether every slot has its ip rule, its tunnel device as ensure
-// makes it, and its table holds exactly the routes ensure would put there.
-func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute) (bool, error) {
+// intact reports whether every channel has its ip rule, its tunnel device as ensure
+// makes it, pointed at its nodes, and its table holds exactly the routes ensure would
+// put there.
+func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute, peers []Peer) (bool, error) {
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
 		return false, fmt.Errorf("listing ip rules: %w", err)
@@ -211,15 +238,10 @@ func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 	if err != nil {
 		return false, err
 	}
-	for _, s := range slots {
-		if !have[r.table(s.idx)] {
-			return false, nil
-		}
-		tunnel, ok := ts.links[TunnelDevice(s.idx)]
-		if !ok || !r.spec(s, nodeIP, uplink).matches(tunnel) || !ts.pointed(tunnel, s.holders()) {
-			return false, nil
-		}
-		if !sameRoutes(routes[r.table(s.idx)], r.wantRoutes(s, tunnel)) {
+	for _, c := range r.channels(uplink, nodeIP, slots, peers) {
+		tunnel, ok := ts.links[c.tunnel.name]
+		if !have[r.table(c.idx)] || !ok || !c.tunnel.matches(tunnel) || !ts.pointed(tunnel, c.peers) ||
+			!sameRoutes(routes[r.table(c.idx)], c.routes(tunnel)) {
 			return false, nil
 		}
 	}
@@ -256,13 +278,9 @@ func (r *router) prune(slots []slotRoute) error {
 		return err
 	}
 	for table, list := range routes {
-		if keep[table] {
-			continue
-		}
-		for _, rt := range list {
-			rt := rt
-			if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
-				return fmt.Errorf("deleting route of table %d: %w", table, err)
+		if !keep[table] {
+			if err := r.deleteRoutes(list, nil); err != nil {
+				return err
 			}
 		}
 	}
@@ -283,10 +301,6 @@ func (r *router) prune(slots []slotRoute) error {
 
 func (r *router) replyTable() int { return r.tableBase + replyIndex }
 
-func (r *router) replySpec(nodeIP netip.Addr, uplink netlink.Link) tunnelSpec {
-	return tunnelSpec{name: ReplyDevice, vni: ReplyVNI, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
-}
-
 // wantReplyRoutes is the reply table: each peer's pod CIDRs through the reply tunnel.
 func (r *router) wantReplyRoutes(peers []Peer, tunnel netlink.Link) []netlink.Route {
 	var out []netlink.Route
@@ -298,77 +312,6 @@ func (r *router) wantReplyRoutes(peers []Peer, tunnel netlink.Link) []netlink.Ro
 		}
 	}
 	return out
-}
-
-func peerIPs(peers []Peer) []netip.Addr {
-	out := make([]netip.Addr, 0, len(peers))
-	for _, p := range peers {
-		out = append(out, p.IP)
-	}
-	return out
-}
-
-// ensureReplies makes the reply tunnel, points it at every peer, and routes packets
-// with the reply mark through it to their pod's node.
-func (r *router) ensureReplies(uplink netlink.Link, nodeIP netip.Addr, peers []Peer) error {
-	ts, err := r.readTunnels()
-	if err != nil {
-		return err
-	}
-	tunnel, err := r.ensureTunnel(ts, r.replySpec(nodeIP, uplink))
-	if err != nil {
-		return err
-	}
-	if err := r.pointTunnel(ts, tunnel, peerIPs(peers)); err != nil {
-		return err
-	}
-	rules, err := r.nl.RuleList(unix.AF_INET)
-	if err != nil {
-		return fmt.Errorf("listing ip rules: %w", err)
-	}
-	if !slices.ContainsFunc(rules, func(ru netlink.Rule) bool { return r.ours(ru) && r.rightMark(ru) && ru.Table == r.replyTable() }) {
-		ru := netlink.NewRule()
-		ru.Family, ru.Priority, ru.Table, ru.Protocol = unix.AF_INET, r.rulePriority, r.replyTable(), RouteProtocol
-		ru.Mark = r.marks.Reply()
-		mask := r.marks.Mask
-		ru.Mask = &mask
-		if err := r.nl.RuleAdd(ru); err != nil && !errors.Is(err, unix.EEXIST) {
-			return fmt.Errorf("adding the reply rule: %w", err)
-		}
-	}
-	routes, err := r.routes()
-	if err != nil {
-		return err
-	}
-	if err := r.replaceRoutes(routes[r.replyTable()], r.wantReplyRoutes(peers, tunnel)); err != nil {
-		return fmt.Errorf("routing replies: %w", err)
-	}
-	return nil
-}
-
-// repliesIntact reports whether the reply tunnel, its rule and its routes are as
-// ensureReplies makes them.
-func (r *router) repliesIntact(uplink netlink.Link, nodeIP netip.Addr, peers []Peer) (bool, error) {
-	ts, err := r.readTunnels()
-	if err != nil {
-		return false, err
-	}
-	tunnel, ok := ts.links[ReplyDevice]
-	if !ok || !r.replySpec(nodeIP, uplink).matches(tunnel) || !ts.pointed(tunnel, peerIPs(peers)) {
-		return false, nil
-	}
-	rules, err := r.nl.RuleList(unix.AF_INET)
-	if err != nil {
-		return false, fmt.Errorf("listing ip rules: %w", err)
-	}
-	if !slices.ContainsFunc(rules, func(ru netlink.Rule) bool { return r.ours(ru) && r.rightMark(ru) && ru.Table == r.replyTable() }) {
-		return false, nil
-	}
-	routes, err := r.routes()
-	if err != nil {
-		return false, err
-	}
-	return sameRoutes(routes[r.replyTable()], r.wantReplyRoutes(peers, tunnel)), nil
 }
 
 // routes returns natd's routes by table.

@@ -164,18 +164,16 @@ func (r *router) readTunnels() (*tunnelState, error) {
 // its address and loose reverse path filtering, and returns it.
 func (r *router) ensureTunnel(ts *tunnelState, s tunnelSpec) (netlink.Link, error) {
 	name := s.name
-	if link, ok := ts.links[name]; ok {
-		if s.matches(link) && ts.addr[link.Attrs().Index] {
-			return link, nil
-		}
-		if !s.matches(link) {
-			if err := r.nl.LinkDel(link); err != nil && !isNotFound(err) {
-				return nil, fmt.Errorf("removing tunnel device %s to re-make it: %w", name, err)
-			}
-			delete(ts.links, name)
-		}
-	}
 	link, ok := ts.links[name]
+	switch {
+	case ok && s.matches(link) && ts.addr[link.Attrs().Index]:
+		return link, nil
+	case ok && !s.matches(link):
+		if err := r.nl.LinkDel(link); err != nil && !isNotFound(err) {
+			return nil, fmt.Errorf("removing tunnel device %s to re-make it: %w", name, err)
+		}
+		ok = false
+	}
 	if !ok {
 		vx := &netlink.Vxlan{
 			LinkAttrs: netlink.LinkAttrs{Name: name, MTU: s.mtu, HardwareAddr: TunnelMAC(s.local)},
@@ -256,7 +254,8 @@ func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.A
 		}
 	}
 	for _, n := range fdb {
-		if wantMAC[n.HardwareAddr.String()] && n.IP != nil && want[netip.AddrFrom4([4]byte(n.IP.To4()))] {
+		// (AddrFromSlice: a foreign entry may have an IPv6 or no destination.)
+		if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok && want[ip] && wantMAC[n.HardwareAddr.String()] {
 			continue
 		}
 		n := n
