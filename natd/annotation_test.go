@@ -6,7 +6,8 @@ import (
 )
 
 func TestParseEgressIP(t *testing.T) {
-	cidrs := []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26"), netip.MustParsePrefix("192.0.2.7/32")}
+	cidrs := []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26"), netip.MustParsePrefix("192.0.2.7/32"),
+		netip.MustParsePrefix("10.0.0.0/32")}
 	nodes := map[netip.Addr]string{netip.MustParseAddr("198.18.0.193"): "node9"}
 	for _, tc := range []struct {
 		in, want, reason string
@@ -25,6 +26,7 @@ func TestParseEgressIP(t *testing.T) {
 		{in: "198.18.0.192", reason: ReasonReservedAddress},
 		{in: "198.18.0.255", reason: ReasonReservedAddress},
 		{in: "198.18.0.193", reason: ReasonNodeIP},
+		{in: "10.0.0.0", reason: ReasonReservedAddress}, // its tunnel VNI (0) is the reply tunnel's
 	} {
 		got, err := ParseEgressIP(tc.in, cidrs, nodes)
 		if tc.reason != "" {
