@@ -368,6 +368,9 @@ func (d *Dataplane) slotRoutes(state State) ([]slotRoute, map[netip.Addr]bool) {
 	slots := make([]slotRoute, 0, len(state.Egress))
 	held := map[netip.Addr]bool{}
 	for _, e := range state.Egress {
+		if d.slots[e.IP] == 0 {
+			continue // no slot: its traffic is dropped (BuildRuleset), no rule, no table
+		}
 		s := slotRoute{idx: d.slots[e.IP], vni: TunnelVNI(e.IP)}
 		if !e.Local && e.HolderIP.IsValid() {
 			s.via = e.HolderIP
@@ -503,8 +506,13 @@ func (d *Dataplane) allocateSlots(egress []EgressIP) {
 				break
 			}
 		}
+		if _, ok := d.slots[e.IP]; !ok {
+			klog.ErrorS(errNoSlot, "Egress IP has no slot on this node; its traffic is dropped until one is free", "egressIP", e.IP, "slots", max)
+		}
 	}
 }
+
+var errNoSlot = errors.New("more egress IPs in use than --fwmark-mask has slots")
 
 // Cleanup removes everything natd put into this node's kernel: its nftables tables, ip
 // rules, route tables, tunnel devices, the egress IPs it held, and the uplink

@@ -537,12 +537,19 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	var egressChains []*Chain
 	var fromTunnels []*Rule
 	for _, e := range state.Egress {
-		mark := marks.Value(index[e.IP])
+		slot := index[e.IP]
+		mark := marks.Value(slot)
 		ch := &Chain{Name: EgressChainName(e.IP)}
-		// Another node's pinned packet for this egress IP: the tunnel device it came
-		// out of names the IP (one VNI per egress IP), whatever the pod.
-		fromTunnels = append(fromTunnels, newRule().iifname(TunnelDevice(index[e.IP])).setCtBit(marks.TunnelledFlow()).gotoChain(ch.Name))
+		if slot != 0 {
+			// Another node's pinned packet for this egress IP: the tunnel device it
+			// came out of names the IP (one VNI per egress IP), whatever the pod.
+			fromTunnels = append(fromTunnels, newRule().iifname(TunnelDevice(slot)).setCtBit(marks.TunnelledFlow()).gotoChain(ch.Name))
+		}
 		switch {
+		case slot == 0:
+			// No slot left on this node (more egress IPs in use than marks): without a
+			// mark the packet would leave through the CNI's masquerade.
+			ch.Rules = append(ch.Rules, newRule().countDrops(DropFailClosed).verdict(expr.VerdictDrop))
 		case e.HasHolder():
 			ch.Rules = append(ch.Rules, newRule().setMarkBits(marks.Mask, mark))
 		case !e.FailOpen:
@@ -557,7 +564,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		for _, p := range e.Pods {
 			podEgress.Elements = append(podEgress.Elements, Element{Key: addrKey(p), Chain: ch.Name})
 		}
-		if e.Local {
+		if e.Local && slot != 0 {
 			held = append(held, e)
 			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: markKey(mark), Val: e.IP.As4()})
 			heldMarks.Elements = append(heldMarks.Elements, Element{Key: addrKey(e.IP), Key2: [4]byte(native32(mark))})

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -282,5 +283,25 @@ func TestDiffElements(t *testing.T) {
 	}
 	if len(add) != 2 || add[0] != el(1, "y") || add[1] != el(3, "x") {
 		t.Errorf("with duplicates: add = %v", add)
+	}
+}
+
+// An egress IP without a slot (more egress IPs in use than marks) has no mark to give
+// its packets: without one they would leave through the CNI's masquerade, so its chain
+// drops them, and it has no tunnel rule and no SNAT even where it is held.
+func TestEgressIPWithoutSlotFailsClosed(t *testing.T) {
+	marks, _ := NewMarks(0x00ff0000)
+	st := State{Egress: []EgressIP{{IP: netip.MustParseAddr("198.18.0.200"), Local: true, HolderIP: netip.MustParseAddr("198.18.0.12"),
+		Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10")}}}}
+	text := BuildRuleset(st, nil, marks, map[netip.Addr]int{}, 0, 0, 4799).Text(false)
+	for _, want := range []string{"chain egress_198.18.0.200 {\n\t\tcounter drop\n\t}", "10.244.1.10 : goto egress_198.18.0.200"} {
+		if !strings.Contains(text, want) {
+			t.Errorf("ruleset lacks %q:\n%s", want, text)
+		}
+	}
+	for _, unwanted := range []string{"iifname", "198.18.0.200 . 0x", ": 198.18.0.200"} {
+		if strings.Contains(text, unwanted) {
+			t.Errorf("ruleset has %q for a slotless IP:\n%s", unwanted, text)
+		}
 	}
 }
