@@ -166,3 +166,16 @@ func (b *routesBroadcast) Invalidates(o memberlist.Broadcast) bool {
 }
 func (b *routesBroadcast) Message() []byte { return b.msg }
 func (b *routesBroadcast) Finished()       {}
+
+// queueAnchor sits in the routes queue for good and is never sent: its message is
+// larger than any gossip packet. memberlist's queue resets its id counter whenever it
+// runs empty, after which a new report can take the key of a queued one and silently
+// replace it (hashicorp/memberlist#263); a queue that never runs empty never resets.
+type queueAnchor struct{}
+
+var anchorMessage = make([]byte, 1<<16)
+
+func (queueAnchor) Name() string                          { return "natd/queue-anchor" }
+func (queueAnchor) Invalidates(memberlist.Broadcast) bool { return false }
+func (queueAnchor) Message() []byte                       { return anchorMessage }
+func (queueAnchor) Finished()                             {}

@@ -607,8 +607,9 @@ func every(ctx context.Context, d time.Duration, fn func()) {
 	}
 }
 
-// publishClaims gossips this node's claims whenever they change. It runs apart from the
-// sync loop: a broadcast takes a few gossip rounds.
+// publishClaims gossips this node's claims whenever they change, until a broadcast of
+// them is confirmed sent. It runs apart from the sync loop: a broadcast takes a few
+// gossip rounds.
 func (a *Agent) publishClaims(ctx context.Context) {
 	for {
 		select {
@@ -616,8 +617,12 @@ func (a *Agent) publishClaims(ctx context.Context) {
 			return
 		case <-a.publish:
 		}
-		if err := a.members.SetLocal(a.localMeta(0), time.Second); err != nil {
-			klog.V(2).InfoS("Claims not confirmed sent yet", "err", err)
+		for ctx.Err() == nil {
+			err := a.members.SetLocal(a.localMeta(0), time.Second)
+			if err == nil {
+				break
+			}
+			klog.V(2).InfoS("Claims not confirmed sent yet; sending them again", "err", err)
 		}
 	}
 }
