@@ -59,8 +59,20 @@ type Assignment struct {
 
 // Assign decides the holder of every IP. It is sticky: an IP stays with a keeper that
 // claims it (the claim with the highest generation wins, then the highest
-// rendezvous score). Unclaimed IPs go to the least loaded candidate, ties broken by
-// rendezvous score, so IPs spread evenly.
+// rendezvous score). An unclaimed IP goes to the candidate with the highest rendezvous
+// score for it that is under MaxPerNode.
+//
+// Not to the least loaded candidate: loads come from claims, and claims reach the
+// voters at different moments. Two voters that both see an IP unclaimed — its holder
+// just went down — but count the others' fresh claims differently would each give it
+// to a different node, and both would take it. The rendezvous winner depends only on
+// the candidates; and two voters that disagree on those (one already counts a node
+// down, or draining) cannot both pick themselves: each ranks the other above or
+// below itself the same way, so one of them must be missing from the other's list —
+// down (then its lease has run out) or draining (then it takes nothing). The spread is
+// even on average, not exact. MaxPerNode brings loads back in: while a node is at its
+// cap, a voter that has not yet seen it let go of an IP gives the next IP to the next
+// node; keep the cap above the expected share.
 func Assign(in Input) map[netip.Addr]Assignment {
 	out := make(map[netip.Addr]Assignment, len(in.IPs))
 	keeper := map[string]bool{}
@@ -105,18 +117,16 @@ func Assign(in Input) map[netip.Addr]Assignment {
 		out[ip] = Assignment{Holder: best, Gen: gens[best][ip], Claimed: true}
 		load[best]++
 	}
-	cands := slices.Clone(in.Candidates)
-	sort.Strings(cands)
 	for _, ip := range unclaimed {
 		key := ip.As16()
 		best := ""
-		for _, c := range cands {
+		var bestScore uint64
+		for _, c := range in.Candidates {
 			if in.MaxPerNode > 0 && load[c] >= in.MaxPerNode {
 				continue
 			}
-			if best == "" || load[c] < load[best] ||
-				(load[c] == load[best] && score(key[:], c) > score(key[:], best)) {
-				best = c
+			if sc := score(key[:], c); best == "" || sc > bestScore || (sc == bestScore && c < best) {
+				best, bestScore = c, sc
 			}
 		}
 		a := Assignment{Holder: best}

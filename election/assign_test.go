@@ -2,6 +2,7 @@ package election
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 )
@@ -65,8 +66,8 @@ func TestAssignIgnoresNonKeepers(t *testing.T) {
 
 func TestAssignSpreadsAndCaps(t *testing.T) {
 	var ips []netip.Addr
-	a := netip.MustParseAddr("198.18.0.193")
-	for i := 0; i < 9; i++ {
+	a := netip.MustParseAddr("198.18.0.1")
+	for range 600 {
 		ips = append(ips, a)
 		a = a.Next()
 	}
@@ -77,17 +78,52 @@ func TestAssignSpreadsAndCaps(t *testing.T) {
 		count[as.Holder]++
 	}
 	for _, n := range nodes {
-		if count[n] != 3 {
+		if count[n] < 160 || count[n] > 240 { // 200 each on average
 			t.Fatalf("uneven: %v", count)
 		}
 	}
-	got = Assign(Input{IPs: ips, Candidates: nodes, Keepers: nodes, MaxPerNode: 2})
+	got = Assign(Input{IPs: ips[:9], Candidates: nodes, Keepers: nodes, MaxPerNode: 2})
 	count = map[string]int{}
 	for _, as := range got {
 		count[as.Holder]++
 	}
-	if count[""] != 3 || count["node2"] != 2 {
+	if count[""] != 3 || count["node2"] != 2 || count["node3"] != 2 || count["node4"] != 2 {
 		t.Fatalf("cap 2 per node over 3 nodes and 9 IPs: %v, want 3 unassigned", count)
+	}
+}
+
+// Two voters that disagree on the candidates — one already counts node3 down — and
+// on the claims they have seen never both give an unclaimed IP to themselves.
+func TestAssignDisagreeingVotersNeverPickTwoHolders(t *testing.T) {
+	var ips []netip.Addr
+	a := netip.MustParseAddr("198.18.0.1")
+	for range 200 {
+		ips = append(ips, a)
+		a = a.Next()
+	}
+	all := []string{"node1", "node2", "node3", "node4"}
+	for _, view := range []struct{ self, other []string }{
+		{all, []string{"node1", "node2", "node4"}},
+		{[]string{"node1", "node2", "node4"}, []string{"node1", "node4"}},
+	} {
+		// node1's view: no fresh claims; node4's: node1 already claimed half the IPs.
+		fresh := map[string][]Claim{}
+		for i, ip := range ips {
+			if i%2 == 0 {
+				fresh["node1"] = append(fresh["node1"], Claim{IP: ip, Gen: 1})
+			}
+		}
+		x := Assign(Input{IPs: ips, Candidates: view.self, Keepers: view.self})
+		y := Assign(Input{IPs: ips, Candidates: view.other, Keepers: view.other, Claims: fresh})
+		for _, ip := range ips {
+			hx, hy := x[ip].Holder, y[ip].Holder
+			// A node takes what its own view gives it: a second holder would be a node
+			// that one view gives the IP to while the other gives it to another node,
+			// both of them in both lists.
+			if hx != hy && slices.Contains(view.other, hx) && slices.Contains(view.self, hy) && !y[ip].Claimed {
+				t.Fatalf("%s: one view gives it to %s, the other to %s", ip, hx, hy)
+			}
+		}
 	}
 }
 

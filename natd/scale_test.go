@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	k8sfake "k8s.io/client-go/kubernetes/fake"
 	"k8s.io/klog/v2"
@@ -274,6 +275,7 @@ type scaleMember struct {
 	mu     sync.Mutex
 	gossip *election.Gossip
 	cancel context.CancelFunc
+	drain  chan struct{}
 	done   chan struct{}
 }
 
@@ -389,10 +391,10 @@ func (c *scaleCluster) start(m *scaleMember, key []byte) {
 	}
 	m.agent = NewAgent(cfg, c.client, nil, m.kernel, newMembership, nil, NewMetrics())
 	ctx, cancel := context.WithCancel(context.Background())
-	m.cancel, m.done = cancel, make(chan struct{})
+	m.cancel, m.done, m.drain = cancel, make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(m.done)
-		if err := m.agent.Run(ctx, nil); err != nil && ctx.Err() == nil {
+		if err := m.agent.Run(ctx, m.drain); err != nil && ctx.Err() == nil {
 			c.tb.Errorf("%s: %v", m.name, err)
 		}
 	}()
@@ -469,11 +471,19 @@ func (c *scaleCluster) waitSettled(skip *scaleMember, timeout time.Duration) tim
 
 // twoHolderTime sums, over all egress IPs, the time two kernels served one IP since from.
 func (c *scaleCluster) twoHolderTime(from time.Time) time.Duration {
+	return c.twoHolderTimeWithout(from, nil)
+}
+
+// twoHolderTimeWithout is twoHolderTime over every kernel but skip's.
+func (c *scaleCluster) twoHolderTimeWithout(from time.Time, skip *scaleMember) time.Duration {
 	now := time.Now()
 	var total time.Duration
 	for _, ip := range c.ips {
 		var per [][]serving
 		for _, m := range c.egress() {
+			if m == skip {
+				continue
+			}
 			var mine []serving
 			for _, s := range m.kernel.intervals(ip, now) {
 				if s.until.After(from) {
@@ -500,7 +510,14 @@ const (
 	deaf faultKind = "deaf"
 	// mute: nobody hears the node, it still hears everyone.
 	mute faultKind = "mute"
+	// Planned moves: the node's egress label is removed, or it drains (SIGUSR1). The
+	// old holder keeps serving until the new one claims the IP (make-before-break); a
+	// second new holder would be two holders.
+	unlabel faultKind = "unlabel"
+	drain   faultKind = "drain"
 )
+
+func (k faultKind) planned() bool { return k == unlabel || k == drain }
 
 // failoverResult is what one fault of a holder cost, counted from the fault.
 type failoverResult struct {
@@ -517,8 +534,12 @@ type failoverResult struct {
 	// Ready: each new holder's gossip view counts every live member as routing its
 	// IPs to it (what READY in `kubectl get eip` shows).
 	Ready time.Duration
-	// TwoHolders: time, summed over IPs, that two kernels served one IP.
+	// TwoHolders: time, summed over IPs, that two kernels served one IP (in a
+	// planned move: two kernels other than the old holder's).
 	TwoHolders time.Duration
+	// Handover: in a planned move, the time, summed over IPs, that the old and the new
+	// holder both served one IP.
+	Handover time.Duration
 }
 
 // reach cuts the victim off as kind says.
@@ -549,7 +570,14 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 	}
 	t0 := time.Now()
 	res := failoverResult{Kind: kind, Moved: len(moved), Start: t0}
-	c.net.SetReach(reach(victim.ip, kind))
+	switch kind {
+	case unlabel:
+		c.setEgressLabel(victim, false)
+	case drain:
+		close(victim.drain)
+	default:
+		c.net.SetReach(reach(victim.ip, kind))
+	}
 	if kind == powerOff {
 		victim.kernel.powerOff(t0)
 	}
@@ -561,13 +589,14 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 		}
 	}
 	var detectAllNext int // members are checked in turn: a thousand views per poll would starve the agents
-	for time.Since(t0) < timeout && (res.DetectVoters == 0 || res.DetectAll == 0 || res.Takeover == 0 || res.Routed == 0 || res.Ready == 0) {
+	detected := func() bool { return kind.planned() || (res.DetectVoters != 0 && res.DetectAll != 0) }
+	for time.Since(t0) < timeout && (!detected() || res.Takeover == 0 || res.Routed == 0 || res.Ready == 0) {
 		time.Sleep(5 * time.Millisecond)
 		now := time.Now()
-		if res.DetectVoters == 0 && c.votersReportDown(victim) {
+		if !kind.planned() && res.DetectVoters == 0 && c.votersReportDown(victim) {
 			res.DetectVoters = now.Sub(t0)
 		}
-		if res.DetectAll == 0 {
+		if !kind.planned() && res.DetectAll == 0 {
 			for detectAllNext < len(c.members) {
 				m := c.members[detectAllNext]
 				if m != victim && m.gossipAlive(victim.name) {
@@ -618,12 +647,38 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 			res.Ready = now.Sub(t0)
 		}
 	}
-	res.TwoHolders = c.twoHolderTime(c.lastSettled)
+	if kind.planned() {
+		res.TwoHolders = c.twoHolderTimeWithout(c.lastSettled, victim)
+		res.Handover = c.twoHolderTime(c.lastSettled) - res.TwoHolders
+	} else {
+		res.TwoHolders = c.twoHolderTime(c.lastSettled)
+	}
 	c.net.SetReach(nil)
-	if kind == powerOff {
+	switch kind {
+	case powerOff, drain:
 		c.restart(victim)
+	case unlabel:
+		c.setEgressLabel(victim, true)
 	}
 	return res
+}
+
+// setEgressLabel labels a member's Node as an egress node, or removes the label.
+func (c *scaleCluster) setEgressLabel(m *scaleMember, on bool) {
+	c.tb.Helper()
+	nodes := c.client.CoreV1().Nodes()
+	n, err := nodes.Get(context.Background(), m.name, metav1.GetOptions{})
+	if err != nil {
+		c.tb.Fatal(err)
+	}
+	if on {
+		n.Labels[LabelEgressNode] = "true"
+	} else {
+		delete(n.Labels, LabelEgressNode)
+	}
+	if _, err := nodes.Update(context.Background(), n, metav1.UpdateOptions{}); err != nil {
+		c.tb.Fatal(err)
+	}
 }
 
 // votersReportDown reports whether every voter but the victim has it down.
@@ -697,14 +752,14 @@ func TestScaleHarnessPartitions(t *testing.T) {
 	if d := c.twoHolderTime(begin); d != 0 {
 		t.Errorf("while the cluster formed, two nodes served one egress IP for %s:\n%s", d, strings.Join(c.overlaps(begin), "\n"))
 	}
-	for _, kind := range []faultKind{cutOff, mute, deaf, powerOff} {
+	for _, kind := range []faultKind{cutOff, mute, deaf, powerOff, unlabel, drain} {
 		r := c.failover(kind, 20*time.Second)
-		t.Logf("%-9s moved %3d IPs: voters detect %4s, all %4s, takeover %4s, routed %4s, ready %4s, two holders %s",
-			kind, r.Moved, ms(r.DetectVoters), ms(r.DetectAll), ms(r.Takeover), ms(r.Routed), ms(r.Ready), r.TwoHolders)
+		t.Logf("%-9s moved %3d IPs: voters detect %4s, all %4s, takeover %4s, routed %4s, ready %4s, two holders %s, handover %s",
+			kind, r.Moved, ms(r.DetectVoters), ms(r.DetectAll), ms(r.Takeover), ms(r.Routed), ms(r.Ready), r.TwoHolders, ms(r.Handover))
 		if r.TwoHolders != 0 {
 			t.Errorf("%s: two nodes served one egress IP for %s:\n%s", kind, r.TwoHolders, strings.Join(c.overlaps(r.Start.Add(-time.Second)), "\n"))
 		}
-		if r.Moved == 0 || r.Takeover == 0 || r.Routed == 0 || r.Ready == 0 {
+		if r.Moved == 0 || r.Takeover == 0 || r.Routed == 0 || r.Ready == 0 || (!kind.planned() && r.DetectVoters == 0) {
 			t.Errorf("%s: the cluster did not move the holder's IPs within 20 s: %+v", kind, r)
 		}
 		c.waitSettled(nil, 60*time.Second)
