@@ -99,10 +99,12 @@ type Gossip struct {
 	members map[string]*Member
 	changed chan struct{}
 
-	// routes holds every node's latest Routes report, this node's included; reports
-	// spread as broadcasts and with memberlist's periodic full state exchange.
+	// routes holds the latest Routes report of every node, this node's included, on
+	// the nodes that write the status (voters, holders); the others keep their own.
+	// Each node sends its report straight to the voters (see sendRoutes), and
+	// memberlist's full state exchange carries them to a voter that was away.
 	routes        map[string]Routes
-	routesQueue   *memberlist.TransmitLimitedQueue
+	routesKick    chan struct{} // wakes sendRoutes
 	routesChanged chan struct{}
 	// started is the memberlist once Create has returned; its listeners run (and call
 	// the delegates) before that.
@@ -132,19 +134,8 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 		cfg.Heartbeat = NewHeartbeatTiming(40*time.Millisecond, 300*time.Millisecond)
 	}
 	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1),
-		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1),
+		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1), routesKick: make(chan struct{}, 1),
 		hb: newHeartbeats(cfg.NodeName, cfg.Heartbeat, cfg.Now), stop: make(chan struct{})}
-	// The queue exists before memberlist starts: its listeners answer peers' probes
-	// (and ask for broadcasts to piggyback) before Create returns, at once after a
-	// restart, when peers still probe the old incarnation.
-	g.routesQueue = &memberlist.TransmitLimitedQueue{RetransmitMult: memberlist.DefaultLANConfig().RetransmitMult,
-		NumNodes: func() int {
-			if l := g.started.Load(); l != nil {
-				return l.NumMembers()
-			}
-			return 1
-		}}
-	g.routesQueue.QueueBroadcast(queueAnchor{})
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = cfg.NodeName
 	mc.BindAddr = cfg.BindIP.String()
@@ -161,6 +152,10 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 		mc.PushPullInterval = cfg.PushPullInterval
 	}
 	mc.TCPTimeout = 2 * time.Second
+	// memberlist compresses every packet with LZW by default, allocating a fresh
+	// dictionary each time: natd's messages are small and sealed (ciphertext does not
+	// compress), so it costs CPU for nothing — the largest cost in the scale harness.
+	mc.EnableCompression = false
 	if cfg.ForgetDeadAfter > 0 {
 		mc.GossipToTheDeadTime = cfg.ForgetDeadAfter
 	}
@@ -199,6 +194,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	g.list = list
 	g.started.Store(list)
 	go g.heartbeat()
+	go g.sendRoutes()
 	return g, nil
 }
 
@@ -377,6 +373,10 @@ func (g *Gossip) View() View {
 	return v
 }
 
+// Evidence is what this node can prove about the voters now (View's Evidence, without
+// copying the membership).
+func (g *Gossip) Evidence() Evidence { return g.hb.evidence() }
+
 // MemberAlive reports whether gossip sees name alive (or suspected): View's answer,
 // without copying the whole membership.
 func (g *Gossip) MemberAlive(name string) bool {
@@ -402,7 +402,7 @@ func (g *Gossip) Forget(keep func(name string) bool) {
 	}
 }
 
-// SetRoutes reports what this node has programmed now: gossip spreads it to all.
+// SetRoutes reports what this node has programmed now: it goes to the voters.
 func (g *Gossip) SetRoutes(claims []Claim) error {
 	sorted := sortedClaims(claims)
 	g.mu.Lock()
@@ -412,27 +412,98 @@ func (g *Gossip) SetRoutes(claims []Claim) error {
 		return nil
 	}
 	r := Routes{Node: g.cfg.NodeName, Version: max(uint64(g.cfg.Now().UnixNano()), old.Version+1), Claims: sorted}
-	msg, err := r.encode()
-	if err != nil {
+	if _, err := r.encode(); err != nil {
 		g.mu.Unlock()
 		return err
 	}
 	g.routes[r.Node] = r
 	g.mu.Unlock()
-	g.broadcastRoutes(r.Node, msg)
+	g.kickRoutes()
 	g.signalRoutes()
 	return nil
 }
 
-// broadcastRoutes queues a report for gossip. It must not be called with g.mu held: g.mu
-// is a leaf lock. memberlist calls the event delegate (which takes g.mu) while holding
-// its node lock, and the broadcast queue's GetBroadcasts takes that node lock while
-// holding the queue's lock; queueing under g.mu would close the cycle (found as a
-// deadlock of 200 members all reporting at once).
-func (g *Gossip) broadcastRoutes(node string, msg []byte) {
-	if len(msg) <= maxBroadcast {
-		g.routesQueue.QueueBroadcast(&routesBroadcast{node: node, msg: msg})
+func (g *Gossip) kickRoutes() {
+	select {
+	case g.routesKick <- struct{}{}:
+	default:
 	}
+}
+
+// routesRefresh is how often a node sends its report again, unchanged: a datagram
+// lost on its way is made up for within this long.
+const routesRefresh = 5 * time.Second
+
+// sendRoutes sends this node's report to every voter straight away whenever it or the
+// voters change, and again every routesRefresh. Only voters write the status, so only
+// they need the reports; relaying them from node to node (as gossip broadcasts did)
+// costs every node every other node's report, n² messages a change: at 1,000 nodes
+// READY took minutes. A report that fits a datagram goes as one; a larger one (more
+// than ~140 egress IPs) over a stream, off the sync path.
+func (g *Gossip) sendRoutes() {
+	t := time.NewTicker(routesRefresh)
+	defer t.Stop()
+	var sentVersion uint64
+	var sentTo []string
+	for {
+		select {
+		case <-g.stop:
+			return
+		case <-g.routesKick:
+		case <-t.C:
+			sentVersion = 0 // the refresh: send even if unchanged
+		case <-g.hb.votersChanged():
+		}
+		voters, _ := g.hb.reportTo()
+		g.mu.Lock()
+		r, ok := g.routes[g.cfg.NodeName]
+		g.mu.Unlock()
+		if !ok {
+			continue
+		}
+		msg, err := r.encode()
+		if err != nil {
+			continue
+		}
+		if r.Version != sentVersion {
+			sentTo = nil
+		}
+		for _, v := range voters {
+			if v == g.cfg.NodeName || slices.Contains(sentTo, v) {
+				continue
+			}
+			if g.sendTo(v, msg) {
+				sentTo = append(sentTo, v)
+			}
+		}
+		sentVersion = r.Version
+	}
+}
+
+// sendTo sends a message to a member: a datagram, or a stream when it is too large
+// for one (in the background: a stream to a node that is cut off waits for its
+// timeout). It reports false when the member's address is not known yet.
+func (g *Gossip) sendTo(name string, msg []byte) bool {
+	g.mu.Lock()
+	m, ok := g.members[name]
+	g.mu.Unlock()
+	if !ok || !m.Addr.IsValid() {
+		return false
+	}
+	a := memberlist.Address{Addr: PeerAddr(m.Addr, int(m.Port)), Name: name}
+	if len(msg) <= maxDatagram {
+		if err := g.list.SendToAddress(a, msg); err != nil {
+			klog.V(4).InfoS("Routes report not sent", "to", name, "err", err)
+		}
+		return true
+	}
+	node := &memberlist.Node{Name: name, Addr: m.Addr.AsSlice(), Port: m.Port}
+	go func() {
+		if err := g.list.SendReliable(node, msg); err != nil {
+			klog.V(4).InfoS("Routes report not sent", "to", name, "err", err)
+		}
+	}()
+	return true
 }
 
 // RoutesChanged is signalled (coalesced) when a node's Routes report changes.
@@ -445,43 +516,34 @@ func (g *Gossip) signalRoutes() {
 	}
 }
 
-// mergeRoutes keeps r if it is newer than what this node knows of r.Node. The caller
-// holds g.mu. It reports whether r was new; the caller then passes it on with
-// broadcastRoutes, once it has let go of g.mu (a report spreads like an epidemic, not
-// only from its author). It also returns this node's own report when that had to be
-// outdated (see below); the caller broadcasts it.
-func (g *Gossip) mergeRoutes(r Routes) (fresh bool, own *Routes) {
+// mergeRoutes keeps r if it is newer than what this node knows of r.Node, and this
+// node keeps reports. The caller holds g.mu. It reports whether this node's own report
+// had to be outdated (see below): the caller sends it again.
+func (g *Gossip) mergeRoutes(r Routes, keeps bool) (fresh, outdated bool) {
 	if r.Node == g.cfg.NodeName {
 		// Our own report from before a restart. If its version is not below ours (our
 		// clock went back), ours would be ignored everywhere: outdate it.
 		if mine, ok := g.routes[r.Node]; ok && r.Version >= mine.Version {
 			mine.Version = r.Version + 1
 			g.routes[r.Node] = mine
-			return false, &mine
+			return false, true
 		}
-		return false, nil
+		return false, false
+	}
+	if !keeps {
+		return false, false
 	}
 	if _, member := g.members[r.Node]; !member {
-		// A node that left or was forgotten: relayed copies of its last report must
-		// not bring it back (memberlist tells of a new member before it passes on any
-		// of its messages or state).
-		return false, nil
+		// A node that left or was forgotten: an old copy of its last report must not
+		// bring it back (memberlist tells of a new member before it passes on any of
+		// its messages or state).
+		return false, false
 	}
 	if old, ok := g.routes[r.Node]; ok && old.Version >= r.Version {
-		return false, nil
+		return false, false
 	}
 	g.routes[r.Node] = r
-	return true, nil
-}
-
-// broadcastOwn re-sends this node's report after mergeRoutes outdated it.
-func (g *Gossip) broadcastOwn(own *Routes) {
-	if own == nil {
-		return
-	}
-	if msg, err := own.encode(); err == nil {
-		g.broadcastRoutes(own.Node, msg)
-	}
+	return true, false
 }
 
 // Leave announces that this node leaves the cluster for good.
@@ -519,6 +581,7 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 	}
 	if m.Alive != alive || !ok {
 		klog.V(2).InfoS("Member state", "member", n.Name, "alive", alive)
+		defer g.kickRoutes() // a voter met (again): it may not have this node's report
 	}
 	if m.Alive && !alive {
 		m.DownSince = g.cfg.Now()
@@ -559,19 +622,21 @@ func (d *delegate) NotifyMsg(b []byte) {
 		klog.V(2).InfoS("Ignoring unreadable gossip message", "err", err)
 		return
 	}
+	_, keeps := g.hb.reportTo()
 	g.mu.Lock()
-	fresh, own := g.mergeRoutes(r)
+	fresh, outdated := g.mergeRoutes(r, keeps)
 	g.mu.Unlock()
-	g.broadcastOwn(own)
+	if outdated {
+		g.kickRoutes()
+	}
 	if fresh {
-		g.broadcastRoutes(r.Node, slices.Clone(b))
 		g.signalRoutes()
 	}
 }
 
-func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
-	return (*Gossip)(d).routesQueue.GetBroadcasts(overhead, limit)
-}
+// GetBroadcasts: natd broadcasts nothing of its own through gossip (reports go straight
+// to the voters).
+func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
 
 // LocalState is this node's side of a full state exchange: every Routes report it
 // knows, so a node that just joined or came back learns them all at once.
@@ -589,18 +654,17 @@ func (d *delegate) MergeRemoteState(b []byte, _ bool) {
 		klog.V(2).InfoS("Ignoring unreadable gossip state", "err", err)
 		return
 	}
-	fresh := false
-	var own *Routes
+	_, keeps := g.hb.reportTo()
+	fresh, outdated := false, false
 	g.mu.Lock()
 	for _, r := range all {
-		f, o := g.mergeRoutes(r)
-		fresh = fresh || f
-		if o != nil {
-			own = o
-		}
+		f, o := g.mergeRoutes(r, keeps)
+		fresh, outdated = fresh || f, outdated || o
 	}
 	g.mu.Unlock()
-	g.broadcastOwn(own)
+	if outdated {
+		g.kickRoutes()
+	}
 	if fresh {
 		g.signalRoutes()
 	}

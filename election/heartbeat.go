@@ -99,7 +99,8 @@ type heartbeats struct {
 	sent        []sentHeartbeat // the last seqs, oldest first, within the freshness window
 	voters      []string
 	votersSince time.Time
-	active      bool // this node holds IPs: it heartbeats even if not a voter (a handover)
+	votersKick  chan struct{} // signalled when the voters change
+	active      bool          // this node holds IPs: it heartbeats even if not a voter (a handover)
 	peers       map[string]*peerState
 	lastQuorum  time.Time // the last moment this node saw its quorum
 	quorumSince time.Time
@@ -136,7 +137,7 @@ func newHeartbeats(self string, timing HeartbeatTiming, now func() time.Time) *h
 	var b [8]byte
 	rand.Read(b[:])
 	return &heartbeats{self: self, boot: binary.BigEndian.Uint64(b[:]) | 1, timing: timing, now: now,
-		peers: map[string]*peerState{}}
+		peers: map[string]*peerState{}, votersKick: make(chan struct{}, 1)}
 }
 
 // setVoters sets the voters and whether this node holds IPs.
@@ -162,6 +163,22 @@ func (h *heartbeats) setVoters(voters []string, active bool) {
 	// an egress label added somewhere must not make every holder give its IPs up. A
 	// node takes nothing new until D after the change (the planner's VotersSince).
 	h.voters, h.votersSince = sorted, now
+	select {
+	case h.votersKick <- struct{}{}:
+	default:
+	}
+}
+
+// votersChanged is signalled (coalesced) when the voters change.
+func (h *heartbeats) votersChanged() <-chan struct{} { return h.votersKick }
+
+// reportTo lists who needs this node's routes report: the voters (they write the
+// status), and whether this node keeps others' reports itself (it is a voter, or holds
+// IPs and so writes their status).
+func (h *heartbeats) reportTo() (voters []string, keeps bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.Clone(h.voters), h.active || h.isVoter(h.self)
 }
 
 func (h *heartbeats) isVoter(name string) bool {

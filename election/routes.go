@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-
-	"github.com/hashicorp/memberlist"
 )
 
 // Routes is what one node has programmed: for each egress IP, the claim (holder's
@@ -44,11 +42,11 @@ const (
 	routesHeader      = 13 // version, kind, report version, name length, count
 	kindRoutes        = 'R'
 	kindRoutesState   = 'S'
-	// maxBroadcast keeps a report inside one UDP gossip packet, with room for
-	// memberlist's framing and encryption. A larger report (more than ~140 egress IPs)
-	// travels only with the periodic full state exchange.
-	maxBroadcast = 1200
-	maxNameLen   = 255
+	// maxDatagram keeps a report inside one UDP packet, with room for memberlist's
+	// framing and encryption. A larger report (more than ~140 egress IPs) goes over a
+	// stream.
+	maxDatagram = 1200
+	maxNameLen  = 255
 )
 
 func (r Routes) encode() ([]byte, error) {
@@ -151,31 +149,3 @@ func decodeRoutesState(b []byte) ([]Routes, error) {
 	}
 	return out, nil
 }
-
-// routesBroadcast is one report on its way through gossip; a newer report of the same
-// node replaces it in the queue.
-type routesBroadcast struct {
-	node string
-	msg  []byte
-}
-
-func (b *routesBroadcast) Name() string { return "routes/" + b.node }
-func (b *routesBroadcast) Invalidates(o memberlist.Broadcast) bool {
-	ob, ok := o.(*routesBroadcast)
-	return ok && ob.node == b.node
-}
-func (b *routesBroadcast) Message() []byte { return b.msg }
-func (b *routesBroadcast) Finished()       {}
-
-// queueAnchor sits in the routes queue for good and is never sent: its message is
-// larger than any gossip packet. memberlist's queue resets its id counter whenever it
-// runs empty, after which a new report can take the key of a queued one and silently
-// replace it (hashicorp/memberlist#263); a queue that never runs empty never resets.
-type queueAnchor struct{}
-
-var anchorMessage = make([]byte, 1<<16)
-
-func (queueAnchor) Name() string                          { return "natd/queue-anchor" }
-func (queueAnchor) Invalidates(memberlist.Broadcast) bool { return false }
-func (queueAnchor) Message() []byte                       { return anchorMessage }
-func (queueAnchor) Finished()                             {}

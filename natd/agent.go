@@ -52,6 +52,9 @@ type Kernel interface {
 // Membership is this node's place in the gossip cluster; election.Gossip implements it.
 type Membership interface {
 	View() election.View
+	// Evidence is View().Evidence without copying the membership (the lease renewal
+	// reads it four times a lease).
+	Evidence() election.Evidence
 	SetLocal(m election.Meta, timeout time.Duration) error
 	Join(peers []string) (int, error)
 	Changed() <-chan struct{}
@@ -295,7 +298,7 @@ func (a *Agent) awaitQuorum(ctx context.Context) {
 		return // nothing to keep: the first sync takes nothing new without a quorum anyway
 	}
 	deadline := time.Now().Add(2 * a.cfg.Heartbeat().Silence)
-	for !a.members.View().Evidence.Quorum() && time.Now().Before(deadline) && ctx.Err() == nil {
+	for !a.members.Evidence().Quorum() && time.Now().Before(deadline) && ctx.Err() == nil {
 		time.Sleep(a.cfg.HeartbeatInterval)
 	}
 }
@@ -320,7 +323,7 @@ func (a *Agent) renewLeases() {
 	err := a.health.mayServe()
 	var ev election.Evidence
 	if err == nil {
-		ev = a.members.View().Evidence
+		ev = a.members.Evidence()
 		err = a.mayRenew(ev)
 	}
 	reason := ""

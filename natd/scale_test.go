@@ -7,8 +7,10 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	goruntime "runtime"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -792,3 +794,79 @@ func (c *scaleCluster) overlaps(from time.Time) []string {
 	}
 	return out
 }
+
+// BenchmarkScale runs the harness at NATD_SCALE_SIZES members (default
+// 10,50,200,1000; 5 egress nodes, NATD_SCALE_IPS egress IPs, default 200) and takes the
+// busiest holder away once per kind and iteration. Figures are per fault; two-holder
+// time must stay 0.
+func BenchmarkScale(b *testing.B) {
+	sizes := []int{10, 50, 200, 1000}
+	if s := os.Getenv("NATD_SCALE_SIZES"); s != "" {
+		sizes = nil
+		for _, f := range strings.Split(s, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				b.Fatalf("NATD_SCALE_SIZES: %v", err)
+			}
+			sizes = append(sizes, n)
+		}
+	}
+	ips := 200
+	if s := os.Getenv("NATD_SCALE_IPS"); s != "" {
+		var err error
+		if ips, err = strconv.Atoi(s); err != nil {
+			b.Fatalf("NATD_SCALE_IPS: %v", err)
+		}
+	}
+	for _, n := range sizes {
+		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
+			start := time.Now()
+			c := newScaleCluster(b, scaleOptions{Members: n, Egress: 5, IPs: ips, Seed: uint64(n)})
+			settle := c.waitSettled(nil, 10*time.Minute)
+			b.ReportMetric(time.Since(start).Seconds(), "bootstrap-s")
+			_ = settle
+			var ms goruntime.MemStats
+			goruntime.ReadMemStats(&ms)
+			b.ReportMetric(float64(ms.HeapInuse)/float64(n)/1024, "heap-KiB/member")
+			kinds := []faultKind{cutOff, powerOff, unlabel}
+			sums := map[string]float64{}
+			var worst time.Duration
+			b.ResetTimer()
+			for range b.N {
+				for _, k := range kinds {
+					r := c.failover(k, 60*time.Second)
+					b.Logf("%d members, %-9s moved %3d IPs: voters detect %s, all %s, takeover %s, routed %s, ready %s, two holders %s",
+						n, k, r.Moved, r.DetectVoters, r.DetectAll, r.Takeover, r.Routed, r.Ready, r.TwoHolders)
+					if r.TwoHolders > worst {
+						worst = r.TwoHolders
+					}
+					if !k.planned() {
+						sums["detect-voters-ms"] += msf(r.DetectVoters)
+						sums["detect-all-ms"] += msf(r.DetectAll)
+						sums["takeover-ms"] += msf(r.Takeover)
+						sums["routed-ms"] += msf(r.Routed)
+						sums["ready-ms"] += msf(r.Ready)
+					} else {
+						sums["planned-takeover-ms"] += msf(r.Takeover)
+						sums["planned-ready-ms"] += msf(r.Ready)
+					}
+					c.waitSettled(nil, 5*time.Minute)
+				}
+			}
+			b.StopTimer()
+			for name, v := range sums {
+				per := float64(b.N * 2)
+				if strings.HasPrefix(name, "planned") {
+					per = float64(b.N)
+				}
+				b.ReportMetric(v/per, name)
+			}
+			b.ReportMetric(msf(worst), "two-holders-ms")
+			if worst > 0 {
+				b.Errorf("two nodes served one egress IP for %s", worst)
+			}
+		})
+	}
+}
+
+func msf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
