@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"net/http"
 	"net/netip"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -533,7 +535,13 @@ func (a *Agent) joinCluster(ctx context.Context) error {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		n, err := a.members.Join(peers)
+		// A few peers at a time, egress nodes first: memberlist exchanges full state
+		// with every address it is given, and a thousand natds each joining through
+		// all the others would make a million exchanges of the whole cluster's state.
+		n, err := 0, error(nil)
+		for i := 0; i < len(peers) && n == 0; i += joinFanout {
+			n, err = a.members.Join(peers[i:min(i+joinFanout, len(peers))])
+		}
 		if n > 0 {
 			klog.InfoS("Joined the natd cluster", "contacted", n, "peers", len(peers))
 			return nil
@@ -552,20 +560,33 @@ func (a *Agent) joinCluster(ctx context.Context) error {
 	}
 }
 
-// peers lists the gossip addresses of the other nodes (from the API) that want says.
+// joinFanout is how many peers a join contacts at once.
+const joinFanout = 3
+
+// peers lists the gossip addresses of the other nodes (from the API) that want says:
+// egress nodes first, each group in random order, so that joins and rejoins spread
+// over the cluster and reach a node that is up whenever anything is held.
 func (a *Agent) peers(want func(name string) bool) []string {
 	nodes, _ := a.nodes.List(labels.Everything())
-	var out []string
+	var egress, others []string
 	for _, n := range nodes {
 		if ip := internalIP(n); n.Name != a.cfg.NodeName && ip.IsValid() && want(n.Name) {
-			out = append(out, election.PeerAddr(ip, a.cfg.GossipPort))
+			if isEligible(n) {
+				egress = append(egress, election.PeerAddr(ip, a.cfg.GossipPort))
+			} else {
+				others = append(others, election.PeerAddr(ip, a.cfg.GossipPort))
+			}
 		}
 	}
-	return out
+	rand.Shuffle(len(egress), func(i, j int) { egress[i], egress[j] = egress[j], egress[i] })
+	rand.Shuffle(len(others), func(i, j int) { others[i], others[j] = others[j], others[i] })
+	return append(egress, others...)
 }
 
-// rejoin contacts nodes that gossip does not see alive, so that a node that was away
-// longer than memberlist keeps talking to the dead comes back, and partitions heal.
+// rejoin contacts a few nodes that gossip does not see alive, so that a node that was
+// away longer than memberlist keeps talking to the dead comes back, and partitions
+// heal. A few a round: each one that is really gone (or runs no natd) costs a
+// connection timeout.
 func (a *Agent) rejoin() {
 	// Members that are down and no longer Nodes in the API would count against the
 	// majority for ever.
@@ -578,21 +599,35 @@ func (a *Agent) rejoin() {
 	}
 	v := a.members.View()
 	if peers := a.peers(func(name string) bool { return !v.Alive(name) }); len(peers) > 0 {
-		if n, _ := a.members.Join(peers); n > 0 {
+		if n, _ := a.members.Join(peers[:min(len(peers), joinFanout)]); n > 0 {
 			klog.V(2).InfoS("Rejoined members", "contacted", n)
 		}
 	}
 }
 
-// exchangeState does a full state exchange (memberlist push/pull) with every peer, so
-// that a node that was cut off learns the claims it missed before it takes anything.
+// exchangeState does a full state exchange (memberlist push/pull) with every voter in
+// touch, so that a node that was cut off learns the claims it missed before it takes
+// anything: only voters take IPs, and each tells its own claims first hand; a voter
+// not in touch would only make the exchange wait for a connection timeout. The
+// exchanges run side by side.
 func (a *Agent) exchangeState() {
 	start := time.Now()
-	n, err := a.members.Join(a.peers(func(string) bool { return true }))
+	inTouch := a.members.Evidence().InTouch
+	peers := a.peers(func(name string) bool { return inTouch[name] })
+	var wg sync.WaitGroup
+	var contacted atomic.Int64
+	for _, p := range peers {
+		wg.Go(func() {
+			if n, _ := a.members.Join([]string{p}); n > 0 {
+				contacted.Add(1)
+			}
+		})
+	}
+	wg.Wait()
 	a.mu.Lock()
 	a.stateSyncedAt = start
 	a.mu.Unlock()
-	klog.V(2).InfoS("Exchanged state with peers", "contacted", n, "err", err)
+	klog.V(2).InfoS("Exchanged state with voters", "contacted", contacted.Load(), "peers", len(peers))
 	a.queue.Add(syncKey)
 }
 
