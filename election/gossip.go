@@ -98,6 +98,8 @@ type Gossip struct {
 	local   Meta
 	members map[string]*Member
 	changed chan struct{}
+	// membersChanged: a change the planner needs only lazily (see MembersChanged).
+	membersChanged chan struct{}
 
 	// routes holds the latest Routes report of every node, this node's included, on
 	// the nodes that write the status (voters, holders); the others keep their own.
@@ -133,7 +135,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	if cfg.Heartbeat.Interval <= 0 {
 		cfg.Heartbeat = NewHeartbeatTiming(40*time.Millisecond, 300*time.Millisecond)
 	}
-	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1),
+	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1), membersChanged: make(chan struct{}, 1),
 		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1), routesKick: make(chan struct{}, 1),
 		hb: newHeartbeats(cfg.NodeName, cfg.Heartbeat, cfg.Now), stop: make(chan struct{})}
 	mc := memberlist.DefaultLANConfig()
@@ -586,12 +588,39 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 	if m.Alive && !alive {
 		m.DownSince = g.cfg.Now()
 	}
+	urgent := !sameStatement(m.Meta, meta) || ((m.Alive != alive || !ok) && (speaks(meta) || g.hb.voter(n.Name)))
 	m.Alive, m.Addr, m.Port = alive, addr, port
 	if alive || len(n.Meta) > 0 {
 		m.Meta = meta // a dead member keeps its last words (claims, restart grace)
 	}
 	g.mu.Unlock()
-	g.signal()
+	if urgent {
+		g.signal()
+	} else {
+		g.signalMembers()
+	}
+}
+
+// sameStatement reports whether two records of a member say the same to the planner.
+func sameStatement(a, b Meta) bool {
+	return a.Draining == b.Draining && a.RestartGrace == b.RestartGrace && slices.Equal(a.Claims, b.Claims)
+}
+
+// speaks reports whether a member's record says anything the planner acts on.
+func speaks(m Meta) bool { return len(m.Claims) > 0 || m.Draining || m.RestartGrace > 0 }
+
+// MembersChanged is signalled (coalesced) when a member that is neither a voter nor
+// claims anything comes, goes, or dies: the planner needs it only for READY's
+// denominator and, below three egress nodes, the choice of witnesses, so the agent
+// syncs for it lazily. A thousand nodes starting must not make every natd sync a
+// thousand times (the scale harness at 200 members never settled).
+func (g *Gossip) MembersChanged() <-chan struct{} { return g.membersChanged }
+
+func (g *Gossip) signalMembers() {
+	select {
+	case g.membersChanged <- struct{}{}:
+	default:
+	}
 }
 
 type delegate Gossip
@@ -681,7 +710,7 @@ func (e *events) NotifyLeave(n *memberlist.Node) {
 		delete(g.members, n.Name)
 		delete(g.routes, n.Name)
 		g.mu.Unlock()
-		g.signal()
+		g.signal() // rare: a node that left for good
 		return
 	}
 	g.update(n, false)

@@ -181,6 +181,13 @@ func (h *heartbeats) reportTo() (voters []string, keeps bool) {
 	return slices.Clone(h.voters), h.active || h.isVoter(h.self)
 }
 
+// voter reports whether name is one of the voters.
+func (h *heartbeats) voter(name string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.isVoter(name)
+}
+
 func (h *heartbeats) isVoter(name string) bool {
 	_, ok := slices.BinarySearch(h.voters, name)
 	return ok

@@ -60,6 +60,8 @@ type Membership interface {
 	SetLocal(m election.Meta, timeout time.Duration) error
 	Join(peers []string) (int, error)
 	Changed() <-chan struct{}
+	// MembersChanged is signalled when members come or go that matter only lazily.
+	MembersChanged() <-chan struct{}
 	Forget(keep func(name string) bool)
 	SetRoutes(routes []election.Claim) error
 	// SetVoters names the voters and says whether this node holds IPs (see
@@ -79,6 +81,10 @@ const (
 	syncKey   = "node"
 	verifyKey = "verify"
 )
+
+// lazySync is how soon a sync follows a membership change that matters only for the
+// status and the choice of witnesses: a burst of nodes joining costs one sync.
+const lazySync = time.Second
 
 // verifyEvery is how often the kernel is checked for drift: anything natd owns that
 // someone changed is repaired within about this long.
@@ -237,6 +243,8 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 				return
 			case <-a.members.Changed():
 				a.queue.Add(syncKey)
+			case <-a.members.MembersChanged():
+				a.queue.AddAfter(syncKey, lazySync)
 			}
 		}
 	}()

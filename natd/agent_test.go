@@ -114,11 +114,12 @@ func (m *fakeMembership) View() election.View {
 	}
 	return v
 }
-func (m *fakeMembership) Evidence() election.Evidence { return m.View().Evidence }
+func (m *fakeMembership) Evidence() election.Evidence                 { return m.View().Evidence }
 func (m *fakeMembership) SetLocal(election.Meta, time.Duration) error { return nil }
 func (m *fakeMembership) Join(peers []string) (int, error)            { return len(peers), nil }
 func (m *fakeMembership) Changed() <-chan struct{}                    { return m.changed }
 func (m *fakeMembership) Forget(func(string) bool)                    {}
+func (m *fakeMembership) MembersChanged() <-chan struct{}             { return nil }
 func (m *fakeMembership) SetRoutes(r []election.Claim) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()

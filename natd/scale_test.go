@@ -321,6 +321,9 @@ func quietKlog(tb testing.TB) {
 	tb.Cleanup(func() { _ = fs.Set("logtostderr", "true"); klog.SetOutput(nil) })
 }
 
+// startWave is how many natds the harness starts a second.
+const startWave = 25
+
 func scaleNodeIP(i int) netip.Addr {
 	return netip.AddrFrom4([4]byte{10, 0, byte(i / 250), byte(i%250 + 1)})
 }
@@ -349,11 +352,16 @@ func newScaleCluster(tb testing.TB, opts scaleOptions) *scaleCluster {
 	}
 	c.client = k8sfake.NewSimpleClientset(objs...)
 	key := []byte("0123456789abcdef0123456789abcdef")
-	for _, m := range c.members {
+	tb.Cleanup(c.stop)
+	// The natds start in waves, as a DaemonSet's pods come up node by node: a thousand
+	// memberlists started in the same instant spend two cores on joining each other.
+	for i, m := range c.members {
 		c.byIP[m.ip] = m
 		c.start(m, key)
+		if i%startWave == startWave-1 {
+			time.Sleep(time.Second)
+		}
 	}
-	tb.Cleanup(c.stop)
 	return c
 }
 
@@ -591,7 +599,7 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 			}
 		}
 	}
-	var detectAllNext int // members are checked in turn: a thousand views per poll would starve the agents
+	var detectAllNext, lastDebug int // members are checked in turn: a thousand views per poll would starve the agents
 	detected := func() bool { return kind.planned() || (res.DetectVoters != 0 && res.DetectAll != 0) }
 	for time.Since(t0) < timeout && (!detected() || res.Takeover == 0 || res.Routed == 0 || res.Ready == 0) {
 		time.Sleep(5 * time.Millisecond)
@@ -644,6 +652,19 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 			}
 			if all {
 				res.Routed = last.Sub(t0)
+			} else if os.Getenv("NATD_HARNESS_DEBUG") != "" && now.Sub(t0) > 3*time.Second && int(now.Sub(t0)/time.Second) != lastDebug {
+				lastDebug = int(now.Sub(t0) / time.Second)
+				for m := range others {
+					for _, ip := range moved {
+						r := m.kernel.routeTo(ip)
+						if nh := newHolder(ip); nh != nil && r.to != nh.ip {
+							v := m.view()
+							nm := v.Members[nh.name]
+							c.tb.Logf("DEBUG %s routes %s to %s, not %s; sees %s alive=%v seq=%d claims=%d; victim alive=%v", m.name, ip, r.to, nh.ip, nh.name, nm.Alive, nm.Meta.Seq, len(nm.Meta.Claims), v.Members[victim.name].Alive)
+							break
+						}
+					}
+				}
 			}
 		}
 		if res.Ready == 0 && c.allReady(victim, moved, newHolder) {
