@@ -64,13 +64,19 @@ func TestAssignIgnoresNonKeepers(t *testing.T) {
 	}
 }
 
-func TestAssignSpreadsAndCaps(t *testing.T) {
+// ipRange is n consecutive addresses from 198.18.0.1.
+func ipRange(n int) []netip.Addr {
 	var ips []netip.Addr
 	a := netip.MustParseAddr("198.18.0.1")
-	for range 600 {
+	for range n {
 		ips = append(ips, a)
 		a = a.Next()
 	}
+	return ips
+}
+
+func TestAssignSpreadsAndCaps(t *testing.T) {
+	ips := ipRange(600)
 	nodes := []string{"node2", "node3", "node4"}
 	got := Assign(Input{IPs: ips, Candidates: nodes, Keepers: nodes})
 	count := map[string]int{}
@@ -95,12 +101,7 @@ func TestAssignSpreadsAndCaps(t *testing.T) {
 // Two voters that disagree on the candidates — one already counts node3 down — and
 // on the claims they have seen never both give an unclaimed IP to themselves.
 func TestAssignDisagreeingVotersNeverPickTwoHolders(t *testing.T) {
-	var ips []netip.Addr
-	a := netip.MustParseAddr("198.18.0.1")
-	for range 200 {
-		ips = append(ips, a)
-		a = a.Next()
-	}
+	ips := ipRange(200)
 	all := []string{"node1", "node2", "node3", "node4"}
 	for _, view := range []struct{ self, other []string }{
 		{all, []string{"node1", "node2", "node4"}},

@@ -375,15 +375,6 @@ func (g *Gossip) View() View {
 // copying the membership).
 func (g *Gossip) Evidence() Evidence { return g.hb.evidence() }
 
-// MemberAlive reports whether gossip sees name alive (or suspected): View's answer,
-// without copying the whole membership.
-func (g *Gossip) MemberAlive(name string) bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	m, ok := g.members[name]
-	return ok && m.Alive
-}
-
 // Forget drops members that are down and no longer Nodes in the API.
 func (g *Gossip) Forget(keep func(name string) bool) {
 	g.mu.Lock()
@@ -452,7 +443,7 @@ func (g *Gossip) sendRoutes() {
 			sentVersion = 0 // the refresh: send even if unchanged
 		case <-g.hb.votersChanged():
 		}
-		voters, _ := g.hb.reportTo()
+		voters := g.hb.votersNow()
 		g.mu.Lock()
 		r, ok := g.routes[g.cfg.NodeName]
 		g.mu.Unlock()
@@ -647,7 +638,7 @@ func (d *delegate) NotifyMsg(b []byte) {
 		klog.V(2).InfoS("Ignoring unreadable gossip message", "err", err)
 		return
 	}
-	_, keeps := g.hb.reportTo()
+	keeps := g.hb.keepsReports()
 	g.mu.Lock()
 	fresh, outdated := g.mergeRoutes(r, keeps)
 	g.mu.Unlock()
@@ -679,7 +670,7 @@ func (d *delegate) MergeRemoteState(b []byte, _ bool) {
 		klog.V(2).InfoS("Ignoring unreadable gossip state", "err", err)
 		return
 	}
-	_, keeps := g.hb.reportTo()
+	keeps := g.hb.keepsReports()
 	fresh, outdated := false, false
 	g.mu.Lock()
 	for _, r := range all {

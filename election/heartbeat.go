@@ -172,13 +172,19 @@ func (h *heartbeats) setVoters(voters []string, active bool) {
 // votersChanged is signalled (coalesced) when the voters change.
 func (h *heartbeats) votersChanged() <-chan struct{} { return h.votersKick }
 
-// reportTo lists who needs this node's routes report: the voters (they write the
-// status), and whether this node keeps others' reports itself (it is a voter, or holds
-// IPs and so writes their status).
-func (h *heartbeats) reportTo() (voters []string, keeps bool) {
+// votersNow lists the voters: they need this node's routes report.
+func (h *heartbeats) votersNow() []string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return slices.Clone(h.voters), h.active || h.isVoter(h.self)
+	return slices.Clone(h.voters)
+}
+
+// keepsReports reports whether this node keeps others' routes reports: it writes the
+// status, as a voter or as a holder.
+func (h *heartbeats) keepsReports() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.active || h.isVoter(h.self)
 }
 
 // voter reports whether name is one of the voters.

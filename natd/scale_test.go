@@ -297,7 +297,6 @@ type scaleCluster struct {
 	opts    scaleOptions
 	net     *memnet.Network
 	members []*scaleMember
-	byIP    map[netip.Addr]*scaleMember
 	ips     []netip.Addr
 	client  *k8sfake.Clientset
 	// lastSettled is when the cluster last settled: a fault's two-holder time counts
@@ -336,7 +335,7 @@ func scaleEgressIP(i int) netip.Addr {
 func newScaleCluster(tb testing.TB, opts scaleOptions) *scaleCluster {
 	tb.Helper()
 	quietKlog(tb)
-	c := &scaleCluster{tb: tb, opts: opts, net: memnet.New(opts.Seed), byIP: map[netip.Addr]*scaleMember{}}
+	c := &scaleCluster{tb: tb, opts: opts, net: memnet.New(opts.Seed)}
 	var objs []runtime.Object
 	for i := range opts.Members {
 		name := fmt.Sprintf("n%04d", i)
@@ -356,7 +355,6 @@ func newScaleCluster(tb testing.TB, opts scaleOptions) *scaleCluster {
 	// The natds start in waves, as a DaemonSet's pods come up node by node: a thousand
 	// memberlists started in the same instant spend two cores on joining each other.
 	for i, m := range c.members {
-		c.byIP[m.ip] = m
 		c.start(m, key)
 		if i%startWave == startWave-1 {
 			time.Sleep(time.Second)
@@ -434,18 +432,15 @@ func (c *scaleCluster) holders(now time.Time) map[netip.Addr][]*scaleMember {
 
 // settled reports whether every IP is served by exactly one member and every live
 // member routes it there.
-func (c *scaleCluster) settled(skip *scaleMember) bool {
+func (c *scaleCluster) settled() bool {
 	now := time.Now()
 	h := c.holders(now)
 	for _, ip := range c.ips {
-		if len(h[ip]) != 1 || h[ip][0] == skip {
+		if len(h[ip]) != 1 {
 			return false
 		}
 	}
 	for _, m := range c.members {
-		if m == skip {
-			continue
-		}
 		for _, ip := range c.ips {
 			if m.kernel.routeTo(ip).to != h[ip][0].ip {
 				return false
@@ -455,11 +450,11 @@ func (c *scaleCluster) settled(skip *scaleMember) bool {
 	return true
 }
 
-func (c *scaleCluster) waitSettled(skip *scaleMember, timeout time.Duration) time.Duration {
+func (c *scaleCluster) waitSettled(timeout time.Duration) time.Duration {
 	c.tb.Helper()
 	start := time.Now()
 	defer func() { c.lastSettled = time.Now() }()
-	for !c.settled(skip) {
+	for !c.settled() {
 		if time.Since(start) > timeout {
 			h := c.holders(time.Now())
 			unheld, multi := 0, 0
@@ -479,6 +474,25 @@ func (c *scaleCluster) waitSettled(skip *scaleMember, timeout time.Duration) tim
 	return time.Since(start)
 }
 
+// servedSince lists, per egress node but skip, the times its kernel served ip that
+// end after from.
+func (c *scaleCluster) servedSince(ip netip.Addr, from time.Time, skip *scaleMember) (per [][]serving, who []*scaleMember) {
+	now := time.Now()
+	for _, m := range c.egress() {
+		if m == skip {
+			continue
+		}
+		var mine []serving
+		for _, s := range m.kernel.intervals(ip, now) {
+			if s.until.After(from) {
+				mine = append(mine, s)
+			}
+		}
+		per, who = append(per, mine), append(who, m)
+	}
+	return per, who
+}
+
 // twoHolderTime sums, over all egress IPs, the time two kernels served one IP since from.
 func (c *scaleCluster) twoHolderTime(from time.Time) time.Duration {
 	return c.twoHolderTimeWithout(from, nil)
@@ -486,22 +500,9 @@ func (c *scaleCluster) twoHolderTime(from time.Time) time.Duration {
 
 // twoHolderTimeWithout is twoHolderTime over every kernel but skip's.
 func (c *scaleCluster) twoHolderTimeWithout(from time.Time, skip *scaleMember) time.Duration {
-	now := time.Now()
 	var total time.Duration
 	for _, ip := range c.ips {
-		var per [][]serving
-		for _, m := range c.egress() {
-			if m == skip {
-				continue
-			}
-			var mine []serving
-			for _, s := range m.kernel.intervals(ip, now) {
-				if s.until.After(from) {
-					mine = append(mine, s)
-				}
-			}
-			per = append(per, mine)
-		}
+		per, _ := c.servedSince(ip, from, skip)
 		total += overlap(per)
 	}
 	return total
@@ -599,7 +600,7 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 			}
 		}
 	}
-	var detectAllNext, lastDebug int // members are checked in turn: a thousand views per poll would starve the agents
+	var detectAllNext int // members are checked in turn: a thousand views per poll would starve the agents
 	detected := func() bool { return kind.planned() || (res.DetectVoters != 0 && res.DetectAll != 0) }
 	for time.Since(t0) < timeout && (!detected() || res.Takeover == 0 || res.Routed == 0 || res.Ready == 0) {
 		time.Sleep(5 * time.Millisecond)
@@ -610,7 +611,7 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 		if !kind.planned() && res.DetectAll == 0 {
 			for detectAllNext < len(c.members) {
 				m := c.members[detectAllNext]
-				if m != victim && m.gossipAlive(victim.name) {
+				if m != victim && m.view().Alive(victim.name) {
 					break
 				}
 				detectAllNext++
@@ -652,19 +653,6 @@ func (c *scaleCluster) failover(kind faultKind, timeout time.Duration) failoverR
 			}
 			if all {
 				res.Routed = last.Sub(t0)
-			} else if os.Getenv("NATD_HARNESS_DEBUG") != "" && now.Sub(t0) > 3*time.Second && int(now.Sub(t0)/time.Second) != lastDebug {
-				lastDebug = int(now.Sub(t0) / time.Second)
-				for m := range others {
-					for _, ip := range moved {
-						r := m.kernel.routeTo(ip)
-						if nh := newHolder(ip); nh != nil && r.to != nh.ip {
-							v := m.view()
-							nm := v.Members[nh.name]
-							c.tb.Logf("DEBUG %s routes %s to %s, not %s; sees %s alive=%v seq=%d claims=%d; victim alive=%v", m.name, ip, r.to, nh.ip, nh.name, nm.Alive, nm.Meta.Seq, len(nm.Meta.Claims), v.Members[victim.name].Alive)
-							break
-						}
-					}
-				}
 			}
 		}
 		if res.Ready == 0 && c.allReady(victim, moved, newHolder) {
@@ -740,13 +728,6 @@ func (c *scaleCluster) votersReportDown(victim *scaleMember) bool {
 	return true
 }
 
-func (m *scaleMember) gossipAlive(name string) bool {
-	m.mu.Lock()
-	g := m.gossip
-	m.mu.Unlock()
-	return g != nil && g.MemberAlive(name)
-}
-
 // allReady reports whether every new holder of the moved IPs sees, in gossip, every
 // live member routing them to its claim.
 func (c *scaleCluster) allReady(victim *scaleMember, moved []netip.Addr, newHolder func(netip.Addr) *scaleMember) bool {
@@ -797,7 +778,7 @@ func TestScaleHarnessPartitions(t *testing.T) {
 	}
 	begin := time.Now()
 	c := newScaleCluster(t, scaleOptions{Members: 30, Egress: 5, IPs: 60, Seed: 1})
-	t.Logf("settled in %s", c.waitSettled(nil, 60*time.Second).Round(time.Millisecond))
+	t.Logf("settled in %s", c.waitSettled(60*time.Second).Round(time.Millisecond))
 	if d := c.twoHolderTime(begin); d != 0 {
 		t.Errorf("while the cluster formed, two nodes served one egress IP for %s:\n%s", d, strings.Join(c.overlaps(begin), "\n"))
 	}
@@ -811,7 +792,7 @@ func TestScaleHarnessPartitions(t *testing.T) {
 		if r.Moved == 0 || r.Takeover == 0 || r.Routed == 0 || r.Ready == 0 || (!kind.planned() && r.DetectVoters == 0) {
 			t.Errorf("%s: the cluster did not move the holder's IPs within 20 s: %+v", kind, r)
 		}
-		c.waitSettled(nil, 60*time.Second)
+		c.waitSettled(60 * time.Second)
 	}
 }
 
@@ -820,24 +801,20 @@ func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
 // overlaps describes, for the test log, each IP that two kernels served at once since
 // from: who served it when.
 func (c *scaleCluster) overlaps(from time.Time) []string {
-	now := time.Now()
 	var out []string
 	for _, ip := range c.ips {
-		var per [][]serving
+		per, members := c.servedSince(ip, from, nil)
+		d := overlap(per)
+		if d == 0 {
+			continue
+		}
 		var who []string
-		for _, m := range c.egress() {
-			var mine []serving
-			for _, s := range m.kernel.intervals(ip, now) {
-				if s.until.After(from) {
-					mine = append(mine, s)
-					who = append(who, fmt.Sprintf("%s %s..%s", m.name, ms(s.from.Sub(from)), ms(s.until.Sub(from))))
-				}
+		for i, list := range per {
+			for _, s := range list {
+				who = append(who, fmt.Sprintf("%s %s..%s", members[i].name, ms(s.from.Sub(from)), ms(s.until.Sub(from))))
 			}
-			per = append(per, mine)
 		}
-		if d := overlap(per); d > 0 {
-			out = append(out, fmt.Sprintf("%s for %s: %v", ip, ms(d), who))
-		}
+		out = append(out, fmt.Sprintf("%s for %s: %v", ip, ms(d), who))
 	}
 	return out
 }
@@ -869,7 +846,7 @@ func BenchmarkScale(b *testing.B) {
 		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
 			start := time.Now()
 			c := newScaleCluster(b, scaleOptions{Members: n, Egress: 5, IPs: ips, Seed: uint64(n)})
-			c.waitSettled(nil, 10*time.Minute)
+			c.waitSettled(10 * time.Minute)
 			bootstrap := time.Since(start)
 			var ms goruntime.MemStats
 			goruntime.ReadMemStats(&ms)
@@ -895,7 +872,7 @@ func BenchmarkScale(b *testing.B) {
 						sums["planned-takeover-ms"] += msf(r.Takeover)
 						sums["planned-ready-ms"] += msf(r.Ready)
 					}
-					c.waitSettled(nil, 5*time.Minute)
+					c.waitSettled(5 * time.Minute)
 				}
 			}
 			b.StopTimer()

@@ -283,8 +283,8 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.router.ensure(uplink, state.NodeIP, slots, state.Peers); err != nil {
 		return res, err
 	}
-	guard := wantGuard(slots)
-	if err := d.router.ensureGuard(guard, state.ClusterDestinations); err != nil {
+	guard := d.router.wantGuard(slots, state.ClusterDestinations)
+	if err := d.router.ensureGuard(guard); err != nil {
 		return res, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -322,7 +322,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.router.prune(slots); err != nil {
 		return res, err
 	}
-	if err := d.router.pruneGuard(guard, state.ClusterDestinations); err != nil {
+	if err := d.router.pruneGuard(guard); err != nil {
 		return res, err
 	}
 	released := map[netip.Addr]bool{}
@@ -426,7 +426,7 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	if ok, err := d.router.intact(uplink, state.NodeIP, slots, state.Peers); err != nil || !ok {
 		return !ok, 0, err
 	}
-	if ok, err := d.router.guardIntact(wantGuard(slots), state.ClusterDestinations); err != nil || !ok {
+	if ok, err := d.router.guardIntact(d.router.wantGuard(slots, state.ClusterDestinations)); err != nil || !ok {
 		return !ok, 0, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -554,7 +554,7 @@ func (d *Dataplane) Cleanup() error {
 	if err := d.router.prune(nil); err != nil {
 		errs = append(errs, err)
 	}
-	if err := d.router.pruneGuard(nil, nil); err != nil {
+	if err := d.router.pruneGuard(guardPlan{}); err != nil {
 		errs = append(errs, err)
 	}
 	if err := d.restoreRPFilter(); err != nil {

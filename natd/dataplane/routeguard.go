@@ -50,13 +50,23 @@ func (r *router) guardKey(ru netlink.Rule) string {
 	return guardRule{iif: ru.IifName}.key()
 }
 
-// wantGuard lists the guard's rules: one per tunnel device.
-func wantGuard(slots []slotRoute) []guardRule {
-	out := make([]guardRule, 0, len(slots))
+// guardPlan is the guard as it should be: its rules, one per tunnel device, and its
+// table, which exists only while there are rules. Apply and Verify each compute it once.
+type guardPlan struct {
+	rules  []guardRule
+	routes []netlink.Route
+}
+
+// wantGuard plans the guard for these tunnel slots and cluster destinations.
+func (r *router) wantGuard(slots []slotRoute, clusterDsts []netip.Prefix) guardPlan {
+	var g guardPlan
 	for _, s := range slots {
-		out = append(out, guardRule{iif: TunnelDevice(s.idx)})
+		g.rules = append(g.rules, guardRule{iif: TunnelDevice(s.idx)})
 	}
-	return out
+	if len(g.rules) > 0 {
+		g.routes = r.wantGuardRoutes(clusterDsts)
+	}
+	return g
 }
 
 // wantGuardRoutes is the guard table: cluster destinations thrown back, the rest a
@@ -95,17 +105,17 @@ func rangePrefixes(rg addrRange) []netip.Prefix {
 	return out
 }
 
-// ensureGuard adds the guard table's routes and the guard rules in want; it removes
+// ensureGuard adds the guard table's routes and the guard rules it lacks; it removes
 // nothing (pruneGuard does, after the nftables step).
-func (r *router) ensureGuard(want []guardRule, clusterDsts []netip.Prefix) error {
-	if len(want) == 0 {
+func (r *router) ensureGuard(want guardPlan) error {
+	if len(want.rules) == 0 {
 		return nil
 	}
 	routes, err := r.guardRoutes()
 	if err != nil {
 		return err
 	}
-	wantRoutes := r.wantGuardRoutes(clusterDsts)
+	wantRoutes := want.routes
 	for i := range wantRoutes {
 		if slices.ContainsFunc(routes, func(rt netlink.Route) bool { return routeKey(rt) == routeKey(wantRoutes[i]) }) {
 			continue
@@ -118,7 +128,7 @@ func (r *router) ensureGuard(want []guardRule, clusterDsts []netip.Prefix) error
 	if err != nil {
 		return err
 	}
-	for _, g := range want {
+	for _, g := range want.rules {
 		if have[g.key()] {
 			continue
 		}
@@ -137,12 +147,11 @@ func (r *router) ensureGuard(want []guardRule, clusterDsts []netip.Prefix) error
 	return nil
 }
 
-// pruneGuard removes guard rules not in want, and guard routes that are not wanted
-// (all of them when want is empty).
-func (r *router) pruneGuard(want []guardRule, clusterDsts []netip.Prefix) error {
-	keepTable := len(want) > 0
+// pruneGuard removes guard rules and routes that are not wanted (all of them with an
+// empty plan).
+func (r *router) pruneGuard(want guardPlan) error {
 	keep := map[string]bool{}
-	for _, g := range want {
+	for _, g := range want.rules {
 		keep[g.key()] = true
 	}
 	rules, err := r.nl.RuleList(unix.AF_INET)
@@ -167,24 +176,22 @@ func (r *router) pruneGuard(want []guardRule, clusterDsts []netip.Prefix) error 
 		return err
 	}
 	wantRoutes := map[string]bool{}
-	if keepTable {
-		for _, rt := range r.wantGuardRoutes(clusterDsts) {
-			wantRoutes[routeKey(rt)] = true
-		}
+	for _, rt := range want.routes {
+		wantRoutes[routeKey(rt)] = true
 	}
 	return r.deleteRoutes(routes, wantRoutes)
 }
 
 // guardIntact reports whether the guard's rules and table are exactly as wanted.
-func (r *router) guardIntact(want []guardRule, clusterDsts []netip.Prefix) (bool, error) {
+func (r *router) guardIntact(want guardPlan) (bool, error) {
 	have, err := r.guardRules()
 	if err != nil {
 		return false, err
 	}
-	if len(have) != len(want) {
+	if len(have) != len(want.rules) {
 		return false, nil
 	}
-	for _, g := range want {
+	for _, g := range want.rules {
 		if !have[g.key()] {
 			return false, nil
 		}
@@ -193,10 +200,7 @@ func (r *router) guardIntact(want []guardRule, clusterDsts []netip.Prefix) (bool
 	if err != nil {
 		return false, err
 	}
-	if len(want) == 0 {
-		return len(routes) == 0, nil
-	}
-	return sameRoutes(routes, r.wantGuardRoutes(clusterDsts)), nil
+	return sameRoutes(routes, want.routes), nil
 }
 
 // guardRules lists the keys of the guard rules in the kernel; a rule of the guard's
