@@ -769,9 +769,9 @@ func (c *scaleCluster) restart(m *scaleMember) {
 }
 
 // TestScaleHarnessPartitions runs natd's agents at a size CI affords and takes the
-// busiest holder away in every way the network can: its IPs move, every member
-// routes them to the new holders, READY counts every member, and no IP is served by
-// two nodes at any moment.
+// busiest holder away in every way the network can, then again on a lossy, duplicating,
+// delaying network: its IPs move, every member routes them to the new holders, READY
+// counts every member, and no IP is served by two nodes at any moment.
 func TestScaleHarnessPartitions(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs real agents for a minute")
@@ -782,18 +782,30 @@ func TestScaleHarnessPartitions(t *testing.T) {
 	if d := c.twoHolderTime(begin); d != 0 {
 		t.Errorf("while the cluster formed, two nodes served one egress IP for %s:\n%s", d, strings.Join(c.overlaps(begin), "\n"))
 	}
-	for _, kind := range []faultKind{cutOff, mute, deaf, powerOff, unlabel, drain} {
+	check := func(kind faultKind, network string) {
+		t.Helper()
 		r := c.failover(kind, 20*time.Second)
-		t.Logf("%-9s moved %3d IPs: voters detect %4s, all %4s, takeover %4s, routed %4s, ready %4s, two holders %s, handover %s",
-			kind, r.Moved, ms(r.DetectVoters), ms(r.DetectAll), ms(r.Takeover), ms(r.Routed), ms(r.Ready), r.TwoHolders, ms(r.Handover))
+		t.Logf("%-9s %s moved %3d IPs: voters detect %4s, all %4s, takeover %4s, routed %4s, ready %4s, two holders %s, handover %s",
+			kind, network, r.Moved, ms(r.DetectVoters), ms(r.DetectAll), ms(r.Takeover), ms(r.Routed), ms(r.Ready), r.TwoHolders, ms(r.Handover))
 		if r.TwoHolders != 0 {
-			t.Errorf("%s: two nodes served one egress IP for %s:\n%s", kind, r.TwoHolders, strings.Join(c.overlaps(r.Start.Add(-time.Second)), "\n"))
+			t.Errorf("%s (%s): two nodes served one egress IP for %s:\n%s", kind, network, r.TwoHolders, strings.Join(c.overlaps(r.Start.Add(-time.Second)), "\n"))
 		}
 		if r.Moved == 0 || r.Takeover == 0 || r.Routed == 0 || r.Ready == 0 || (!kind.planned() && r.DetectVoters == 0) {
-			t.Errorf("%s: the cluster did not move the holder's IPs within 20 s: %+v", kind, r)
+			t.Errorf("%s (%s): the cluster did not move the holder's IPs within 20 s: %+v", kind, network, r)
 		}
 		c.waitSettled(60 * time.Second)
 	}
+	for _, kind := range []faultKind{cutOff, mute, deaf, powerOff, unlabel, drain} {
+		check(kind, "clean")
+	}
+	// A bad network on top: 5 % of datagrams lost, 5 % duplicated, each delayed 1–11 ms.
+	c.net.SetLoss(0.05)
+	c.net.SetDuplicate(0.05)
+	c.net.SetDelay(time.Millisecond, 10*time.Millisecond)
+	for _, kind := range []faultKind{cutOff, powerOff, unlabel} {
+		check(kind, "lossy")
+	}
+	t.Logf("network: %d datagrams sent, %d dropped, %d duplicated, %d overflowed", c.net.Sent.Load(), c.net.Dropped.Load(), c.net.Duplicated.Load(), c.net.Overflowed.Load())
 }
 
 func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
