@@ -424,26 +424,35 @@ func (g *Gossip) kickRoutes() {
 const routesRefresh = 5 * time.Second
 
 // sendRoutes sends this node's report to every voter straight away whenever it or the
-// voters change, and again every routesRefresh. Only voters write the status, so only
+// voters change, twice more soon after a change, and again every routesRefresh. Only voters write the status, so only
 // they need the reports; relaying them from node to node (as gossip broadcasts did)
 // costs every node every other node's report, n² messages a change (READY took 20–60 s
 // at 50 nodes with 200 egress IPs in the scale harness). A report that fits a datagram goes as one; a larger one (more
 // than ~140 egress IPs) over a stream, off the sync path.
 func (g *Gossip) sendRoutes() {
-	t := time.NewTicker(routesRefresh)
-	defer t.Stop()
-	var sentVersion uint64
-	var sentTo []string
+	refresh := time.NewTicker(routesRefresh)
+	defer refresh.Stop()
+	// A changed report goes out again routesRepeat and three times that later: one
+	// lost datagram then delays READY by half a second, not by a refresh period.
+	repeat := time.NewTimer(time.Hour)
+	repeat.Stop()
+	repeats := 0
+	var version uint64
+	var sentTo []string // voters that have this version
 	for {
 		select {
 		case <-g.stop:
 			return
 		case <-g.routesKick:
-		case <-t.C:
-			sentVersion = 0 // the refresh: send even if unchanged
+		case <-refresh.C:
+			sentTo = nil
+		case <-repeat.C:
+			sentTo = nil
+			if repeats--; repeats > 0 {
+				repeat.Reset(2 * routesRepeat)
+			}
 		case <-g.hb.votersChanged():
 		}
-		voters := g.hb.votersNow()
 		g.mu.Lock()
 		r, ok := g.routes[g.cfg.NodeName]
 		g.mu.Unlock()
@@ -454,10 +463,11 @@ func (g *Gossip) sendRoutes() {
 		if err != nil {
 			continue
 		}
-		if r.Version != sentVersion {
-			sentTo = nil
+		if r.Version != version {
+			version, sentTo, repeats = r.Version, nil, 2
+			repeat.Reset(routesRepeat)
 		}
-		for _, v := range voters {
+		for _, v := range g.hb.votersNow() {
 			if v == g.cfg.NodeName || slices.Contains(sentTo, v) {
 				continue
 			}
@@ -465,9 +475,11 @@ func (g *Gossip) sendRoutes() {
 				sentTo = append(sentTo, v)
 			}
 		}
-		sentVersion = r.Version
 	}
 }
+
+// routesRepeat is how soon a changed report is sent again (see sendRoutes).
+const routesRepeat = 500 * time.Millisecond
 
 // sendTo sends a message to a member: a datagram, or a stream when it is too large
 // for one (in the background: a stream to a node that is cut off waits for its
