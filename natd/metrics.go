@@ -102,6 +102,7 @@ func (m *Metrics) ExportCounters(read func() (dataplane.Counters, error)) {
 		dropped: prometheus.NewDesc("natd_pinned_packets_dropped_total",
 			"Pinned packets dropped rather than sent with another source IP: fail_closed (no node holds the egress IP), "+
 				"leak_guard (would have left with another address), no_ipv6_egress (IPv6 traffic of a pinned pod), "+
+				"stray_reply (a reply, in flight when natd deleted its connection, that would have unpinned it), "+
 				"unpinned_transit (another node's pod not known as pinned here yet).", []string{"reason"}, nil),
 	})
 }

@@ -478,6 +478,14 @@ func (r *Rule) ctDirectionWithBit(dir byte, name string, bit uint32) *Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: native32(bit)})
 }
 
+// ctStateNew matches packets that start a connection (no conntrack entry had them).
+func (r *Rule) ctStateNew() *Rule {
+	return r.add("ct state new",
+		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(expr.CtStateBitNEW), Xor: native32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: native32(0)})
+}
+
 // ctReply matches packets of the reply direction of their connection.
 func (r *Rule) ctReply() *Rule {
 	return r.add("ct direction reply",
@@ -493,10 +501,11 @@ const (
 	DropUnpinnedTransit = "unpinned_transit" // another node's pod this node does not know as pinned yet
 	DropLeakGuard       = "leak_guard"       // would have left with another source address
 	DropNoIPv6Egress    = "no_ipv6_egress"   // IPv6 traffic of a pinned pod: its egress IP is IPv4
+	DropStrayReply      = "stray_reply"      // a reply tunnel packet of a connection natd had deleted
 )
 
 // DropReasons lists every reason, in the order metrics export them.
-var DropReasons = []string{DropFailClosed, DropLeakGuard, DropNoIPv6Egress, DropUnpinnedTransit}
+var DropReasons = []string{DropFailClosed, DropLeakGuard, DropNoIPv6Egress, DropStrayReply, DropUnpinnedTransit}
 
 // countDrops is counter() for a rule that drops pinned packets for reason.
 func (r *Rule) countDrops(reason string) *Rule {
@@ -591,6 +600,13 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 		Rules: slices.Concat([]*Rule{
+			// The reply tunnel carries replies of connections this node opened. One that
+			// starts a connection is a reply in flight when natd deleted the connection
+			// (a takeover or a re-pinning flushes the pod's entries): let in, it would
+			// make a connection whose original direction is partner to pod, and the
+			// pod's next packets, as its replies, would skip every rule below and leave
+			// with the pod's own address.
+			newRule().iifname(ReplyDevice).ctStateNew().countDrops(DropStrayReply).verdict(expr.VerdictDrop),
 			// Replies to another node's pod whose connection came out of a tunnel go
 			// back through the reply tunnel, whatever the CNI's routes and reverse path
 			// filters would do with a partner's address.

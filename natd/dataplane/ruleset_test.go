@@ -77,6 +77,7 @@ func TestBuildRulesetText(t *testing.T) {
 
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
+		iifname "natd-tr" ct state new counter drop
 		ct direction reply ct mark & 0x00020000 == 0x00020000 meta mark set meta mark & 0xfffeffff | 0x00fe0000 return
 		ct direction reply return
 		ip daddr @cluster_dsts return

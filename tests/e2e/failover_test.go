@@ -680,6 +680,47 @@ func TestPlannedMoveLabelRemoved(t *testing.T) {
 	afterwards(t, ip, after)
 }
 
+// TestPlannedMoveToThePodsNode moves the IP onto the pinned pod's own node while the
+// router misses that node's gratuitous ARPs for a second and goes on sending replies
+// to the old holder. Taking the IP, the pod's node deletes the pod's connections (it
+// had relayed them un-NATed to the old holder) and must SNAT their next packets
+// itself; the replies that still reach the old holder must neither come back as new
+// connections (TestConnectionsLostOnThePodsNode) nor open any other way out.
+func TestPlannedMoveToThePodsNode(t *testing.T) {
+	const ip = "198.18.0.238"
+	t.Cleanup(func() {
+		for _, n := range topo.Nodes {
+			setEgressLabel(t, n.Name, "true")
+		}
+	})
+	setEgressLabel(t, "node1", "") // the IP starts on node2 or node3
+	_, after, o := failover(t, "unlabel-own-node", ip, func(t testing.TB, holder string) func() {
+		for _, n := range topo.Nodes {
+			if n.Name != holder && n.Name != "node1" {
+				setEgressLabel(t, n.Name, "")
+			}
+		}
+		setEgressLabel(t, "node1", "true")
+		time.Sleep(2 * time.Second) // the new voters settle; the IP stays where it is
+		unblock, err := lab.BlockARPFrom(topo, "node1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		healed := make(chan error, 1)
+		time.AfterFunc(time.Second, func() { healed <- unblock() })
+		setEgressLabel(t, holder, "") // node1 is the only candidate left
+		return func() {
+			if err := <-healed; err != nil {
+				t.Error(err)
+			}
+		}
+	}, true)
+	if after != "node1" {
+		t.Errorf("%s moved to %s, not to the pod's node", ip, after)
+	}
+	t.Logf("%d datagrams lost in the move", o.lost)
+}
+
 func TestDrainHandsOver(t *testing.T) {
 	const ip = "198.18.0.235"
 	_, after, o := failover(t, "drain", ip, drainNatd, true)

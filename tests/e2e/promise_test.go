@@ -196,6 +196,63 @@ func TestRepinnedFlowNeverKeepsTheOldEgressIP(t *testing.T) {
 // pinned stream never arrives with another source; when its whole table is deleted,
 // established flows can leave un-NATed until the repair (milliseconds): those are
 // counted and logged, not hidden.
+// TestConnectionsLostOnThePodsNode deletes a pinned pod's connections on its own node
+// (natd does so after a takeover or a re-pinning; an operator's conntrack flush or a
+// full table does too) while the partner's replies are 150 ms in flight. The holder
+// still has each connection and sends the replies back through the reply tunnel. Let
+// in, one would start a connection from the partner to the pod whose replies — the
+// pod's next datagrams — no rule of natd looks at: they would leave with the pod's own
+// address for as long as the stream lasts.
+func TestConnectionsLostOnThePodsNode(t *testing.T) {
+	const ns, eip = "ct-loss", "198.18.0.239"
+	pin(t, ns, eip)
+	holder := waitHolder(t, eip)
+	node := "node1"
+	if holder == node {
+		node = "node2"
+	}
+	p := newPod(t, ns, "app", node)
+	waitSeen(t, p, udp, eip)
+	if err := lab.SetPartnerDelay(context.Background(), topo, 150*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := lab.SetPartnerDelay(context.Background(), topo, 0); err != nil {
+			t.Error(err)
+		}
+	})
+	s := startStream(t, p, fmt.Sprintf("ct-loss-%d", time.Now().UnixNano()))
+	time.Sleep(500 * time.Millisecond)
+	deleted := uint(0)
+	for range 5 {
+		n, err := lab.DeleteConnections(topo, node, p.IP)
+		if err != nil {
+			s.halt()
+			t.Fatal(err)
+		}
+		deleted += n
+		time.Sleep(300 * time.Millisecond)
+	}
+	s.halt()
+	good := onlyFrom(t, s, eip)
+	t.Logf("%d connections deleted on %s (holder %s) in 5 rounds; %d arrivals, all from %s; stray replies dropped there: %s",
+		deleted, node, holder, good, eip, strayReplies(t, node))
+}
+
+// strayReplies is node's natd_pinned_packets_dropped_total{reason="stray_reply"}.
+func strayReplies(t *testing.T, node string) string {
+	n, err := topo.Node(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(metrics(n.Netns), "\n") {
+		if strings.HasPrefix(l, `natd_pinned_packets_dropped_total{reason="stray_reply"}`) {
+			return strings.TrimSpace(strings.TrimPrefix(l, `natd_pinned_packets_dropped_total{reason="stray_reply"}`))
+		}
+	}
+	return "not exported"
+}
+
 func TestTamperingIsRepaired(t *testing.T) {
 	const ns, eip = "tamper", "198.18.0.216"
 	pin(t, ns, eip)

@@ -2,8 +2,12 @@ package lab
 
 import (
 	"fmt"
+	"net"
 	"strings"
 	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Faults the failover tests inject. Each returns a function that heals it.
@@ -124,4 +128,46 @@ func routerPort(t *Topology, node string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no node %q", node)
+}
+
+// BlockARPFrom makes the router deaf to a node's ARP (its gratuitous ARPs above all):
+// the router keeps sending an egress IP's traffic to its previous holder, as when a
+// gratuitous ARP is lost.
+func BlockARPFrom(t *Topology, node string) (heal func() error, err error) {
+	port, err := routerPort(t, node)
+	if err != nil {
+		return nil, err
+	}
+	script := fmt.Sprintf(`table bridge natd-lab-arp {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname "%s" ether type arp drop
+	}
+}`, port)
+	if _, err := NsRun(t.Router.Netns, "nft", script); err != nil {
+		return nil, err
+	}
+	return func() error {
+		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", "bridge", "natd-lab-arp")
+		return err
+	}, nil
+}
+
+// DeleteConnections deletes, on node, every conntrack entry a pod at src opened (what
+// `conntrack -D -s src` does): as natd does after a takeover or a re-pinning, an
+// operator's conntrack flush, or a full table evicting entries.
+func DeleteConnections(t *Topology, node, src string) (deleted uint, err error) {
+	n, err := t.Node(node)
+	if err != nil {
+		return 0, err
+	}
+	f := &netlink.ConntrackFilter{}
+	if err := f.AddIP(netlink.ConntrackOrigSrcIP, net.ParseIP(src)); err != nil {
+		return 0, err
+	}
+	err = InNetns(n.Netns, func() error {
+		deleted, err = netlink.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, f)
+		return err
+	})
+	return deleted, err
 }

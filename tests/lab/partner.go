@@ -9,11 +9,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -79,7 +81,18 @@ func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
 		lns, pcs = append(lns, ln), append(pcs, pc)
 	}
 	var st streams
+	// replyDelay holds back every UDP reply, as across a wide-area network (the lab's
+	// kernel may lack netem). Set from inside the partner's namespace (SetPartnerDelay).
+	var replyDelay atomic.Int64
 	mux := http.NewServeMux()
+	mux.HandleFunc("/reply-delay", func(w http.ResponseWriter, r *http.Request) {
+		d, err := time.ParseDuration(r.URL.Query().Get("d"))
+		if err != nil || d < 0 {
+			http.Error(w, "want d=<duration>", http.StatusBadRequest)
+			return
+		}
+		replyDelay.Store(int64(d))
+	})
 	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(st.get(r.URL.Query().Get("id")))
@@ -134,7 +147,12 @@ func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
 					seq, _ := strconv.Atoi(f[2])
 					st.add(f[1], seq, host)
 				}
-				pc.WriteTo(append([]byte(host+" "), buf[:n]...), from)
+				reply := append([]byte(host+" "), buf[:n]...)
+				if d := time.Duration(replyDelay.Load()); d > 0 {
+					time.AfterFunc(d, func() { pc.WriteTo(reply, from) })
+				} else {
+					pc.WriteTo(reply, from)
+				}
 			}
 		}()
 	}
@@ -153,22 +171,57 @@ func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
 
 // StreamArrivals asks the partner what arrived of stream id.
 func StreamArrivals(ctx context.Context, t *Topology, id string) ([]Arrival, error) {
-	c, err := DialIn(ctx, t.Partner.Netns, "tcp", fmt.Sprintf("127.0.0.1:%d", t.Partner.Port))
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
-	}
-	fmt.Fprintf(c, "GET /stream?id=%s HTTP/1.0\r\n\r\n", id)
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := askPartner(ctx, t, "/stream?id="+url.QueryEscape(id))
 	if err != nil {
 		return nil, err
 	}
 	defer resp.Body.Close()
 	var out []Arrival
 	return out, json.NewDecoder(resp.Body).Decode(&out)
+}
+
+// SetPartnerDelay makes the partner hold back each UDP reply for d (0: answer at once).
+func SetPartnerDelay(ctx context.Context, t *Topology, d time.Duration) error {
+	resp, err := askPartner(ctx, t, "/reply-delay?d="+d.String())
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("partner refused a reply delay of %s: %s", d, b)
+	}
+	return nil
+}
+
+// askPartner sends GET path to the partner from inside its own namespace (loopback).
+// The response's Body closes the connection too.
+func askPartner(ctx context.Context, t *Topology, path string) (*http.Response, error) {
+	c, err := DialIn(ctx, t.Partner.Netns, "tcp", fmt.Sprintf("127.0.0.1:%d", t.Partner.Port))
+	if err != nil {
+		return nil, err
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	fmt.Fprintf(c, "GET %s HTTP/1.0\r\n\r\n", path)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	resp.Body = bodyAndConn{resp.Body, c}
+	return resp, nil
+}
+
+type bodyAndConn struct {
+	io.ReadCloser
+	conn net.Conn
+}
+
+func (b bodyAndConn) Close() error {
+	b.ReadCloser.Close()
+	return b.conn.Close()
 }
 
 // SourceSeen asks the partner, from inside network namespace ns, which source address
