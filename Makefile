@@ -74,7 +74,7 @@ test: deps kube-bins check-generated vet check
 
 # The core pinning, fail-closed and failover scenarios in the overlay lab (natd-lab up
 # --network overlay): a VXLAN CNI on an underlay that drops foreign sources.
-OVERLAY_TESTS := ^(TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestClusterTrafficKeepsPodIP|TestPinnedThroughServiceToTheOutside|TestNoEligibleNodeFailsClosed|TestNewPodsFirstPacketsOnAnotherNode|TestPodsCannotUseTheTunnel|TestLargeTransfersThroughTheTunnel|TestFailoverNatdKilled|TestFailoverPartition)$$
+OVERLAY_TESTS := ^(TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestClusterTrafficKeepsPodIP|TestPinnedThroughServiceToTheOutside|TestNoEligibleNodeFailsClosed|TestNewPodsFirstPacketsOnAnotherNode|TestPodsCannotUseTheTunnel|TestLargeTransfersThroughTheTunnel|TestConnectionsLostOnThePodsNode|TestFailoverNatdKilled|TestFailoverPartition)$$
 test-e2e-overlay: deps kube-bins
 	NATD_E2E_NETWORK=overlay $(GO) test -count=1 -timeout 10m -run '$(OVERLAY_TESTS)' ./tests/e2e/
 
