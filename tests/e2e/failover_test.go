@@ -688,9 +688,9 @@ func TestPlannedMoveLabelRemoved(t *testing.T) {
 // connections (TestConnectionsLostOnThePodsNode) nor open any other way out.
 func TestPlannedMoveToThePodsNode(t *testing.T) {
 	const ip = "198.18.0.238"
-	t.Cleanup(func() {
+	t.Cleanup(func() { // the lab's labels again: node1 is a plain worker
 		for _, n := range topo.Nodes {
-			setEgressLabel(t, n.Name, "true")
+			setEgressLabel(t, n.Name, map[bool]string{true: "true"}[n.Egress])
 		}
 	})
 	setEgressLabel(t, "node1", "") // the IP starts on node2 or node3
