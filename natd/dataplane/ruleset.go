@@ -26,6 +26,7 @@ const (
 	setLocalPodCIDRs = "local_pod_cidrs" // interval set: this node's pod CIDRs
 	setHeldAddrs     = "held_addrs"      // egress IPs on this node's uplink, with their claim generation
 	setHeldMarks     = "held_marks"      // egress IP . its mark, for held IPs whose lease is current
+	setHeldDsts      = "held_dsts"       // egress IPs on this node's uplink, as destinations (held_addrs counts SNAT)
 	setLeasedIPs     = "leased_ips"      // (arp table) held egress IPs whose lease is current
 	MapCNIPods       = "cni_pods"        // this node's pods as the CNI plugin saw them -> jump to their egress chain, or return (unpinned)
 	mapPodEgress     = "pod_egress"      // pinned pod IP (from the API) -> jump to its egress IP's chain
@@ -376,6 +377,13 @@ func (r *Rule) clampMSS() *Rule {
 		&expr.Exthdr{Op: expr.ExthdrOpTcpopt, Type: 2, Offset: 2, Len: 2, SourceRegister: 1})
 }
 
+// ipProtocolIsNot matches IPv4 packets whose protocol is not proto.
+func (r *Rule) ipProtocolIsNot(proto byte, name string) *Rule {
+	return r.add("ip protocol != "+name,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 9, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{proto}})
+}
+
 // iifname matches the device a packet came in on.
 func (r *Rule) iifname(name string) *Rule {
 	b := make([]byte, unix.IFNAMSIZ)
@@ -584,6 +592,12 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		return EgressChainName(eip)
 	})
 
+	var heldDsts []netip.Addr
+	for _, e := range state.Egress {
+		if e.Local {
+			heldDsts = append(heldDsts, e.IP)
+		}
+	}
 	rs.Sets = []*Set{
 		intervalSet(setClusterDsts, state.ClusterDestinations, false),
 		addrSet(setNodeIPs, state.NodeIPs),
@@ -591,6 +605,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs, false),
 		heldAddrsSet(held, true),
 		heldMarks,
+		addrSet(setHeldDsts, heldDsts),
 		cniPods,
 		podEgress,
 		heldSNAT,
@@ -678,7 +693,20 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Rules: []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
 	}
 	rs.Chains = append(egressChains, prerouting, snat, guard, clamp)
-	rs.Chains = append(rs.Chains, nodePortGuards(gossipPort, tunnelPort)...)
+	ports := nodePortGuards(gossipPort, tunnelPort)
+	// An egress IP is a source only: its replies are un-NATed to a pod before routing
+	// and never come in here. Anything else for it would be answered by this node's
+	// own stack, with a reset or a port unreachable from the egress IP, which kills
+	// the connection at the partner: the partner's segments that reach a new holder
+	// before the pod's next packet has re-created the connection there, or an old
+	// holder whose conntrack finds them out of window (it no longer sees the pod's
+	// side) and so does not un-NAT them. Nor should anything on the node be reachable
+	// at an egress IP. Pings still get their answer.
+	ports[0].Rules = append([]*Rule{
+		newRule().ipAddrIn("daddr", setHeldDsts, false).ipProtocolIsNot(unix.IPPROTO_ICMP, "icmp").
+			counter().verdict(expr.VerdictDrop),
+	}, ports[0].Rules...)
+	rs.Chains = append(rs.Chains, ports...)
 	return rs
 }
 

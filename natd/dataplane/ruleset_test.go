@@ -49,6 +49,10 @@ func TestBuildRulesetText(t *testing.T) {
 		flags timeout
 		elements = { 198.18.0.200 . 0x00010000 timeout 400ms }
 	}
+	set held_dsts {
+		type ipv4_addr
+		elements = { 198.18.0.200 }
+	}
 	map cni_pods {
 		type ipv4_addr : verdict
 		elements = { 10.244.2.10 : goto egress_198.18.0.200, 10.244.2.20 : return }
@@ -118,6 +122,7 @@ func TestBuildRulesetText(t *testing.T) {
 
 	chain node_ports {
 		type filter hook input priority filter; policy accept;
+		ip daddr @held_dsts ip protocol != icmp counter drop
 		tcp dport 7946 ip saddr != @node_ips counter drop
 		udp dport 7946 ip saddr != @node_ips counter drop
 		udp dport 4799 ip saddr != @node_ips counter drop
@@ -300,7 +305,7 @@ func TestEgressIPWithoutSlotFailsClosed(t *testing.T) {
 			t.Errorf("ruleset lacks %q:\n%s", want, text)
 		}
 	}
-	for _, unwanted := range []string{"iifname", "198.18.0.200 . 0x", ": 198.18.0.200"} {
+	for _, unwanted := range []string{`iifname "natd-t0`, `iifname "natd-t1`, "198.18.0.200 . 0x", ": 198.18.0.200"} {
 		if strings.Contains(text, unwanted) {
 			t.Errorf("ruleset has %q for a slotless IP:\n%s", unwanted, text)
 		}

@@ -368,6 +368,10 @@ func failover(t testing.TB, name, ip string, f fault, expectMove bool) (before, 
 		t.Errorf("%s: %d datagrams and requests arrived with another source than %s, first: %s\n%s",
 			name, o.leaked, ip, strings.Join(o.leaks, "; "), leakDiagnosis(p))
 	}
+	// An established connection survives every move (the benchmark counts instead).
+	if _, test := t.(*testing.T); test && !o.tcp.survived {
+		t.Errorf("%s: the long-lived TCP connection did not survive the move: %s", name, o.tcp)
+	}
 	if o.recovery < 0 {
 		mac, _ := lab.RouterNeighbour(topo, ip)
 		diag := fmt.Sprintf("served by %v; router has %s for it;", servedBy(t, ip), mac)
@@ -764,8 +768,8 @@ func BenchmarkFailover(b *testing.B) {
 			continue
 		}
 		b.Run(k.name, func(b *testing.B) {
-			var rec, status []time.Duration
-			leaked, lost, sent := 0, 0, 0
+			var rec, status, stalls []time.Duration
+			leaked, lost, sent, survived := 0, 0, 0, 0
 			for b.Loop() {
 				for i := 0; i < rounds; i++ {
 					_, _, o := failover(b, fmt.Sprintf("bench-%s-%d-%d", k.name, i, time.Now().Unix()), k.ip, k.f, true)
@@ -776,10 +780,15 @@ func BenchmarkFailover(b *testing.B) {
 					leaked += o.leaked
 					lost += o.lost
 					sent += o.sent
+					if o.tcp.survived {
+						survived++
+						stalls = append(stalls, o.tcp.stall)
+					}
 				}
 			}
 			slices.Sort(rec)
 			slices.Sort(status)
+			slices.Sort(stalls)
 			pctOf := func(d []time.Duration, p float64) time.Duration {
 				if len(d) == 0 {
 					return 0
@@ -793,9 +802,13 @@ func BenchmarkFailover(b *testing.B) {
 			b.ReportMetric(float64(leaked), "leaked")
 			b.ReportMetric(float64(lost)/float64(len(rec)), "lost/failover")
 			b.ReportMetric(float64(pctOf(status, 0.50).Milliseconds()), "status-p50-ms")
+			b.ReportMetric(float64(survived)/float64(len(rec)), "tcp-survived")
+			b.ReportMetric(float64(pctOf(stalls, 0.99).Milliseconds()), "tcp-stall-p99-ms")
 			fmt.Printf("failover %-14s n=%d p50=%s p99=%s max=%s leaked=%d lost=%d of %d datagrams; kubectl get eip showed the new holder after p50=%s p99=%s (%d of %d)\n",
 				k.name, len(rec), pct(0.50).Round(time.Millisecond), pct(0.99).Round(time.Millisecond), rec[len(rec)-1].Round(time.Millisecond),
 				leaked, lost, sent, pctOf(status, 0.50).Round(time.Millisecond), pctOf(status, 0.99).Round(time.Millisecond), len(status), len(rec))
+			fmt.Printf("failover %-14s long-lived TCP connections survived %d of %d; stall of the survivors p50=%s p99=%s\n",
+				k.name, survived, len(rec), pctOf(stalls, 0.50).Round(time.Millisecond), pctOf(stalls, 0.99).Round(time.Millisecond))
 		})
 	}
 }
