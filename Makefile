@@ -90,10 +90,14 @@ test-e2e: deps kube-bins
 # Sync cost at 1k/10k/50k pinned pods, one pod added at 50k, agent memory at 50k pods,
 # the cost of one metrics scrape (reading nftables counters, 60 egress IPs), and in the
 # lab a new pod's first connection (NATD_FIRSTCONN_ROUNDS pods per case, default 20):
-# without natd, unpinned beside natd, pinned on another node, pinned on the holder.
+# without natd, unpinned beside natd, pinned on another node, pinned on the holder;
+# and the pinned path's cost per packet in kernel namespaces (iperf3 TCP and UDP, a UDP
+# ping-pong) with 0/1k/10k/50k pinned pod IPs, next to plain forwarding and one iptables
+# SNAT rule (NATD_PATH_SECONDS per iperf3 run, default 3).
 bench: deps kube-bins
 	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign|Counters' -benchtime 20x ./natd/ ./natd/dataplane/ ./election/
 	$(GO) test -run '^$$' -bench FirstConnection -benchtime 1x -timeout 20m ./tests/e2e/
+	$(GO) test -run '^$$' -bench PinnedPath -benchtime 1x -timeout 20m ./natd/dataplane/
 
 # Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner.
 bench-failover: deps kube-bins

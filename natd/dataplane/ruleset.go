@@ -693,7 +693,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Rules: []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
 	}
 	rs.Chains = append(egressChains, prerouting, snat, guard, clamp)
-	ports := nodePortGuards(gossipPort, tunnelPort)
+	input, forward := nodePortGuards(gossipPort, tunnelPort)
 	// An egress IP is a source only: its replies are un-NATed to a pod before routing
 	// and never come in here. Anything else for it would be answered by this node's
 	// own stack, with a reset or a port unreachable from the egress IP, which kills
@@ -702,11 +702,11 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	// holder whose conntrack finds them out of window (it no longer sees the pod's
 	// side) and so does not un-NAT them. Nor should anything on the node be reachable
 	// at an egress IP. Pings still get their answer.
-	ports[0].Rules = append([]*Rule{
+	input.Rules = append([]*Rule{
 		newRule().ipAddrIn("daddr", setHeldDsts, false).ipProtocolIsNot(unix.IPPROTO_ICMP, "icmp").
 			counter().verdict(expr.VerdictDrop),
-	}, ports[0].Rules...)
-	rs.Chains = append(rs.Chains, ports...)
+	}, input.Rules...)
+	rs.Chains = append(rs.Chains, input, forward)
 	return rs
 }
 
@@ -719,8 +719,8 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 // node's address is stopped twice: its own node does not forward anything to a
 // node's tunnel port, and the receiving node wants a tunnel packet to arrive on the
 // interface its route back to the sender uses.
-func nodePortGuards(gossipPort, tunnelPort uint16) []*Chain {
-	input := &Chain{
+func nodePortGuards(gossipPort, tunnelPort uint16) (input, forward *Chain) {
+	input = &Chain{
 		Name: "node_ports", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookInput,
 		Priority: 0, Header: "type filter hook input priority filter; policy accept;",
 	}
@@ -732,14 +732,14 @@ func nodePortGuards(gossipPort, tunnelPort uint16) []*Chain {
 	input.Rules = append(input.Rules,
 		newRule().l4Dport(unix.IPPROTO_UDP, "udp", tunnelPort).ipAddrIn("saddr", setNodeIPs, true).counter().verdict(expr.VerdictDrop),
 		newRule().l4Dport(unix.IPPROTO_UDP, "udp", tunnelPort).fibSaddrIifMissing().counter().verdict(expr.VerdictDrop))
-	forward := &Chain{
+	forward = &Chain{
 		Name: "node_ports_forward", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookForward,
 		Priority: 0, Header: "type filter hook forward priority filter; policy accept;",
 		Rules: []*Rule{
 			newRule().l4Dport(unix.IPPROTO_UDP, "udp", tunnelPort).ipAddrIn("daddr", setNodeIPs, false).counter().verdict(expr.VerdictDrop),
 		},
 	}
-	return []*Chain{input, forward}
+	return input, forward
 }
 
 // linkScope6 are IPv6 destinations that never leave the link, so never reach the

@@ -1,0 +1,398 @@
+package dataplane
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+)
+
+// BenchmarkPinnedPath measures what natd's data path costs a packet, on the real
+// kernel: two nodes on one router, a partner behind it, natd's dataplane programmed on
+// both nodes, and iperf3 (TCP throughput, UDP packets per second) and a UDP
+// ping-pong (round trip p50/p99) from three pods: an unpinned one, a pinned one on a
+// node that does not hold the egress IP (its packets go through natd's tunnel to the
+// holder), and a pinned one on the holder. Each runs with 0, 1k, 10k and 50k other
+// pinned pod IPs in the nodes' maps, and next to two baselines without natd: plain
+// forwarding, and one iptables SNAT rule on the holder.
+//
+// The namespaces share this machine's cores with iperf3 at both ends, so the figures
+// compare paths with each other, not with a real network.
+func BenchmarkPinnedPath(b *testing.B) {
+	for _, tool := range []string{"iperf3", "iptables"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			requireKernel(b, tool+" is not installed")
+		}
+	}
+	secs := 3
+	if v := os.Getenv("NATD_PATH_SECONDS"); v != "" {
+		fmt.Sscan(v, &secs)
+	}
+	l := newPathLab(b)
+	type row struct {
+		path string
+		size int
+		m    pathFigures
+	}
+	var rows []row
+	for b.Loop() {
+		for _, size := range []int{0, 1000, 10000, 50000} {
+			l.applyNatd(size)
+			for _, c := range []struct {
+				name string
+				pod  *pathPod
+				src  string
+			}{
+				{"unpinned pod", l.unpinned, l.unpinned.ip},
+				{"pinned, other node", l.pinnedOther, pathEgressIP},
+				{"pinned, on holder", l.pinnedHolder, pathEgressIP},
+			} {
+				rows = append(rows, row{c.name, size, l.measure(c.pod, secs, c.src)})
+			}
+		}
+		l.removeNatd()
+		rows = append(rows, row{"no natd: forwarding", -1, l.measure(l.unpinned, secs, l.unpinned.ip)})
+		l.iptablesSNAT(l.pinnedHolder)
+		rows = append(rows, row{"no natd: 1 iptables SNAT", -1, l.measure(l.pinnedHolder, secs, pathEgressIP)})
+	}
+	fmt.Printf("%-26s %10s %12s %12s %10s %10s  %s\n", "path", "pinned IPs", "TCP Gbit/s", "UDP kpps", "RTT p50", "RTT p99", "partner saw")
+	for _, r := range rows {
+		size := "-"
+		if r.size >= 0 {
+			size = fmt.Sprint(r.size)
+		}
+		fmt.Printf("%-26s %10s %12.2f %12.1f %10s %10s  %s\n", r.path, size, r.m.tcpGbps, r.m.udpKpps,
+			r.m.rttP50.Round(time.Microsecond), r.m.rttP99.Round(time.Microsecond), r.m.source)
+		if r.size == 50000 || r.size < 0 {
+			key := strings.NewReplacer(" ", "-", ",", "", ":", "").Replace(r.path)
+			b.ReportMetric(r.m.tcpGbps, key+"-Gbit/s")
+			b.ReportMetric(float64(r.m.rttP99.Microseconds()), key+"-rtt-p99-us")
+		}
+	}
+}
+
+// pathFigures are one path's measurements.
+type pathFigures struct {
+	tcpGbps float64
+	udpKpps float64 // datagrams of 64 bytes received per second
+	rttP50  time.Duration
+	rttP99  time.Duration
+	source  string // the source address the partner saw
+}
+
+// pathLab is the benchmark's network: namespaces for a router, a partner, two nodes
+// and three pods.
+type pathLab struct {
+	b                                   testing.TB
+	suffix                              string
+	router, partner, node1, node2       *pathNS
+	unpinned, pinnedOther, pinnedHolder *pathPod
+	d1, d2                              *Dataplane
+	echo                                net.PacketConn // the partner's UDP echo
+}
+
+type pathNS struct {
+	name string
+	h    netns.NsHandle
+}
+
+type pathPod struct {
+	ns   *pathNS
+	ip   string
+	node *pathNS
+}
+
+const (
+	pathPartner  = "203.0.113.10"
+	pathEgressIP = "198.18.0.200"
+	pathEchoPort = 7007
+)
+
+func newPathLab(b testing.TB) *pathLab {
+	b.Helper()
+	rb := make([]byte, 3)
+	rand.Read(rb)
+	l := &pathLab{b: b, suffix: hex.EncodeToString(rb)}
+	l.router, l.partner = l.netns("rt"), l.netns("partner")
+	l.node1, l.node2 = l.netns("n1"), l.netns("n2")
+	l.sh(l.router, "ip link add br0 type bridge && ip addr add 198.18.0.1/24 dev br0 && ip link set br0 up",
+		"sysctl -qw net.ipv4.ip_forward=1",
+		"ip route add 10.244.1.0/24 via 198.18.0.11 && ip route add 10.244.2.0/24 via 198.18.0.12")
+	l.link(l.router, "eth-partner", l.partner, "eth0")
+	l.sh(l.router, "ip addr add 203.0.113.1/24 dev eth-partner")
+	l.sh(l.partner, "ip addr add "+pathPartner+"/24 dev eth0 && ip route add default via 203.0.113.1")
+	for i, n := range []*pathNS{l.node1, l.node2} {
+		port := fmt.Sprintf("n%d", i+1)
+		l.link(l.router, port, n, "eth0")
+		l.sh(l.router, "ip link set "+port+" master br0")
+		l.sh(n, fmt.Sprintf("ip addr add 198.18.0.1%d/24 dev eth0 && ip route add default via 198.18.0.1", i+1),
+			fmt.Sprintf("ip link add cni0 type bridge && ip addr add 10.244.%d.1/24 dev cni0 && ip link set cni0 up", i+1),
+			"sysctl -qw net.ipv4.ip_forward=1",
+			// host-gw routes to the other node's pods, as the lab's flat network has
+			fmt.Sprintf("ip route add 10.244.%d.0/24 via 198.18.0.1%d", 2-i, 2-i))
+	}
+	l.unpinned = l.pod("p1a", l.node1, "10.244.1.10")
+	l.pinnedOther = l.pod("p1b", l.node1, "10.244.1.11")
+	l.pinnedHolder = l.pod("p2", l.node2, "10.244.2.10")
+
+	var err error
+	if err = inNS(l.partner.h, func() error {
+		l.echo, err = net.ListenPacket("udp4", net.JoinHostPort(pathPartner, fmt.Sprint(pathEchoPort)))
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { l.echo.Close() })
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := l.echo.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			host, _, _ := net.SplitHostPort(from.String())
+			l.echo.WriteTo(append([]byte(host+" "), buf[:n]...), from)
+		}
+	}()
+	l.d1, l.d2 = l.dataplane(l.node1), l.dataplane(l.node2)
+	return l
+}
+
+func (l *pathLab) netns(role string) *pathNS {
+	l.b.Helper()
+	name := "natd-pb-" + role + "-" + l.suffix
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		requireKernel(l.b, "ip netns add: "+err.Error()+": "+string(out))
+	}
+	l.b.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		l.b.Fatal(err)
+	}
+	l.b.Cleanup(func() { h.Close() })
+	ns := &pathNS{name: name, h: h}
+	l.sh(ns, "ip link set lo up")
+	return ns
+}
+
+// sh runs shell commands inside ns.
+func (l *pathLab) sh(ns *pathNS, cmds ...string) string {
+	l.b.Helper()
+	var out strings.Builder
+	for _, c := range cmds {
+		o, err := exec.Command("ip", "netns", "exec", ns.name, "sh", "-c", c).CombinedOutput()
+		if err != nil {
+			l.b.Fatalf("%s: %s: %v\n%s", ns.name, c, err, o)
+		}
+		out.Write(o)
+	}
+	return out.String()
+}
+
+// link joins a and b with a veth pair (aName in a, bName in b), both up.
+func (l *pathLab) link(a *pathNS, aName string, b *pathNS, bName string) {
+	l.b.Helper()
+	l.sh(a, fmt.Sprintf("ip link add %s type veth peer name %s netns %s && ip link set %s up", aName, bName, b.name, aName))
+	l.sh(b, "ip link set "+bName+" up")
+}
+
+func (l *pathLab) pod(name string, node *pathNS, ip string) *pathPod {
+	ns := l.netns(name)
+	l.link(node, "v"+name, ns, "eth0")
+	l.sh(node, "ip link set v"+name+" master cni0")
+	gw := ip[:strings.LastIndex(ip, ".")] + ".1"
+	l.sh(ns, "ip addr add "+ip+"/24 dev eth0 && ip route add default via "+gw)
+	return &pathPod{ns: ns, ip: ip, node: node}
+}
+
+func (l *pathLab) dataplane(n *pathNS) *Dataplane {
+	marks, _ := NewMarks(0x00ff0000)
+	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &n.h,
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: l.b.TempDir(),
+		Lease: time.Hour, GossipPort: 7946, TunnelPort: 4799})
+	if err != nil {
+		l.b.Fatal(err)
+	}
+	l.b.Cleanup(d.Close)
+	return d
+}
+
+// applyNatd programs both nodes: node2 holds the egress IP, both pinned pods are pinned
+// to it, and each node's maps hold `others` more pinned pod IPs.
+func (l *pathLab) applyNatd(others int) {
+	l.b.Helper()
+	eip, n1, n2 := netip.MustParseAddr(pathEgressIP), netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")
+	fake := make([]netip.Addr, 0, others)
+	a := netip.MustParseAddr("10.250.0.1")
+	for range others {
+		fake = append(fake, a)
+		a = a.Next()
+	}
+	base := State{
+		ClusterDestinations: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12"),
+			netip.MustParsePrefix("198.18.0.11/32"), netip.MustParsePrefix("198.18.0.12/32")},
+		PodCIDRs:         []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+		NodeIPs:          []netip.Addr{n1, n2},
+		PinnedNamespaces: map[string]netip.Addr{"pinned": eip},
+	}
+	s1 := base
+	s1.NodeIP, s1.LocalPodCIDRs = n1, []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}
+	s1.Peers = []Peer{{IP: n2, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")}}}
+	s1.Egress = []EgressIP{{IP: eip, HolderIP: n2, Pods: append([]netip.Addr{netip.MustParseAddr(l.pinnedOther.ip)}, fake...)}}
+	s2 := base
+	s2.NodeIP, s2.LocalPodCIDRs = n2, []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")}
+	s2.Peers = []Peer{{IP: n1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}}}
+	s2.Egress = []EgressIP{{IP: eip, HolderIP: n2, Local: true, Gen: 1,
+		Pods: append([]netip.Addr{netip.MustParseAddr(l.pinnedHolder.ip)}, fake...)}}
+	if _, err := l.d2.Apply(s2); err != nil {
+		l.b.Fatal(err)
+	}
+	if _, err := l.d1.Apply(s1); err != nil {
+		l.b.Fatal(err)
+	}
+}
+
+// removeNatd deletes everything natd made on both nodes.
+func (l *pathLab) removeNatd() {
+	l.b.Helper()
+	for _, d := range []*Dataplane{l.d1, l.d2} {
+		if err := d.Cleanup(); err != nil {
+			l.b.Fatal(err)
+		}
+	}
+}
+
+// iptablesSNAT is the cheapest pinning there is: the egress IP on the pod's node and
+// one SNAT rule for the pod.
+func (l *pathLab) iptablesSNAT(p *pathPod) {
+	l.sh(p.node, "ip addr add "+pathEgressIP+"/32 dev eth0",
+		"iptables -t nat -A POSTROUTING -s "+p.ip+" -o eth0 -j SNAT --to-source "+pathEgressIP)
+	l.sh(l.router, "ip neigh replace "+pathEgressIP+" lladdr $(ip netns exec "+p.node.name+" cat /sys/class/net/eth0/address) dev br0")
+}
+
+// measure runs the three measurements from pod p; the partner must see wantSource.
+func (l *pathLab) measure(p *pathPod, secs int, wantSource string) pathFigures {
+	l.b.Helper()
+	var f pathFigures
+	f.rttP50, f.rttP99, f.source = l.pingPong(p, 2000)
+	if f.source != wantSource {
+		l.b.Fatalf("the partner saw %s from pod %s, want %s", f.source, p.ip, wantSource)
+	}
+	var tcp struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	l.iperf(p, &tcp, "-t", fmt.Sprint(secs))
+	f.tcpGbps = tcp.End.SumReceived.BitsPerSecond / 1e9
+	var udp struct {
+		End struct {
+			Sum struct {
+				Packets     float64 `json:"packets"`
+				LostPackets float64 `json:"lost_packets"`
+				Seconds     float64 `json:"seconds"`
+			} `json:"sum"`
+		} `json:"end"`
+	}
+	l.iperf(p, &udp, "-u", "-b", "0", "-l", "64", "-t", fmt.Sprint(secs))
+	if udp.End.Sum.Seconds > 0 {
+		f.udpKpps = (udp.End.Sum.Packets - udp.End.Sum.LostPackets) / udp.End.Sum.Seconds / 1000
+	}
+	return f
+}
+
+// iperf runs one iperf3 test from the pod to a one-shot server on the partner.
+func (l *pathLab) iperf(p *pathPod, out any, args ...string) {
+	l.b.Helper()
+	srv := exec.Command("ip", "netns", "exec", l.partner.name, "iperf3", "-s", "-1", "-B", pathPartner)
+	if err := srv.Start(); err != nil {
+		l.b.Fatal(err)
+	}
+	defer func() {
+		srv.Process.Kill()
+		srv.Wait()
+	}()
+	var raw []byte
+	var err error
+	for range 50 { // until the server listens
+		raw, err = exec.Command("ip", append([]string{"netns", "exec", p.ns.name, "iperf3", "-J", "-c", pathPartner}, args...)...).Output()
+		if err == nil || !strings.Contains(string(raw), "Connection refused") {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		l.b.Fatalf("iperf3 %v from %s: %v\n%s", args, p.ip, err, raw)
+	}
+	if err := json.Unmarshal(raw, out); err != nil {
+		l.b.Fatalf("iperf3 output: %v\n%s", err, raw)
+	}
+}
+
+// pingPong sends n datagrams from the pod to the partner's echo, one at a time, and
+// returns the round trips' p50 and p99 and the source address the partner saw.
+func (l *pathLab) pingPong(p *pathPod, n int) (p50, p99 time.Duration, source string) {
+	l.b.Helper()
+	var c net.Conn
+	if err := inNS(p.ns.h, func() (err error) {
+		c, err = net.Dial("udp4", net.JoinHostPort(pathPartner, fmt.Sprint(pathEchoPort)))
+		return err
+	}); err != nil {
+		l.b.Fatal(err)
+	}
+	defer c.Close()
+	rtts := make([]time.Duration, 0, n)
+	buf := make([]byte, 1500)
+	for i := range n {
+		start := time.Now()
+		fmt.Fprintf(c, "ping %d", i)
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		k, err := c.Read(buf)
+		if err != nil {
+			l.b.Fatalf("ping-pong from %s: %v", p.ip, err)
+		}
+		rtts = append(rtts, time.Since(start))
+		source, _, _ = strings.Cut(string(buf[:k]), " ")
+	}
+	slices.Sort(rtts)
+	return rtts[n/2], rtts[n*99/100], source
+}
+
+// inNS runs fn on a thread inside h; sockets it opens stay in that namespace.
+func inNS(h netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(h); err != nil {
+			errc <- err
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			errc <- err
+			return // the thread stays locked and ends with the goroutine
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
