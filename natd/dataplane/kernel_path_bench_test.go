@@ -25,7 +25,8 @@ import (
 // node that does not hold the egress IP (its packets go through natd's tunnel to the
 // holder), and a pinned one on the holder. Each runs with 0, 1k, 10k and 50k other
 // pinned pod IPs in the nodes' maps, and next to two baselines without natd: plain
-// forwarding, and one iptables SNAT rule on the holder.
+// forwarding (without and with connection tracking, which natd turns on and every
+// real node has anyway), and one iptables SNAT rule on the holder.
 //
 // The namespaces share this machine's cores with iperf3 at both ends, so the figures
 // compare paths with each other, not with a real network.
@@ -35,51 +36,88 @@ func BenchmarkPinnedPath(b *testing.B) {
 			requireKernel(b, tool+" is not installed")
 		}
 	}
-	secs := 3
+	secs, rounds := 3, 3
 	if v := os.Getenv("NATD_PATH_SECONDS"); v != "" {
 		fmt.Sscan(v, &secs)
 	}
+	if v := os.Getenv("NATD_PATH_ROUNDS"); v != "" {
+		fmt.Sscan(v, &rounds)
+	}
 	l := newPathLab(b)
-	type row struct {
+	type key struct {
 		path string
-		size int
-		m    pathFigures
+		size int // pinned pod IPs in the maps; -1: natd is not there
 	}
-	var rows []row
+	var order []key
+	samples := map[key][]pathFigures{}
+	add := func(k key, f pathFigures) {
+		if _, ok := samples[k]; !ok {
+			order = append(order, k)
+		}
+		samples[k] = append(samples[k], f)
+	}
 	for b.Loop() {
-		for _, size := range []int{0, 1000, 10000, 50000} {
-			l.applyNatd(size)
-			for _, c := range []struct {
-				name string
-				pod  *pathPod
-				src  string
-			}{
-				{"unpinned pod", l.unpinned, l.unpinned.ip},
-				{"pinned, other node", l.pinnedOther, pathEgressIP},
-				{"pinned, on holder", l.pinnedHolder, pathEgressIP},
-			} {
-				rows = append(rows, row{c.name, size, l.measure(c.pod, secs, c.src)})
+		// Rounds interleave every path, so that a slow moment of the machine does not
+		// fall on one path only; the table shows each path's median.
+		for range rounds {
+			for _, size := range []int{0, 1000, 10000, 50000} {
+				l.applyNatd(size)
+				for _, c := range []struct {
+					name string
+					pod  *pathPod
+					src  string
+				}{
+					{"unpinned pod", l.unpinned, l.unpinned.ip},
+					{"pinned, other node", l.pinnedOther, pathEgressIP},
+					{"pinned, on holder", l.pinnedHolder, pathEgressIP},
+				} {
+					add(key{c.name, size}, l.measure(c.pod, secs, c.src))
+				}
 			}
+			l.removeNatd()
+			add(key{"no natd: forwarding", -1}, l.measure(l.unpinned, secs, l.unpinned.ip))
+			// Every real node tracks connections (kube-proxy, the CNI's masquerade):
+			// the fair baseline for an unpinned pod beside natd.
+			l.sh(l.node1, "nft add table ip pathbench && nft add chain ip pathbench pre '{ type filter hook prerouting priority 0; }' && nft add rule ip pathbench pre ct state new counter")
+			add(key{"no natd: fwd + conntrack", -1}, l.measure(l.unpinned, secs, l.unpinned.ip))
+			l.sh(l.node1, "nft delete table ip pathbench")
+			undo := l.iptablesSNAT(l.pinnedHolder)
+			add(key{"no natd: 1 iptables SNAT", -1}, l.measure(l.pinnedHolder, secs, pathEgressIP))
+			undo()
 		}
-		l.removeNatd()
-		rows = append(rows, row{"no natd: forwarding", -1, l.measure(l.unpinned, secs, l.unpinned.ip)})
-		l.iptablesSNAT(l.pinnedHolder)
-		rows = append(rows, row{"no natd: 1 iptables SNAT", -1, l.measure(l.pinnedHolder, secs, pathEgressIP)})
 	}
-	fmt.Printf("%-26s %10s %12s %12s %10s %10s  %s\n", "path", "pinned IPs", "TCP Gbit/s", "UDP kpps", "RTT p50", "RTT p99", "partner saw")
-	for _, r := range rows {
+	fmt.Printf("medians of %d rounds (min-max)\n", rounds)
+	fmt.Printf("%-26s %10s %18s %18s %10s %10s  %s\n", "path", "pinned IPs", "TCP Gbit/s", "UDP kpps", "RTT p50", "RTT p99", "partner saw")
+	for _, k := range order {
+		fs := samples[k]
 		size := "-"
-		if r.size >= 0 {
-			size = fmt.Sprint(r.size)
+		if k.size >= 0 {
+			size = fmt.Sprint(k.size)
 		}
-		fmt.Printf("%-26s %10s %12.2f %12.1f %10s %10s  %s\n", r.path, size, r.m.tcpGbps, r.m.udpKpps,
-			r.m.rttP50.Round(time.Microsecond), r.m.rttP99.Round(time.Microsecond), r.m.source)
-		if r.size == 50000 || r.size < 0 {
-			key := strings.NewReplacer(" ", "-", ",", "", ":", "").Replace(r.path)
-			b.ReportMetric(r.m.tcpGbps, key+"-Gbit/s")
-			b.ReportMetric(float64(r.m.rttP99.Microseconds()), key+"-rtt-p99-us")
+		tcp := spread(fs, func(f pathFigures) float64 { return f.tcpGbps })
+		udp := spread(fs, func(f pathFigures) float64 { return f.udpKpps })
+		p50 := spread(fs, func(f pathFigures) float64 { return float64(f.rttP50) })
+		p99 := spread(fs, func(f pathFigures) float64 { return float64(f.rttP99) })
+		fmt.Printf("%-26s %10s %18s %18s %10s %10s  %s\n", k.path, size,
+			fmt.Sprintf("%.1f (%.1f-%.1f)", tcp[1], tcp[0], tcp[2]), fmt.Sprintf("%.0f (%.0f-%.0f)", udp[1], udp[0], udp[2]),
+			time.Duration(p50[1]).Round(time.Microsecond), time.Duration(p99[1]).Round(time.Microsecond), fs[0].source)
+		if k.size == 50000 || k.size < 0 {
+			name := strings.NewReplacer(" ", "-", ",", "", ":", "", "+", "").Replace(k.path)
+			b.ReportMetric(tcp[1], name+"-Gbit/s")
+			b.ReportMetric(udp[1], name+"-kpps")
+			b.ReportMetric(float64(time.Duration(p99[1]).Microseconds()), name+"-rtt-p99-us")
 		}
 	}
+}
+
+// spread is the min, median and max of one figure over samples.
+func spread(fs []pathFigures, v func(pathFigures) float64) [3]float64 {
+	vals := make([]float64, len(fs))
+	for i, f := range fs {
+		vals[i] = v(f)
+	}
+	slices.Sort(vals)
+	return [3]float64{vals[0], vals[len(vals)/2], vals[len(vals)-1]}
 }
 
 // pathFigures are one path's measurements.
@@ -274,11 +312,15 @@ func (l *pathLab) removeNatd() {
 }
 
 // iptablesSNAT is the cheapest pinning there is: the egress IP on the pod's node and
-// one SNAT rule for the pod.
-func (l *pathLab) iptablesSNAT(p *pathPod) {
-	l.sh(p.node, "ip addr add "+pathEgressIP+"/32 dev eth0",
-		"iptables -t nat -A POSTROUTING -s "+p.ip+" -o eth0 -j SNAT --to-source "+pathEgressIP)
+// one SNAT rule for the pod. It returns what undoes it.
+func (l *pathLab) iptablesSNAT(p *pathPod) (undo func()) {
+	rule := "POSTROUTING -s " + p.ip + " -o eth0 -j SNAT --to-source " + pathEgressIP
+	l.sh(p.node, "ip addr add "+pathEgressIP+"/32 dev eth0", "iptables -t nat -A "+rule)
 	l.sh(l.router, "ip neigh replace "+pathEgressIP+" lladdr $(ip netns exec "+p.node.name+" cat /sys/class/net/eth0/address) dev br0")
+	return func() {
+		l.sh(p.node, "iptables -t nat -D "+rule, "ip addr del "+pathEgressIP+"/32 dev eth0", "conntrack -F 2>/dev/null || true")
+		l.sh(l.router, "ip neigh del "+pathEgressIP+" dev br0")
+	}
 }
 
 // measure runs the three measurements from pod p; the partner must see wantSource.
@@ -326,16 +368,22 @@ func (l *pathLab) iperf(p *pathPod, out any, args ...string) {
 		srv.Wait()
 	}()
 	var raw []byte
-	var err error
-	for range 50 { // until the server listens
-		raw, err = exec.Command("ip", append([]string{"netns", "exec", p.ns.name, "iperf3", "-J", "-c", pathPartner}, args...)...).Output()
-		if err == nil || !strings.Contains(string(raw), "Connection refused") {
+	var failed struct {
+		Error string `json:"error"`
+	}
+	for range 100 { // until the server listens (iperf3 -J may exit 0 on errors)
+		raw, _ = exec.Command("ip", append([]string{"netns", "exec", p.ns.name, "iperf3", "-J", "-c", pathPartner}, args...)...).Output()
+		failed.Error = ""
+		if err := json.Unmarshal(raw, &failed); err != nil {
+			l.b.Fatalf("iperf3 %v from %s: %v\n%s", args, p.ip, err, raw)
+		}
+		if !strings.Contains(failed.Error, "Connection refused") {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if err != nil {
-		l.b.Fatalf("iperf3 %v from %s: %v\n%s", args, p.ip, err, raw)
+	if failed.Error != "" {
+		l.b.Fatalf("iperf3 %v from %s: %s", args, p.ip, failed.Error)
 	}
 	if err := json.Unmarshal(raw, out); err != nil {
 		l.b.Fatalf("iperf3 output: %v\n%s", err, raw)
