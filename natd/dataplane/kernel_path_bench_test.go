@@ -24,7 +24,9 @@ import (
 // ping-pong (round trip p50/p99) from three pods: an unpinned one, a pinned one on a
 // node that does not hold the egress IP (its packets go through natd's tunnel to the
 // holder), and a pinned one on the holder. Each runs with 0, 1k, 10k and 50k other
-// pinned pod IPs in the nodes' maps, and next to two baselines without natd: plain
+// pinned pod IPs in the nodes' maps, once with 200 more egress IPs in use (every node
+// has a tunnel device, a slot rule and a guard rule per IP), and next to baselines
+// without natd: plain
 // forwarding (without and with connection tracking, which natd turns on and every
 // real node has anyway), and one iptables SNAT rule on the holder.
 //
@@ -60,8 +62,11 @@ func BenchmarkPinnedPath(b *testing.B) {
 		// Rounds interleave every path, so that a slow moment of the machine does not
 		// fall on one path only; the table shows each path's median.
 		for range rounds {
-			for _, size := range []int{0, 1000, 10000, 50000} {
-				l.applyNatd(size)
+			for _, v := range []struct {
+				size, extraIPs int
+				suffix         string
+			}{{0, 0, ""}, {1000, 0, ""}, {10000, 0, ""}, {50000, 0, ""}, {0, 200, ", 201 IPs"}} {
+				l.applyNatd(v.size, v.extraIPs)
 				for _, c := range []struct {
 					name string
 					pod  *pathPod
@@ -71,7 +76,7 @@ func BenchmarkPinnedPath(b *testing.B) {
 					{"pinned, other node", l.pinnedOther, pathEgressIP},
 					{"pinned, on holder", l.pinnedHolder, pathEgressIP},
 				} {
-					add(key{c.name, size}, l.measure(c.pod, secs, c.src))
+					add(key{c.name + v.suffix, v.size}, l.measure(c.pod, secs, c.src))
 				}
 			}
 			l.removeNatd()
@@ -257,7 +262,7 @@ func (l *pathLab) pod(name string, node *pathNS, ip string) *pathPod {
 func (l *pathLab) dataplane(n *pathNS) *Dataplane {
 	marks, _ := NewMarks(0x00ff0000)
 	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &n.h,
-		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: l.b.TempDir(),
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26"), netip.MustParsePrefix("198.19.0.0/24")}, StateDir: l.b.TempDir(),
 		Lease: time.Hour, GossipPort: 7946, TunnelPort: 4799})
 	if err != nil {
 		l.b.Fatal(err)
@@ -267,8 +272,9 @@ func (l *pathLab) dataplane(n *pathNS) *Dataplane {
 }
 
 // applyNatd programs both nodes: node2 holds the egress IP, both pinned pods are pinned
-// to it, and each node's maps hold `others` more pinned pod IPs.
-func (l *pathLab) applyNatd(others int) {
+// to it, and each node's maps hold `others` more pinned pod IPs; extraIPs more egress
+// IPs (no pods) are in use, held by node2.
+func (l *pathLab) applyNatd(others, extraIPs int) {
 	l.b.Helper()
 	eip, n1, n2 := netip.MustParseAddr(pathEgressIP), netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")
 	fake := make([]netip.Addr, 0, others)
@@ -293,6 +299,14 @@ func (l *pathLab) applyNatd(others int) {
 	s2.Peers = []Peer{{IP: n1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}}}
 	s2.Egress = []EgressIP{{IP: eip, HolderIP: n2, Local: true, Gen: 1,
 		Pods: append([]netip.Addr{netip.MustParseAddr(l.pinnedHolder.ip)}, fake...)}}
+	if extraIPs > 0 {
+		x := netip.MustParseAddr("198.19.0.1")
+		for range extraIPs {
+			s1.Egress = append(s1.Egress, EgressIP{IP: x, HolderIP: n2})
+			s2.Egress = append(s2.Egress, EgressIP{IP: x, HolderIP: n2, Local: true, Gen: 1})
+			x = x.Next()
+		}
+	}
 	if _, err := l.d2.Apply(s2); err != nil {
 		l.b.Fatal(err)
 	}

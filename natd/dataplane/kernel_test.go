@@ -175,8 +175,9 @@ func (ns *testNS) snapshot() string {
 	}
 	b.WriteString(normalize(string(arp)) + "\n")
 	// Rules of one priority list in insertion order; a repaired rule comes last.
-	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "7000")+"\n"+
-		ns.run("ip", "rule", "show", "priority", "7001")), "\n") // slots, then the route guard
+	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "6999")+"\n"+
+		ns.run("ip", "rule", "show", "priority", "7000")+"\n"+
+		ns.run("ip", "rule", "show", "priority", "7001")), "\n") // the skip, slots, then the route guard
 	sort.Strings(rules)
 	b.WriteString(strings.Join(rules, "\n") + "\n")
 	b.WriteString(ns.run("ip", "route", "show", "table", "all", "proto", "78"))

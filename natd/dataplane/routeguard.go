@@ -37,6 +37,49 @@ func (g guardRule) key() string { return "iif " + g.iif }
 func (r *router) guardTable() int    { return r.tableBase }
 func (r *router) guardPriority() int { return r.rulePriority + 1 }
 
+// Every packet the node routes walks the ip rules in order, and natd has two per
+// egress IP in use: the slot rules (a mark) and the guard rules (a tunnel device). A
+// packet without a natd mark — an unpinned pod's, a reply, the node's own — matches
+// no slot rule, so one rule before them sends it straight to the guard's: with 200
+// egress IPs in use, walking every rule cost an unpinned pod half its throughput
+// (BenchmarkPinnedPath). The skip rule exists while the guard does (its target).
+func (r *router) skipPriority() int { return r.rulePriority - 1 }
+
+func (r *router) oursSkip(ru netlink.Rule) bool {
+	return ru.Priority == r.skipPriority() && ru.Goto == r.guardPriority()
+}
+
+func (r *router) newSkipRule() *netlink.Rule {
+	ru := netlink.NewRule()
+	ru.Family = unix.AF_INET
+	ru.Priority = r.skipPriority()
+	ru.Goto = r.guardPriority()
+	mask := r.marks.Mask
+	ru.Mark, ru.Mask = 0, &mask
+	ru.Protocol = RouteProtocol
+	return ru
+}
+
+// skipRules counts the skip rules in the kernel: natd's form, and any other rule at
+// its priority that jumps to the guard (counted as foreign).
+func (r *router) skipRules() (right, foreign int, err error) {
+	rules, err := r.nl.RuleList(unix.AF_INET)
+	if err != nil {
+		return 0, 0, fmt.Errorf("listing ip rules: %w", err)
+	}
+	for _, ru := range rules {
+		if !r.oursSkip(ru) {
+			continue
+		}
+		if ru.Mark == 0 && ru.Mask != nil && *ru.Mask == r.marks.Mask && ru.IifName == "" && ru.Src == nil {
+			right++
+		} else {
+			foreign++
+		}
+	}
+	return right, foreign, nil
+}
+
 func (r *router) oursGuard(ru netlink.Rule) bool {
 	return ru.Priority == r.guardPriority() && ru.Table == r.guardTable()
 }
@@ -144,7 +187,40 @@ func (r *router) ensureGuard(want guardPlan) error {
 			return fmt.Errorf("adding guard rule %s: %w", g.key(), err)
 		}
 	}
+	right, foreign, err := r.skipRules()
+	if err != nil {
+		return err
+	}
+	if right == 1 && foreign == 0 {
+		return nil
+	}
+	// A delete names the priority and the target only, so it cannot pick natd's rule
+	// out of others like it: all of them go, and natd's comes back.
+	if err := r.deleteSkipRules(); err != nil {
+		return err
+	}
+	if err := r.nl.RuleAdd(r.newSkipRule()); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("adding the rule that skips the slot rules: %w", err)
+	}
 	return nil
+}
+
+// deleteSkipRules deletes every rule at the skip rule's priority that jumps to the
+// guard's.
+func (r *router) deleteSkipRules() error {
+	for range 1000 {
+		ru := netlink.NewRule()
+		ru.Family = unix.AF_INET
+		ru.Priority = r.skipPriority()
+		ru.Goto = r.guardPriority()
+		if err := r.nl.RuleDel(ru); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				return nil
+			}
+			return fmt.Errorf("deleting the rule that skips the slot rules: %w", err)
+		}
+	}
+	return errors.New("deleting the rules that skip the slot rules: still there after 1000 deletions")
 }
 
 // pruneGuard removes guard rules and routes that are not wanted (all of them with an
@@ -157,6 +233,11 @@ func (r *router) pruneGuard(want guardPlan) error {
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
 		return fmt.Errorf("listing ip rules: %w", err)
+	}
+	if len(want.rules) == 0 {
+		if err := r.deleteSkipRules(); err != nil {
+			return err
+		}
 	}
 	for _, ru := range rules {
 		if !r.oursGuard(ru) {
@@ -189,6 +270,13 @@ func (r *router) guardIntact(want guardPlan) (bool, error) {
 		return false, err
 	}
 	if len(have) != len(want.rules) {
+		return false, nil
+	}
+	right, foreign, err := r.skipRules()
+	if err != nil {
+		return false, err
+	}
+	if foreign > 0 || (right == 1) != (len(want.rules) > 0) || right > 1 {
 		return false, nil
 	}
 	for _, g := range want.rules {

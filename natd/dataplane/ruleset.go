@@ -26,6 +26,7 @@ const (
 	setLocalPodCIDRs = "local_pod_cidrs" // interval set: this node's pod CIDRs
 	setHeldAddrs     = "held_addrs"      // egress IPs on this node's uplink, with their claim generation
 	setHeldMarks     = "held_marks"      // egress IP . its mark, for held IPs whose lease is current
+	chainFromTunnels = "from_tunnels"    // packets out of the egress IPs' tunnels, by device
 	setHeldDsts      = "held_dsts"       // egress IPs on this node's uplink, as destinations (held_addrs counts SNAT)
 	setLeasedIPs     = "leased_ips"      // (arp table) held egress IPs whose lease is current
 	MapCNIPods       = "cni_pods"        // this node's pods as the CNI plugin saw them -> jump to their egress chain, or return (unpinned)
@@ -384,6 +385,13 @@ func (r *Rule) ipProtocolIsNot(proto byte, name string) *Rule {
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{proto}})
 }
 
+// iifnamePrefix matches input devices whose name starts with prefix.
+func (r *Rule) iifnamePrefix(prefix string) *Rule {
+	return r.add(fmt.Sprintf("iifname %q", prefix+"*"),
+		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte(prefix)})
+}
+
 // iifname matches the device a packet came in on.
 func (r *Rule) iifname(name string) *Rule {
 	b := make([]byte, unix.IFNAMSIZ)
@@ -611,6 +619,17 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		heldSNAT,
 	}
 
+	// Packets out of the egress IPs' tunnels are told apart by device, one rule per
+	// device, in a chain of their own: every other packet (an unpinned pod's, a
+	// reply) passes one prefix test here instead of one test per egress IP in use
+	// (with 200 IPs in use that halved an unpinned pod's throughput). The reply
+	// tunnel shares the prefix but carries only replies and stray replies, which the
+	// rules above have dealt with.
+	tunnelIn := &Chain{Name: chainFromTunnels, Rules: fromTunnels}
+	var toTunnelIn []*Rule
+	if len(fromTunnels) > 0 {
+		toTunnelIn = []*Rule{newRule().iifnamePrefix(tunnelPrefix).gotoChain(chainFromTunnels)}
+	}
 	prerouting := &Chain{
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
@@ -630,7 +649,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			// controller in a pinned namespace) are not the pod's egress.
 			newRule().ctReply().verdict(expr.VerdictReturn),
 			newRule().ipAddrIn("daddr", setClusterDsts, false).verdict(expr.VerdictReturn),
-		}, fromTunnels, []*Rule{
+		}, toTunnelIn, []*Rule{
 			// This node's pods as the CNI plugin registered them, before their first
 			// packet: pinned, or explicitly not (return), whatever natd's view of the
 			// API says about an older pod that had the same IP.
@@ -692,7 +711,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Priority: prioClamp, Header: "type filter hook forward priority mangle; policy accept;",
 		Rules: []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
 	}
-	rs.Chains = append(egressChains, prerouting, snat, guard, clamp)
+	rs.Chains = append(egressChains, tunnelIn, prerouting, snat, guard, clamp)
 	input, forward := nodePortGuards(gossipPort, tunnelPort)
 	// An egress IP is a source only: its replies are un-NATed to a pod before routing
 	// and never come in here. Anything else for it would be answered by this node's

@@ -79,15 +79,19 @@ func TestBuildRulesetText(t *testing.T) {
 		counter drop
 	}
 
+	chain from_tunnels {
+		iifname "natd-t1" ct mark set ct mark | 0x00020000 goto egress_198.18.0.200
+		iifname "natd-t2" ct mark set ct mark | 0x00020000 goto egress_198.18.0.201
+		iifname "natd-t3" ct mark set ct mark | 0x00020000 goto egress_198.18.0.202
+	}
+
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
 		iifname "natd-tr" ct state new counter drop
 		ct direction reply ct mark & 0x00020000 == 0x00020000 meta mark set meta mark & 0xfffeffff | 0x00fe0000 return
 		ct direction reply return
 		ip daddr @cluster_dsts return
-		iifname "natd-t1" ct mark set ct mark | 0x00020000 goto egress_198.18.0.200
-		iifname "natd-t2" ct mark set ct mark | 0x00020000 goto egress_198.18.0.201
-		iifname "natd-t3" ct mark set ct mark | 0x00020000 goto egress_198.18.0.202
+		iifname "natd-t*" goto from_tunnels
 		ip saddr vmap @cni_pods
 		ip saddr vmap @pod_egress
 		ip saddr @pod_cidrs ip saddr != @local_pod_cidrs meta mark & 0x00ff0000 == 0x00000000 counter drop

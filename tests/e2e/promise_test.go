@@ -271,6 +271,7 @@ func TestTamperingIsRepaired(t *testing.T) {
 			tamper{node, "nft flush map ip natd pod_egress && nft flush map ip natd cni_pods", false},
 			tamper{node, "ip rule flush priority 7000", false}, // natd's rules (--rule-priority)
 			tamper{node, "ip rule flush priority 7001", false}, // the route guard
+			tamper{node, "ip rule flush priority 6999", false}, // the skip past the per-IP rules
 			tamper{node, "nft delete table ip natd", true},
 		)
 	}
@@ -341,10 +342,11 @@ func natdSnapshot(t *testing.T, netns string) string {
 			b.WriteString(strings.TrimSpace(l) + "\n")
 		}
 	}
+	skip, _ := lab.NsRun(netns, "ip", "rule", "show", "priority", "6999") // unmarked packets skip the next
 	rules, _ := lab.NsRun(netns, "ip", "rule", "show", "priority", "7000")
 	guard, _ := lab.NsRun(netns, "ip", "rule", "show", "priority", "7001") // the route guard
 	routes, _ := lab.NsRun(netns, "ip", "route", "show", "table", "all", "proto", "78")
-	b.WriteString(rules + guard + routes)
+	b.WriteString(skip + rules + guard + routes)
 	return sortedLines(b.String())
 }
 
