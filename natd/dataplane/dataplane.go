@@ -699,8 +699,11 @@ func (d *Dataplane) restoreRPFilter() error {
 
 // inNetns runs fn with the calling OS thread in cfg.NetNS (sockets and /proc/sys/net
 // belong to the namespace of the thread that opens them).
-func (d *Dataplane) inNetns(fn func() error) error {
-	if d.cfg.NetNS == nil {
+func (d *Dataplane) inNetns(fn func() error) error { return inNetns(d.cfg.NetNS, fn) }
+
+// inNetns runs fn with the calling OS thread in ns (nil: where it is).
+func inNetns(ns *netns.NsHandle, fn func() error) error {
+	if ns == nil {
 		return fn()
 	}
 	runtime.LockOSThread()
@@ -710,7 +713,7 @@ func (d *Dataplane) inNetns(fn func() error) error {
 		return fmt.Errorf("getting current netns: %w", err)
 	}
 	defer orig.Close() //nolint:errcheck // a handle only
-	if err := netns.Set(*d.cfg.NetNS); err != nil {
+	if err := netns.Set(*ns); err != nil {
 		runtime.UnlockOSThread()
 		return fmt.Errorf("entering netns: %w", err)
 	}

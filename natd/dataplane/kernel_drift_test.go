@@ -72,7 +72,7 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 		{"sh", "-c", "nft flush ruleset && nft -f " + saved},
 		{"nft", "delete", "table", "ip6", TableName},
 		{"ip", "rule", "del", "priority", "7000"},
-		{"ip", "rule", "del", "priority", "6999"}, // the rule that skips the slot rules
+		{"ip", "rule", "del", "priority", "6999"},                 // the rule that skips the slot rules
 		{"ip", "rule", "add", "priority", "6999", "goto", "7001"}, // a second one, not natd's form
 		{"sh", "-c", "ip rule del priority 7000 table " + remoteTable + " && ip rule add priority 7000 fwmark 0x00990000/0x00ff0000 table " + remoteTable + " proto 78"},
 		{"ip", "route", "replace", "default", "via", "198.18.0.99", "dev", "uplink0", "table", remoteTable, "proto", "78"},

@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -190,7 +189,7 @@ func newPathLab(b testing.TB) *pathLab {
 	l.pinnedHolder = l.pod("p2", l.node2, "10.244.2.10")
 
 	var err error
-	if err = inNS(l.partner.h, func() error {
+	if err = inNetns(&l.partner.h, func() error {
 		l.echo, err = net.ListenPacket("udp4", net.JoinHostPort(pathPartner, fmt.Sprint(pathEchoPort)))
 		return err
 	}); err != nil {
@@ -409,7 +408,7 @@ func (l *pathLab) iperf(p *pathPod, out any, args ...string) {
 func (l *pathLab) pingPong(p *pathPod, n int) (p50, p99 time.Duration, source string) {
 	l.b.Helper()
 	var c net.Conn
-	if err := inNS(p.ns.h, func() (err error) {
+	if err := inNetns(&p.ns.h, func() (err error) {
 		c, err = net.Dial("udp4", net.JoinHostPort(pathPartner, fmt.Sprint(pathEchoPort)))
 		return err
 	}); err != nil {
@@ -431,30 +430,4 @@ func (l *pathLab) pingPong(p *pathPod, n int) (p50, p99 time.Duration, source st
 	}
 	slices.Sort(rtts)
 	return rtts[n/2], rtts[n*99/100], source
-}
-
-// inNS runs fn on a thread inside h; sockets it opens stay in that namespace.
-func inNS(h netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(h); err != nil {
-			errc <- err
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			errc <- err
-			return // the thread stays locked and ends with the goroutine
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
 }
