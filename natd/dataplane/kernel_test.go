@@ -4,12 +4,14 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"regexp"
 	"sort"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -481,5 +483,41 @@ func TestKernelManyEgressIPs(t *testing.T) {
 	}
 	if n := strings.Count(ns.run("ip", "-o", "link", "show", "type", "vxlan"), tunnelPrefix); n != len(st.Egress)+1 {
 		t.Errorf("%d tunnel devices, want %d", n, len(st.Egress)+1)
+	}
+}
+
+// A held egress IP answers nothing but pings: a partner's segment or datagram that no
+// connection of natd's is waiting for is dropped, where the node's own stack would
+// answer with a reset or a port unreachable that kills the partner's connection after
+// a move. The node's own address still answers as before.
+func TestKernelEgressIPAnswersNoConnection(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	if _, err := d.Apply(sampleState()); err != nil {
+		t.Fatal(err)
+	}
+	answer := func(network, addr string) error {
+		return inNetns(&ns.h, func() error {
+			c, err := net.DialTimeout(network, addr, 300*time.Millisecond)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(300 * time.Millisecond))
+			if _, err := c.Write([]byte("x")); err != nil {
+				return err
+			}
+			_, err = c.Read(make([]byte, 1))
+			return err
+		})
+	}
+	for _, network := range []string{"tcp4", "udp4"} {
+		if err := answer(network, "198.18.0.12:9"); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("%s to the node's own address: %v, want connection refused", network, err)
+		}
+		var ne net.Error
+		if err := answer(network, "198.18.0.200:9"); !errors.As(err, &ne) || !ne.Timeout() {
+			t.Errorf("%s to the held egress IP: %v, want no answer at all (a timeout)", network, err)
+		}
 	}
 }
