@@ -86,6 +86,10 @@ func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
 	var replyDelay atomic.Int64
 	mux := http.NewServeMux()
 	mux.HandleFunc("/reply-delay", func(w http.ResponseWriter, r *http.Request) {
+		if host, _, _ := net.SplitHostPort(r.RemoteAddr); !net.ParseIP(host).IsLoopback() {
+			http.Error(w, "only from the partner's own namespace", http.StatusForbidden) // not from a pod
+			return
+		}
 		d, err := time.ParseDuration(r.URL.Query().Get("d"))
 		if err != nil || d < 0 {
 			http.Error(w, "want d=<duration>", http.StatusBadRequest)
