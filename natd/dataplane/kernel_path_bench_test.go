@@ -331,7 +331,7 @@ func (l *pathLab) iptablesSNAT(p *pathPod) (undo func()) {
 	l.sh(p.node, "ip addr add "+pathEgressIP+"/32 dev eth0", "iptables -t nat -A "+rule)
 	l.sh(l.router, "ip neigh replace "+pathEgressIP+" lladdr $(ip netns exec "+p.node.name+" cat /sys/class/net/eth0/address) dev br0")
 	return func() {
-		l.sh(p.node, "iptables -t nat -D "+rule, "ip addr del "+pathEgressIP+"/32 dev eth0", "conntrack -F 2>/dev/null || true")
+		l.sh(p.node, "iptables -t nat -D "+rule, "ip addr del "+pathEgressIP+"/32 dev eth0")
 		l.sh(l.router, "ip neigh del "+pathEgressIP+" dev br0")
 	}
 }

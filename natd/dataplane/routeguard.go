@@ -67,24 +67,10 @@ func (r *router) unmarkedRule(priority int) *netlink.Rule {
 	return ru
 }
 
-// skipRules counts the skip rules in the kernel: natd's form, and any other rule at
-// its priority that jumps to the guard (counted as foreign).
-func (r *router) skipRules() (right, foreign int, err error) {
-	rules, err := r.nl.RuleList(unix.AF_INET)
-	if err != nil {
-		return 0, 0, fmt.Errorf("listing ip rules: %w", err)
-	}
-	for _, ru := range rules {
-		if !r.oursSkip(ru) {
-			continue
-		}
-		if ru.Mark == 0 && ru.Mask != nil && *ru.Mask == r.marks.Mask && ru.IifName == "" && ru.Src == nil {
-			right++
-		} else {
-			foreign++
-		}
-	}
-	return right, foreign, nil
+// isSkipRule reports whether a rule at the skip rule's priority that jumps to the
+// guard's is in natd's form (others like it are foreign).
+func (r *router) isSkipRule(ru netlink.Rule) bool {
+	return ru.Mark == 0 && ru.Mask != nil && *ru.Mask == r.marks.Mask && ru.IifName == "" && ru.Src == nil
 }
 
 func (r *router) oursGuard(ru netlink.Rule) bool {
@@ -174,7 +160,7 @@ func (r *router) ensureGuard(want guardPlan) error {
 			return fmt.Errorf("adding guard route %s: %w", wantRoutes[i].Dst, err)
 		}
 	}
-	have, err := r.guardRules()
+	have, skip, err := r.guardRules()
 	if err != nil {
 		return err
 	}
@@ -189,11 +175,7 @@ func (r *router) ensureGuard(want guardPlan) error {
 			return fmt.Errorf("adding guard rule %s: %w", g.key(), err)
 		}
 	}
-	right, foreign, err := r.skipRules()
-	if err != nil {
-		return err
-	}
-	if right == 1 && foreign == 0 {
+	if skip.right == 1 && skip.foreign == 0 {
 		return nil
 	}
 	// A delete names the priority and the target only, so it cannot pick natd's rule
@@ -267,18 +249,14 @@ func (r *router) pruneGuard(want guardPlan) error {
 
 // guardIntact reports whether the guard's rules and table are exactly as wanted.
 func (r *router) guardIntact(want guardPlan) (bool, error) {
-	have, err := r.guardRules()
+	have, skip, err := r.guardRules()
 	if err != nil {
 		return false, err
 	}
 	if len(have) != len(want.rules) {
 		return false, nil
 	}
-	right, foreign, err := r.skipRules()
-	if err != nil {
-		return false, err
-	}
-	if foreign > 0 || (right == 1) != (len(want.rules) > 0) || right > 1 {
+	if skip.foreign > 0 || skip.right > 1 || (skip.right == 1) != (len(want.rules) > 0) {
 		return false, nil
 	}
 	for _, g := range want.rules {
@@ -293,15 +271,29 @@ func (r *router) guardIntact(want guardPlan) (bool, error) {
 	return sameRoutes(routes, want.routes), nil
 }
 
-// guardRules lists the keys of the guard rules in the kernel; a rule of the guard's
-// priority and table that natd would not make counts under an impossible key.
-func (r *router) guardRules() (map[string]bool, error) {
+// skipCount counts the rules at the skip rule's priority that jump to the guard's:
+// natd's form, and any other.
+type skipCount struct{ right, foreign int }
+
+// guardRules lists the keys of the guard rules in the kernel, and counts the skip
+// rules; a rule of the guard's priority and table that natd would not make counts
+// under an impossible key.
+func (r *router) guardRules() (map[string]bool, skipCount, error) {
+	var skip skipCount
 	rules, err := r.nl.RuleList(unix.AF_INET)
 	if err != nil {
-		return nil, fmt.Errorf("listing ip rules: %w", err)
+		return nil, skip, fmt.Errorf("listing ip rules: %w", err)
 	}
 	have := map[string]bool{}
 	for i, ru := range rules {
+		if r.oursSkip(ru) {
+			if r.isSkipRule(ru) {
+				skip.right++
+			} else {
+				skip.foreign++
+			}
+			continue
+		}
 		if !r.oursGuard(ru) {
 			continue
 		}
@@ -311,7 +303,7 @@ func (r *router) guardRules() (map[string]bool, error) {
 		}
 		have[k] = true
 	}
-	return have, nil
+	return have, skip, nil
 }
 
 func (r *router) guardRoutes() ([]netlink.Route, error) {

@@ -561,6 +561,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	podEgress.Elements = make([]Element, 0, n)
 	var egressChains []*Chain
 	var fromTunnels []*Rule
+	var heldDsts []netip.Addr
 	for _, e := range state.Egress {
 		slot := index[e.IP]
 		mark := marks.Value(slot)
@@ -589,8 +590,9 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		for _, p := range e.Pods {
 			podEgress.Elements = append(podEgress.Elements, Element{Key: addrKey(p), Chain: ch.Name})
 		}
-		if e.Local && slot != 0 {
+		if e.Local && slot != 0 { // only these are on the uplink
 			held = append(held, e)
+			heldDsts = append(heldDsts, e.IP)
 			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: markKey(mark), Val: e.IP.As4()})
 			heldMarks.Elements = append(heldMarks.Elements, Element{Key: addrKey(e.IP), Key2: [4]byte(native32(mark))})
 		}
@@ -600,12 +602,6 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		return EgressChainName(eip)
 	})
 
-	var heldDsts []netip.Addr
-	for _, e := range state.Egress {
-		if e.Local {
-			heldDsts = append(heldDsts, e.IP)
-		}
-	}
 	rs.Sets = []*Set{
 		intervalSet(setClusterDsts, state.ClusterDestinations, false),
 		addrSet(setNodeIPs, state.NodeIPs),

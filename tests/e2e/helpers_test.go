@@ -251,3 +251,12 @@ func setEgressLabel(t testing.TB, node, value string) {
 		t.Fatal(err)
 	}
 }
+
+// notHolding is a node that does not hold the egress IP holder holds: its pinned pods'
+// traffic goes through natd's tunnel.
+func notHolding(holder string) string {
+	if holder == "node1" {
+		return "node2"
+	}
+	return "node1"
+}

@@ -207,10 +207,7 @@ func TestConnectionsLostOnThePodsNode(t *testing.T) {
 	const ns, eip = "ct-loss", "198.18.0.239"
 	pin(t, ns, eip)
 	holder := waitHolder(t, eip)
-	node := "node1"
-	if holder == node {
-		node = "node2"
-	}
+	node := notHolding(holder)
 	p := newPod(t, ns, "app", node)
 	waitSeen(t, p, udp, eip)
 	if err := lab.SetPartnerDelay(context.Background(), topo, 150*time.Millisecond); err != nil {

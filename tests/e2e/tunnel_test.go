@@ -198,10 +198,7 @@ func TestLargeTransfersThroughTheTunnel(t *testing.T) {
 	const ns, eip, size = "bulk", "198.18.0.221", 4 << 20
 	pin(t, ns, eip)
 	holder := waitHolder(t, eip)
-	node := "node1"
-	if holder == node {
-		node = "node2"
-	}
+	node := notHolding(holder)
 	p := newPod(t, ns, "bulk", node)
 	waitSeen(t, p, tcp, eip, nodeIPs()...)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
