@@ -338,6 +338,16 @@ func TestKernelCleanupRemovesEverything(t *testing.T) {
 	if out := ns.run("ip", "-o", "link", "show", "type", "vxlan"); strings.Count(out, tunnelPrefix) != 4 {
 		t.Errorf("want a tunnel device per egress IP and the reply tunnel, have:\n%s", out)
 	}
+	// Set over netlink (the DaemonSet's /proc/sys is read-only): loose reverse path
+	// filtering and no IPv6 address on each of natd's tunnel devices.
+	for _, dev := range strings.Fields(ns.run("sh", "-c", "ip -o link show type vxlan | awk -F': ' '{print $2}' | cut -d@ -f1")) {
+		if got := strings.TrimSpace(ns.run("sysctl", "-n", "net.ipv4.conf."+dev+".rp_filter")); got != "2" {
+			t.Errorf("rp_filter of %s = %s, want 2 (loose)", dev, got)
+		}
+		if out := ns.run("ip", "-6", "-o", "addr", "show", "dev", dev); out != "" {
+			t.Errorf("tunnel device %s has IPv6 addresses: %s", dev, out)
+		}
+	}
 	// Tunnelled packets arrive on natd's own devices, so the uplink's filter stays.
 	if got := strings.TrimSpace(ns.run("sysctl", "-n", "net.ipv4.conf.uplink0.rp_filter")); got != "1" {
 		t.Errorf("holder's uplink rp_filter = %s, want the node's 1", got)

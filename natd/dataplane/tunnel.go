@@ -5,11 +5,10 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -189,7 +188,7 @@ func (r *router) ensureTunnel(ts *tunnelState, s tunnelSpec) (netlink.Link, erro
 		if err := r.nl.LinkSetAlias(link, tunnelAlias); err != nil {
 			return nil, fmt.Errorf("marking tunnel device %s: %w", name, err)
 		}
-		if err := r.sysctls(name); err != nil {
+		if err := r.sysctls(link); err != nil {
 			return nil, err
 		}
 		if err := r.nl.LinkSetUp(link); err != nil {
@@ -205,19 +204,44 @@ func (r *router) ensureTunnel(ts *tunnelState, s tunnelSpec) (netlink.Link, erro
 
 // sysctls sets a new tunnel device's reverse path filter to loose — packets arrive on
 // it with other nodes' pod addresses, which routes reach through other devices — and
-// turns IPv6 off on it (it carries IPv4 only, and would otherwise send router
-// solicitations into the tunnel).
-func (r *router) sysctls(dev string) error {
-	return r.inNetns(func() error {
-		if err := os.WriteFile(filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter"), []byte("2"), 0o644); err != nil {
-			return fmt.Errorf("setting rp_filter of %s to loose: %w", dev, err)
-		}
-		err := os.WriteFile(filepath.Join("/proc/sys/net/ipv6/conf", dev, "disable_ipv6"), []byte("1"), 0o644)
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("turning IPv6 off on %s: %w", dev, err)
-		}
-		return nil
-	})
+// gives it no IPv6 link-local address (it carries IPv4 only, and would otherwise send
+// router solicitations into the tunnel). Both over netlink, not /proc/sys: in the
+// DaemonSet's container /proc/sys is read-only, while CAP_NET_ADMIN suffices here.
+func (r *router) sysctls(link netlink.Link) error {
+	if err := r.inNetns(func() error { return setIPv4DevConf(link, ipv4DevConfRPFilter, 2) }); err != nil {
+		return fmt.Errorf("setting rp_filter of %s to loose: %w", link.Attrs().Name, err)
+	}
+	err := r.nl.LinkSetIP6AddrGenMode(link, addrGenModeNone)
+	if err != nil && !errors.Is(err, unix.EAFNOSUPPORT) && !errors.Is(err, unix.EOPNOTSUPP) {
+		return fmt.Errorf("turning IPv6 addresses off on %s: %w", link.Attrs().Name, err)
+	}
+	return nil
+}
+
+const (
+	// IPV4_DEVCONF_RP_FILTER in linux/ip.h: the index of rp_filter among a device's
+	// IPv4 settings (IFLA_INET_CONF), which the kernel lets RTM_SETLINK change.
+	ipv4DevConfRPFilter = 8
+	// IN6_ADDR_GEN_MODE_NONE: the kernel makes no link-local address on the device.
+	addrGenModeNone = 1
+)
+
+// setIPv4DevConf sets one of a link's IPv4 settings (net.ipv4.conf.DEV.*) through
+// RTM_SETLINK, in the calling thread's network namespace.
+func setIPv4DevConf(link netlink.Link, index uint16, value uint32) error {
+	conf := nl.NewRtAttr(unix.IFLA_INET_CONF, nil)
+	conf.AddRtAttr(int(index), nl.Uint32Attr(value))
+	af := nl.NewRtAttr(unix.AF_INET, nil)
+	af.AddChild(conf)
+	spec := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
+	spec.AddChild(af)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(link.Attrs().Index)
+	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
+	req.AddData(msg)
+	req.AddData(spec)
+	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+	return err
 }
 
 // pointTunnel makes link reach the nodes in peers: a permanent neighbour entry (node
