@@ -19,6 +19,11 @@ var ServiceAccount []byte
 //go:embed rbac.yaml
 var ClusterRole []byte
 
+// DaemonSet is natd's DaemonSet (daemonset.yaml).
+//
+//go:embed daemonset.yaml
+var DaemonSet []byte
+
 // EgressIPCRD is the EgressIP CustomResourceDefinition (generated into crd/).
 //
 //go:embed crd/egress.natd.dev_egressips.yaml

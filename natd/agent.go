@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -108,6 +109,11 @@ type Agent struct {
 
 	factory    informers.SharedInformerFactory
 	podFactory informers.SharedInformerFactory // this node's pods
+	// dsFactory watches natd's own DaemonSet (--daemonset; nil without): at SIGTERM
+	// what the watch last saw tells an uninstall even when the API no longer answers
+	// natd (its ServiceAccount or RBAC deleted with it).
+	dsFactory  informers.SharedInformerFactory
+	daemonSets cache.SharedIndexInformer
 	namespaces corelisters.NamespaceLister
 	pods       cache.Indexer // of *podRecord, by namespace and by node
 	nodes      corelisters.NodeLister
@@ -168,6 +174,13 @@ func NewAgent(cfg *Config, client kubernetes.Interface, egress versioned.Interfa
 		now:           time.Now,
 	}
 	a.health = newHealth(a.now)
+	if ns, name, ok := strings.Cut(cfg.DaemonSet, "/"); ok {
+		a.dsFactory = informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithNamespace(ns),
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+				o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
+			}))
+		a.daemonSets = a.dsFactory.Apps().V1().DaemonSets().Informer()
+	}
 	podInformer := podFactory.Core().V1().Pods().Informer()
 	a.pods = podInformer.GetIndexer()
 	if egress != nil {
@@ -206,6 +219,9 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	defer a.queue.ShutDown()
 	defer a.factory.Shutdown()
 	defer a.podFactory.Shutdown()
+	if a.dsFactory != nil {
+		defer a.dsFactory.Shutdown()
+	}
 	if err := a.start(ctx); err != nil {
 		return err
 	}
@@ -281,6 +297,11 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 func (a *Agent) start(ctx context.Context) error {
 	a.factory.Start(ctx.Done())
 	a.podFactory.Start(ctx.Done())
+	if a.dsFactory != nil {
+		// Not waited for: natd serves without it (an older Role may not grant the
+		// watch), and falls back on asking the API at SIGTERM.
+		a.dsFactory.Start(ctx.Done())
+	}
 	klog.InfoS("Waiting for informer caches")
 	for _, f := range []informers.SharedInformerFactory{a.factory, a.podFactory} {
 		for typ, ok := range f.WaitForCacheSync(ctx.Done()) {
@@ -417,12 +438,28 @@ func (a *Agent) lapsed(ev election.Evidence) bool {
 var ErrUninstalled = errors.New("natd is being uninstalled")
 
 // uninstalling reports whether the DaemonSet natd runs from (--daemonset) is gone or
-// being deleted. When the API cannot say (it is down), natd assumes a restart: keeping
-// the node programmed for --restart-grace is the safe side.
+// being deleted, or its namespace is: `kubectl delete -k manifests/` deletes the
+// namespace with everything in it, in no set order, so natd may be stopped while its
+// DaemonSet still exists, and by then its ServiceAccount and Role may be gone too. What
+// the watches last saw decides first; then the API is asked. When neither can say (the
+// API is down), natd assumes a restart: keeping the node programmed for
+// --restart-grace is the safe side.
 func (a *Agent) uninstalling() bool {
 	ns, name, ok := strings.Cut(a.cfg.DaemonSet, "/")
 	if !ok || a.client == nil {
 		return false
+	}
+	if obj, err := a.namespaces.Get(ns); err == nil && obj.DeletionTimestamp != nil {
+		return true
+	}
+	if a.daemonSets != nil && a.daemonSets.HasSynced() {
+		obj, exists, err := a.daemonSets.GetStore().GetByKey(ns + "/" + name)
+		if err == nil && !exists {
+			return true
+		}
+		if ds, ok := obj.(*appsv1.DaemonSet); ok && ds.DeletionTimestamp != nil {
+			return true
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()

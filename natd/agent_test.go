@@ -15,9 +15,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	k8sfake "k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 
 	"natd.dev/natd/election"
@@ -149,11 +151,18 @@ type fixture struct {
 
 func newFixture(t *testing.T, objects ...runtime.Object) *fixture {
 	t.Helper()
+	return newFixtureConfig(t, func(*Config) {}, objects...)
+}
+
+// newFixtureConfig is newFixture with the agent's configuration changed by configure.
+func newFixtureConfig(t *testing.T, configure func(*Config), objects ...runtime.Object) *fixture {
+	t.Helper()
 	f := &fixture{t: t, kernel: &fakeKernel{}, clock: time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)}
 	f.members = &fakeMembership{changed: make(chan struct{})}
 	f.setAlive("node1", "node2", "node3")
 	cfg := testConfig("node1")
 	cfg.Lease, cfg.ResyncPeriod, cfg.RestartGrace = 400*time.Millisecond, time.Minute, time.Minute
+	configure(cfg)
 	client := k8sfake.NewSimpleClientset(objects...)
 	f.agent = NewAgent(cfg, client, nil, f.kernel, func(netip.Addr) (Membership, error) { return f.members, nil }, nil, NewMetrics())
 	f.agent.now = f.now
@@ -163,6 +172,9 @@ func newFixture(t *testing.T, objects ...runtime.Object) *fixture {
 		cancel()
 		f.agent.queue.ShutDown()
 		f.agent.factory.Shutdown()
+		if f.agent.dsFactory != nil {
+			f.agent.dsFactory.Shutdown()
+		}
 	})
 	if err := f.agent.start(ctx); err != nil {
 		t.Fatal(err)
@@ -590,5 +602,54 @@ func TestAgentTellsUninstallFromRestart(t *testing.T) {
 	f.agent.cfg.DaemonSet = ""
 	if f.agent.uninstalling() {
 		t.Fatal("without --daemonset every stop is a restart")
+	}
+}
+
+// `kubectl delete -k manifests/` deletes natd's namespace, DaemonSet, ServiceAccount
+// and RBAC at once: when the kubelet stops natd, the API may already refuse natd. What
+// natd's watches saw before (its namespace terminating, its DaemonSet deleted) still
+// makes it an uninstall; with nothing seen and the API refusing, it is a restart.
+func TestAgentUninstallSeenBeforeTheAPIRefuses(t *testing.T) {
+	objects := func() []runtime.Object {
+		return append(nodes3(),
+			&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "natd-system"}},
+			&appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: "natd-system", Name: "natd"}})
+	}
+	withDaemonSet := func(c *Config) { c.DaemonSet = "natd-system/natd" }
+	refuse := func(f *fixture) {
+		f.agent.client.(*k8sfake.Clientset).PrependReactor("get", "daemonsets", func(k8stesting.Action) (bool, runtime.Object, error) {
+			return true, nil, apierrors.NewUnauthorized("the ServiceAccount's token is no longer valid")
+		})
+	}
+	ctx := context.Background()
+
+	f := newFixtureConfig(t, withDaemonSet, objects()...)
+	waitFor(t, f.agent.daemonSets.HasSynced)
+	refuse(f)
+	if f.agent.uninstalling() {
+		t.Fatal("nothing deleted and the API refusing: taken for an uninstall, want a restart")
+	}
+	now := metav1.Now()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "natd-system", DeletionTimestamp: &now, Finalizers: []string{"kubernetes"}}}
+	if _, err := f.agent.client.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		got, err := f.agent.namespaces.Get("natd-system")
+		return err == nil && got.DeletionTimestamp != nil
+	})
+	if !f.agent.uninstalling() {
+		t.Fatal("natd's namespace terminating, the API refusing: not taken for an uninstall")
+	}
+
+	f = newFixtureConfig(t, withDaemonSet, objects()...)
+	waitFor(t, f.agent.daemonSets.HasSynced)
+	if err := f.agent.client.AppsV1().DaemonSets("natd-system").Delete(ctx, "natd", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(f.agent.daemonSets.GetStore().List()) == 0 })
+	refuse(f)
+	if !f.agent.uninstalling() {
+		t.Fatal("the DaemonSet seen deleted, the API refusing: not taken for an uninstall")
 	}
 }
