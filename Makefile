@@ -24,10 +24,13 @@ build:
 # without a container engine: a static natd on an empty base. Load it with
 # `podman load -i bin/natd-image.tar` or push it with
 # `skopeo copy oci-archive:bin/natd-image.tar docker://REGISTRY/natd:TAG`.
+# Also the real-node lab's pause image, bin/lab-pause-image.tar.
 image:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w $(LDFLAGS)' -o bin/natd-static ./cmd/natd
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/image/natd-cni ./cmd/natd-cni
 	$(GO) run ./cmd/natd-image --binary bin/natd-static --cni-plugin bin/image/natd-cni --version $(VERSION) --revision '$(REVISION)' --out bin/natd-image.tar
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/image/natd-lab-pause ./cmd/natd-lab-pause
+	$(GO) run ./cmd/natd-image --binary bin/image/natd-lab-pause --path /pause --title "natd lab pause" --tag natd.dev/lab-pause:1 --out bin/lab-pause-image.tar
 
 deps:
 	@scripts/install-deps.sh
@@ -114,8 +117,8 @@ demo: deps kube-bins build
 	@KEEP=$(KEEP) LAB_DIR=$(LAB_DIR) scripts/demo.sh
 
 # NETWORK=dual: the dual-stack lab.
-lab-up: deps kube-bins build
-	bin/natd-lab up --dir $(LAB_DIR) --network $(or $(NETWORK),flat)
+lab-up: deps kube-bins build $(if $(KUBELET),image)
+	bin/natd-lab up --dir $(LAB_DIR) --network $(or $(NETWORK),flat) $(if $(KUBELET),--kubelet)
 
 lab-down:
 	bin/natd-lab down --dir $(LAB_DIR)

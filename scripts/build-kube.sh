@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Builds the lab's control plane (kube-apiserver, kubectl, etcd) and the nodes'
-# kube-proxy from source through the Go module proxy and caches the binaries outside
-# the repository. Idempotent: a binary that is already cached is not rebuilt.
+# Builds the lab's control plane (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, etcd) and the nodes' kube-proxy and kubelet from source
+# through the Go module proxy and caches the binaries outside the repository. Idempotent: a binary that is already cached is not rebuilt.
 set -euo pipefail
 
 KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
+KUBELET_VERSION=${KUBELET_VERSION:-v1.34.4}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 CACHE=${NATD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/natd}
 BIN=$CACHE/bin
@@ -12,7 +13,9 @@ mkdir -p "$BIN"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# build_kube VERSION BINARY...
 build_kube() {
+  local KUBE_VERSION=$1; shift
   local want=("$@") missing=()
   for b in "${want[@]}"; do [ -x "$BIN/$b-$KUBE_VERSION" ] || missing+=("$b"); done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -62,7 +65,13 @@ build_etcd() {
 }
 
 build_etcd
-build_kube kube-apiserver kubectl kube-proxy
-for b in kube-apiserver kubectl kube-proxy; do ln -sf "$b-$KUBE_VERSION" "$BIN/$b"; done
+CONTROL_PLANE=(kube-apiserver kubectl kube-proxy kube-controller-manager kube-scheduler)
+build_kube "$KUBE_VERSION" "${CONTROL_PLANE[@]}"
+for b in "${CONTROL_PLANE[@]}"; do ln -sf "$b-$KUBE_VERSION" "$BIN/$b"; done
+# The real-node lab's kubelet: v1.34, the newest minor that still works with Debian's
+# containerd 1.6 (later kubelets call CRI methods it lacks) and runs on cgroup v1
+# hosts by default; three minors behind the API server, inside the supported skew.
+build_kube "$KUBELET_VERSION" kubelet
+ln -sf "kubelet-$KUBELET_VERSION" "$BIN/kubelet"
 ln -sf "etcd-$ETCD_VERSION" "$BIN/etcd"
 echo "$BIN"

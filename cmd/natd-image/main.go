@@ -27,10 +27,12 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
+// binaryPath is where the binary lives in the image and its entrypoint: natd's by
+// default (the DaemonSet relies on the entrypoint, not on this path); --path changes it
+// for the lab's pause image.
+var binaryPath = "/usr/local/bin/natd"
+
 const (
-	// binaryPath is where natd lives in the image; the DaemonSet relies on the
-	// entrypoint, not on this path.
-	binaryPath = "/usr/local/bin/natd"
 	// refNameAnnotation names the image inside the archive: podman load and skopeo's
 	// oci-archive:PATH:REF look the image up by it.
 	refNameAnnotation = "org.opencontainers.image.ref.name"
@@ -68,6 +70,8 @@ func main() {
 	arch := flag.String("arch", runtime.GOARCH, "the image architecture (GOARCH), which the binary must match")
 	version := flag.String("version", "dev", "natd's version, for the image's labels")
 	revision := flag.String("revision", "", "the source revision, for the image's labels")
+	flag.StringVar(&binaryPath, "path", binaryPath, "where the binary lives in the image (its entrypoint)")
+	flag.StringVar(&imageTitle, "title", imageTitle, "the image's title label")
 	cni := flag.String("cni-plugin", "", "the static natd-cni binary, installed beside natd (natd copies it into the node's CNI bin directory)")
 	flag.Parse()
 	if *binary == "" || flag.NArg() != 0 {
@@ -112,11 +116,16 @@ func run(binary, out, tag, arch string, extras ...string) error {
 	return nil
 }
 
+// imageTitle is the image's title; only natd's own image carries natd's description.
+var imageTitle = "natd"
+
 func imageLabels() map[string]string {
 	l := map[string]string{
-		"org.opencontainers.image.title":       "natd",
-		"org.opencontainers.image.description": "natd node agent: pins Kubernetes namespaces to egress IPs",
-		"org.opencontainers.image.licenses":    "Apache-2.0",
+		"org.opencontainers.image.title":    imageTitle,
+		"org.opencontainers.image.licenses": "Apache-2.0",
+	}
+	if imageTitle == "natd" {
+		l["org.opencontainers.image.description"] = "natd node agent: pins Kubernetes namespaces to egress IPs"
 	}
 	for k, v := range buildLabels {
 		l[k] = v
@@ -182,7 +191,7 @@ func build(binary, arch string, extras ...string) (v1.Image, error) {
 		MediaType: types.OCILayer,
 		History: v1.History{
 			Created:   v1.Time{Time: buildTime},
-			CreatedBy: "natd-image: natd as " + binaryPath,
+			CreatedBy: "natd-image: " + imageTitle + " as " + binaryPath,
 		},
 	})
 	if err != nil {

@@ -20,9 +20,11 @@ import (
 
 const usage = `natd-lab: a natd cluster in network namespaces
 
-  natd-lab up [--nodes N] [--proxy-mode nftables|iptables] [--network flat|dual|overlay]
+  natd-lab up [--nodes N] [--proxy-mode nftables|iptables] [--network flat|dual|overlay] [--kubelet]
                                                build the lab; start kube-proxy and natd on every node
-                                               (dual: nodes, pods and partner get IPv6 addresses too)
+                                               (dual: nodes, pods and partner get IPv6 addresses too;
+                                               --kubelet: real nodes, containerd and a kubelet each,
+                                               natd as the DaemonSet from make image)
   natd-lab down                                remove everything the lab made
   natd-lab pod create NAMESPACE NAME --node NODE [--ip A.B.C.D]
                                                a pod wired by the node's CNI chain (--ip: ask for that IP)
@@ -96,12 +98,16 @@ func run(ctx context.Context, verb string, args []string) error {
 		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
 		proxyMode := fs.String("proxy-mode", lab.ProxyModeNFTables, "kube-proxy's mode: nftables or iptables")
 		network := fs.String("network", lab.NetworkFlat, "network mode: flat, dual (dual-stack) or overlay (a VXLAN CNI on an underlay that drops foreign sources)")
+		kubelet := fs.Bool("kubelet", false, "real nodes: containerd, runc and a kubelet on each, natd as the manifests' DaemonSet, pods made by the kubelets")
+		image := fs.String("image", filepath.Join(filepath.Dir(self), "natd-image.tar"), "--kubelet: natd's image archive (make image)")
+		pause := fs.String("pause-image", filepath.Join(filepath.Dir(self), "lab-pause-image.tar"), "--kubelet: the lab's pause image archive (make image)")
 		parse(fs, args)
 		natd, _ := filepath.Abs(*natdBin)
 		start := time.Now()
 		fmt.Printf("Bringing up the natd lab in %s (%d nodes, %s network)\n", *dir, *nodes, *network)
 		t, err := lab.Up(ctx, lab.Options{Dir: *dir, Nodes: *nodes, Natd: natd, Self: self, KubeBins: *kubeBins,
-			NatdArgs: strings.Fields(*natdArgs), ProxyMode: *proxyMode, Network: *network, Out: os.Stdout})
+			NatdArgs: strings.Fields(*natdArgs), ProxyMode: *proxyMode, Network: *network, Out: os.Stdout,
+			Kubelet: *kubelet, NatdImage: *image, PauseImage: *pause})
 		if err != nil {
 			if _, serr := os.Stat(filepath.Join(*dir, "lab-ledger.json")); serr != nil {
 				return err // nothing was made

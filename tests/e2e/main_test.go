@@ -71,6 +71,14 @@ func run(m *testing.M) int {
 		if err := build.Run(); err != nil {
 			return skip("building natd: %v", err)
 		}
+		// NATD_E2E_KUBELET=1: the real-node lab (natd-lab up --kubelet), with natd's
+		// image and the lab's pause image built as make image builds them.
+		kubelet := os.Getenv("NATD_E2E_KUBELET") != ""
+		if kubelet {
+			if err := buildImages(root, bins); err != nil {
+				return skip("building the images: %v", err)
+			}
+		}
 		kubeBins := os.Getenv("NATD_KUBE_BINS")
 		if kubeBins == "" {
 			home, _ := os.UserHomeDir()
@@ -79,7 +87,11 @@ func run(m *testing.M) int {
 				kubeBins = filepath.Join(c, "bin")
 			}
 		}
-		for _, b := range []string{"kube-apiserver", "kube-proxy"} {
+		need := []string{"kube-apiserver", "kube-proxy"}
+		if kubelet {
+			need = append(need, "kubelet", "kube-controller-manager", "kube-scheduler")
+		}
+		for _, b := range need {
 			if _, err := os.Stat(filepath.Join(kubeBins, b)); err != nil {
 				return skip("no %s in %s (make kube-bins builds it)", b, kubeBins)
 			}
@@ -101,7 +113,8 @@ func run(m *testing.M) int {
 		natdArgs := strings.Fields(os.Getenv("NATD_E2E_NATD_ARGS"))
 		_, err = lab.Up(ctx, lab.Options{Dir: labDir, Nodes: nodes, NatdArgs: natdArgs, Natd: filepath.Join(bins, "natd"),
 			Self: filepath.Join(bins, "natd-lab"), KubeBins: kubeBins, ProxyMode: os.Getenv("NATD_E2E_PROXY_MODE"),
-			Network: os.Getenv("NATD_E2E_NETWORK"), Out: os.Stderr})
+			Network: os.Getenv("NATD_E2E_NETWORK"), Out: os.Stderr, Kubelet: kubelet,
+			NatdImage: filepath.Join(bins, "natd-image.tar"), PauseImage: filepath.Join(bins, "lab-pause-image.tar")})
 		defer func() {
 			if err := lab.Down(labDir); err != nil {
 				fmt.Fprintln(os.Stderr, "e2e: lab down:", err)
@@ -126,6 +139,30 @@ func run(m *testing.M) int {
 	return code
 }
 
+// buildImages builds natd's image and the lab's pause image into bins, as make image
+// does.
+func buildImages(root, bins string) error {
+	static := []string{"CGO_ENABLED=0"}
+	steps := [][]string{
+		{"go", "build", "-trimpath", "-o", filepath.Join(bins, "static", "natd"), "./cmd/natd"},
+		{"go", "build", "-trimpath", "-o", filepath.Join(bins, "static", "natd-cni"), "./cmd/natd-cni"},
+		{"go", "build", "-trimpath", "-o", filepath.Join(bins, "static", "natd-lab-pause"), "./cmd/natd-lab-pause"},
+		{"go", "run", "./cmd/natd-image", "--binary", filepath.Join(bins, "static", "natd"),
+			"--cni-plugin", filepath.Join(bins, "static", "natd-cni"), "--out", filepath.Join(bins, "natd-image.tar")},
+		{"go", "run", "./cmd/natd-image", "--binary", filepath.Join(bins, "static", "natd-lab-pause"), "--path", "/pause",
+			"--title", "natd lab pause", "--tag", lab.PauseImage, "--out", filepath.Join(bins, "lab-pause-image.tar")},
+	}
+	for _, s := range steps {
+		cmd := exec.Command(s[0], s[1:]...)
+		cmd.Dir, cmd.Stdout, cmd.Stderr = root, os.Stderr, os.Stderr
+		cmd.Env = append(os.Environ(), static...)
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("%s: %w", strings.Join(s, " "), err)
+		}
+	}
+	return nil
+}
+
 // dumpAgentLogs prints what the agents said about holders and membership, so a failed
 // run (in CI, where the lab is gone afterwards) can be understood.
 func dumpAgentLogs() {
@@ -134,9 +171,10 @@ func dumpAgentLogs() {
 		return
 	}
 	for _, n := range cur.Nodes {
-		b, err := os.ReadFile(n.NatdLog)
-		if err != nil {
-			continue
+		var b []byte
+		for _, f := range lab.NatdLogs(labDir, cur, &n) {
+			more, _ := os.ReadFile(f)
+			b = append(b, more...)
 		}
 		var keep []string
 		for _, l := range strings.Split(string(b), "\n") {

@@ -254,7 +254,7 @@ func currentNatdPid(t *testing.T, node string) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return n.NatdPid
+	return lab.NatdPid(cur, n)
 }
 
 func waitEvent(t *testing.T, ns, reason string) corev1.Event {

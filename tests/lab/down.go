@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -22,7 +23,8 @@ func Down(dir string) error {
 	if err != nil {
 		return err
 	}
-	var errs []error
+	// The real-node mode first: its kubelets would restart what is stopped below.
+	errs := downRealNodes(l)
 	// natd restarts and pods change the topology after up; take its PIDs too.
 	pids := append([]proc(nil), l.Pids...)
 	if t, err := LoadTopology(dir); err == nil {
@@ -61,10 +63,11 @@ func Down(dir string) error {
 		return os.RemoveAll(dir)
 	}
 	for _, name := range []string{"pki", "etcd", "topology.json", "lab-ledger.json", "kubeconfig", "partner.log",
-		"etcd.log", "kube-apiserver.log", "gossip.key", ".lock"} {
+		"etcd.log", "kube-apiserver.log", "gossip.key", ".lock", "nodes", "kube-controller-manager.log",
+		"kube-scheduler.log", "natd-daemonset.yaml"} {
 		os.RemoveAll(filepath.Join(dir, name))
 	}
-	for _, pattern := range []string{"natd-*.log", "kube-proxy-*.log", "*.kubeconfig", "state-*"} {
+	for _, pattern := range []string{"natd-*.log", "kube-proxy-*.log", "*.kubeconfig", "state-*", "containerd-*.log", "kubelet-*.log"} {
 		m, _ := filepath.Glob(filepath.Join(dir, pattern))
 		for _, f := range m {
 			os.RemoveAll(f)
@@ -127,9 +130,14 @@ func isBinary(pid int, bin string) bool {
 	return false
 }
 
-// StopNatd ends the natd of node n (SIGTERM, then SIGKILL).
+// StopNatd ends the natd of node n (SIGTERM, then SIGKILL). In the real-node mode the
+// kubelet starts it again.
 func StopNatd(t *Topology, n *Node) error {
-	return stopProcess(proc{Pid: n.NatdPid, Binary: t.API.NatdBinary})
+	p, err := natdProcess(t, n.Name)
+	if err != nil {
+		return nil // not running
+	}
+	return stopProcess(p)
 }
 
 // RestartNatd (re)starts natd on a node, after a crash, a kill, or while it runs.
@@ -151,6 +159,13 @@ func restartNatd(dir, node string, extra []string) (*Topology, error) {
 	n, err := t.Node(node)
 	if err != nil {
 		return nil, err
+	}
+	if t.Kubelet {
+		// As a user restarts it: delete the pod, the DaemonSet makes the next one.
+		if len(extra) > 0 {
+			return nil, fmt.Errorf("the real-node lab runs natd with the DaemonSet's flags only")
+		}
+		return t, restartNatdPod(context.Background(), t, node)
 	}
 	if err := StopNatd(t, n); err != nil {
 		return nil, err

@@ -74,26 +74,20 @@ func StopAPIServer(t *Topology) (heal func() error, err error) {
 
 // KillNatd ends a node's natd with SIGKILL: no goodbye, the kernel state stays.
 func KillNatd(t *Topology, node string) error {
-	n, err := t.Node(node)
+	p, err := natdProcess(t, node)
 	if err != nil {
 		return err
 	}
-	if !isBinary(n.NatdPid, t.API.NatdBinary) {
-		return fmt.Errorf("natd of %s (pid %d) is not running", node, n.NatdPid)
-	}
-	return syscall.Kill(n.NatdPid, syscall.SIGKILL)
+	return syscall.Kill(p.Pid, syscall.SIGKILL)
 }
 
 // DrainNatd asks a node's natd to hand its egress IPs over and exit (SIGUSR1).
 func DrainNatd(t *Topology, node string) error {
-	n, err := t.Node(node)
+	p, err := natdProcess(t, node)
 	if err != nil {
 		return err
 	}
-	if !isBinary(n.NatdPid, t.API.NatdBinary) {
-		return fmt.Errorf("natd of %s (pid %d) is not running", node, n.NatdPid)
-	}
-	return syscall.Kill(n.NatdPid, syscall.SIGUSR1)
+	return syscall.Kill(p.Pid, syscall.SIGUSR1)
 }
 
 // RouterNeighbour is the MAC address the router has for ip ("" when it has none).

@@ -81,6 +81,25 @@ func createPod(ctx context.Context, dir, namespace, name, node string, o podOpti
 	}
 	pod := Pod{Namespace: namespace, Name: name, Node: node, Netns: podNetns(namespace, name), ContainerID: newContainerID()}
 	p = &pod
+	if t.Kubelet {
+		if o.ip != "" {
+			return nil, fmt.Errorf("the real-node lab's pods get their IP from the kubelet's CNI call; --ip is not possible")
+		}
+		if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}},
+			metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return nil, err
+		}
+		if err := l.addNetns(p.Netns); err != nil {
+			return nil, err
+		}
+		if err := createRealPod(ctx, client, t, n, p); err != nil {
+			_ = deleteRealPod(context.Background(), client, p)
+			_ = l.removeNetns(p.Netns)
+			return nil, err
+		}
+		t.Pods = append(t.Pods, pod)
+		return p, t.Save(dir)
+	}
 	// Undo the half-made pod on failure, so that the same name can be tried again.
 	var undo []func()
 	defer func() {
@@ -182,6 +201,15 @@ func deletePod(ctx context.Context, dir, namespace, name string) error {
 	if err != nil {
 		return err
 	}
+	if t.Kubelet {
+		if err := deleteRealPod(ctx, client, p); err != nil {
+			return err
+		}
+		if l, err := loadLedger(dir); err == nil {
+			_ = l.removeNetns(p.Netns)
+		}
+		return forgetPod(t, dir, namespace, name)
+	}
 	if err := client.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil && !apierrors.IsNotFound(err) {
 		return err
 	}
@@ -204,6 +232,11 @@ func deletePod(ctx context.Context, dir, namespace, name string) error {
 	if l, err := loadLedger(dir); err == nil {
 		_ = l.removeNetns(p.Netns)
 	}
+	return errors.Join(delErr, forgetPod(t, dir, namespace, name))
+}
+
+// forgetPod removes a pod from the topology.
+func forgetPod(t *Topology, dir, namespace, name string) error {
 	out := t.Pods[:0]
 	for _, q := range t.Pods {
 		if q.Namespace != namespace || q.Name != name {
@@ -211,5 +244,5 @@ func deletePod(ctx context.Context, dir, namespace, name string) error {
 		}
 	}
 	t.Pods = out
-	return errors.Join(delErr, t.Save(filepath.Clean(dir)))
+	return t.Save(filepath.Clean(dir))
 }

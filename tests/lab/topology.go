@@ -33,6 +33,9 @@ type Topology struct {
 	CNI CNI `json:"cni"`
 	// Network is the network mode: flat or dual ("" in a lab of an older natd-lab: flat).
 	Network string `json:"network"`
+	// Kubelet: the real-node mode (natd-lab up --kubelet). Every node runs containerd and
+	// a kubelet, natd runs as the DaemonSet, pods are the kubelet's.
+	Kubelet bool `json:"kubelet,omitempty"`
 	// The dual mode's IPv6 networks (empty otherwise): nodes, egress IPs (natd does not
 	// use them yet), pods (a /64 per node) and Services (kube-apiserver's service range
 	// stays IPv4: Services are single-stack; natd is told this CIDR).
@@ -72,6 +75,13 @@ type Node struct {
 	KubeProxyLog string `json:"kubeProxyLog"`
 	// CNIConfList is the node's CNI network configuration list.
 	CNIConfList string `json:"cniConfList"`
+	// The real-node mode's containerd and kubelet (NatdPid stays 0 there: NatdPid()
+	// finds the container's process).
+	ContainerdPid    int    `json:"containerdPid,omitempty"`
+	ContainerdSocket string `json:"containerdSocket,omitempty"`
+	ContainerdLog    string `json:"containerdLog,omitempty"`
+	KubeletPid       int    `json:"kubeletPid,omitempty"`
+	KubeletLog       string `json:"kubeletLog,omitempty"`
 }
 
 type Pod struct {
@@ -108,6 +118,9 @@ type API struct {
 	NatdBinary      string `json:"natdBinary"`
 	KubectlBinary   string `json:"kubectlBinary"`
 	KubeProxyBinary string `json:"kubeProxyBinary"`
+	// The real-node mode's controllers.
+	ControllerManagerPid int `json:"controllerManagerPid,omitempty"`
+	SchedulerPid         int `json:"schedulerPid,omitempty"`
 }
 
 // LoadTopology reads DIR/topology.json.
@@ -171,6 +184,13 @@ type ledger struct {
 	Pids       []proc   `json:"pids"`
 	// Paths are files and directories in the lab directory that down removes.
 	Paths []string `json:"paths"`
+	// The real-node mode's changes outside the lab directory: host directories up
+	// created as mount points, cgroups, the global sysctls the kubelet changes (their
+	// values before), and the containerd sockets whose containers down stops.
+	HostDirs []string          `json:"hostDirs,omitempty"`
+	Cgroups  []string          `json:"cgroups,omitempty"`
+	Sysctls  map[string]string `json:"sysctls,omitempty"`
+	Runtimes []string          `json:"runtimes,omitempty"`
 }
 
 type proc struct {

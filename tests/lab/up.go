@@ -97,7 +97,12 @@ type Options struct {
 	// Network is the network mode: flat (the default) or dual (dual-stack nodes, pods
 	// and partner).
 	Network string
-	Out     io.Writer
+	// Kubelet: the real-node mode. NatdImage is natd's image archive (make image),
+	// PauseImage the lab's pause image archive.
+	Kubelet    bool
+	NatdImage  string
+	PauseImage string
+	Out        io.Writer
 }
 
 // Up builds the lab. On failure it leaves what it made recorded in the ledger for Down.
@@ -121,6 +126,14 @@ func Up(ctx context.Context, o Options) (*Topology, error) {
 	default:
 		return nil, fmt.Errorf("--network must be %s, %s or %s (%s is not implemented yet)", NetworkFlat, NetworkDual,
 			NetworkOverlay, NetworkRouted)
+	}
+	if o.Kubelet {
+		if o.Network != NetworkFlat {
+			return nil, fmt.Errorf("--kubelet runs on the flat network only (so far)")
+		}
+		if err := checkRealNodeTools(o); err != nil {
+			return nil, err
+		}
 	}
 	if _, err := os.Stat(filepath.Join(o.Dir, "lab-ledger.json")); err == nil {
 		return nil, fmt.Errorf("a lab already exists in %s; run natd-lab down first", o.Dir)
@@ -178,6 +191,7 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 			KubeProxyBinary: filepath.Join(u.o.KubeBins, "kube-proxy")},
 		ProxyMode: u.o.ProxyMode,
 		Network:   u.o.Network,
+		Kubelet:   u.o.Kubelet,
 	}
 	if t.Dual() {
 		t.NodeCIDR6, t.EgressCIDR6, t.ClusterCIDR6, t.ServiceCIDR6 = NodeCIDR6, EgressCIDR6, ClusterCIDR6, ServiceCIDR6
@@ -205,9 +219,20 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 	if err := u.credentials(t); err != nil {
 		return nil, err
 	}
+	if t.Kubelet {
+		if err := u.realNodeCredentials(t); err != nil {
+			return nil, err
+		}
+	}
 	u.say("etcd and kube-apiserver")
 	if err := u.controlPlane(ctx, t); err != nil {
 		return nil, err
+	}
+	if t.Kubelet {
+		u.say("kube-controller-manager and kube-scheduler")
+		if err := u.controllers(t); err != nil {
+			return nil, err
+		}
 	}
 	client, err := Client(t.Kubeconfig)
 	if err != nil {
@@ -243,7 +268,17 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 		return nil, err
 	}
 	t.Partner.Pid = pid
+	if t.Kubelet {
+		u.say("containerd and kubelet on every node, then natd's DaemonSet")
+		if err := u.realNodes(ctx, client, t); err != nil {
+			_ = t.Save(u.dir)
+			return nil, err
+		}
+	}
 	for i := range t.Nodes {
+		if t.Kubelet {
+			break
+		}
 		n := &t.Nodes[i]
 		u.say("natd on %s", n.Name)
 		if n.NatdPid, err = StartNatd(u.dir, t, n, nil); err != nil {
@@ -373,6 +408,15 @@ func (u *upper) network(t *Topology) error {
 		if err := u.node(t, i); err != nil {
 			return err
 		}
+	}
+	if t.Kubelet {
+		for i := range t.Nodes {
+			if err := u.realNodeCNI(t, &t.Nodes[i]); err != nil {
+				return err
+			}
+		}
+		t.CNI = CNI{BinDirs: []string{"/opt/cni/bin"}, Plugins: []string{"bridge"}}
+		return nil
 	}
 	return u.setupCNI(t)
 }
@@ -569,16 +613,21 @@ func (u *upper) start(ns, bin, logPath string, args ...string) (int, error) {
 }
 
 func startIn(ns, bin, logPath string, args ...string) (int, error) {
+	return startProcess(logPath, append([]string{"ip", "netns", "exec", ns, bin}, args...)...)
+}
+
+// startProcess runs argv detached from natd-lab, logging to logPath.
+func startProcess(logPath string, argv ...string) (int, error) {
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return 0, err
 	}
 	defer logf.Close()
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, bin}, args...)...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		return 0, fmt.Errorf("starting %s in %s: %w", filepath.Base(bin), ns, err)
+		return 0, fmt.Errorf("starting %s: %w", strings.Join(argv, " "), err)
 	}
 	pid := cmd.Process.Pid
 	// Reap it when it exits while natd-lab still runs; after that, init does.
@@ -598,8 +647,7 @@ func (u *upper) controlPlane(ctx context.Context, t *Topology) error {
 	}
 	t.API.EtcdPid = pid
 	pki := filepath.Join(u.dir, "pki")
-	pid, err = u.start(nsAPI, filepath.Join(bins, "kube-apiserver"), t.API.APIServerLog,
-		"--etcd-servers", "http://127.0.0.1:2379",
+	args := []string{"--etcd-servers", "http://127.0.0.1:2379",
 		"--bind-address", "0.0.0.0", "--secure-port", "6443", "--advertise-address", apiNodeIP,
 		"--tls-cert-file", filepath.Join(pki, "apiserver.crt"), "--tls-private-key-file", filepath.Join(pki, "apiserver.key"),
 		"--client-ca-file", filepath.Join(pki, "ca.crt"),
@@ -607,9 +655,13 @@ func (u *upper) controlPlane(ctx context.Context, t *Topology) error {
 		"--service-account-signing-key-file", filepath.Join(pki, "sa.key"),
 		"--service-account-issuer", "https://kubernetes.default.svc",
 		"--service-cluster-ip-range", ServiceCIDR,
-		"--authorization-mode", "RBAC",
+		"--authorization-mode", "Node,RBAC",
+	}
+	if !t.Kubelet {
 		// No controller-manager runs to create default ServiceAccounts.
-		"--disable-admission-plugins", "ServiceAccount")
+		args = append(args, "--disable-admission-plugins", "ServiceAccount")
+	}
+	pid, err = u.start(nsAPI, filepath.Join(bins, "kube-apiserver"), t.API.APIServerLog, args...)
 	if err != nil {
 		return err
 	}
@@ -669,6 +721,9 @@ func (u *upper) objects(ctx context.Context, client kubernetes.Interface, t *Top
 		created, err := client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
 		if err != nil {
 			return err
+		}
+		if t.Kubelet {
+			continue // the kubelet registers onto it and reports its status
 		}
 		now := metav1.Now()
 		created.Status = corev1.NodeStatus{
@@ -754,7 +809,7 @@ func WaitNatdReady(ctx context.Context, n *Node, timeout time.Duration) error {
 		if ready(ctx, n) {
 			return nil
 		}
-		if !Alive(n.NatdPid) {
+		if n.NatdPid > 0 && !Alive(n.NatdPid) { // the real-node mode's kubelet restarts it
 			return fmt.Errorf("natd on %s exited; see %s", n.Name, n.NatdLog)
 		}
 		select {
