@@ -9,7 +9,7 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build image deps kube-bins generate check-generated check test test-e2e test-e2e-dual test-e2e-overlay bench bench-failover bench-scale demo lab-up lab-down vet clean
+.PHONY: all build image deps kube-bins generate check-generated check test test-e2e test-e2e-dual test-e2e-overlay test-e2e-kubelet bench bench-failover bench-scale demo lab-up lab-down vet clean
 
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
@@ -35,8 +35,8 @@ image:
 deps:
 	@scripts/install-deps.sh
 
-# etcd, kube-apiserver, kubectl and kube-proxy, built from source once and cached in
-# $(CACHE)/bin.
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kube-proxy and
+# the kubelet, built from source once and cached in $(CACHE)/bin.
 kube-bins:
 	@scripts/build-kube.sh >/dev/null
 
@@ -74,6 +74,15 @@ test: deps kube-bins check-generated vet check
 	NATD_E2E_NODES=10 NATD_E2E_NATD_ARGS='--heartbeat-interval=80ms --lease=600ms' $(GO) test -count=1 -timeout 5m -run '^(TestFailoverPartition|TestFailoverNatdKilled)$$' ./tests/e2e/
 	$(MAKE) test-e2e-dual
 	$(MAKE) test-e2e-overlay
+	$(MAKE) test-e2e-kubelet
+
+# The core pinning, fail-closed and failover scenarios on real nodes (natd-lab up
+# --kubelet): containerd and a kubelet per node, natd as the manifests' DaemonSet in
+# the image make image builds, pods made by the kubelets; and what only real nodes
+# show: a rolling restart (kubectl rollout restart) and the README's uninstall.
+KUBELET_TESTS := ^(TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestClusterTrafficKeepsPodIP|TestPinnedThroughServiceToTheOutside|TestNoEligibleNodeFailsClosed|TestNewPodsFirstConnection|TestFailoverUplinkCut|TestFailoverNatdKilled|TestFailoverPartition|TestFailoverWithAPIServerDown|TestPlannedMoveLabelRemoved|TestDrainHandsOver|TestRestartDoesNotMove|TestRollingRestartMovesNothing|TestUninstallFromRealNodesLeavesNothing)$$
+test-e2e-kubelet: deps kube-bins
+	NATD_E2E_KUBELET=1 $(GO) test -count=1 -timeout 15m -run '$(KUBELET_TESTS)' ./tests/e2e/
 
 # The core pinning, fail-closed and failover scenarios in the overlay lab (natd-lab up
 # --network overlay): a VXLAN CNI on an underlay that drops foreign sources.
