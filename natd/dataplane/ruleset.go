@@ -542,6 +542,21 @@ func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
 // IP in state.Egress. lease is how long SNAT to a held egress IP lasts unless natd
 // renews it (0: forever). gossipPort, when set, is guarded against non-node sources;
 // tunnelPort is the UDP port of natd's tunnels between nodes.
+// unpinnedTransit drops another node's pod sending outside through this node, but not
+// through natd's tunnel: a natd from before the tunnel forwarding pinned traffic during
+// an upgrade. This node cannot tell whether the pod is pinned; let through, the CNI
+// would masquerade it with this node's IP. Only a node that knows its own pod CIDRs
+// (Node.spec.podCIDRs) can tell another node's pod from one of its own that natd has
+// not classified (it predates natd-cni): without them the rule would drop every such
+// pod of every namespace, so there is none.
+func unpinnedTransit(state State, marks Marks) []*Rule {
+	if len(state.LocalPodCIDRs) == 0 {
+		return nil
+	}
+	return []*Rule{newRule().ipAddrIn("saddr", setPodCIDRs, false).ipAddrIn("saddr", setLocalPodCIDRs, true).
+		markMaskedIsZero(marks.Mask).countDrops(DropUnpinnedTransit).verdict(expr.VerdictDrop)}
+}
+
 func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, gossipPort, tunnelPort uint16) *Ruleset {
 	rs := &Ruleset{Family: nftables.TableFamilyIPv4}
 	var held []EgressIP
@@ -651,13 +666,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			// API says about an older pod that had the same IP.
 			newRule().saddrVmap(MapCNIPods),
 			newRule().saddrVmap(mapPodEgress),
-			// Another node's pod sending outside through this node, but not through
-			// natd's tunnel: a natd from before the tunnel forwarding pinned traffic
-			// during an upgrade. This node cannot tell whether the pod is pinned; let it
-			// through and the CNI would masquerade it with this node's IP.
-			newRule().ipAddrIn("saddr", setPodCIDRs, false).ipAddrIn("saddr", setLocalPodCIDRs, true).
-				markMaskedIsZero(marks.Mask).countDrops(DropUnpinnedTransit).verdict(expr.VerdictDrop),
-		}),
+		}, unpinnedTransit(state, marks)),
 	}
 	snat := &Chain{
 		Name: "pinned_snat", Type: nftables.ChainTypeNAT, Hook: nftables.ChainHookPostrouting,

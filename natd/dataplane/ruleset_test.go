@@ -315,3 +315,25 @@ func TestEgressIPWithoutSlotFailsClosed(t *testing.T) {
 		}
 	}
 }
+
+// A node without Node.spec.podCIDRs (a CNI with its own IPAM) cannot tell another
+// node's pod from one of its own that natd has not classified: it must not drop pod
+// sources as unpinned transit, or every such pod of every namespace would lose the
+// outside.
+func TestNoPodCIDRNoTransitDrop(t *testing.T) {
+	marks, err := NewMarks(0x00ff0000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := sampleState()
+	with := BuildRuleset(st, sampleRecords(), marks, nil, time.Second, 7946, 4799).Text(false)
+	const transitDrop = "ip saddr @pod_cidrs ip saddr != @local_pod_cidrs"
+	if !strings.Contains(with, transitDrop) {
+		t.Fatalf("a node with pod CIDRs has no unpinned-transit drop:\n%s", with)
+	}
+	st.LocalPodCIDRs = nil
+	without := BuildRuleset(st, sampleRecords(), marks, nil, time.Second, 7946, 4799).Text(false)
+	if strings.Contains(without, transitDrop) {
+		t.Fatalf("a node without pod CIDRs drops unpinned transit:\n%s", without)
+	}
+}
