@@ -9,7 +9,7 @@ CACHE ?= $(or $(NATD_CACHE),$(HOME)/.cache/natd)
 export NATD_CACHE := $(CACHE)
 LAB_DIR ?= /tmp/natd-lab
 
-.PHONY: all build image deps kube-bins generate check-generated check test test-e2e test-e2e-dual test-e2e-overlay test-e2e-kubelet bench bench-failover bench-scale demo lab-up lab-down vet clean
+.PHONY: all build image deps kube-bins generate check-generated check test test-e2e test-e2e-dual test-e2e-overlay test-e2e-routed test-e2e-kubelet bench bench-failover bench-scale demo lab-up lab-down vet clean
 
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
@@ -74,7 +74,15 @@ test: deps kube-bins check-generated vet check
 	NATD_E2E_NODES=10 NATD_E2E_NATD_ARGS='--heartbeat-interval=80ms --lease=600ms' $(GO) test -count=1 -timeout 5m -run '^(TestFailoverPartition|TestFailoverNatdKilled)$$' ./tests/e2e/
 	$(MAKE) test-e2e-dual
 	$(MAKE) test-e2e-overlay
+	$(MAKE) test-e2e-routed
 	$(MAKE) test-e2e-kubelet
+
+# The core pinning, fail-closed and failover scenarios in the routed lab (natd-lab up
+# --network routed): every node in a subnet of its own, egress IPs announced over BGP
+# to the router's BIRD.
+ROUTED_TESTS := ^(TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestClusterTrafficKeepsPodIP|TestPinnedThroughServiceToTheOutside|TestNoEligibleNodeFailsClosed|TestNewPodsFirstPacketsOnAnotherNode|TestPodsCannotUseTheTunnel|TestLargeTransfersThroughTheTunnel|TestConnectionsLostOnThePodsNode|TestFailoverUplinkCut|TestFailoverNatdKilled|TestFailoverPartition|TestFailoverWithAPIServerDown|TestPlannedMoveLabelRemoved|TestDrainHandsOver|TestRestartDoesNotMove|TestRouted.*)$$
+test-e2e-routed: deps kube-bins
+	NATD_E2E_NETWORK=routed $(GO) test -count=1 -timeout 10m -run '$(ROUTED_TESTS)' ./tests/e2e/
 
 # The core pinning, fail-closed and failover scenarios on real nodes (natd-lab up
 # --kubelet): containerd and a kubelet per node, natd as the manifests' DaemonSet in

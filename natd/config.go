@@ -10,10 +10,12 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
 	"natd.dev/natd/election"
+	"natd.dev/natd/natd/bgp"
 	"natd.dev/natd/natd/dataplane"
 )
 
@@ -59,6 +61,10 @@ type Config struct {
 	RestartGrace        time.Duration
 	HandoverTimeout     time.Duration
 	DrainTimeout        time.Duration
+	// BGP (a routed fabric): the holder announces its egress IPs to these peers.
+	BGPASN      uint32
+	BGPPeers    []bgp.Peer
+	BGPHoldTime time.Duration
 }
 
 // prefixList is a repeatable flag of CIDRs; commas also separate values.
@@ -180,6 +186,41 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.RestartGrace, "restart-grace", c.RestartGrace, "on SIGTERM, how long the kernel keeps serving this node's IPs and the others wait for natd to come back")
 	fs.DurationVar(&c.HandoverTimeout, "handover-timeout", c.HandoverTimeout, "in a planned move, how long the old holder keeps an IP waiting for the new one to claim it")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGUSR1 (drain), how long natd waits for its IPs to be taken over before it exits")
+	fs.Var(bgpPeerList{&c.BGPPeers}, "bgp-peer", "a router to announce held egress IPs to over BGP, as ADDRESS:ASN (repeatable; a routed fabric, where gratuitous ARP does not reach the router)")
+	fs.Func("bgp-asn", "the nodes' own AS number for --bgp-peer", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		if err != nil || n == 0 {
+			return fmt.Errorf("not an AS number: %q", v)
+		}
+		c.BGPASN = uint32(n)
+		return nil
+	})
+	fs.DurationVar(&c.BGPHoldTime, "bgp-hold-time", 3*time.Second, "BGP hold time: how long a router keeps the routes of a node that vanished without closing its session (at least 3s)")
+}
+
+// bgpPeerList is the repeatable --bgp-peer flag.
+type bgpPeerList struct{ list *[]bgp.Peer }
+
+func (p bgpPeerList) String() string {
+	if p.list == nil {
+		return ""
+	}
+	var s []string
+	for _, x := range *p.list {
+		s = append(s, fmt.Sprintf("%s:%d", x.Addr, x.ASN))
+	}
+	return strings.Join(s, ",")
+}
+
+func (p bgpPeerList) Set(v string) error {
+	addr, asn, ok := strings.Cut(v, ":")
+	a, err := netip.ParseAddr(addr)
+	n, nerr := strconv.ParseUint(asn, 10, 32)
+	if !ok || err != nil || !a.Is4() || nerr != nil || n == 0 {
+		return fmt.Errorf("want IPv4-ADDRESS:ASN, got %q", v)
+	}
+	*p.list = append(*p.list, bgp.Peer{Addr: a, ASN: uint32(n)})
+	return nil
 }
 
 // Gossip is the gossip configuration the flags describe, for a member on nodeIP with
@@ -219,6 +260,10 @@ func (c *Config) Heartbeat() election.HeartbeatTiming {
 // Validate checks the configuration for the agent.
 func (c *Config) Validate() error {
 	switch {
+	case len(c.BGPPeers) > 0 && c.BGPASN == 0:
+		return fmt.Errorf("--bgp-peer needs --bgp-asn, the nodes' own AS number")
+	case c.BGPASN != 0 && len(c.BGPPeers) == 0:
+		return fmt.Errorf("--bgp-asn without --bgp-peer: no router to announce to")
 	case c.NodeName == "":
 		return fmt.Errorf("--node-name (or $NODE_NAME) is required")
 	case len(c.EgressCIDRs) == 0:

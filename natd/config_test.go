@@ -3,6 +3,7 @@ package natd
 import (
 	"flag"
 	"fmt"
+	"io"
 	"net/netip"
 	"strings"
 	"testing"
@@ -60,5 +61,41 @@ func TestPlanDualStackClusterDestinations(t *testing.T) {
 	}
 	if got := prefixes(plan.State.PodCIDRs); strings.Contains(got, ":") {
 		t.Errorf("PodCIDRs = %s; want IPv4 only", got)
+	}
+}
+
+// BGP needs both a peer and the nodes' AS number; a malformed peer is refused at parse.
+func TestConfigBGP(t *testing.T) {
+	base := []string{"--node-name", "node1", "--gossip-key-file", "/k", "--egress-cidr", "198.18.0.192/26", "--cluster-cidr", "10.244.0.0/16"}
+	for _, c := range []struct {
+		args     []string
+		parseErr bool
+		err      string
+	}{
+		{[]string{"--bgp-asn", "64512", "--bgp-peer", "198.18.11.1:64513", "--bgp-peer", "198.18.11.2:64513"}, false, ""},
+		{[]string{"--bgp-peer", "198.18.11.1:64513"}, false, "needs --bgp-asn"},
+		{[]string{"--bgp-asn", "64512"}, false, "without --bgp-peer"},
+		{[]string{"--bgp-peer", "198.18.11.1"}, true, ""},
+		{[]string{"--bgp-peer", "2001:db8::1:64513"}, true, ""},
+		{[]string{"--bgp-asn", "0"}, true, ""},
+	} {
+		var cfg Config
+		fs := flag.NewFlagSet("natd", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		cfg.RegisterFlags(fs)
+		err := fs.Parse(append(append([]string{}, base...), c.args...))
+		if c.parseErr {
+			if err == nil {
+				t.Errorf("%v: parsed", c.args)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%v: %v", c.args, err)
+		}
+		err = cfg.Validate()
+		if got := fmt.Sprint(err); (c.err == "" && err != nil) || (c.err != "" && !strings.Contains(got, c.err)) {
+			t.Errorf("%v: Validate() = %v, want %q", c.args, err, c.err)
+		}
 	}
 }

@@ -26,6 +26,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"natd.dev/natd/election"
+	"natd.dev/natd/natd/bgp"
 	"natd.dev/natd/natd/client/clientset/versioned"
 	"natd.dev/natd/natd/cniplugin"
 	"natd.dev/natd/natd/dataplane"
@@ -95,7 +96,15 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	metrics.ExportCounters(dp.Counters)
 	klog.InfoS("Starting natd", "version", Version, "revision", Revision(), "node", cfg.NodeName, "egressCIDRs", cfg.EgressCIDRs, "failOpen", cfg.FailOpen,
 		"encryptedGossip", keys != nil, "gossipKeys", len(keys), "lease", cfg.Lease, "heartbeatInterval", cfg.HeartbeatInterval, "silence", cfg.Heartbeat().Silence)
-	return NewAgent(cfg, client, egress, dp, newMembership, recorder, metrics), nil
+	var kernel Kernel = dp
+	if len(cfg.BGPPeers) > 0 {
+		kernel = &announcingKernel{Kernel: dp, lease: cfg.Lease, now: time.Now,
+			start: func(nodeIP netip.Addr) (announcer, error) {
+				return bgp.Start(ctx, bgp.Config{ASN: cfg.BGPASN, NodeIP: nodeIP, Peers: cfg.BGPPeers,
+					HoldTime: cfg.BGPHoldTime, RestartTime: cfg.RestartGrace})
+			}}
+	}
+	return NewAgent(cfg, client, egress, kernel, newMembership, recorder, metrics), nil
 }
 
 // gossipKeys reads the keys in --gossip-key-file: one base64 key per line (16, 24 or 32

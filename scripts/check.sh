@@ -38,4 +38,37 @@ if [[ ! -f $db/index/db.json ]]; then
 fi
 govulncheck=$(tool govulncheck golang.org/x/vuln/cmd/govulncheck@$GOVULNCHECK_VERSION)
 echo "govulncheck $GOVULNCHECK_VERSION, database golang.org/x/vulndb@$VULNDB_VERSION"
-"$govulncheck" -db "file://$db" ./...
+# Triaged findings, each with why it does not apply. Every other finding in code natd
+# calls fails the check.
+#   GO-2026-4736 (GoBGP, a malformed NEXT_HOP from a BGP peer crashes the speaker): fixed
+#   in GoBGP v4.4.0 (advisory GHSA-4p9m-8gc4-rw2h; v4.8.0's NEXT_HOP decoder refuses any
+#   length but 4 and 16), but the database names no fixed version, so every GoBGP is
+#   flagged. natd's peers are the routers its operator names; natd only connects.
+allowed="GO-2026-4736"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+"$govulncheck" -db "file://$db" -format json ./... >"$out"
+python3 - "$out" $allowed <<'PY'
+import json, sys
+text, allowed = open(sys.argv[1]).read(), set(sys.argv[2:])
+dec, i, osv, called = json.JSONDecoder(), 0, {}, {}
+while True:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text):
+        break
+    msg, i = dec.raw_decode(text, i)
+    if "osv" in msg:
+        osv[msg["osv"]["id"]] = msg["osv"].get("summary", "")
+    f = msg.get("finding")
+    if f and f.get("trace") and f["trace"][0].get("function"):
+        t = f["trace"][0]
+        called.setdefault(f["osv"], "%s.%s (%s)" % (t.get("package", ""), t["function"], t.get("module", "")))
+bad = sorted(set(called) - allowed)
+for v in sorted(called):
+    print("%s %s: %s, called via %s" % ("allowed" if v in allowed else "FOUND", v, osv.get(v, ""), called[v]))
+if bad:
+    print("govulncheck: %d vulnerabilities in code natd calls" % len(bad))
+    sys.exit(3)
+print("govulncheck: no vulnerabilities in code natd calls" + (" but the triaged ones above" if called else ""))
+PY

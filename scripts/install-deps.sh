@@ -12,10 +12,13 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)
 command -v curl >/dev/null 2>&1 || need+=(curl) # the demo reads metrics with it
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3) # make bench: the pinned path's cost
+command -v python3 >/dev/null 2>&1 || need+=(python3) # scripts/check.sh reads govulncheck's findings
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || need+=(containernetworking-plugins)
 # The real-node lab (natd-lab up --kubelet): containerd (with ctr) and runc.
 command -v containerd >/dev/null 2>&1 && command -v ctr >/dev/null 2>&1 || need+=(containerd)
 command -v runc >/dev/null 2>&1 || need+=(runc)
+# The routed lab (natd-lab up --network routed): BIRD, the router's BGP daemon.
+[ -x /usr/sbin/bird ] || need+=(bird2)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing packages: ${need[*]}; install them as root (apt-get install ${need[*]})" >&2

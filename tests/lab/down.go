@@ -64,7 +64,7 @@ func Down(dir string) error {
 	}
 	for _, name := range []string{"pki", "etcd", "topology.json", "lab-ledger.json", "kubeconfig", "partner.log",
 		"etcd.log", "kube-apiserver.log", "gossip.key", ".lock", "nodes", "kube-controller-manager.log",
-		"kube-scheduler.log", "natd-daemonset.yaml"} {
+		"kube-scheduler.log", "natd-daemonset.yaml", "bird.conf", "bird.log", "bird.ctl", "bird.pid"} {
 		os.RemoveAll(filepath.Join(dir, name))
 	}
 	for _, pattern := range []string{"natd-*.log", "kube-proxy-*.log", "*.kubeconfig", "state-*", "containerd-*.log", "kubelet-*.log"} {

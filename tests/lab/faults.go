@@ -23,13 +23,25 @@ func CutUplink(t *Topology, node string) (heal func() error, err error) {
 		return nil, err
 	}
 	return func() error {
-		_, err := NsRun(t.Router.Netns, "ip", "link", "set", port, "up")
-		return err
+		if _, err := NsRun(t.Router.Netns, "ip", "link", "set", port, "up"); err != nil {
+			return err
+		}
+		if t.Network == NetworkRouted {
+			// The kernel dropped the route to the node's pods with the link.
+			n, err := t.Node(node)
+			if err != nil {
+				return err
+			}
+			_, err = NsRun(t.Router.Netns, "ip", "route", "replace", n.PodCIDR, "via", n.IP)
+			return err
+		}
+		return nil
 	}, nil
 }
 
 // Partition cuts a node off from the other nodes while it still reaches the router
-// (and through it the partner): the bridge drops frames between its port and theirs.
+// (and through it the partner): the bridge (routed mode: the router) drops what goes
+// between its port and theirs.
 func Partition(t *Topology, node string) (heal func() error, err error) {
 	port, err := routerPort(t, node)
 	if err != nil {
@@ -43,18 +55,22 @@ func Partition(t *Topology, node string) (heal func() error, err error) {
 		}
 	}
 	set := strings.Join(others, ", ")
-	script := fmt.Sprintf(`table bridge natd-lab-partition {
+	family := "bridge"
+	if t.Network == NetworkRouted {
+		family = "inet" // the router routes between the nodes' subnets
+	}
+	script := fmt.Sprintf(`table %s natd-lab-partition {
 	chain forward {
 		type filter hook forward priority filter; policy accept;
 		iifname "%s" oifname { %s } drop
 		iifname { %s } oifname "%s" drop
 	}
-}`, port, set, set, port)
+}`, family, port, set, set, port)
 	if _, err := NsRun(t.Router.Netns, "nft", script); err != nil {
 		return nil, err
 	}
 	return func() error {
-		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", "bridge", "natd-lab-partition")
+		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", family, "natd-lab-partition")
 		return err
 	}, nil
 }

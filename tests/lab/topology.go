@@ -107,6 +107,8 @@ type Partner struct {
 
 type Router struct {
 	Netns string `json:"netns"`
+	// BirdSocket is the control socket of the router's BIRD (routed mode).
+	BirdSocket string `json:"birdSocket,omitempty"`
 }
 
 type API struct {

@@ -122,10 +122,11 @@ func Up(ctx context.Context, o Options) (*Topology, error) {
 		o.Network = NetworkFlat
 	case NetworkFlat, NetworkDual, NetworkOverlay:
 	case NetworkRouted:
-		return nil, fmt.Errorf("--network %s is not implemented yet (flat, dual and overlay are)", o.Network)
+		if err := checkRoutedTools(); err != nil {
+			return nil, err
+		}
 	default:
-		return nil, fmt.Errorf("--network must be %s, %s or %s (%s is not implemented yet)", NetworkFlat, NetworkDual,
-			NetworkOverlay, NetworkRouted)
+		return nil, fmt.Errorf("--network must be %s, %s, %s or %s", NetworkFlat, NetworkDual, NetworkOverlay, NetworkRouted)
 	}
 	if o.Kubelet {
 		if o.Network != NetworkFlat {
@@ -197,9 +198,16 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 		t.NodeCIDR6, t.EgressCIDR6, t.ClusterCIDR6, t.ServiceCIDR6 = NodeCIDR6, EgressCIDR6, ClusterCIDR6, ServiceCIDR6
 		t.Partner.IP6 = PartnerIP6
 	}
+	if t.Network == NetworkRouted {
+		t.NodeCIDR = routedSubnet(1)
+	}
 	for i := 1; i <= u.o.Nodes; i++ {
 		name := fmt.Sprintf("node%d", i)
-		n := Node{Name: name, Netns: "natd-" + name, IP: NodeIP(i),
+		ip := NodeIP(i)
+		if t.Network == NetworkRouted {
+			ip = RoutedNodeIP(i)
+		}
+		n := Node{Name: name, Netns: "natd-" + name, IP: ip,
 			PodCIDR: fmt.Sprintf("10.244.%d.0/24", i),
 			// node1 is a plain worker; every other node may hold egress IPs.
 			Egress:       i != 1 || u.o.Nodes == 1,
@@ -404,8 +412,19 @@ func (u *upper) network(t *Topology) error {
 		"ip addr add "+apiHostIP+"/30 dev eth1", "ip link set eth1 up"); err != nil {
 		return err
 	}
+	if t.Network == NetworkRouted {
+		// The nodes' subnets are behind the router.
+		if err := u.cmds(nsAPI, "ip route add "+routedNodes+" via "+routerNodeIP); err != nil {
+			return err
+		}
+	}
 	for i := range t.Nodes {
 		if err := u.node(t, i); err != nil {
+			return err
+		}
+	}
+	if t.Network == NetworkRouted {
+		if err := u.startBIRD(t); err != nil {
 			return err
 		}
 	}
@@ -430,7 +449,18 @@ func (u *upper) node(t *Topology, i int) error {
 		return err
 	}
 	port := fmt.Sprintf("n%d", i+1)
-	if err := u.cmds(nsRouter,
+	gateway := routerNodeIP
+	if t.Network == NetworkRouted {
+		// A subnet of its own: the router routes between the nodes, and to each
+		// node's pods (as a fabric that learned them, or a CNI announcing them).
+		gateway = routedGateway(i + 1)
+		if err := u.cmds(nsRouter,
+			"ip link add "+port+" type veth peer name eth0 netns "+n.Netns,
+			"ip addr add "+gateway+"/24 dev "+port, "ip link set "+port+" up",
+			"ip route add "+n.PodCIDR+" via "+n.IP); err != nil {
+			return err
+		}
+	} else if err := u.cmds(nsRouter,
 		"ip link add "+port+" type veth peer name eth0 netns "+n.Netns,
 		"ip link set "+port+" master br0", "ip link set "+port+" up"); err != nil {
 		return err
@@ -438,7 +468,7 @@ func (u *upper) node(t *Topology, i int) error {
 	gw := strings.TrimSuffix(n.PodCIDR, "0/24") + "1"
 	cmds := []string{
 		"ip addr add " + n.IP + "/24 dev eth0", "ip link set eth0 up",
-		"ip route add default via " + routerNodeIP,
+		"ip route add default via " + gateway,
 		// A bridge without a MAC of its own takes the lowest MAC of its ports, so it
 		// would change as pods come and go and strand the pods' ARP entries for their
 		// gateway; CNIs' bridges fix theirs the same way.
@@ -450,7 +480,7 @@ func (u *upper) node(t *Topology, i int) error {
 	}
 	if t.Network == NetworkOverlay {
 		cmds = append(cmds, overlayCmds(t, i)...)
-	} else {
+	} else if t.Network != NetworkRouted { // routed: other nodes' pods through the router
 		for j, other := range t.Nodes {
 			if j != i {
 				cmds = append(cmds, "ip route add "+other.PodCIDR+" via "+other.IP)
@@ -478,8 +508,11 @@ func (u *upper) node(t *Topology, i int) error {
 	// An overlay CNI masquerades pod traffic to node addresses too (flannel does): the
 	// underlay would drop a pod's address.
 	nodeCIDR := NodeCIDR
-	if t.Network == NetworkOverlay {
+	switch t.Network {
+	case NetworkOverlay:
 		nodeCIDR = ""
+	case NetworkRouted:
+		nodeCIDR = routedNodes
 	}
 	return InNetns(n.Netns, func() error {
 		if err := masquerade(iptables.ProtocolIPv4, ClusterCIDR, nodeCIDR); err != nil {
@@ -794,6 +827,9 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 		// A dual-stack cluster's IPv6 pod and service CIDRs: never-dropped destinations
 		// of pinned pods' IPv6 traffic.
 		args = append(args, "--cluster-cidr", t.ClusterCIDR6, "--service-cidr", t.ServiceCIDR6)
+	}
+	if t.Network == NetworkRouted {
+		args = append(args, routedNatdArgs(t, n)...)
 	}
 	// NODE_IP as the DaemonSet sets it (status.hostIP): /metrics listens on the node IP
 	// and loopback only.
