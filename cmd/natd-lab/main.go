@@ -20,7 +20,7 @@ import (
 
 const usage = `natd-lab: a natd cluster in network namespaces
 
-  natd-lab up [--nodes N] [--proxy-mode nftables|iptables] [--network flat|dual|overlay] [--kubelet]
+  natd-lab up [--nodes N] [--proxy-mode nftables|iptables] [--network flat|dual|overlay|routed] [--kubelet]
                                                build the lab; start kube-proxy and natd on every node
                                                (dual: nodes, pods and partner get IPv6 addresses too;
                                                --kubelet: real nodes, containerd and a kubelet each,
@@ -97,7 +97,7 @@ func run(ctx context.Context, verb string, args []string) error {
 		kubeBins := fs.String("kube-bins", defaultKubeBins(), "directory with etcd, kube-apiserver and kubectl")
 		natdArgs := fs.String("natd-args", "", "extra natd flags, space-separated")
 		proxyMode := fs.String("proxy-mode", lab.ProxyModeNFTables, "kube-proxy's mode: nftables or iptables")
-		network := fs.String("network", lab.NetworkFlat, "network mode: flat, dual (dual-stack) or overlay (a VXLAN CNI on an underlay that drops foreign sources)")
+		network := fs.String("network", lab.NetworkFlat, "network mode: flat, dual (dual-stack), overlay (a VXLAN CNI on an underlay that drops foreign sources) or routed (nodes in subnets of their own, egress IPs announced over BGP to the router)")
 		kubelet := fs.Bool("kubelet", false, "real nodes: containerd, runc and a kubelet on each, natd as the manifests' DaemonSet, pods made by the kubelets")
 		image := fs.String("image", filepath.Join(filepath.Dir(self), "natd-image.tar"), "--kubelet: natd's image archive (make image)")
 		pause := fs.String("pause-image", filepath.Join(filepath.Dir(self), "lab-pause-image.tar"), "--kubelet: the lab's pause image archive (make image)")
