@@ -484,14 +484,15 @@ func NatdDaemonSet(t *Topology) ([]byte, error) {
 	return yaml.Marshal(&ds)
 }
 
-// InstallNatd installs natd as a user does: the gossip key Secret, then the DaemonSet.
+// InstallNatd installs natd as the README says: the gossip key Secret from `natd
+// gen-key`, then the DaemonSet.
 func InstallNatd(ctx context.Context, t *Topology, dir string) error {
-	key, err := os.ReadFile(filepath.Join(dir, "gossip.key"))
+	key, err := Run(t.API.NatdBinary, "gen-key")
 	if err != nil {
-		return err
+		return fmt.Errorf("natd gen-key: %w\n%s", err, key)
 	}
 	if out, err := Run(t.API.KubectlBinary, "--kubeconfig", t.Kubeconfig, "-n", ServiceAccountNamespace, "create", "secret",
-		"generic", "natd-gossip-key", "--from-literal=key="+strings.TrimSpace(string(key))); err != nil && !strings.Contains(out, "AlreadyExists") {
+		"generic", "natd-gossip-key", "--from-literal=key="+strings.TrimSpace(key)); err != nil && !strings.Contains(out, "AlreadyExists") {
 		return fmt.Errorf("creating the gossip key Secret: %w\n%s", err, out)
 	}
 	ds, err := NatdDaemonSet(t)
@@ -502,7 +503,7 @@ func InstallNatd(ctx context.Context, t *Topology, dir string) error {
 	if err := os.WriteFile(f, ds, 0o644); err != nil {
 		return err
 	}
-	if out, err := Run(t.API.KubectlBinary, "--kubeconfig", t.Kubeconfig, "apply", "-f", f); err != nil {
+	if out, err := Run(t.API.KubectlBinary, "--kubeconfig", t.Kubeconfig, "apply", "--server-side", "--field-manager", "natd-lab", "-f", f); err != nil {
 		return fmt.Errorf("applying the DaemonSet: %w\n%s", err, out)
 	}
 	return nil
