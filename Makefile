@@ -130,8 +130,9 @@ bench-failover: deps kube-bins
 bench-scale: deps
 	NATD_SCALE_SIZES=$(or $(SIZES),10,50,200,1000) $(GO) test -run '^$$' -bench Scale -benchtime 1x -timeout 90m ./natd/
 
-demo: deps kube-bins build
-	@KEEP=$(KEEP) LAB_DIR=$(LAB_DIR) scripts/demo.sh
+# KUBELET=1: on real nodes (containerd, kubelets, natd as the DaemonSet).
+demo: deps kube-bins build $(if $(KUBELET),image)
+	@KEEP=$(KEEP) KUBELET=$(KUBELET) LAB_DIR=$(LAB_DIR) scripts/demo.sh
 
 # NETWORK=dual: the dual-stack lab.
 lab-up: deps kube-bins build $(if $(KUBELET),image)

@@ -19,10 +19,16 @@ if [ "${KEEP:-}" != 1 ]; then
   trap 'step "Taking the lab down"; $LAB down --dir "$DIR" && echo "  done: nothing of the lab is left"' EXIT
 fi
 
+# KUBELET=1: real nodes (containerd and a kubelet each, natd as the DaemonSet from make
+# image, pods made by the kubelets).
+up_args=() pods_how="the lab plays kubelet and runtime; each node's CNI chain wires them"
+if [ "${KUBELET:-}" = 1 ]; then
+  up_args=(--kubelet) pods_how="Pods made by each node's kubelet and containerd through the CNI"
+fi
 step "Bringing up the lab: etcd, kube-apiserver, 3 nodes (node2 and node3 may hold egress IPs), a router, a partner"
-$LAB up --dir "$DIR" --nodes 3
+$LAB up --dir "$DIR" --nodes 3 "${up_args[@]}"
 
-step "Starting pods (the lab plays kubelet and runtime; each node's CNI chain wires them)"
+step "Starting pods ($pods_how)"
 pods=("team-a app-1 node1" "team-a app-2 node2" "team-a app-3 node3" "team-b web-1 node1")
 for p in "${pods[@]}"; do
   set -- $p
