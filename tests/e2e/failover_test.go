@@ -121,6 +121,17 @@ type outcome struct {
 	status time.Duration
 	tcp    tcpOutcome // the long-lived connection opened before the fault
 	leaks  []string   // the first leaked arrivals, described
+	// The benchmark's extra connections (failoverExtras): more long-lived ones from the
+	// pod, and a pair from two pods on two nodes using one source port.
+	more, pair []tcpOutcome
+}
+
+// failoverExtras, when set (the benchmark), opens more long-lived connections in each
+// failover: conns more from the pod, and a pair of connections from two pods on two
+// nodes that are not the holder, both from local port pairPort.
+var failoverExtras struct {
+	conns    int
+	pairPort int
 }
 
 func (o *outcome) leak(what string) {
@@ -343,6 +354,20 @@ func failover(t testing.TB, name, ip string, f fault, want move) (before, after 
 
 	s := startStream(t, p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
 	conn := startConnection(t, p)
+	var more, pair []*connection
+	for i := 0; i < failoverExtras.conns; i++ {
+		more = append(more, startConnection(t, p))
+	}
+	if failoverExtras.pairPort != 0 {
+		// The second pod of the pair: on the node that neither holds nor is node1.
+		for _, n := range topo.Nodes {
+			if n.Name != before && n.Name != "node1" {
+				q := newPod(t, ns, "pair", n.Name)
+				pair = append(pair, startConnectionFrom(t, p, failoverExtras.pairPort), startConnectionFrom(t, q, failoverExtras.pairPort))
+				break
+			}
+		}
+	}
 	time.Sleep(500 * time.Millisecond)
 	faultAt := time.Now()
 	statusAt := make(chan time.Duration, 1)
@@ -370,11 +395,18 @@ func failover(t testing.TB, name, ip string, f fault, want move) (before, after 
 	time.Sleep(1500 * time.Millisecond) // let gratuitous ARP repeats and handovers settle
 	s.halt()
 	tcpOut := conn.stop()
+	for _, k := range more {
+		o.more = append(o.more, k.stop())
+	}
+	for _, k := range pair {
+		o.pair = append(o.pair, k.stop())
+	}
 	if samples := twice(); len(samples) > 0 {
 		t.Errorf("%s: two nodes served %s at once in %d samples: %v", name, ip, len(samples), samples[0])
 	}
+	extra, extraPair := o.more, o.pair
 	o = s.outcome(t, ip, faultAt)
-	o.tcp = tcpOut
+	o.tcp, o.more, o.pair = tcpOut, extra, extraPair
 	if o.leaked > 0 {
 		t.Errorf("%s: %d datagrams and requests arrived with another source than %s, first: %s\n%s",
 			name, o.leaked, ip, strings.Join(o.leaks, "; "), leakDiagnosis(p))
@@ -440,9 +472,15 @@ func (o tcpOutcome) String() string {
 
 func startConnection(t testing.TB, p *lab.Pod) *connection {
 	t.Helper()
+	return startConnectionFrom(t, p, 0)
+}
+
+// startConnectionFrom is startConnection from local port port (0: any).
+func startConnectionFrom(t testing.TB, p *lab.Pod, port int) *connection {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := lab.DialIn(ctx, p.Netns, "tcp", partnerAddr())
+	c, err := lab.DialFromPortIn(ctx, p.Netns, port, partnerAddr())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -765,6 +803,10 @@ func BenchmarkFailover(b *testing.B) {
 	if v := os.Getenv("NATD_FAILOVER_ROUNDS"); v != "" {
 		fmt.Sscan(v, &rounds)
 	}
+	// Four long-lived connections per failover (one, plus three more), and a pair of
+	// pods on two nodes connecting from one source port to the partner's port.
+	failoverExtras.conns, failoverExtras.pairPort = 3, 40123
+	defer func() { failoverExtras.conns, failoverExtras.pairPort = 0, 0 }()
 	kinds := []struct {
 		name string
 		ip   string
@@ -782,7 +824,7 @@ func BenchmarkFailover(b *testing.B) {
 		}
 		b.Run(k.name, func(b *testing.B) {
 			var rec, status, stalls []time.Duration
-			leaked, lost, sent, survived := 0, 0, 0, 0
+			leaked, lost, sent, survived, conns, pairSurvived, pairs := 0, 0, 0, 0, 0, 0, 0
 			for b.Loop() {
 				for i := 0; i < rounds; i++ {
 					_, _, o := failover(b, fmt.Sprintf("bench-%s-%d-%d", k.name, i, time.Now().Unix()), k.ip, k.f, mustMove)
@@ -793,9 +835,18 @@ func BenchmarkFailover(b *testing.B) {
 					leaked += o.leaked
 					lost += o.lost
 					sent += o.sent
-					if o.tcp.survived {
-						survived++
-						stalls = append(stalls, o.tcp.stall)
+					for _, c := range append([]tcpOutcome{o.tcp}, o.more...) {
+						conns++
+						if c.survived {
+							survived++
+							stalls = append(stalls, c.stall)
+						}
+					}
+					for _, c := range o.pair {
+						pairs++
+						if c.survived {
+							pairSurvived++
+						}
 					}
 				}
 			}
@@ -815,13 +866,13 @@ func BenchmarkFailover(b *testing.B) {
 			b.ReportMetric(float64(leaked), "leaked")
 			b.ReportMetric(float64(lost)/float64(len(rec)), "lost/failover")
 			b.ReportMetric(float64(pctOf(status, 0.50).Milliseconds()), "status-p50-ms")
-			b.ReportMetric(float64(survived)/float64(len(rec)), "tcp-survived")
+			b.ReportMetric(float64(survived)/float64(max(1, conns)), "tcp-survived")
 			b.ReportMetric(float64(pctOf(stalls, 0.99).Milliseconds()), "tcp-stall-p99-ms")
 			fmt.Printf("failover %-14s n=%d p50=%s p99=%s max=%s leaked=%d lost=%d of %d datagrams; kubectl get eip showed the new holder after p50=%s p99=%s (%d of %d)\n",
 				k.name, len(rec), pct(0.50).Round(time.Millisecond), pct(0.99).Round(time.Millisecond), rec[len(rec)-1].Round(time.Millisecond),
 				leaked, lost, sent, pctOf(status, 0.50).Round(time.Millisecond), pctOf(status, 0.99).Round(time.Millisecond), len(status), len(rec))
-			fmt.Printf("failover %-14s long-lived TCP connections survived %d of %d; stall of the survivors p50=%s p99=%s\n",
-				k.name, survived, len(rec), pctOf(stalls, 0.50).Round(time.Millisecond), pctOf(stalls, 0.99).Round(time.Millisecond))
+			fmt.Printf("failover %-14s long-lived TCP connections survived %d of %d; stall of the survivors p50=%s p99=%s; same-source-port pairs on two nodes: %d of %d connections survived\n",
+				k.name, survived, conns, pctOf(stalls, 0.50).Round(time.Millisecond), pctOf(stalls, 0.99).Round(time.Millisecond), pairSurvived, pairs)
 		})
 	}
 }

@@ -61,6 +61,18 @@ func DialIn(ctx context.Context, ns, network, addr string) (net.Conn, error) {
 	return c, err
 }
 
+// DialFromPortIn is DialIn from a fixed local TCP port (0: any).
+func DialFromPortIn(ctx context.Context, ns string, port int, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := InNetns(ns, func() error {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{Port: port}}
+		var err error
+		c, err = d.DialContext(ctx, "tcp", addr)
+		return err
+	})
+	return c, err
+}
+
 // ListenIn opens a TCP listener inside a network namespace.
 func ListenIn(ns, network, addr string) (net.Listener, error) {
 	var l net.Listener
