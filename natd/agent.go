@@ -135,6 +135,11 @@ type Agent struct {
 	seenGen       map[netip.Addr]uint32
 	draining      bool
 	publish       chan struct{} // wakes the claim publisher
+	hadQuorum     bool          // a quorum was seen before (the next new one is a rejoin)
+	// reconnectAPI drops the API client's connections (nil: none to drop). A node that
+	// was cut off finds its old connection stalled in TCP's retransmission backoff for
+	// seconds after it is back: its first status write as a new holder waited 4-12 s.
+	reconnectAPI func()
 }
 
 // NewAgent wires an agent. The recorder may be nil (no Events), and so may egress (no
@@ -901,6 +906,8 @@ func (a *Agent) apply(plan *Plan) (dataplane.Result, error) {
 	a.mu.Lock()
 	changed := !sameClaims(a.held, plan.Held)
 	newQuorum := plan.Quorum && !plan.QuorumSince.Equal(a.quorumSince)
+	rejoined := newQuorum && a.hadQuorum
+	a.hadQuorum = a.hadQuorum || plan.Quorum
 	a.held, a.quorumSince, a.seenGen = plan.Held, plan.QuorumSince, plan.SeenGen
 	resumed := a.resuming && plan.Quorum
 	if resumed {
@@ -916,6 +923,11 @@ func (a *Agent) apply(plan *Plan) (dataplane.Result, error) {
 	a.members.SetVoters(plan.Voters, len(plan.Held) > 0)
 	if newQuorum {
 		go a.exchangeState()
+	}
+	if rejoined && a.reconnectAPI != nil {
+		// Back in touch after the quorum broke (cut off, stalled): new connections, not
+		// ones TCP is still backing off on; the informers re-list as they reconnect.
+		a.reconnectAPI()
 	}
 	if changed {
 		a.signalPublish()

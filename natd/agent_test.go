@@ -653,3 +653,24 @@ func TestAgentUninstallSeenBeforeTheAPIRefuses(t *testing.T) {
 		t.Fatal("the DaemonSet seen deleted, the API refusing: not taken for an uninstall")
 	}
 }
+
+// A node whose quorum broke and began anew (it was cut off) drops its API connections,
+// which TCP would still be backing off on; the first quorum after the start does not.
+func TestAgentReconnectsToTheAPIAfterARejoin(t *testing.T) {
+	f := newFixture(t, nodes3()...)
+	var reconnects int
+	f.agent.reconnectAPI = func() { reconnects++ }
+	if err := f.agent.Sync(); err != nil || reconnects != 0 {
+		t.Fatalf("first quorum: %d reconnects, %v", reconnects, err)
+	}
+	f.advance(50 * time.Millisecond)
+	if err := f.agent.Sync(); err != nil || reconnects != 0 {
+		t.Fatalf("the same quorum: %d reconnects, %v", reconnects, err)
+	}
+	f.members.mu.Lock()
+	f.members.view.Evidence.QuorumSince = f.members.view.At.Add(-10 * time.Millisecond) // broke, and is back
+	f.members.mu.Unlock()
+	if err := f.agent.Sync(); err != nil || reconnects != 1 {
+		t.Fatalf("after a rejoin: %d reconnects, %v", reconnects, err)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -23,6 +24,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/connrotation"
 	"k8s.io/klog/v2"
 
 	"natd.dev/natd/election"
@@ -66,6 +68,10 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 		return nil, fmt.Errorf("loading API client config: %w", err)
 	}
 	rc.UserAgent = "natd/" + cfg.NodeName
+	// Connections that can be dropped at once when natd was cut off (the agent's
+	// reconnectAPI), as the kubelet does when its heartbeats fail.
+	dialer := connrotation.NewDialer((&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext)
+	rc.Dial = dialer.DialContext
 	client, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("creating API client: %w", err)
@@ -104,7 +110,9 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 					HoldTime: cfg.BGPHoldTime, RestartTime: cfg.RestartGrace})
 			}}
 	}
-	return NewAgent(cfg, client, egress, kernel, newMembership, recorder, metrics), nil
+	agent := NewAgent(cfg, client, egress, kernel, newMembership, recorder, metrics)
+	agent.reconnectAPI = dialer.CloseAll
+	return agent, nil
 }
 
 // gossipKeys reads the keys in --gossip-key-file: one base64 key per line (16, 24 or 32
