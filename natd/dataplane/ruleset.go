@@ -537,11 +537,6 @@ func (r *Rule) verdict(kind expr.VerdictKind) *Rule {
 // EgressChainName is the regular chain that handles packets pinned to ip.
 func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
 
-// BuildRuleset renders natd's whole ip table for state and the node's pod records.
-// index gives each egress IP its slot (mark value and route table); it must hold every
-// IP in state.Egress. lease is how long SNAT to a held egress IP lasts unless natd
-// renews it (0: forever). gossipPort, when set, is guarded against non-node sources;
-// tunnelPort is the UDP port of natd's tunnels between nodes.
 // unpinnedTransit drops another node's pod sending outside through this node, but not
 // through natd's tunnel: a natd from before the tunnel forwarding pinned traffic during
 // an upgrade. This node cannot tell whether the pod is pinned; let through, the CNI
@@ -557,6 +552,11 @@ func unpinnedTransit(state State, marks Marks) []*Rule {
 		markMaskedIsZero(marks.Mask).countDrops(DropUnpinnedTransit).verdict(expr.VerdictDrop)}
 }
 
+// BuildRuleset renders natd's whole ip table for state and the node's pod records.
+// index gives each egress IP its slot (mark value and route table); it must hold every
+// IP in state.Egress. lease is how long SNAT to a held egress IP lasts unless natd
+// renews it (0: forever). gossipPort, when set, is guarded against non-node sources;
+// tunnelPort is the UDP port of natd's tunnels between nodes.
 func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, gossipPort, tunnelPort uint16) *Ruleset {
 	rs := &Ruleset{Family: nftables.TableFamilyIPv4}
 	var held []EgressIP

@@ -395,18 +395,18 @@ func failover(t testing.TB, name, ip string, f fault, want move) (before, after 
 	time.Sleep(1500 * time.Millisecond) // let gratuitous ARP repeats and handovers settle
 	s.halt()
 	tcpOut := conn.stop()
+	var moreOut, pairOut []tcpOutcome
 	for _, k := range more {
-		o.more = append(o.more, k.stop())
+		moreOut = append(moreOut, k.stop())
 	}
 	for _, k := range pair {
-		o.pair = append(o.pair, k.stop())
+		pairOut = append(pairOut, k.stop())
 	}
 	if samples := twice(); len(samples) > 0 {
 		t.Errorf("%s: two nodes served %s at once in %d samples: %v", name, ip, len(samples), samples[0])
 	}
-	extra, extraPair := o.more, o.pair
 	o = s.outcome(t, ip, faultAt)
-	o.tcp, o.more, o.pair = tcpOut, extra, extraPair
+	o.tcp, o.more, o.pair = tcpOut, moreOut, pairOut
 	if o.leaked > 0 {
 		t.Errorf("%s: %d datagrams and requests arrived with another source than %s, first: %s\n%s",
 			name, o.leaked, ip, strings.Join(o.leaks, "; "), leakDiagnosis(p))

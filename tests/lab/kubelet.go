@@ -567,19 +567,19 @@ func natdProcess(t *Topology, node string) (proc, error) {
 	return p, nil
 }
 
-// natdPodOn is the DaemonSet's pod on node ("" when there is none).
-func natdPodOn(ctx context.Context, client kubernetes.Interface, node string) (string, error) {
+// natdPodOn is the DaemonSet's pod on node that is not being deleted (nil: none).
+func natdPodOn(ctx context.Context, client kubernetes.Interface, node string) (*corev1.Pod, error) {
 	pods, err := client.CoreV1().Pods(ServiceAccountNamespace).List(ctx, metav1.ListOptions{
 		LabelSelector: "app.kubernetes.io/name=natd", FieldSelector: "spec.nodeName=" + node})
 	if err != nil {
-		return "", err
+		return nil, err
 	}
-	for _, p := range pods.Items {
-		if p.DeletionTimestamp == nil {
-			return p.Name, nil
+	for i := range pods.Items {
+		if pods.Items[i].DeletionTimestamp == nil {
+			return &pods.Items[i], nil
 		}
 	}
-	return "", nil
+	return nil, nil
 }
 
 // restartNatdPod deletes node's natd pod as `kubectl delete pod` does (the kubelet
@@ -589,27 +589,20 @@ func restartNatdPod(ctx context.Context, t *Topology, node string) error {
 	if err != nil {
 		return err
 	}
-	name, err := natdPodOn(ctx, client, node)
+	old, err := natdPodOn(ctx, client, node)
 	if err != nil {
 		return err
 	}
-	if name == "" {
+	if old == nil {
 		return fmt.Errorf("no natd pod on %s", node)
 	}
-	if err := client.CoreV1().Pods(ServiceAccountNamespace).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+	if err := client.CoreV1().Pods(ServiceAccountNamespace).Delete(ctx, old.Name, metav1.DeleteOptions{}); err != nil {
 		return err
 	}
 	// The old pod answers /readyz until it exits: wait for its successor.
 	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		pods, err := client.CoreV1().Pods(ServiceAccountNamespace).List(ctx, metav1.ListOptions{
-			LabelSelector: "app.kubernetes.io/name=natd", FieldSelector: "spec.nodeName=" + node})
-		if err != nil {
-			continue
-		}
-		for _, p := range pods.Items {
-			if p.Name != name && p.DeletionTimestamp == nil && podReady(&p) {
-				return nil
-			}
+		if p, err := natdPodOn(ctx, client, node); err == nil && p != nil && p.Name != old.Name && podReady(p) {
+			return nil
 		}
 	}
 	return fmt.Errorf("no new natd pod ready on %s within 90s", node)

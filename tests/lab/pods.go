@@ -81,14 +81,16 @@ func createPod(ctx context.Context, dir, namespace, name, node string, o podOpti
 	}
 	pod := Pod{Namespace: namespace, Name: name, Node: node, Netns: podNetns(namespace, name), ContainerID: newContainerID()}
 	p = &pod
+	if t.Kubelet && o.ip != "" {
+		return nil, fmt.Errorf("the real-node lab's pods get their IP from the kubelet's CNI call; --ip is not possible")
+	}
+	// As in a cluster, the Pod exists (Pending, bound to the node) before the node's
+	// runtime makes its sandbox.
+	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}},
+		metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return nil, err
+	}
 	if t.Kubelet {
-		if o.ip != "" {
-			return nil, fmt.Errorf("the real-node lab's pods get their IP from the kubelet's CNI call; --ip is not possible")
-		}
-		if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}},
-			metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			return nil, err
-		}
 		if err := l.addNetns(p.Netns); err != nil {
 			return nil, err
 		}
@@ -110,12 +112,6 @@ func createPod(ctx context.Context, dir, namespace, name, node string, o podOpti
 		}
 	}()
 
-	// As in a cluster, the Pod exists (Pending, bound to the node) before the node's
-	// runtime makes its sandbox.
-	if _, err := client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}},
-		metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return nil, err
-	}
 	obj := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace, Labels: map[string]string{"app": name}},
 		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "app", Image: "natd.dev/lab-pod"}},
