@@ -17,6 +17,8 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"natd.dev/natd/natd/dataplane"
 )
@@ -89,8 +91,16 @@ func Add(args *skel.CmdArgs) error {
 				rec.IPs = append(rec.IPs, ip.Unmap())
 			}
 		}
+		var derr error
+		rec.HostIf, rec.HostIfIndex, derr = hostDevice(args.Netns, args.IfName)
+		if derr != nil {
+			fmt.Fprintf(os.Stderr, "natd-cni: pod %s/%s: no host device for the pod guard: %v\n", ns, rec.Name, derr)
+		}
 		pinned, err := dataplane.RegisterPod(dataplane.PodStore{Dir: conf.StateDir}, rec)
 		switch {
+		case errors.Is(err, dataplane.ErrPodGuard):
+			// Pinned all the same; natd's next sync tries the guard again.
+			fmt.Fprintf(os.Stderr, "natd-cni: pod %s/%s: %v\n", ns, rec.Name, err)
 		case err != nil && pinned:
 			return fmt.Errorf("natd-cni: pod %s/%s of a pinned namespace cannot be pinned: %w", ns, rec.Name, err)
 		case err != nil:
@@ -98,6 +108,40 @@ func Add(args *skel.CmdArgs) error {
 		}
 	}
 	return types.PrintResult(result, conf.CNIVersion)
+}
+
+// hostDevice finds the host side of the pod's veth: the peer of its interface ifName in
+// the pod's network namespace. A pod whose interface is not a veth (ipvlan, macvlan)
+// has none, and no error.
+func hostDevice(netnsPath, ifName string) (string, int, error) {
+	if netnsPath == "" || ifName == "" {
+		return "", 0, nil
+	}
+	ns, err := netns.GetFromPath(netnsPath)
+	if err != nil {
+		return "", 0, fmt.Errorf("opening %s: %w", netnsPath, err)
+	}
+	defer ns.Close() //nolint:errcheck // read only
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return "", 0, fmt.Errorf("opening netlink in %s: %w", netnsPath, err)
+	}
+	defer h.Close()
+	l, err := h.LinkByName(ifName)
+	if err != nil {
+		return "", 0, fmt.Errorf("finding %s in the pod: %w", ifName, err)
+	}
+	if l.Type() != "veth" || l.Attrs().ParentIndex <= 0 {
+		return "", 0, nil
+	}
+	peer, err := netlink.LinkByIndex(l.Attrs().ParentIndex)
+	if err != nil {
+		return "", 0, fmt.Errorf("finding the peer of %s: %w", ifName, err)
+	}
+	if peer.Type() != "veth" {
+		return "", 0, nil
+	}
+	return peer.Attrs().Name, peer.Attrs().Index, nil
 }
 
 // Del forgets the pod: its addresses may soon belong to another pod.

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -41,7 +42,7 @@ func RegisterPod(store PodStore, rec PodRecord) (pinned bool, err error) {
 		return false, err
 	}
 	egress := map[string]netip.Addr{}
-	for ns, ips := range pinning {
+	for ns, ips := range pinning.Namespaces {
 		for _, ip := range ips {
 			if ip.Is4() {
 				egress[ns] = ip
@@ -68,7 +69,40 @@ func RegisterPod(store PodStore, rec PodRecord) (pinned bool, err error) {
 			return pinned, err
 		}
 	}
-	return pinned, nil
+	if !pinned || rec.HostIfIndex <= 0 || pinning.FwmarkMask == 0 {
+		return pinned, nil
+	}
+	return pinned, guardNewPod(rec, pinning.FwmarkMask)
+}
+
+// ErrPodGuard wraps a failure to put the pod guard on a new pinned pod's device: the
+// pod is pinned (its elements are in place), only the guard against natd's tables
+// being deleted is missing until natd's next sync tries again.
+var ErrPodGuard = errors.New("pod guard not attached")
+
+func guardNewPod(rec PodRecord, mask uint32) error {
+	marks, err := NewMarks(mask)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrPodGuard, err)
+	}
+	nl, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("%w: opening netlink handle: %w", ErrPodGuard, err)
+	}
+	defer nl.Close()
+	g := podGuard{nl: nl, marks: marks}
+	defer g.close()
+	link, err := g.link(podDevice{name: rec.HostIf, index: rec.HostIfIndex})
+	if err == nil && link == nil {
+		err = fmt.Errorf("device %s (index %d) not found", rec.HostIf, rec.HostIfIndex)
+	}
+	if err == nil {
+		err = g.guard(link)
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrPodGuard, err)
+	}
+	return nil
 }
 
 // UnregisterPod is the CNI plugin's DEL: the pod's addresses leave cni_pods and its

@@ -81,7 +81,11 @@ type Dataplane struct {
 	nl     *netlink.Handle
 	nft    nftApplier
 	router router
-	slots  map[netip.Addr]int
+	pods   podGuard
+	// podGuardErr is the pod guard's last failure as logged (logged again when it
+	// changes).
+	podGuardErr string
+	slots       map[netip.Addr]int
 	// stale are egress IPs a previous run left on the uplink; removed by the first Apply
 	// unless still held.
 	stale     map[netip.Addr]bool
@@ -119,11 +123,13 @@ func New(cfg Config) (*Dataplane, error) {
 	d.nft.verifyEvery = cfg.VerifyEvery
 	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase,
 		tunnelPort: cfg.TunnelPort, inNetns: d.inNetns}
+	d.pods = podGuard{nl: nl, marks: cfg.Marks}
 	return d, nil
 }
 
 // Close releases the netlink handles.
 func (d *Dataplane) Close() {
+	d.pods.close()
 	d.nl.Close()
 	if d.genConn != nil {
 		d.genConn.Close() //nolint:errcheck // a read-only socket
@@ -238,7 +244,8 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 		return nftOutcome{}, err
 	}
 	defer unlock()
-	rss := d.rulesets(state, d.records())
+	records := d.records()
+	rss := d.rulesets(state, records)
 	d.nftMu.Lock()
 	d.nft.leaseTimeout = d.leaseLeft(state.LeaseUntil)
 	out, err := d.nft.apply(rss)
@@ -247,7 +254,34 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 	if err != nil {
 		return out, err
 	}
-	return out, d.store.WritePinning(state.PinnedNamespaces)
+	if err := d.store.WritePinning(state.PinnedNamespaces, d.cfg.Marks); err != nil {
+		return out, err
+	}
+	d.convergePodGuard(records, state.PinnedNamespaces)
+	return out, nil
+}
+
+// convergePodGuard puts the pod guard on pinned pods' devices and takes it off the
+// others'. A failure fails no Apply: the pods are pinned all the same, only the guard
+// against natd's tables being deleted is missing, and Verify has it tried again.
+func (d *Dataplane) convergePodGuard(records []PodRecord, pinned map[string]netip.Addr) {
+	err := d.pods.converge(podGuardPlan(records, pinned))
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if msg == d.podGuardErr {
+		return
+	}
+	d.podGuardErr = msg
+	switch {
+	case err == nil:
+		klog.InfoS("Pod guard in place again")
+	case errors.Is(err, ErrPodGuardUnsupported):
+		klog.ErrorS(err, "Pinned pods have no guard against natd's tables being deleted: this kernel or natd's capabilities cannot load its BPF filter (cls_bpf, CAP_BPF)")
+	default:
+		klog.ErrorS(err, "Pod guard not in place on every pinned pod")
+	}
 }
 
 // records reads the pod store; a bad record is reported and skipped.
@@ -263,7 +297,7 @@ func (d *Dataplane) records() []PodRecord {
 func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
 	return []*Ruleset{
 		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort),
-		BuildRuleset6(state, records),
+		BuildRuleset6(state, records, d.cfg.Marks),
 		BuildARPRuleset(state, d.cfg.Lease),
 	}
 }
@@ -285,6 +319,9 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	}
 	guard := d.router.wantGuard(slots, state.ClusterDestinations)
 	if err := d.router.ensureGuard(guard); err != nil {
+		return res, err
+	}
+	if err := ipv6Absent(d.router.ensureGuard6(d.router.wantGuard6(state.ClusterDestinations))); err != nil {
 		return res, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -429,11 +466,42 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	if ok, err := d.router.guardIntact(d.router.wantGuard(slots, state.ClusterDestinations)); err != nil || !ok {
 		return !ok, 0, err
 	}
+	if ok, err := d.router.guard6Intact(d.router.wantGuard6(state.ClusterDestinations)); ipv6Absent(err) != nil || (err == nil && !ok) {
+		return !ok, 0, err
+	}
+	if ok, err := d.podGuardIntact(state.PinnedNamespaces); err != nil || !ok {
+		return !ok, 0, err
+	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
 	if err != nil {
 		return false, 0, err
 	}
 	return len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }), retryIn, nil
+}
+
+// podGuardIntact reports whether the pod guard is where it should be. A kernel that
+// cannot run it has nothing to repair.
+func (d *Dataplane) podGuardIntact(pinned map[string]netip.Addr) (bool, error) {
+	unlock, err := d.store.Lock()
+	if err != nil {
+		return false, err
+	}
+	records := d.records()
+	unlock()
+	ok, err := d.pods.intact(podGuardPlan(records, pinned))
+	if errors.Is(err, ErrPodGuardUnsupported) {
+		return true, nil
+	}
+	return ok, err
+}
+
+// ipv6Absent turns the error of a node without IPv6 (the kernel's ipv6.disable=1) into
+// none: it has no IPv6 to guard.
+func ipv6Absent(err error) error {
+	if errors.Is(err, unix.EAFNOSUPPORT) {
+		return nil
+	}
+	return err
 }
 
 func inEgress(list []EgressIP, ip netip.Addr) bool { return egressIndex(list, ip) >= 0 }
@@ -555,6 +623,12 @@ func (d *Dataplane) Cleanup() error {
 		errs = append(errs, err)
 	}
 	if err := d.router.pruneGuard(guardPlan{}); err != nil {
+		errs = append(errs, err)
+	}
+	if err := ipv6Absent(d.router.removeGuard6()); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.pods.removeAll(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := d.restoreRPFilter(); err != nil {

@@ -18,7 +18,7 @@ import (
 // holds exactly what the builders render.
 func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 	ns, d, st := appliedSample(t)
-	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort), BuildRuleset6(st, sampleRecords())} {
+	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort), BuildRuleset6(st, sampleRecords(), testMarks)} {
 		got := ns.run("nft", "-s", "list", "table", rs.familyName(), TableName)
 		if normalize(got) != normalize(rs.Text(false)) {
 			t.Fatalf("kernel %s table differs from the rendered one\n--- kernel:\n%s\n--- rendered:\n%s", rs.familyName(), got, rs.Text(false))
@@ -26,7 +26,8 @@ func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 	}
 	// natd tells the plugin which namespaces are pinned.
 	pinned, ok, err := d.store.ReadPinning()
-	if err != nil || !ok || len(pinned["team-a"]) != 1 || pinned["team-a"][0].String() != "198.18.0.200" {
+	if err != nil || !ok || len(pinned.Namespaces["team-a"]) != 1 || pinned.Namespaces["team-a"][0].String() != "198.18.0.200" ||
+		pinned.FwmarkMask != d.cfg.Marks.Mask {
 		t.Fatalf("pinning.json = %v, %v, %v", pinned, ok, err)
 	}
 }
@@ -76,6 +77,10 @@ func TestKernelVerifyAndRepairDrift(t *testing.T) {
 		{"ip", "rule", "add", "priority", "6999", "goto", "7001"}, // a second one, not natd's form
 		{"sh", "-c", "ip rule del priority 7000 table " + remoteTable + " && ip rule add priority 7000 fwmark 0x00990000/0x00ff0000 table " + remoteTable + " proto 78"},
 		{"ip", "route", "replace", "default", "via", "198.18.0.99", "dev", "uplink0", "table", remoteTable, "proto", "78"},
+		{"sh", "-c", "ip rule del priority 7001 fwmark 0x00fd0000/0x00ff0000"}, // the pod guard's rule
+		{"ip", "-6", "rule", "del", "priority", "7001"},
+		{"ip", "-6", "route", "del", "blackhole", "default", "table", "7100"},
+		{"ip", "route", "del", "throw", "10.96.0.0/12", "table", "7100"},
 		{"ip", "addr", "del", "198.18.0.200/32", "dev", "uplink0"},
 	} {
 		ns.run(vandal...)

@@ -179,7 +179,8 @@ func (ns *testNS) snapshot() string {
 	// Rules of one priority list in insertion order; a repaired rule comes last.
 	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "6999")+"\n"+
 		ns.run("ip", "rule", "show", "priority", "7000")+"\n"+
-		ns.run("ip", "rule", "show", "priority", "7001")), "\n") // the skip, slots, then the route guard
+		ns.run("ip", "rule", "show", "priority", "7001")+"\n"+
+		ns.run("ip", "-6", "rule", "show", "priority", "7001")), "\n") // the skip, slots, then the route guard
 	sort.Strings(rules)
 	b.WriteString(strings.Join(rules, "\n") + "\n")
 	b.WriteString(ns.run("ip", "route", "show", "table", "all", "proto", "78"))
@@ -234,8 +235,8 @@ func TestKernelReapplyIsIdempotent(t *testing.T) {
 		t.Fatalf("re-applying changed the kernel\n--- first:\n%s\n--- after:\n%s", first, again)
 	}
 	// One rule and one route per egress IP with a remote holder; no duplicates.
-	if n := strings.Count(first, "fwmark 0x"); n != 4 {
-		t.Errorf("%d ip rules, want 4 (one per egress IP, one for replies):\n%s", n, first)
+	if n := strings.Count(first, "fwmark 0x"); n != 6 {
+		t.Errorf("%d ip rules, want 6 (one per egress IP, one for replies, the pod guard's for IPv4 and IPv6):\n%s", n, first)
 	}
 	if n := strings.Count(first, "default via"); n != 1 {
 		t.Errorf("%d routes, want 1 (to the remote holder):\n%s", n, first)
@@ -279,9 +280,9 @@ func TestKernelReplacingState(t *testing.T) {
 	if !strings.HasPrefix(got, want+"\n") {
 		t.Fatalf("kernel ruleset differs\n--- kernel:\n%s\n--- want:\n%s", got, want)
 	}
-	if strings.Count(got, "fwmark 0x") != 3 || !strings.Contains(got, "default via 198.18.0.11") ||
+	if strings.Count(got, "fwmark 0x") != 5 || !strings.Contains(got, "default via 198.18.0.11") ||
 		strings.Count(got, "default via") != 1 {
-		t.Errorf("want two ip rules and one route (to .11 for .200):\n%s", got)
+		t.Errorf("want two ip rules for egress IPs, the reply rule, the pod guard's two, and one route (to .11 for .200):\n%s", got)
 	}
 	if !strings.Contains(got, "198.18.0.201/32") || strings.Contains(got, "198.18.0.200/32") {
 		t.Errorf("want only 198.18.0.201 on the uplink:\n%s", got)

@@ -39,15 +39,22 @@ type PodRecord struct {
 	Namespace   string       `json:"namespace"`
 	Name        string       `json:"name"`
 	IPs         []netip.Addr `json:"ips"`
+	// HostIf and HostIfIndex name the host side of the pod's veth, where the pod
+	// guard's filter goes (podguard.go); empty for a pod without one.
+	HostIf      string `json:"hostIf,omitempty"`
+	HostIfIndex int    `json:"hostIfIndex,omitempty"`
 	// Added orders records that claim one IP: the newest wins (an older one is a
 	// sandbox whose DEL never came).
 	Added int64 `json:"added"`
 }
 
-// pinningFile is what natd tells the CNI plugin about namespaces.
-type pinningFile struct {
+// Pinning is what natd tells the CNI plugin (pinning.json).
+type Pinning struct {
 	// Namespaces maps each pinned namespace to its egress IPs.
 	Namespaces map[string][]netip.Addr `json:"namespaces"`
+	// FwmarkMask is natd's part of the packet mark: the pod guard's filter sets the
+	// origin value in it (0: a natd from before the pod guard; the plugin adds none).
+	FwmarkMask uint32 `json:"fwmarkMask,omitempty"`
 }
 
 const (
@@ -191,8 +198,8 @@ func (s PodStore) List() ([]PodRecord, error) {
 }
 
 // WritePinning tells the CNI plugin which namespaces are pinned to which egress IP.
-func (s PodStore) WritePinning(pinned map[string]netip.Addr) error {
-	f := pinningFile{Namespaces: map[string][]netip.Addr{}}
+func (s PodStore) WritePinning(pinned map[string]netip.Addr, marks Marks) error {
+	f := Pinning{Namespaces: map[string][]netip.Addr{}, FwmarkMask: marks.Mask}
 	for ns, ip := range pinned {
 		f.Namespaces[ns] = []netip.Addr{ip}
 	}
@@ -205,19 +212,18 @@ func (s PodStore) WritePinning(pinned map[string]netip.Addr) error {
 
 // ReadPinning reads what natd last wrote; ok is false when natd never wrote it (natd
 // has not programmed this node, or was uninstalled).
-func (s PodStore) ReadPinning() (pinned map[string][]netip.Addr, ok bool, err error) {
+func (s PodStore) ReadPinning() (pinning Pinning, ok bool, err error) {
 	b, err := os.ReadFile(filepath.Join(s.Dir, pinningName))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, false, nil
+		return pinning, false, nil
 	}
 	if err != nil {
-		return nil, false, fmt.Errorf("reading %s: %w", pinningName, err)
+		return pinning, false, fmt.Errorf("reading %s: %w", pinningName, err)
 	}
-	var f pinningFile
-	if err := json.Unmarshal(b, &f); err != nil {
-		return nil, false, fmt.Errorf("parsing %s: %w", pinningName, err)
+	if err := json.Unmarshal(b, &pinning); err != nil {
+		return pinning, false, fmt.Errorf("parsing %s: %w", pinningName, err)
 	}
-	return f.Namespaces, true, nil
+	return pinning, true, nil
 }
 
 // RemoveAll deletes the store (cleanup).

@@ -11,28 +11,39 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The route guard keeps a holder from sending other nodes' pinned packets out
-// unclassified when natd's nftables tables are gone — deleted by hand, a firewall
-// reload, `nft flush ruleset` — until natd rebuilds them, and for as long as natd is not
-// running to do so. Without the tables nothing marks a packet that comes out of a
-// tunnel device, and the main table would send it out through the CNI's MASQUERADE
-// with the holder's node address. Policy routing does not depend on nftables: a rule
-// per tunnel device sends its packets that carry no natd mark to the guard table,
-// where every cluster destination is thrown back to the rules that follow and
-// everything else is a blackhole. With the tables in place every such packet carries
-// a mark (its egress IP's, or the pass mark of fail-open traffic), so the guard
-// changes nothing.
+// The route guard keeps natd's pinned packets from leaving unclassified when natd's
+// nftables tables are gone — deleted by hand, a firewall reload, `nft flush ruleset` —
+// until natd rebuilds them, and for as long as natd is not running to do so. Without
+// the tables nothing marks a pinned packet, and the main table would send it out
+// through the CNI's MASQUERADE with the node address. Policy routing does not depend on
+// nftables: rules send such packets to the guard table, where every cluster destination
+// is thrown back to the rules that follow and everything else is a blackhole.
 //
-// The same rule cannot guard this node's own pods: reverse path filtering looks up the
-// route back to a reply's source as a flow from the pod's address arriving on the
-// pod's device, unmarked — exactly the packet the rule would blackhole — and would drop
-// every reply to a pinned pod.
+//   - On a holder, a rule per tunnel device sends its packets that carry no natd mark
+//     there: with the tables in place every such packet carries a mark (its egress
+//     IP's, or the pass mark of fail-open traffic), so the rule changes nothing.
+//   - On a pinned pod's own node, one rule sends packets that still carry the origin
+//     mark there: the pod guard's filter on the pod's device sets it, natd's tables
+//     clear it (podguard.go). A rule keyed by the pod's address could not do this:
+//     reverse path filtering looks up the route back to a reply's source as a flow
+//     from the pod's address arriving on the pod's device — exactly the packet such a
+//     rule would blackhole — and would drop every reply to the pod.
+//
+// IPv6 has the origin rule only (egress IPs are IPv4: there are no IPv6 tunnels).
 
-// guardRule is one of the route guard's rules: packets that came out of a tunnel
-// device.
-type guardRule struct{ iif string }
+// guardRule is one of the route guard's rules: packets without a natd mark that came
+// out of a tunnel device, or packets with the origin mark.
+type guardRule struct {
+	iif    string
+	origin bool
+}
 
-func (g guardRule) key() string { return "iif " + g.iif }
+func (g guardRule) key() string {
+	if g.origin {
+		return "origin"
+	}
+	return "iif " + g.iif
+}
 
 func (r *router) guardTable() int    { return r.tableBase }
 func (r *router) guardPriority() int { return r.rulePriority + 1 }
@@ -78,12 +89,31 @@ func (r *router) oursGuard(ru netlink.Rule) bool {
 }
 
 // guardKey is the key of a kernel rule of the guard, or "" when it is not one as
-// natd makes them (unmarked packets from a device only).
+// natd makes them (unmarked packets from a device, or the origin mark from anywhere).
 func (r *router) guardKey(ru netlink.Rule) string {
-	if ru.Mark != 0 || ru.Mask == nil || *ru.Mask != r.marks.Mask || ru.IifName == "" || ru.Src != nil {
+	if ru.Mask == nil || *ru.Mask != r.marks.Mask || ru.Src != nil || ru.Dst != nil {
 		return ""
 	}
-	return guardRule{iif: ru.IifName}.key()
+	switch {
+	case ru.Mark == 0 && ru.IifName != "":
+		return guardRule{iif: ru.IifName}.key()
+	case ru.Mark == r.marks.Origin() && ru.IifName == "":
+		return guardRule{origin: true}.key()
+	}
+	return ""
+}
+
+// newGuardRule is the kernel rule for g, in family.
+func (r *router) newGuardRule(g guardRule, family int) *netlink.Rule {
+	ru := r.unmarkedRule(r.guardPriority())
+	ru.Family = family
+	ru.Table = r.guardTable()
+	if g.origin {
+		ru.Mark = r.marks.Origin()
+	} else {
+		ru.IifName = g.iif
+	}
+	return ru
 }
 
 // guardPlan is the guard as it should be: its rules, one per tunnel device, and its
@@ -93,15 +123,15 @@ type guardPlan struct {
 	routes []netlink.Route
 }
 
-// wantGuard plans the guard for these tunnel slots and cluster destinations.
+// wantGuard plans the guard for these tunnel slots and cluster destinations. The
+// origin rule is always there: a pinned pod may start at any moment (natd-cni puts the
+// pod guard on its device at once).
 func (r *router) wantGuard(slots []slotRoute, clusterDsts []netip.Prefix) guardPlan {
-	var g guardPlan
+	g := guardPlan{rules: []guardRule{{origin: true}}}
 	for _, s := range slots {
 		g.rules = append(g.rules, guardRule{iif: TunnelDevice(s.idx)})
 	}
-	if len(g.rules) > 0 {
-		g.routes = r.wantGuardRoutes(clusterDsts)
-	}
+	g.routes = r.wantGuardRoutes(clusterDsts)
 	return g
 }
 
@@ -168,10 +198,7 @@ func (r *router) ensureGuard(want guardPlan) error {
 		if have[g.key()] {
 			continue
 		}
-		ru := r.unmarkedRule(r.guardPriority())
-		ru.Table = r.guardTable()
-		ru.IifName = g.iif
-		if err := r.nl.RuleAdd(ru); err != nil && !errors.Is(err, unix.EEXIST) {
+		if err := r.nl.RuleAdd(r.newGuardRule(g, unix.AF_INET)); err != nil && !errors.Is(err, unix.EEXIST) {
 			return fmt.Errorf("adding guard rule %s: %w", g.key(), err)
 		}
 	}
@@ -314,4 +341,162 @@ func (r *router) guardRoutes() ([]netlink.Route, error) {
 		return nil, fmt.Errorf("listing guard routes: %w", err)
 	}
 	return list, nil
+}
+
+// The IPv6 guard is the origin rule alone, with its own table: the cluster's IPv6
+// destinations and the link's scope thrown back, the rest a blackhole. (A pinned pod's
+// IPv6 to the outside is dropped by natd's ip6 table; without the table, here.)
+
+// wantGuard6 is the IPv6 guard table.
+func (r *router) wantGuard6(clusterDsts []netip.Prefix) []netlink.Route {
+	out := []netlink.Route{{Family: unix.AF_INET6, Table: r.guardTable(), Type: unix.RTN_BLACKHOLE,
+		Protocol: RouteProtocol, Dst: &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}}
+	seen := map[netip.Prefix]bool{}
+	for _, p := range append(slices.Clone(clusterDsts), linkScope6...) {
+		p = p.Masked()
+		if !p.Addr().Is6() || p.Addr().Is4In6() || seen[p] {
+			continue
+		}
+		seen[p] = true
+		out = append(out, netlink.Route{Family: unix.AF_INET6, Table: r.guardTable(), Type: unix.RTN_THROW,
+			Protocol: RouteProtocol, Dst: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 128)}})
+	}
+	return out
+}
+
+func (r *router) guard6Routes() ([]netlink.Route, error) {
+	list, err := r.nl.RouteListFiltered(unix.AF_INET6,
+		&netlink.Route{Table: r.guardTable(), Protocol: RouteProtocol},
+		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	if err != nil {
+		return nil, fmt.Errorf("listing IPv6 guard routes: %w", err)
+	}
+	return list, nil
+}
+
+// guard6Rules counts the IPv6 rules at the guard's priority and table: natd's origin
+// rule, and any other.
+func (r *router) guard6Rules() (ours []netlink.Rule, foreign []netlink.Rule, err error) {
+	rules, err := r.nl.RuleList(unix.AF_INET6)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing IPv6 rules: %w", err)
+	}
+	for _, ru := range rules {
+		if !r.oursGuard(ru) {
+			continue
+		}
+		if r.guardKey(ru) == (guardRule{origin: true}).key() {
+			ours = append(ours, ru)
+		} else {
+			foreign = append(foreign, ru)
+		}
+	}
+	return ours, foreign, nil
+}
+
+// ensureGuard6 puts the IPv6 guard in place (want: its table) and repairs its rule.
+func (r *router) ensureGuard6(want []netlink.Route) error {
+	have, err := r.guard6Routes()
+	if err != nil {
+		return err
+	}
+	for i := range want {
+		if slices.ContainsFunc(have, func(rt netlink.Route) bool { return routeKey6(rt) == routeKey6(want[i]) }) {
+			continue
+		}
+		if err := r.nl.RouteReplace(&want[i]); err != nil {
+			return fmt.Errorf("adding IPv6 guard route %s: %w", want[i].Dst, err)
+		}
+	}
+	if err := r.deleteRoutes6(have, want); err != nil {
+		return err
+	}
+	ours, foreign, err := r.guard6Rules()
+	if err != nil {
+		return err
+	}
+	for _, ru := range append(foreign, ours[min(1, len(ours)):]...) {
+		if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("deleting IPv6 guard rule: %w", err)
+		}
+	}
+	if len(ours) > 0 {
+		return nil
+	}
+	if err := r.nl.RuleAdd(r.newGuardRule(guardRule{origin: true}, unix.AF_INET6)); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("adding IPv6 guard rule: %w", err)
+	}
+	return nil
+}
+
+// removeGuard6 takes the IPv6 guard away (cleanup).
+func (r *router) removeGuard6() error {
+	ours, foreign, err := r.guard6Rules()
+	if err != nil {
+		return err
+	}
+	for _, ru := range append(ours, foreign...) {
+		if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("deleting IPv6 guard rule: %w", err)
+		}
+	}
+	have, err := r.guard6Routes()
+	if err != nil {
+		return err
+	}
+	return r.deleteRoutes6(have, nil)
+}
+
+func (r *router) deleteRoutes6(have, want []netlink.Route) error {
+	keep := map[string]bool{}
+	for _, rt := range want {
+		keep[routeKey6(rt)] = true
+	}
+	for _, rt := range have {
+		if keep[routeKey6(rt)] {
+			continue
+		}
+		if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("deleting IPv6 guard route %s: %w", rt.Dst, err)
+		}
+	}
+	return nil
+}
+
+// guard6Intact reports whether the IPv6 guard is exactly as wanted.
+func (r *router) guard6Intact(want []netlink.Route) (bool, error) {
+	ours, foreign, err := r.guard6Rules()
+	if err != nil {
+		return false, err
+	}
+	if len(ours) != 1 || len(foreign) > 0 {
+		return false, nil
+	}
+	have, err := r.guard6Routes()
+	if err != nil {
+		return false, err
+	}
+	if len(have) != len(want) {
+		return false, nil
+	}
+	keys := map[string]bool{}
+	for _, rt := range have {
+		keys[routeKey6(rt)] = true
+	}
+	for _, rt := range want {
+		if !keys[routeKey6(rt)] {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// routeKey6 identifies an IPv6 guard route (a default route may come back without a
+// destination).
+func routeKey6(rt netlink.Route) string {
+	dst := "::/0"
+	if rt.Dst != nil {
+		dst = rt.Dst.String()
+	}
+	return fmt.Sprintf("%d %s %d", rt.Table, dst, rt.Type)
 }

@@ -90,16 +90,17 @@ func (m Marks) PinnedFlow() uint32 { return 1 << m.shift }
 // MaxIndex is the number of egress IPs a node can route at once.
 func (m Marks) MaxIndex() int {
 	n := int(m.Mask >> m.shift)
-	if n > replyIndex-1 {
-		n = replyIndex - 1 // keep route table numbers in a small, documented range
+	if n > originIndex-1 {
+		n = originIndex - 1 // keep route table numbers in a small, documented range
 	}
 	return n
 }
 
 // The mark values no slot uses.
 const (
-	passIndex  = 255
-	replyIndex = 254
+	passIndex   = 255
+	replyIndex  = 254
+	originIndex = 253
 )
 
 // Pass is the mark of pinned packets that natd lets the main table route: fail-open
@@ -110,6 +111,11 @@ func (m Marks) Pass() uint32 { return m.Value(passIndex) }
 // Reply is the mark of replies to connections that came out of a tunnel: policy
 // routing sends them back to the pod's node through the reply tunnel.
 func (m Marks) Reply() uint32 { return m.Value(replyIndex) }
+
+// Origin is the mark a pinned pod's own device gives every packet the pod sends (the
+// pod guard, podguard.go). natd's tables clear it first thing; a packet that still
+// carries it at routing has met no natd table, and the route guard keeps it in.
+func (m Marks) Origin() uint32 { return m.Value(originIndex) }
 
 // TunnelledFlow is the conntrack-mark bit of connections that came out of a tunnel
 // (the bit above PinnedFlow).
@@ -452,6 +458,20 @@ func (r *Rule) setMarkBits(mask, value uint32) *Rule {
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 }
 
+// clearMarkBits sets natd's bits of the mark to zero and keeps everyone else's.
+func (r *Rule) clearMarkBits(mask uint32) *Rule {
+	return r.add(fmt.Sprintf("meta mark set meta mark & 0x%08x", ^mask),
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^mask), Xor: native32(0)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
+}
+
+// clearOrigin takes the pod guard's origin mark off a pinned pod's packet: natd's
+// tables are in place, so they classify it, not the route guard.
+func clearOrigin(marks Marks) *Rule {
+	return newRule().markMaskedIs(marks.Mask, marks.Origin()).clearMarkBits(marks.Mask)
+}
+
 func (r *Rule) snatToMarkMap(mask uint32, mapName string) *Rule {
 	ex := append(r.loadMaskedMark(mask),
 		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 1},
@@ -645,6 +665,7 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 		Rules: slices.Concat([]*Rule{
+			clearOrigin(marks),
 			// The reply tunnel carries replies of connections this node opened. One that
 			// starts a connection is a reply in flight when natd deleted the connection
 			// (a takeover or a re-pinning flushes the pod's entries): let in, it would
@@ -777,7 +798,7 @@ var linkScope6 = []netip.Prefix{netip.MustParsePrefix("fe80::/10"), netip.MustPa
 // traffic to the outside has no egress IP to leave with: it is dropped and counted,
 // never sent with the pod's or the node's own address. Its IPv6 traffic to cluster
 // destinations and on its link is not. Unpinned pods are not touched.
-func BuildRuleset6(state State, records []PodRecord) *Ruleset {
+func BuildRuleset6(state State, records []PodRecord, marks Marks) *Ruleset {
 	podEgress := verdictMap(mapPodEgress6, nftables.TypeIP6Addr, "ipv6_addr")
 	for _, e := range state.Egress {
 		for _, p := range e.Pods6 {
@@ -795,6 +816,7 @@ func BuildRuleset6(state State, records []PodRecord) *Ruleset {
 			{Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 				Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 				Rules: []*Rule{
+					clearOrigin(marks),
 					newRule().ctReply().verdict(expr.VerdictReturn),
 					newRule().ip6AddrIn("daddr", setClusterDsts6, false).verdict(expr.VerdictReturn),
 					newRule().saddr6Vmap(MapCNIPods6),

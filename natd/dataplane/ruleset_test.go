@@ -87,6 +87,7 @@ func TestBuildRulesetText(t *testing.T) {
 
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
+		meta mark & 0x00ff0000 == 0x00fd0000 meta mark set meta mark & 0xff00ffff
 		iifname "natd-tr" ct state new counter drop
 		ct direction reply ct mark & 0x00020000 == 0x00020000 meta mark set meta mark & 0xfffeffff | 0x00fe0000 return
 		ct direction reply return
@@ -148,7 +149,7 @@ func TestBuildRuleset6Text(t *testing.T) {
 	st := sampleState()
 	st.ClusterDestinations = append(st.ClusterDestinations, netip.MustParsePrefix("fd00:10:244::/48"),
 		netip.MustParsePrefix("fd00:10:96::/112"), netip.MustParsePrefix("fd00:10:244:1::/64"))
-	got := BuildRuleset6(st, sampleRecords()).Text(false)
+	got := BuildRuleset6(st, sampleRecords(), testMarks).Text(false)
 	want := `table ip6 natd {
 	set cluster_dsts6 {
 		type ipv6_addr
@@ -170,6 +171,7 @@ func TestBuildRuleset6Text(t *testing.T) {
 
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
+		meta mark & 0x00ff0000 == 0x00fd0000 meta mark set meta mark & 0xff00ffff
 		ct direction reply return
 		ip6 daddr @cluster_dsts6 return
 		ip6 saddr vmap @cni_pods6
@@ -264,7 +266,7 @@ func TestNewMarks(t *testing.T) {
 		}
 	}
 	m, err := NewMarks(0xff000000)
-	if err != nil || m.Value(1) != 0x01000000 || m.MaxIndex() != 253 || m.Pass() != 0xff000000 || m.Reply() != 0xfe000000 {
+	if err != nil || m.Value(1) != 0x01000000 || m.MaxIndex() != 252 || m.Pass() != 0xff000000 || m.Reply() != 0xfe000000 || m.Origin() != 0xfd000000 {
 		t.Errorf("NewMarks(0xff000000) = %+v, %v", m, err)
 	}
 }
@@ -337,3 +339,12 @@ func TestNoPodCIDRNoTransitDrop(t *testing.T) {
 		t.Fatalf("a node without pod CIDRs drops unpinned transit:\n%s", without)
 	}
 }
+
+// testMarks is natd's default mark mask.
+var testMarks = func() Marks {
+	m, err := NewMarks(0x00ff0000)
+	if err != nil {
+		panic(err)
+	}
+	return m
+}()
