@@ -88,7 +88,7 @@ test-e2e-routed: deps kube-bins
 # --kubelet): containerd and a kubelet per node, natd as the manifests' DaemonSet in
 # the image make image builds, pods made by the kubelets; and what only real nodes
 # show: a rolling restart (kubectl rollout restart) and the README's uninstall.
-KUBELET_TESTS := ^(TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestClusterTrafficKeepsPodIP|TestPinnedThroughServiceToTheOutside|TestNoEligibleNodeFailsClosed|TestNewPodsFirstConnection|TestFailoverUplinkCut|TestFailoverNatdKilled|TestFailoverPartition|TestFailoverWithAPIServerDown|TestPlannedMoveLabelRemoved|TestDrainHandsOver|TestRestartDoesNotMove|TestRollingRestartMovesNothing|TestUninstallFromRealNodesLeavesNothing)$$
+KUBELET_TESTS := ^(TestPinnedPodsLeaveWithEgressIPFromEveryNode|TestClusterTrafficKeepsPodIP|TestPinnedThroughServiceToTheOutside|TestNoEligibleNodeFailsClosed|TestNewPodsFirstConnection|TestFailoverUplinkCut|TestFailoverNatdKilled|TestFailoverPartition|TestFailoverWithAPIServerDown|TestPlannedMoveLabelRemoved|TestDrainHandsOver|TestRestartDoesNotMove|TestRollingRestartMovesNothing|TestUninstallFromRealNodesLeavesNothing|TestTamperingIsRepaired)$$
 test-e2e-kubelet: deps kube-bins
 	NATD_E2E_KUBELET=1 $(GO) test -count=1 -timeout 15m -run '$(KUBELET_TESTS)' ./tests/e2e/
 

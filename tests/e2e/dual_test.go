@@ -219,3 +219,56 @@ func nodeIP6(name string) string {
 	}
 	return n.IP6
 }
+
+// natd's ip6 table deleted, or the whole ruleset flushed, on a pinned pod's node: the
+// pod guard keeps the pod's IPv6 to the outside in until natd has repaired its table
+// (without it, the pod's datagrams would leave with its own IPv6 address).
+func TestDualStackTablesGoneKeepPinnedIPv6In(t *testing.T) {
+	dualOnly(t)
+	const ns, eip = "dual-tamper", "198.18.0.226"
+	ensureNamespace(t, ns)
+	annotate(t, ns, eip)
+	unpinOnCleanup(t, ns)
+	waitHolder(t, eip)
+	p := newPod(t, ns, "app", "node1")
+	waitSeen(t, p, tcp, eip, nodeIPs()...)
+	n, err := topo.Node(p.Node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// (Without the pod guard — its filter deleted with the table — 2 of 60 datagrams
+	// reached the partner from the node's IPv6 address before the repair.)
+	for i, cmd := range []string{"nft delete table ip6 natd", "nft flush ruleset"} {
+		before := natdSnapshot(t, n.Netns)
+		others := ""
+		if cmd == "nft flush ruleset" {
+			others = foreignTables(t, n.Netns)
+		}
+		s := startStreamTo(t, p, fmt.Sprintf("dual-tamper-%d", i), partnerAddr6())
+		time.Sleep(200 * time.Millisecond)
+		if _, err := lab.NsRun(n.Netns, "sh", "-c", cmd); err != nil {
+			s.halt()
+			t.Fatalf("%s: %v", cmd, err)
+		}
+		start := time.Now()
+		for natdSnapshot(t, n.Netns) != before {
+			if time.Since(start) > time.Second {
+				s.halt()
+				t.Fatalf("%s: not repaired within 1 s", cmd)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		repaired := time.Since(start)
+		time.Sleep(300 * time.Millisecond)
+		s.halt()
+		if others != "" {
+			restoreTables(t, n.Netns, others)
+		}
+		udp, tcp := arrivals(t, s.id)
+		for _, a := range append(udp, tcp...) {
+			t.Errorf("%s: IPv6 datagram/request %d of the pinned pod arrived at the partner from %s; want nothing", cmd, a.Seq, a.Src)
+		}
+		t.Logf("%-26s on %s: repaired in %s, %d IPv6 datagrams sent, none arrived", cmd, p.Node, repaired.Round(time.Millisecond), len(s.sent))
+	}
+	assertSeen(t, p, eip)
+}
