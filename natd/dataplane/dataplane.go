@@ -257,15 +257,18 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 	if err := d.store.WritePinning(state.PinnedNamespaces, d.cfg.Marks); err != nil {
 		return out, err
 	}
-	d.convergePodGuard(records, state.PinnedNamespaces)
+	d.convergePodGuard(state, records)
 	return out, nil
 }
 
 // convergePodGuard puts the pod guard on pinned pods' devices and takes it off the
 // others'. A failure fails no Apply: the pods are pinned all the same, only the guard
 // against natd's tables being deleted is missing, and Verify has it tried again.
-func (d *Dataplane) convergePodGuard(records []PodRecord, pinned map[string]netip.Addr) {
-	err := d.pods.converge(podGuardPlan(records, pinned))
+func (d *Dataplane) convergePodGuard(state State, records []PodRecord) {
+	want, err := d.podGuardPlan(state, records)
+	if err == nil {
+		err = d.pods.converge(want)
+	}
 	msg := ""
 	if err != nil {
 		msg = err.Error()
@@ -469,7 +472,7 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	if ok, err := d.router.guard6Intact(d.router.wantGuard6(state.ClusterDestinations)); ipv6Absent(err) != nil || (err == nil && !ok) {
 		return !ok, 0, err
 	}
-	if ok, err := d.podGuardIntact(state.PinnedNamespaces); err != nil || !ok {
+	if ok, err := d.podGuardIntact(state); err != nil || !ok {
 		return !ok, 0, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -479,16 +482,35 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	return len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }), retryIn, nil
 }
 
+// podGuardPlan is where the pod guard must be: on the devices natd-cni recorded for
+// pods of pinned namespaces, and on those of this node's pinned pods natd-cni never
+// saw (older than it), found by their addresses; recorded pods of other namespaces
+// must not have it.
+func (d *Dataplane) podGuardPlan(state State, records []PodRecord) (map[podDevice]bool, error) {
+	want := podGuardPlan(records, state.PinnedNamespaces)
+	older, err := d.pods.discover(unrecorded(state, records))
+	for dev := range older {
+		if _, recorded := want[dev]; !recorded {
+			want[dev] = true
+		}
+	}
+	return want, err
+}
+
 // podGuardIntact reports whether the pod guard is where it should be. A kernel that
 // cannot run it has nothing to repair.
-func (d *Dataplane) podGuardIntact(pinned map[string]netip.Addr) (bool, error) {
+func (d *Dataplane) podGuardIntact(state State) (bool, error) {
 	unlock, err := d.store.Lock()
 	if err != nil {
 		return false, err
 	}
 	records := d.records()
 	unlock()
-	ok, err := d.pods.intact(podGuardPlan(records, pinned))
+	want, err := d.podGuardPlan(state, records)
+	if err != nil {
+		return false, err
+	}
+	ok, err := d.pods.intact(want)
 	if errors.Is(err, ErrPodGuardUnsupported) {
 		return true, nil
 	}

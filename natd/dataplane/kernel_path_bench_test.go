@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -142,6 +143,8 @@ type pathLab struct {
 	unpinned, pinnedOther, pinnedHolder *pathPod
 	d1, d2                              *Dataplane
 	echo                                net.PacketConn // the partner's UDP echo
+	// unrecorded: applyNatd writes no pod records (pods older than natd-cni).
+	unrecorded bool
 }
 
 type pathNS struct {
@@ -306,10 +309,29 @@ func (l *pathLab) applyNatd(others, extraIPs int) {
 			x = x.Next()
 		}
 	}
+	// The pinned pods as natd-cni records them: their devices carry the pod guard.
+	if !l.unrecorded {
+		l.record(l.d1, l.pinnedOther, "vp1b")
+		l.record(l.d2, l.pinnedHolder, "vp2")
+	}
 	if _, err := l.d2.Apply(s2); err != nil {
 		l.b.Fatal(err)
 	}
 	if _, err := l.d1.Apply(s1); err != nil {
+		l.b.Fatal(err)
+	}
+}
+
+// record writes the pod store record natd-cni would write for pod p of the pinned
+// namespace, whose host device is dev.
+func (l *pathLab) record(d *Dataplane, p *pathPod, dev string) {
+	l.b.Helper()
+	idx, err := strconv.Atoi(strings.TrimSpace(l.sh(p.node, "cat /sys/class/net/"+dev+"/ifindex")))
+	if err != nil {
+		l.b.Fatal(err)
+	}
+	if err := d.store.Put(PodRecord{ContainerID: dev, Namespace: "pinned", Name: dev, HostIf: dev, HostIfIndex: idx,
+		IPs: []netip.Addr{netip.MustParseAddr(p.ip)}}); err != nil {
 		l.b.Fatal(err)
 	}
 }

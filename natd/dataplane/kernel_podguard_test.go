@@ -43,12 +43,17 @@ func TestKernelPodGuardKeepsPinnedPodsIn(t *testing.T) {
 			t.Fatalf("RegisterPod(%s): %v", dev, err)
 		}
 	}
-	register(l.node1, l.pinnedOther, "pinned", "vp1b")
-	register(l.node1, l.unpinned, "plain", "vp1a")
-	register(l.node2, l.pinnedHolder, "pinned", "vp2")
 	filters := func(n *pathNS, dev string) string {
 		return l.sh(n, "tc filter show dev "+dev+" ingress")
 	}
+	// natd guarded the pinned pods it found recorded; the plugin guards a new one.
+	if f := filters(l.node1, "vp1b"); !strings.Contains(f, podGuardName) {
+		t.Fatalf("natd put no guard on the pinned pod's device:\n%s", f)
+	}
+	l.sh(l.node1, "tc filter del dev vp1b ingress")
+	register(l.node1, l.pinnedOther, "pinned", "vp1b")
+	register(l.node1, l.unpinned, "plain", "vp1a")
+	register(l.node2, l.pinnedHolder, "pinned", "vp2")
 	if f := filters(l.node1, "vp1b"); !strings.Contains(f, podGuardName) {
 		t.Fatalf("the plugin put no guard on the pinned pod's device:\n%s", f)
 	}
@@ -124,6 +129,23 @@ func TestKernelPodGuardKeepsPinnedPodsIn(t *testing.T) {
 		t.Errorf("without the pod guard nothing reached the partner after the table's deletion: the test proves nothing")
 	} else {
 		t.Logf("without the pod guard: %v reached the partner", got)
+	}
+	l.applyNatd(0, 0)
+
+	// A pinned pod natd-cni never recorded (older than natd-cni): natd finds its
+	// device behind the bridge by its address.
+	if err := l.d1.store.Remove("vp1b"); err != nil {
+		t.Fatal(err)
+	}
+	l.sh(l.node1, "tc filter del dev vp1b ingress")
+	l.unrecorded = true
+	l.applyNatd(0, 0)
+	if f := filters(l.node1, "vp1b"); !strings.Contains(f, podGuardName) {
+		t.Fatalf("natd did not find the unrecorded pinned pod's device:\n%s", f)
+	}
+	l.sh(l.node1, "nft delete table ip natd")
+	if got := sink.count(l.pinnedOther, 20); len(got) != 0 {
+		t.Errorf("an unrecorded pinned pod: %v reached the partner with natd's table deleted; want none", got)
 	}
 	l.applyNatd(0, 0)
 

@@ -1,8 +1,10 @@
 package dataplane
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"sync"
 
@@ -243,11 +245,96 @@ func podGuardPlan(records []PodRecord, pinned map[string]netip.Addr) map[podDevi
 	return want
 }
 
-// converge puts the guard on the devices of pinned pods and takes it off the others'.
-// A device that is gone is skipped: its pod is.
+// unrecorded are this node's pinned pod addresses (natd's view of the API) that no
+// pod record claims: pods older than natd-cni on this node.
+func unrecorded(state State, records []PodRecord) []netip.Addr {
+	recorded := map[netip.Addr]bool{}
+	for _, r := range records {
+		for _, ip := range r.IPs {
+			recorded[ip] = true
+		}
+	}
+	var out []netip.Addr
+	for _, e := range state.Egress {
+		for _, ip := range e.Pods {
+			if !recorded[ip] {
+				out = append(out, ip)
+			}
+		}
+	}
+	return out
+}
+
+// discover finds the host devices of pods known only by address: the device the
+// node's route to the address uses when it is a veth (routed CNIs), or, when it is a
+// bridge (bridge CNIs), the bridge port behind which the bridge has learnt the pod's
+// MAC address. A pod the node has no neighbour entry for yet is found once it has
+// sent something.
+func (g *podGuard) discover(addrs []netip.Addr) (map[podDevice]bool, error) {
+	found := map[podDevice]bool{}
+	var fdb []netlink.Neigh
+	fdbRead := false
+	for _, ip := range addrs {
+		routes, err := g.nl.RouteGet(ip.AsSlice())
+		if err != nil || len(routes) == 0 {
+			continue
+		}
+		l, err := g.nl.LinkByIndex(routes[0].LinkIndex)
+		if err != nil {
+			continue
+		}
+		switch l.Type() {
+		case "veth":
+			found[podDevice{name: l.Attrs().Name, index: l.Attrs().Index}] = true
+			continue
+		case "bridge":
+		default:
+			continue
+		}
+		neighs, err := g.nl.NeighList(l.Attrs().Index, unix.AF_INET)
+		if err != nil {
+			return found, fmt.Errorf("listing neighbours on %s: %w", l.Attrs().Name, err)
+		}
+		var mac net.HardwareAddr
+		for _, n := range neighs {
+			if n.IP.Equal(ip.AsSlice()) && len(n.HardwareAddr) > 0 {
+				mac = n.HardwareAddr
+			}
+		}
+		if mac == nil {
+			continue
+		}
+		if !fdbRead {
+			if fdb, err = g.nl.NeighListExecute(netlink.Ndmsg{Family: unix.AF_BRIDGE}); err != nil {
+				return found, fmt.Errorf("listing bridge forwarding entries: %w", err)
+			}
+			fdbRead = true
+		}
+		for _, e := range fdb {
+			if e.MasterIndex != l.Attrs().Index || !bytes.Equal(e.HardwareAddr, mac) {
+				continue
+			}
+			port, err := g.nl.LinkByIndex(e.LinkIndex)
+			if err == nil && port.Type() == "veth" {
+				found[podDevice{name: port.Attrs().Name, index: port.Attrs().Index}] = true
+			}
+		}
+	}
+	return found, nil
+}
+
+// converge puts the guard on every device want marks and takes it off every other
+// device of the node that has it (a pod whose namespace was unpinned, also while natd
+// was not running). A device that is gone is skipped: its pod is.
 func (g *podGuard) converge(want map[podDevice]bool) error {
+	if _, _, err := g.program(); err != nil {
+		return err
+	}
 	var errs []error
 	for dev, pinned := range want {
+		if !pinned {
+			continue
+		}
 		link, err := g.link(dev)
 		if err != nil {
 			errs = append(errs, err)
@@ -256,18 +343,29 @@ func (g *podGuard) converge(want map[podDevice]bool) error {
 		if link == nil {
 			continue
 		}
-		ours, current, err := g.guarded(link)
+		_, current, err := g.guarded(link)
+		if err == nil && !current {
+			err = g.guard(link)
+		}
 		if err != nil {
 			errs = append(errs, err)
+		}
+	}
+	links, err := g.nl.LinkList()
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("listing links: %w", err))...)
+	}
+	for _, l := range links {
+		if l.Type() != "veth" || want[podDevice{name: l.Attrs().Name, index: l.Attrs().Index}] {
 			continue
 		}
-		switch {
-		case pinned && !current:
-			err = g.guard(link)
-		case !pinned && ours:
-			err = g.unguard(link)
+		if ours, _, err := g.guarded(l); err != nil || !ours {
+			if err != nil {
+				errs = append(errs, err)
+			}
+			continue
 		}
-		if err != nil {
+		if err := g.unguard(l); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -719,6 +719,15 @@ func nodeSnapshot(dir string, n *Node) (string, error) {
 			b.WriteString(strings.TrimSuffix(f[1], ":") + "\n")
 		}
 	}
+	// The pod guard's filters and qdiscs, counted (pods' devices come and go).
+	tc, err := NsRun(n.Netns, "sh", "-c", `q=0; f=0; for d in $(ls /sys/class/net); do
+		tc qdisc show dev $d | grep -q clsact && q=$((q+1))
+		tc filter show dev $d ingress 2>/dev/null | grep -q natd_origin && f=$((f+1)); done
+		echo "devices with a clsact qdisc: $q"; echo "devices with natd's filter: $f"`)
+	if err != nil {
+		return "", err
+	}
+	b.WriteString("$ tc\n" + tc)
 	conf, err := os.ReadFile(n.CNIConfList)
 	if err != nil {
 		return "", err
