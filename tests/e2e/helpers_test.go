@@ -196,7 +196,7 @@ func nodeIPs() []string {
 
 // holdersOf lists the nodes that have ip on their uplink. While an IP moves, the old
 // and the new holder may both have it for a moment.
-func holdersOf(t *testing.T, ip string) []string {
+func holdersOf(t testing.TB, ip string) []string {
 	t.Helper()
 	var holders []string
 	for _, n := range topo.Nodes {
@@ -212,7 +212,7 @@ func holdersOf(t *testing.T, ip string) []string {
 }
 
 // waitHolder waits until exactly one node holds ip and returns it.
-func waitHolder(t *testing.T, ip string) string {
+func waitHolder(t testing.TB, ip string) string {
 	t.Helper()
 	var h []string
 	for i := 0; i < 100; i++ {

@@ -1,0 +1,201 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"natd.dev/natd/tests/lab"
+)
+
+// BenchmarkLabPath is the pinned path's cost in the lab's network mode
+// (NATD_E2E_NETWORK: flat, overlay, routed, dual), side by side in one run: from an
+// unpinned pod, a pinned pod on the holder and a pinned pod on another node to the
+// partner, iperf3 TCP (one stream), iperf3 UDP (64-byte datagrams, as fast as the sender
+// can) and UDP round trips to the partner's echo. NATD_LABPATH_SECONDS (3) per iperf3
+// run, NATD_LABPATH_ROUNDS (3) interleaved rounds; medians. Sender, nodes, router and
+// partner share this machine's cores.
+func BenchmarkLabPath(b *testing.B) {
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		b.Fatal("iperf3 is not installed")
+	}
+	secs, rounds := 3, 3
+	if v := os.Getenv("NATD_LABPATH_SECONDS"); v != "" {
+		fmt.Sscan(v, &secs)
+	}
+	if v := os.Getenv("NATD_LABPATH_ROUNDS"); v != "" {
+		fmt.Sscan(v, &rounds)
+	}
+	const ns, plain, eip = "lp-pinned", "lp-plain", "198.18.0.227"
+	ensureNamespace(b, ns)
+	annotate(b, ns, eip)
+	defer annotate(b, ns, "")
+	holder := waitHolder(b, eip)
+	other := ""
+	for _, n := range topo.Nodes {
+		if n.Name != holder && other == "" {
+			other = n.Name
+		}
+	}
+	type path struct {
+		name   string
+		pod    *lab.Pod
+		source string
+	}
+	paths := []path{
+		{"unpinned pod", newPod(b, plain, "app", other), nodeIP(other)},
+		{"pinned, on holder", newPod(b, ns, "holder", holder), eip},
+		{"pinned, other node", newPod(b, ns, "other", other), eip},
+	}
+	for _, p := range paths {
+		waitSeen(b, p.pod, udp, p.source)
+		waitSeen(b, p.pod, tcp, p.source)
+	}
+	type figures struct {
+		gbps, kpps float64
+		p50, p99   time.Duration
+	}
+	samples := map[string][]figures{}
+	for b.Loop() {
+		for range rounds {
+			for _, p := range paths {
+				var f figures
+				f.gbps = iperfTCP(b, p.pod, secs)
+				f.kpps = iperfUDP(b, p.pod, secs)
+				f.p50, f.p99 = udpRoundTrips(b, p.pod, 2000)
+				samples[p.name] = append(samples[p.name], f)
+			}
+		}
+	}
+	mode := os.Getenv("NATD_E2E_NETWORK")
+	if mode == "" {
+		mode = "flat"
+	}
+	median := func(fs []figures, v func(figures) float64) float64 {
+		vals := make([]float64, len(fs))
+		for i, f := range fs {
+			vals[i] = v(f)
+		}
+		slices.Sort(vals)
+		return vals[len(vals)/2]
+	}
+	fmt.Printf("\n%s network, holder %s, medians of %d rounds\n%-20s %10s %10s %10s %10s\n", mode, holder, rounds,
+		"path", "TCP Gbit/s", "UDP kpps", "RTT p50", "RTT p99")
+	for _, p := range paths {
+		fs := samples[p.name]
+		gbps, kpps := median(fs, func(f figures) float64 { return f.gbps }), median(fs, func(f figures) float64 { return f.kpps })
+		p50 := time.Duration(median(fs, func(f figures) float64 { return float64(f.p50) }))
+		p99 := time.Duration(median(fs, func(f figures) float64 { return float64(f.p99) }))
+		fmt.Printf("%-20s %10.1f %10.0f %10s %10s\n", p.name, gbps, kpps, p50.Round(time.Microsecond), p99.Round(time.Microsecond))
+		key := mode + "-" + strings.ReplaceAll(strings.ReplaceAll(p.name, ",", ""), " ", "-")
+		b.ReportMetric(gbps, key+"-Gbit/s")
+		b.ReportMetric(kpps, key+"-kpps")
+		b.ReportMetric(float64(p99.Microseconds()), key+"-rtt-p99-us")
+	}
+}
+
+// iperf runs one iperf3 client in the pod against a one-shot server on the partner
+// and decodes its JSON report into out.
+func iperf(b *testing.B, p *lab.Pod, out any, args ...string) {
+	b.Helper()
+	const port = "5201"
+	srv := exec.Command("ip", "netns", "exec", topo.Partner.Netns, "iperf3", "-s", "-1", "-B", topo.Partner.IP, "-p", port)
+	if err := srv.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		srv.Process.Kill() //nolint:errcheck // a one-shot server, maybe gone already
+		srv.Wait()         //nolint:errcheck // killed
+	}()
+	var raw []byte
+	var failed struct {
+		Error string `json:"error"`
+	}
+	for range 100 { // until the server listens (iperf3 -J may exit 0 on errors)
+		raw, _ = exec.Command("ip", append([]string{"netns", "exec", p.Netns, "iperf3", "-J", "-c", topo.Partner.IP, "-p", port}, args...)...).Output()
+		failed.Error = ""
+		if err := json.Unmarshal(raw, &failed); err != nil {
+			b.Fatalf("iperf3 %v from %s: %v\n%s", args, p.Name, err, raw)
+		}
+		if !strings.Contains(failed.Error, "Connection refused") && !strings.Contains(failed.Error, "unable to connect") {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if failed.Error != "" {
+		b.Fatalf("iperf3 %v from %s: %s", args, p.Name, failed.Error)
+	}
+	if err := json.Unmarshal(raw, out); err != nil {
+		b.Fatalf("iperf3 output: %v\n%s", err, raw)
+	}
+}
+
+func iperfTCP(b *testing.B, p *lab.Pod, secs int) float64 {
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	iperf(b, p, &r, "-t", fmt.Sprint(secs))
+	return r.End.SumReceived.BitsPerSecond / 1e9
+}
+
+func iperfUDP(b *testing.B, p *lab.Pod, secs int) float64 {
+	var r struct {
+		End struct {
+			Sum struct {
+				Packets     float64 `json:"packets"`
+				LostPackets float64 `json:"lost_packets"`
+				Seconds     float64 `json:"seconds"`
+			} `json:"sum"`
+		} `json:"end"`
+	}
+	iperf(b, p, &r, "-u", "-b", "0", "-l", "64", "-t", fmt.Sprint(secs))
+	if r.End.Sum.Seconds == 0 {
+		return 0
+	}
+	return (r.End.Sum.Packets - r.End.Sum.LostPackets) / r.End.Sum.Seconds / 1000
+}
+
+// udpRoundTrips sends n datagrams to the partner's echo one at a time and returns the
+// round trips' p50 and p99.
+func udpRoundTrips(b *testing.B, p *lab.Pod, n int) (p50, p99 time.Duration) {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := lab.DialIn(ctx, p.Netns, "udp", partnerAddr())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	rtts := make([]time.Duration, 0, n)
+	buf := make([]byte, 2048)
+	for i := range n {
+		start := time.Now()
+		fmt.Fprintf(c, "rtt-%d", i)
+		c.SetReadDeadline(time.Now().Add(time.Second)) //nolint:errcheck // a UDP socket
+		if _, err := c.Read(buf); err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue // lost: not a round trip
+			}
+			b.Fatalf("round trip from %s: %v", p.Name, err)
+		}
+		rtts = append(rtts, time.Since(start))
+	}
+	if len(rtts) < n/2 {
+		b.Fatalf("round trips from %s: %d of %d answered", p.Name, len(rtts), n)
+	}
+	slices.Sort(rtts)
+	return rtts[len(rtts)/2], rtts[len(rtts)*99/100]
+}
