@@ -239,31 +239,8 @@ func TestDualStackTablesGoneKeepPinnedIPv6In(t *testing.T) {
 	// (Without the pod guard — its filter deleted with the table — 2 of 60 datagrams
 	// reached the partner from the node's IPv6 address before the repair.)
 	for i, cmd := range []string{"nft delete table ip6 natd", "nft flush ruleset"} {
-		before := natdSnapshot(t, n.Netns)
-		others := ""
-		if cmd == "nft flush ruleset" {
-			others = foreignTables(t, n.Netns)
-		}
 		s := startStreamTo(t, p, fmt.Sprintf("dual-tamper-%d", i), partnerAddr6())
-		time.Sleep(200 * time.Millisecond)
-		if _, err := lab.NsRun(n.Netns, "sh", "-c", cmd); err != nil {
-			s.halt()
-			t.Fatalf("%s: %v", cmd, err)
-		}
-		start := time.Now()
-		for natdSnapshot(t, n.Netns) != before {
-			if time.Since(start) > time.Second {
-				s.halt()
-				t.Fatalf("%s: not repaired within 1 s", cmd)
-			}
-			time.Sleep(2 * time.Millisecond)
-		}
-		repaired := time.Since(start)
-		time.Sleep(300 * time.Millisecond)
-		s.halt()
-		if others != "" {
-			restoreTables(t, n.Netns, others)
-		}
+		repaired, _ := tamperWhileStreaming(t, n, cmd, s)
 		udp, tcp := arrivals(t, s.id)
 		for _, a := range append(udp, tcp...) {
 			t.Errorf("%s: IPv6 datagram/request %d of the pinned pod arrived at the partner from %s; want nothing", cmd, a.Seq, a.Src)

@@ -257,26 +257,23 @@ func TestTamperingIsRepaired(t *testing.T) {
 	holder := waitHolder(t, eip)
 	p := newPod(t, ns, "app", "node1")
 	waitSeen(t, p, udp, eip)
-	type tamper struct {
-		node, cmd string
-		flushAll  bool // takes every table of the node: the others are put back afterwards
-	}
+	type tamper struct{ node, cmd string }
 	var tampers []tamper
 	for _, node := range []string{"node1", holder} {
 		tampers = append(tampers,
-			tamper{node, "nft delete element ip natd cni_pods { " + p.IP + " }", false},
-			tamper{node, "nft delete element ip natd pod_egress { " + p.IP + " }", false},
-			tamper{node, "nft flush map ip natd pod_egress && nft flush map ip natd cni_pods", false},
-			tamper{node, "ip rule flush priority 7000", false}, // natd's rules (--rule-priority)
-			tamper{node, "ip rule flush priority 7001", false}, // the route guard
-			tamper{node, "ip rule flush priority 6999", false}, // the skip past the per-IP rules
-			tamper{node, "nft delete table ip natd", false},
-			tamper{node, "nft flush ruleset", true},
+			tamper{node, "nft delete element ip natd cni_pods { " + p.IP + " }"},
+			tamper{node, "nft delete element ip natd pod_egress { " + p.IP + " }"},
+			tamper{node, "nft flush map ip natd pod_egress && nft flush map ip natd cni_pods"},
+			tamper{node, "ip rule flush priority 7000"}, // natd's rules (--rule-priority)
+			tamper{node, "ip rule flush priority 7001"}, // the route guard
+			tamper{node, "ip rule flush priority 6999"}, // the skip past the per-IP rules
+			tamper{node, "nft delete table ip natd"},
+			tamper{node, "nft flush ruleset"},
 		)
 	}
 	dev := podDevice(t, p)
-	tampers = append(tampers, tamper{holder, "nft flush set ip natd held_addrs", false},
-		tamper{p.Node, "tc filter del dev " + dev + " ingress", false}) // the pod guard
+	tampers = append(tampers, tamper{holder, "nft flush set ip natd held_addrs"},
+		tamper{p.Node, "tc filter del dev " + dev + " ingress"}) // the pod guard
 	if n, err := topo.Node(p.Node); err != nil || !strings.Contains(natdSnapshot(t, n.Netns), "pod guard on "+dev+"\n") {
 		t.Fatalf("the pinned pod's device %s on %s has no pod guard (%v):\n%s", dev, p.Node, err, natdSnapshot(t, n.Netns))
 	}
@@ -285,33 +282,10 @@ func TestTamperingIsRepaired(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		before := natdSnapshot(t, n.Netns)
-		var others string
-		if tp.flushAll {
-			others = foreignTables(t, n.Netns)
-		}
 		s := startStream(t, p, fmt.Sprintf("tamper-%d", i))
-		time.Sleep(200 * time.Millisecond)
-		if _, err := lab.NsRun(n.Netns, "sh", "-c", tp.cmd); err != nil {
-			s.halt()
-			if strings.Contains(err.Error(), "No such file") { // nothing to delete on this node
-				continue
-			}
-			t.Fatalf("%s on %s: %v", tp.cmd, tp.node, err)
-		}
-		start := time.Now()
-		for natdSnapshot(t, n.Netns) != before {
-			if time.Since(start) > time.Second {
-				s.halt()
-				t.Fatalf("%s on %s: not repaired within 1 s\n--- before:\n%s\n--- now:\n%s", tp.cmd, tp.node, before, natdSnapshot(t, n.Netns))
-			}
-			time.Sleep(2 * time.Millisecond)
-		}
-		repaired := time.Since(start)
-		time.Sleep(300 * time.Millisecond)
-		s.halt()
-		if others != "" {
-			restoreTables(t, n.Netns, others)
+		repaired, done := tamperWhileStreaming(t, n, tp.cmd, s)
+		if !done { // nothing to delete on this node
+			continue
 		}
 		// Whatever went, a pinned packet leaves with its egress IP or not at all: on the
 		// holder the route guard, on the pod's node the pod guard keep in what natd's
@@ -322,6 +296,43 @@ func TestTamperingIsRepaired(t *testing.T) {
 			good, len(udp)+len(tcp), eip)
 	}
 	waitSeen(t, p, udp, eip)
+}
+
+// tamperWhileStreaming runs cmd in node n while stream s runs, waits until natd has put
+// its own state back as it was (failing after 1 s), and halts s 300 ms later. A
+// `nft flush ruleset` also takes the node's other tables (kube-proxy's, the CNI's
+// masquerade): they are put back afterwards. It returns how long the repair took, and
+// false when cmd found nothing to delete.
+func tamperWhileStreaming(t *testing.T, n *lab.Node, cmd string, s *stream) (time.Duration, bool) {
+	t.Helper()
+	before := natdSnapshot(t, n.Netns)
+	var others string
+	if strings.Contains(cmd, "flush ruleset") {
+		others = foreignTables(t, n.Netns)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if _, err := lab.NsRun(n.Netns, "sh", "-c", cmd); err != nil {
+		s.halt()
+		if strings.Contains(err.Error(), "No such file") {
+			return 0, false
+		}
+		t.Fatalf("%s on %s: %v", cmd, n.Name, err)
+	}
+	start := time.Now()
+	for natdSnapshot(t, n.Netns) != before {
+		if time.Since(start) > time.Second {
+			s.halt()
+			t.Fatalf("%s on %s: not repaired within 1 s\n--- before:\n%s\n--- now:\n%s", cmd, n.Name, before, natdSnapshot(t, n.Netns))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	repaired := time.Since(start)
+	time.Sleep(300 * time.Millisecond)
+	s.halt()
+	if others != "" {
+		restoreTables(t, n.Netns, others)
+	}
+	return repaired, true
 }
 
 // podDevice is the host side of the pod's veth on its node (the pod guard's filter is
