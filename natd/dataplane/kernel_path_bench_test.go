@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -88,6 +89,13 @@ func BenchmarkPinnedPath(b *testing.B) {
 			l.sh(l.node1, "nft delete table ip pathbench")
 			undo := l.iptablesSNAT(l.pinnedHolder)
 			add(key{"no natd: 1 iptables SNAT", -1}, l.measure(l.pinnedHolder, secs, pathEgressIP))
+			// The classic design: a rule per pinned pod that every packet walks (a
+			// mark per pod for policy routing), the measured pod's last.
+			for _, n := range []int{1000, 10000, 50000} {
+				undoRules := l.iptablesRulePerPod(l.pinnedHolder, n)
+				add(key{"iptables: a rule per pod", n}, l.measure(l.pinnedHolder, secs, pathEgressIP))
+				undoRules()
+			}
 			undo()
 		}
 	}
@@ -355,6 +363,29 @@ func (l *pathLab) iptablesSNAT(p *pathPod) (undo func()) {
 	return func() {
 		l.sh(p.node, "iptables -t nat -D "+rule, "ip addr del "+pathEgressIP+"/32 dev eth0")
 		l.sh(l.router, "ip neigh del "+pathEgressIP+" dev br0")
+	}
+}
+
+// iptablesRulePerPod is the classic way to pin pods: one rule per pinned pod in the
+// mangle table's PREROUTING, which every packet walks until its pod's rule (here n−1
+// other pods' rules, then p's: the worst place). It returns what undoes it.
+func (l *pathLab) iptablesRulePerPod(p *pathPod, n int) (undo func()) {
+	l.b.Helper()
+	var rules strings.Builder
+	rules.WriteString("*mangle\n:NATDBENCH - [0:0]\n-A PREROUTING -j NATDBENCH\n")
+	a := netip.MustParseAddr("10.250.0.1")
+	for range n - 1 {
+		fmt.Fprintf(&rules, "-A NATDBENCH -s %s/32 -j MARK --set-xmark 0x1/0xff\n", a)
+		a = a.Next()
+	}
+	fmt.Fprintf(&rules, "-A NATDBENCH -s %s/32 -j MARK --set-xmark 0x1/0xff\nCOMMIT\n", p.ip)
+	file := filepath.Join(l.b.TempDir(), "rules")
+	if err := os.WriteFile(file, []byte(rules.String()), 0o600); err != nil {
+		l.b.Fatal(err)
+	}
+	l.sh(p.node, "iptables-restore --noflush < "+file)
+	return func() {
+		l.sh(p.node, "iptables -t mangle -D PREROUTING -j NATDBENCH && iptables -t mangle -F NATDBENCH && iptables -t mangle -X NATDBENCH")
 	}
 }
 

@@ -138,8 +138,8 @@ func (g *podGuard) guarded(link netlink.Link) (ours, current bool, err error) {
 	}
 	filters, err := g.nl.FilterList(link, netlink.HANDLE_MIN_INGRESS)
 	if err != nil {
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
-			return false, false, nil // no clsact qdisc
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) {
+			return false, false, nil // no clsact qdisc, or the device just went
 		}
 		return false, false, fmt.Errorf("listing filters of %s: %w", link.Attrs().Name, err)
 	}
@@ -199,7 +199,7 @@ func (g *podGuard) ensureClsact(link netlink.Link) error {
 func (g *podGuard) unguard(link netlink.Link) error {
 	filters, err := g.nl.FilterList(link, netlink.HANDLE_MIN_INGRESS)
 	if err != nil {
-		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENODEV) {
 			return nil
 		}
 		return fmt.Errorf("listing filters of %s: %w", link.Attrs().Name, err)
