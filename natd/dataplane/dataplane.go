@@ -472,14 +472,22 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	if ok, err := d.router.guard6Intact(d.router.wantGuard6(state.ClusterDestinations)); ipv6Absent(err) != nil || (err == nil && !ok) {
 		return !ok, 0, err
 	}
-	if ok, err := d.podGuardIntact(state); err != nil || !ok {
-		return !ok, 0, err
-	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
 	if err != nil {
 		return false, 0, err
 	}
-	return len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }), retryIn, nil
+	if len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }) {
+		return true, 0, nil
+	}
+	// Last: a pod guard that cannot be checked is no reason to leave anything else
+	// unchecked, nor an error of the node's; an Apply reports why it cannot be put in
+	// place.
+	ok, err := d.podGuardIntact(state)
+	if err != nil {
+		klog.V(2).InfoS("Pod guard not checked", "err", err)
+		return false, retryIn, nil
+	}
+	return !ok, retryIn, nil
 }
 
 // podGuardPlan is where the pod guard must be: on the devices natd-cni recorded for

@@ -79,6 +79,10 @@ type podGuard struct {
 	prog    *ebpf.Program
 	tag     string
 	loadErr error
+	// refused are devices whose guard the kernel refused at the last attempt (another
+	// qdisc in the way, say): the Apply that tried reports them, and intact does not
+	// count them as drift, so that one such pod does not make every check a repair.
+	refused map[podDevice]bool
 }
 
 func (g *podGuard) program() (*ebpf.Program, string, error) {
@@ -182,7 +186,9 @@ func (g *podGuard) ensureClsact(link netlink.Link) error {
 		return fmt.Errorf("listing qdiscs of %s: %w", link.Attrs().Name, err)
 	}
 	for _, q := range qdiscs {
-		if q.Type() == "clsact" {
+		// An ingress qdisc (the CNI bandwidth plugin's) takes ingress filters as well,
+		// and excludes a clsact.
+		if q.Type() == "clsact" || q.Type() == "ingress" {
 			return nil
 		}
 	}
@@ -331,6 +337,7 @@ func (g *podGuard) converge(want map[podDevice]bool) error {
 		return err
 	}
 	var errs []error
+	refused := map[podDevice]bool{}
 	for dev, pinned := range want {
 		if !pinned {
 			continue
@@ -349,8 +356,10 @@ func (g *podGuard) converge(want map[podDevice]bool) error {
 		}
 		if err != nil {
 			errs = append(errs, err)
+			refused[dev] = true
 		}
 	}
+	g.refused = refused
 	links, err := g.nl.LinkList()
 	if err != nil {
 		return errors.Join(append(errs, fmt.Errorf("listing links: %w", err))...)
@@ -376,6 +385,9 @@ func (g *podGuard) converge(want map[podDevice]bool) error {
 // recorded device carries it.
 func (g *podGuard) intact(want map[podDevice]bool) (bool, error) {
 	for dev, pinned := range want {
+		if g.refused[dev] {
+			continue
+		}
 		link, err := g.link(dev)
 		if err != nil || link == nil {
 			if err != nil {
