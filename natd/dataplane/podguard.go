@@ -229,10 +229,19 @@ func (g *podGuard) unguard(link netlink.Link) error {
 	if err != nil || others > 0 || len(egress) > 0 {
 		return nil //nolint:nilerr // someone else's qdisc, or theirs too: it stays
 	}
-	q := &netlink.Clsact{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: link.Attrs().Index,
-		Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}}
-	if err := g.nl.QdiscDel(q); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("removing the clsact qdisc of %s: %w", link.Attrs().Name, err)
+	// Only a clsact qdisc is natd's to remove: the kernel deletes whatever qdisc sits
+	// at the ingress parent, an ingress qdisc (the bandwidth plugin's) as well.
+	qdiscs, err := g.nl.QdiscList(link)
+	if err != nil {
+		return fmt.Errorf("listing qdiscs of %s: %w", link.Attrs().Name, err)
+	}
+	for _, q := range qdiscs {
+		if q.Type() != "clsact" {
+			continue
+		}
+		if err := g.nl.QdiscDel(q); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("removing the clsact qdisc of %s: %w", link.Attrs().Name, err)
+		}
 	}
 	return nil
 }
