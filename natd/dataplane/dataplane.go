@@ -287,6 +287,16 @@ func (d *Dataplane) convergePodGuard(state State, records []PodRecord) {
 	}
 }
 
+// lockedRecords reads the pod store under its lock.
+func (d *Dataplane) lockedRecords() ([]PodRecord, error) {
+	unlock, err := d.store.Lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	return d.records(), nil
+}
+
 // records reads the pod store; a bad record is reported and skipped.
 func (d *Dataplane) records() []PodRecord {
 	recs, err := d.store.List()
@@ -441,15 +451,14 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	if err != nil {
 		return false, 0, err
 	}
-	// The CNI plugin never changes its records without committing to nftables, so
-	// while nobody has committed, neither the tables nor the records need reading.
+	// The pod guard's check below needs the records whatever happened; the tables are
+	// read back only when someone has committed to nftables (the CNI plugin never
+	// changes its records without doing so).
+	records, err := d.lockedRecords()
+	if err != nil {
+		return false, 0, err
+	}
 	if !untouched {
-		unlock, err := d.store.Lock()
-		if err != nil {
-			return false, 0, err
-		}
-		records := d.records()
-		unlock()
 		rss := d.rulesets(state, records)
 		d.nftMu.Lock()
 		drifted, retryIn, err = d.nft.drifted(rss)
@@ -482,7 +491,7 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	// Last: a pod guard that cannot be checked is no reason to leave anything else
 	// unchecked, nor an error of the node's; an Apply reports why it cannot be put in
 	// place.
-	ok, err := d.podGuardIntact(state)
+	ok, err := d.podGuardIntact(state, records)
 	if err != nil {
 		klog.V(2).InfoS("Pod guard not checked", "err", err)
 		return false, retryIn, nil
@@ -495,7 +504,7 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 // saw (older than it), found by their addresses; recorded pods of other namespaces
 // must not have it.
 func (d *Dataplane) podGuardPlan(state State, records []PodRecord) (map[podDevice]bool, error) {
-	want := podGuardPlan(records, state.PinnedNamespaces)
+	want := recordedDevices(records, state.PinnedNamespaces)
 	older, err := d.pods.discover(unrecorded(state, records))
 	for dev := range older {
 		if _, recorded := want[dev]; !recorded {
@@ -507,13 +516,7 @@ func (d *Dataplane) podGuardPlan(state State, records []PodRecord) (map[podDevic
 
 // podGuardIntact reports whether the pod guard is where it should be. A kernel that
 // cannot run it has nothing to repair.
-func (d *Dataplane) podGuardIntact(state State) (bool, error) {
-	unlock, err := d.store.Lock()
-	if err != nil {
-		return false, err
-	}
-	records := d.records()
-	unlock()
+func (d *Dataplane) podGuardIntact(state State, records []PodRecord) (bool, error) {
 	want, err := d.podGuardPlan(state, records)
 	if err != nil {
 		return false, err

@@ -400,25 +400,25 @@ func (r *router) ensureGuard6(want []netlink.Route) error {
 	if err != nil {
 		return err
 	}
+	keep := map[string]bool{}
 	for i := range want {
-		if slices.ContainsFunc(have, func(rt netlink.Route) bool { return routeKey6(rt) == routeKey6(want[i]) }) {
+		keep[routeKey(want[i])] = true
+		if slices.ContainsFunc(have, func(rt netlink.Route) bool { return routeKey(rt) == routeKey(want[i]) }) {
 			continue
 		}
 		if err := r.nl.RouteReplace(&want[i]); err != nil {
 			return fmt.Errorf("adding IPv6 guard route %s: %w", want[i].Dst, err)
 		}
 	}
-	if err := r.deleteRoutes6(have, want); err != nil {
+	if err := r.deleteRoutes(have, keep); err != nil {
 		return err
 	}
 	ours, foreign, err := r.guard6Rules()
 	if err != nil {
 		return err
 	}
-	for _, ru := range append(foreign, ours[min(1, len(ours)):]...) {
-		if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("deleting IPv6 guard rule: %w", err)
-		}
+	if err := r.deleteGuard6Rules(append(foreign, ours[min(1, len(ours)):]...)); err != nil {
+		return err
 	}
 	if len(ours) > 0 {
 		return nil
@@ -435,29 +435,20 @@ func (r *router) removeGuard6() error {
 	if err != nil {
 		return err
 	}
-	for _, ru := range append(ours, foreign...) {
-		if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("deleting IPv6 guard rule: %w", err)
-		}
+	if err := r.deleteGuard6Rules(append(ours, foreign...)); err != nil {
+		return err
 	}
 	have, err := r.guard6Routes()
 	if err != nil {
 		return err
 	}
-	return r.deleteRoutes6(have, nil)
+	return r.deleteRoutes(have, nil)
 }
 
-func (r *router) deleteRoutes6(have, want []netlink.Route) error {
-	keep := map[string]bool{}
-	for _, rt := range want {
-		keep[routeKey6(rt)] = true
-	}
-	for _, rt := range have {
-		if keep[routeKey6(rt)] {
-			continue
-		}
-		if err := r.nl.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) {
-			return fmt.Errorf("deleting IPv6 guard route %s: %w", rt.Dst, err)
+func (r *router) deleteGuard6Rules(rules []netlink.Rule) error {
+	for _, ru := range rules {
+		if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("deleting IPv6 guard rule: %w", err)
 		}
 	}
 	return nil
@@ -476,27 +467,5 @@ func (r *router) guard6Intact(want []netlink.Route) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if len(have) != len(want) {
-		return false, nil
-	}
-	keys := map[string]bool{}
-	for _, rt := range have {
-		keys[routeKey6(rt)] = true
-	}
-	for _, rt := range want {
-		if !keys[routeKey6(rt)] {
-			return false, nil
-		}
-	}
-	return true, nil
-}
-
-// routeKey6 identifies an IPv6 guard route (a default route may come back without a
-// destination).
-func routeKey6(rt netlink.Route) string {
-	dst := "::/0"
-	if rt.Dst != nil {
-		dst = rt.Dst.String()
-	}
-	return fmt.Sprintf("%d %s %d", rt.Table, dst, rt.Type)
+	return sameRoutes(have, want), nil
 }

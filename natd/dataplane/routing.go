@@ -100,14 +100,24 @@ func (r *router) wantRoutes(s slotRoute, tunnel netlink.Link) []netlink.Route {
 
 func defaultDst() *net.IPNet { return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)} }
 
-// routeKey identifies a route by what natd sets on it.
+// routeKey identifies a route by what natd sets on it. A default route may come back
+// from the kernel without a destination; an IPv6 blackhole or throw route comes back
+// with the loopback device, which natd never sets: a route without a next hop is
+// keyed without a device.
 func routeKey(rt netlink.Route) string {
 	dst := "0.0.0.0/0"
+	if rt.Family == unix.AF_INET6 {
+		dst = "::/0"
+	}
 	if rt.Dst != nil {
 		dst = rt.Dst.String()
 	}
+	link := rt.LinkIndex
+	if rt.Type == unix.RTN_BLACKHOLE || rt.Type == unix.RTN_THROW {
+		link = 0
+	}
 	onlink := rt.Flags&int(netlink.FLAG_ONLINK) != 0
-	return fmt.Sprintf("%d %s %d %s %d %v", rt.Table, dst, rt.Type, rt.Gw, rt.LinkIndex, onlink)
+	return fmt.Sprintf("%d %s %d %s %d %v", rt.Table, dst, rt.Type, rt.Gw, link, onlink)
 }
 
 func sameRoutes(have, want []netlink.Route) bool {

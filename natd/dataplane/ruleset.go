@@ -449,8 +449,11 @@ func (r *Rule) markMaskedIs(mask, value uint32) *Rule {
 // setMarkBits sets natd's bits of the mark to value and keeps everyone else's.
 func (r *Rule) setMarkBits(mask, value uint32) *Rule {
 	text := fmt.Sprintf("meta mark set meta mark & 0x%08x | 0x%08x", ^mask|value, value)
-	if ^mask|value == ^uint32(0) {
-		text = fmt.Sprintf("meta mark set meta mark | 0x%08x", value) // as nft prints it
+	switch { // as nft prints it
+	case ^mask|value == ^uint32(0):
+		text = fmt.Sprintf("meta mark set meta mark | 0x%08x", value)
+	case value == 0:
+		text = fmt.Sprintf("meta mark set meta mark & 0x%08x", ^mask)
 	}
 	return r.add(text,
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -458,18 +461,10 @@ func (r *Rule) setMarkBits(mask, value uint32) *Rule {
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 }
 
-// clearMarkBits sets natd's bits of the mark to zero and keeps everyone else's.
-func (r *Rule) clearMarkBits(mask uint32) *Rule {
-	return r.add(fmt.Sprintf("meta mark set meta mark & 0x%08x", ^mask),
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: native32(^mask), Xor: native32(0)},
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
-}
-
 // clearOrigin takes the pod guard's origin mark off a pinned pod's packet: natd's
 // tables are in place, so they classify it, not the route guard.
 func clearOrigin(marks Marks) *Rule {
-	return newRule().markMaskedIs(marks.Mask, marks.Origin()).clearMarkBits(marks.Mask)
+	return newRule().markMaskedIs(marks.Mask, marks.Origin()).setMarkBits(marks.Mask, 0)
 }
 
 func (r *Rule) snatToMarkMap(mask uint32, mapName string) *Rule {
