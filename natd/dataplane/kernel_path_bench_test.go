@@ -3,7 +3,6 @@ package dataplane
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -17,6 +16,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"natd.dev/natd/tests/iperf"
 )
 
 // BenchmarkPinnedPath measures what natd's data path costs a packet, on the real
@@ -397,63 +398,14 @@ func (l *pathLab) measure(p *pathPod, secs int, wantSource string) pathFigures {
 	if f.source != wantSource {
 		l.b.Fatalf("the partner saw %s from pod %s, want %s", f.source, p.ip, wantSource)
 	}
-	var tcp struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
+	var err error
+	if f.tcpGbps, err = iperf.TCP(p.ns.name, l.partner.name, pathPartner, secs); err != nil {
+		l.b.Fatalf("from %s: %v", p.ip, err)
 	}
-	l.iperf(p, &tcp, "-t", fmt.Sprint(secs))
-	f.tcpGbps = tcp.End.SumReceived.BitsPerSecond / 1e9
-	var udp struct {
-		End struct {
-			Sum struct {
-				Packets     float64 `json:"packets"`
-				LostPackets float64 `json:"lost_packets"`
-				Seconds     float64 `json:"seconds"`
-			} `json:"sum"`
-		} `json:"end"`
-	}
-	l.iperf(p, &udp, "-u", "-b", "0", "-l", "64", "-t", fmt.Sprint(secs))
-	if udp.End.Sum.Seconds > 0 {
-		f.udpKpps = (udp.End.Sum.Packets - udp.End.Sum.LostPackets) / udp.End.Sum.Seconds / 1000
+	if f.udpKpps, err = iperf.UDP(p.ns.name, l.partner.name, pathPartner, secs); err != nil {
+		l.b.Fatalf("from %s: %v", p.ip, err)
 	}
 	return f
-}
-
-// iperf runs one iperf3 test from the pod to a one-shot server on the partner.
-func (l *pathLab) iperf(p *pathPod, out any, args ...string) {
-	l.b.Helper()
-	srv := exec.Command("ip", "netns", "exec", l.partner.name, "iperf3", "-s", "-1", "-B", pathPartner)
-	if err := srv.Start(); err != nil {
-		l.b.Fatal(err)
-	}
-	defer func() {
-		srv.Process.Kill()
-		srv.Wait()
-	}()
-	var raw []byte
-	var failed struct {
-		Error string `json:"error"`
-	}
-	for range 100 { // until the server listens (iperf3 -J may exit 0 on errors)
-		raw, _ = exec.Command("ip", append([]string{"netns", "exec", p.ns.name, "iperf3", "-J", "-c", pathPartner}, args...)...).Output()
-		failed.Error = ""
-		if err := json.Unmarshal(raw, &failed); err != nil {
-			l.b.Fatalf("iperf3 %v from %s: %v\n%s", args, p.ip, err, raw)
-		}
-		if !strings.Contains(failed.Error, "Connection refused") {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if failed.Error != "" {
-		l.b.Fatalf("iperf3 %v from %s: %s", args, p.ip, failed.Error)
-	}
-	if err := json.Unmarshal(raw, out); err != nil {
-		l.b.Fatalf("iperf3 output: %v\n%s", err, raw)
-	}
 }
 
 // pingPong sends n datagrams from the pod to the partner's echo, one at a time, and

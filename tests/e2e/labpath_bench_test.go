@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"natd.dev/natd/tests/iperf"
 	"natd.dev/natd/tests/lab"
 )
 
@@ -68,8 +68,13 @@ func BenchmarkLabPath(b *testing.B) {
 		for range rounds {
 			for _, p := range paths {
 				var f figures
-				f.gbps = iperfTCP(b, p.pod, secs)
-				f.kpps = iperfUDP(b, p.pod, secs)
+				var err error
+				if f.gbps, err = iperf.TCP(p.pod.Netns, topo.Partner.Netns, topo.Partner.IP, secs); err != nil {
+					b.Fatalf("from %s: %v", p.name, err)
+				}
+				if f.kpps, err = iperf.UDP(p.pod.Netns, topo.Partner.Netns, topo.Partner.IP, secs); err != nil {
+					b.Fatalf("from %s: %v", p.name, err)
+				}
 				f.p50, f.p99 = udpRoundTrips(b, p.pod, 2000)
 				samples[p.name] = append(samples[p.name], f)
 			}
@@ -100,71 +105,6 @@ func BenchmarkLabPath(b *testing.B) {
 		b.ReportMetric(kpps, key+"-kpps")
 		b.ReportMetric(float64(p99.Microseconds()), key+"-rtt-p99-us")
 	}
-}
-
-// iperf runs one iperf3 client in the pod against a one-shot server on the partner
-// and decodes its JSON report into out.
-func iperf(b *testing.B, p *lab.Pod, out any, args ...string) {
-	b.Helper()
-	const port = "5201"
-	srv := exec.Command("ip", "netns", "exec", topo.Partner.Netns, "iperf3", "-s", "-1", "-B", topo.Partner.IP, "-p", port)
-	if err := srv.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		srv.Process.Kill() //nolint:errcheck // a one-shot server, maybe gone already
-		srv.Wait()         //nolint:errcheck // killed
-	}()
-	var raw []byte
-	var failed struct {
-		Error string `json:"error"`
-	}
-	for range 100 { // until the server listens (iperf3 -J may exit 0 on errors)
-		raw, _ = exec.Command("ip", append([]string{"netns", "exec", p.Netns, "iperf3", "-J", "-c", topo.Partner.IP, "-p", port}, args...)...).Output()
-		failed.Error = ""
-		if err := json.Unmarshal(raw, &failed); err != nil {
-			b.Fatalf("iperf3 %v from %s: %v\n%s", args, p.Name, err, raw)
-		}
-		if !strings.Contains(failed.Error, "Connection refused") && !strings.Contains(failed.Error, "unable to connect") {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if failed.Error != "" {
-		b.Fatalf("iperf3 %v from %s: %s", args, p.Name, failed.Error)
-	}
-	if err := json.Unmarshal(raw, out); err != nil {
-		b.Fatalf("iperf3 output: %v\n%s", err, raw)
-	}
-}
-
-func iperfTCP(b *testing.B, p *lab.Pod, secs int) float64 {
-	var r struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	iperf(b, p, &r, "-t", fmt.Sprint(secs))
-	return r.End.SumReceived.BitsPerSecond / 1e9
-}
-
-func iperfUDP(b *testing.B, p *lab.Pod, secs int) float64 {
-	var r struct {
-		End struct {
-			Sum struct {
-				Packets     float64 `json:"packets"`
-				LostPackets float64 `json:"lost_packets"`
-				Seconds     float64 `json:"seconds"`
-			} `json:"sum"`
-		} `json:"end"`
-	}
-	iperf(b, p, &r, "-u", "-b", "0", "-l", "64", "-t", fmt.Sprint(secs))
-	if r.End.Sum.Seconds == 0 {
-		return 0
-	}
-	return (r.End.Sum.Packets - r.End.Sum.LostPackets) / r.End.Sum.Seconds / 1000
 }
 
 // udpRoundTrips sends n datagrams to the partner's echo one at a time and returns the
