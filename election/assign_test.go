@@ -148,23 +148,79 @@ func TestMetaRoundTrip(t *testing.T) {
 	}
 	var many Meta
 	for i := 0; i <= MaxClaims; i++ {
-		many.Claims = append(many.Claims, Claim{IP: ipA})
+		many.Claims = append(many.Claims, Claim{IP: netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})})
 	}
 	if _, err := many.Encode(); err == nil {
-		t.Fatal("encoded more claims than fit in 512 bytes")
+		t.Fatalf("encoded more than %d claims", MaxClaims)
+	}
+	if _, err := (Meta{Claims: []Claim{{IP: ipA}, {IP: ipA, Gen: 2}}}).Encode(); err == nil {
+		t.Fatal("encoded two claims on one IP")
+	}
+	// IPv6 claims fit inline while they are few; more go apart, named by a digest
+	// that changes with any claim.
+	v6 := Meta{Claims: manyClaims(3, 3)}
+	if b, err := v6.Encode(); err != nil {
+		t.Fatal(err)
+	} else if got, err := DecodeMeta(b); err != nil || !slices.Equal(got.Claims, sortedClaims(v6.Claims)) {
+		t.Fatalf("IPv6 round trip: %+v, %v", got, err)
+	}
+	for _, n := range [][2]int{{55, 0}, {0, 23}, {56, 0}, {0, 24}, {400, 100}} {
+		m := Meta{Claims: manyClaims(n[0], n[1]), Boot: 3, Seq: 4}
+		b, err := m.Encode()
+		if err != nil || len(b) > maxMetaLength {
+			t.Fatalf("%v claims: %d bytes, %v", n, len(b), err)
+		}
+		got, err := DecodeMeta(b)
+		apart, count := got.Apart()
+		fits := n[0]*ipv4ClaimSize+n[1]*ipv6ClaimSize <= maxMetaLength-metaHeader
+		if err != nil || apart == fits || (apart && (count != n[0]+n[1] || len(got.Claims) != 0)) || (!apart && len(got.Claims) != n[0]+n[1]) {
+			t.Fatalf("%v claims: apart %v (%d), %d inline, %v", n, apart, count, len(got.Claims), err)
+		}
+		if again, err := got.Encode(); err != nil || !slices.Equal(again, b) {
+			t.Fatalf("%v claims: re-encoded differently: %v", n, err)
+		}
+		if apart {
+			m.Claims[0].Gen++
+			b2, _ := m.Encode()
+			if slices.Equal(b2, b) {
+				t.Fatalf("%v claims: a changed generation kept the digest", n)
+			}
+		}
 	}
 	if !got.Newer(Meta{Boot: 1 << 60, Seq: 6}) || got.Newer(Meta{Boot: 1 << 60, Seq: 8}) || got.Newer(Meta{Boot: 1<<60 + 1}) {
 		t.Fatal("Newer orders by boot, then seq")
 	}
-	for _, bad := range [][]byte{{1}, {2, 0, 0, 0}, {1, 0, 0, 0, 1, 2, 3}} {
+	ok, _ := Meta{Claims: []Claim{{IP: ipB}, {IP: ipA}}}.Encode()
+	unsorted := slices.Clone(ok)
+	copy(unsorted[metaHeader:], ok[metaHeader+ipv4ClaimSize:])
+	copy(unsorted[metaHeader+ipv4ClaimSize:], ok[metaHeader:metaHeader+ipv4ClaimSize])
+	apart := slices.Concat(ok[:metaHeader], []byte{0, 0}, make([]byte, 8))
+	apart[1] |= flagApart
+	mapped := slices.Concat(ok[:metaHeader], []byte{16}, netip.MustParseAddr("::ffff:198.18.0.1").AsSlice(), []byte{0, 0, 0, 1})
+	for _, bad := range [][]byte{{1}, {2, 0, 0, 0}, {1, 0, 0, 0, 1, 2, 3}, ok[:len(ok)-1], unsorted, apart, apart[:20], mapped,
+		slices.Concat(ok[:metaHeader], []byte{6, 1, 2, 3, 4, 5, 6, 0, 0, 0, 1})} {
 		if _, err := DecodeMeta(bad); err == nil {
 			t.Errorf("DecodeMeta(%v) accepted garbage", bad)
 		}
 	}
 }
 
+// manyClaims returns v4 IPv4 and v6 IPv6 claims, each with its own generation.
+func manyClaims(v4, v6 int) []Claim {
+	var out []Claim
+	for i := range v4 {
+		out = append(out, Claim{IP: netip.AddrFrom4([4]byte{198, 18, byte(4 + i/250), byte(1 + i%250)}), Gen: uint32(i + 1)})
+	}
+	for i := range v6 {
+		out = append(out, Claim{IP: netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i), 14: byte(i >> 8)}), Gen: uint32(i + 7)})
+	}
+	return out
+}
+
 func FuzzDecodeMeta(f *testing.F) {
 	b, _ := Meta{Claims: []Claim{{IP: ipA, Gen: 2}}}.Encode()
+	f.Add(b)
+	b, _ = Meta{Claims: manyClaims(100, 1)}.Encode()
 	f.Add(b)
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {

@@ -64,6 +64,9 @@ type Member struct {
 	DownSince time.Time
 	// Routes is what the member last reported to have programmed (nil: nothing heard).
 	Routes *Routes
+	// ClaimsPending: the member's metadata names a claims record this node does not
+	// have yet (claims.go); Meta.Claims are the claims it knew before.
+	ClaimsPending bool
 }
 
 // Claims reports whether the member's last gossip claims ip.
@@ -109,6 +112,12 @@ type Gossip struct {
 	routesKick    chan struct{} // wakes sendRoutes
 	routesChanged chan struct{}
 
+	// records are the claims records seen of each member, localRecord this node's own
+	// (empty while its claims fit in the metadata); claimsKick wakes fetchClaims.
+	records     map[string]recentRecords
+	localRecord claimsRecord
+	claimsKick  chan struct{}
+
 	keyring *memberlist.Keyring // nil: plain text
 	metaSeq uint32
 	// metaConfirmWithin is how long a metadata broadcast may take before SetLocal
@@ -134,6 +143,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1), membersChanged: make(chan struct{}, 1),
 		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1), routesKick: make(chan struct{}, 1),
+		records: map[string]recentRecords{}, claimsKick: make(chan struct{}, 1),
 		hb: newHeartbeats(cfg.NodeName, cfg.Heartbeat, cfg.Now), stop: make(chan struct{})}
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = cfg.NodeName
@@ -193,6 +203,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	g.list = list
 	go g.heartbeat()
 	go g.sendRoutes()
+	go g.fetchClaims()
 	return g, nil
 }
 
@@ -326,13 +337,20 @@ func (g *Gossip) signal() {
 // Either way the broadcast never finishes, so SetLocal makes the update again until one
 // does.
 func (g *Gossip) SetLocal(m Meta, timeout time.Duration) error {
-	if _, err := m.Encode(); err != nil {
+	enc, err := m.Encode()
+	if err != nil {
 		return err
+	}
+	var record claimsRecord
+	if enc[1]&flagApart != 0 {
+		if record, err = newClaimsRecord(g.cfg.NodeName, m.Claims); err != nil {
+			return err
+		}
 	}
 	g.mu.Lock()
 	g.metaSeq++
 	m.Boot, m.Seq = g.cfg.Boot, g.metaSeq
-	g.local = m
+	g.local, g.localRecord = m, record
 	g.mu.Unlock()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -387,6 +405,11 @@ func (g *Gossip) Forget(keep func(name string) bool) {
 	for name := range g.routes {
 		if _, ok := g.members[name]; !ok && name != g.cfg.NodeName {
 			delete(g.routes, name)
+		}
+	}
+	for name := range g.records {
+		if _, ok := g.members[name]; !ok {
+			delete(g.records, name)
 		}
 	}
 }
@@ -481,9 +504,10 @@ func (g *Gossip) sendRoutes() {
 // routesRepeat is how soon a changed report is sent again (see sendRoutes).
 const routesRepeat = 500 * time.Millisecond
 
-// sendTo sends a message to a member: a datagram, or a stream when it is too large
-// for one (in the background: a stream to a node that is cut off waits for its
-// timeout). It reports false when the member's address is not known yet.
+// sendTo sends a message (a routes report, a claims record or request) to a member:
+// a datagram, or a stream when it is too large for one (in the background: a stream
+// to a node that is cut off waits for its timeout). It reports false when the
+// member's address is not known yet.
 func (g *Gossip) sendTo(name string, msg []byte) bool {
 	g.mu.Lock()
 	m, ok := g.members[name]
@@ -494,14 +518,14 @@ func (g *Gossip) sendTo(name string, msg []byte) bool {
 	a := memberlist.Address{Addr: PeerAddr(m.Addr, int(m.Port)), Name: name}
 	if len(msg) <= maxDatagram {
 		if err := g.list.SendToAddress(a, msg); err != nil {
-			klog.V(4).InfoS("Routes report not sent", "to", name, "err", err)
+			klog.V(4).InfoS("Gossip message not sent", "to", name, "err", err)
 		}
 		return true
 	}
 	node := &memberlist.Node{Name: name, Addr: m.Addr.AsSlice(), Port: m.Port}
 	go func() {
 		if err := g.list.SendReliable(node, msg); err != nil {
-			klog.V(4).InfoS("Routes report not sent", "to", name, "err", err)
+			klog.V(4).InfoS("Gossip message not sent", "to", name, "err", err)
 		}
 	}()
 	return true
@@ -587,12 +611,26 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 	if m.Alive && !alive {
 		m.DownSince = g.cfg.Now()
 	}
-	urgent := !sameStatement(m.Meta, meta) || ((m.Alive != alive || !ok) && (speaks(meta) || g.hb.voter(n.Name)))
+	pending := false
+	if meta.apart {
+		// The claims went apart: the record the metadata names, if this node has it;
+		// until then the claims known before, pending.
+		if r, found := g.records[n.Name].find(meta.digest); found {
+			meta.Claims = r.Claims
+		} else {
+			meta.Claims, pending = m.Meta.Claims, true
+		}
+	}
+	urgent := !sameStatement(m.Meta, meta) || m.ClaimsPending != pending || ((m.Alive != alive || !ok) && (speaks(meta) || g.hb.voter(n.Name)))
 	m.Alive, m.Addr, m.Port = alive, addr, port
 	if alive || len(n.Meta) > 0 {
 		m.Meta = meta // a dead member keeps its last words (claims, restart grace)
+		m.ClaimsPending = pending
 	}
 	g.mu.Unlock()
+	if pending {
+		g.kickClaims()
+	}
 	if urgent {
 		g.signal()
 	} else {
@@ -606,7 +644,7 @@ func sameStatement(a, b Meta) bool {
 }
 
 // speaks reports whether a member's record says anything the planner acts on.
-func speaks(m Meta) bool { return len(m.Claims) > 0 || m.Draining || m.RestartGrace > 0 }
+func speaks(m Meta) bool { return len(m.Claims) > 0 || m.apart || m.Draining || m.RestartGrace > 0 }
 
 // MembersChanged is signalled (coalesced) when a member that is neither a voter nor
 // claims anything comes, goes, or dies: the planner needs it only for READY's
@@ -635,16 +673,44 @@ func (d *delegate) NodeMeta(limit int) []byte {
 	return b
 }
 
-// NotifyMsg receives a Routes report or a heartbeat. Anything unreadable is dropped
-// with a log line: it comes from the network.
+// NotifyMsg receives a heartbeat, a Routes report, or a claims record or request.
+// Anything unreadable is dropped with a log line: it comes from the network.
 func (d *delegate) NotifyMsg(b []byte) {
 	g := (*Gossip)(d)
-	if len(b) > 1 && b[1] == kindHeartbeat {
+	if len(b) < 2 {
+		klog.V(2).InfoS("Ignoring unreadable gossip message", "bytes", len(b))
+		return
+	}
+	switch b[1] {
+	case kindHeartbeat:
 		if err := g.hb.receive(b); err != nil {
 			klog.V(4).InfoS("Ignoring heartbeat", "err", err)
 		}
-		return
+	case kindClaims:
+		r, err := decodeClaimsRecord(b)
+		if err != nil {
+			klog.V(2).InfoS("Ignoring unreadable gossip message", "err", err)
+			return
+		}
+		g.mu.Lock()
+		changed := g.mergeRecord(r)
+		g.mu.Unlock()
+		if changed {
+			g.signal()
+		}
+	case kindClaimsRequest:
+		q, err := decodeClaimsRequest(b)
+		if err != nil {
+			klog.V(2).InfoS("Ignoring unreadable gossip message", "err", err)
+			return
+		}
+		g.answerClaimsRequest(q)
+	default:
+		g.receiveRoutes(b)
 	}
+}
+
+func (g *Gossip) receiveRoutes(b []byte) {
 	r, err := decodeRoutes(b)
 	if err != nil {
 		klog.V(2).InfoS("Ignoring unreadable gossip message", "err", err)
@@ -667,27 +733,31 @@ func (d *delegate) NotifyMsg(b []byte) {
 func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
 
 // LocalState is this node's side of a full state exchange: every Routes report it
-// knows, so a node that just joined or came back learns them all at once.
+// keeps and the claims records the members' metadata names, so a node that just
+// joined or came back learns them all at once.
 func (d *delegate) LocalState(bool) []byte {
 	g := (*Gossip)(d)
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return encodeRoutesState(g.routes)
+	return encodeState(g.routes, g.currentRecords())
 }
 
 func (d *delegate) MergeRemoteState(b []byte, _ bool) {
 	g := (*Gossip)(d)
-	all, err := decodeRoutesState(b)
+	all, records, err := decodeState(b)
 	if err != nil {
 		klog.V(2).InfoS("Ignoring unreadable gossip state", "err", err)
 		return
 	}
 	keeps := g.hb.keepsReports()
-	fresh, outdated := false, false
+	fresh, outdated, changed := false, false, false
 	g.mu.Lock()
 	for _, r := range all {
 		f, o := g.mergeRoutes(r, keeps)
 		fresh, outdated = fresh || f, outdated || o
+	}
+	for _, r := range records {
+		changed = g.mergeRecord(r) || changed
 	}
 	g.mu.Unlock()
 	if outdated {
@@ -695,6 +765,9 @@ func (d *delegate) MergeRemoteState(b []byte, _ bool) {
 	}
 	if fresh {
 		g.signalRoutes()
+	}
+	if changed {
+		g.signal()
 	}
 }
 
@@ -708,6 +781,7 @@ func (e *events) NotifyLeave(n *memberlist.Node) {
 		g.mu.Lock()
 		delete(g.members, n.Name)
 		delete(g.routes, n.Name)
+		delete(g.records, n.Name)
 		g.mu.Unlock()
 		g.signal() // rare: a node that left for good
 		return

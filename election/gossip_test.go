@@ -293,7 +293,7 @@ func TestRoutesOfDepartedNodesDoNotLinger(t *testing.T) {
 		return b
 	}
 	(*delegate)(a).NotifyMsg(report("gone", 5))
-	(*delegate)(a).MergeRemoteState(encodeRoutesState(map[string]Routes{"gone": {Node: "gone", Version: 6}}), false)
+	(*delegate)(a).MergeRemoteState(encodeState(map[string]Routes{"gone": {Node: "gone", Version: 6}}, nil), false)
 	if _, ok := a.View().Members["gone"]; ok || len(decodedState(t, a)) != 0 {
 		t.Errorf("a report of a non-member was kept: %v", decodedState(t, a))
 	}
@@ -311,7 +311,7 @@ func TestRoutesOfDepartedNodesDoNotLinger(t *testing.T) {
 
 func decodedState(t *testing.T, g *Gossip) []Routes {
 	t.Helper()
-	all, err := decodeRoutesState((*delegate)(g).LocalState(false))
+	all, _, err := decodeState((*delegate)(g).LocalState(false))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,13 +364,19 @@ func TestRoutesWireFormat(t *testing.T) {
 			t.Errorf("truncated to %d bytes: no error", i)
 		}
 	}
-	state := encodeRoutesState(map[string]Routes{"node-1": r, "node-2": {Node: "node-2", Version: 1}})
-	all, err := decodeRoutesState(state)
-	if err != nil || len(all) != 2 {
-		t.Fatalf("state round trip: %v, %v", all, err)
+	rec, err := newClaimsRecord("node-3", manyClaims(100, 20))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := decodeRoutesState(state[:len(state)-1]); err == nil {
-		t.Error("truncated state: no error")
+	state := encodeState(map[string]Routes{"node-1": r, "node-2": {Node: "node-2", Version: 1}}, []claimsRecord{rec})
+	all, records, err := decodeState(state)
+	if err != nil || len(all) != 2 || len(records) != 1 || records[0].digest != rec.digest || !slices.Equal(records[0].Claims, rec.Claims) {
+		t.Fatalf("state round trip: %v, %v, %v", all, records, err)
+	}
+	for i := range state {
+		if _, _, err := decodeState(state[:i]); err == nil && i > 0 {
+			t.Errorf("state truncated to %d bytes: no error", i)
+		}
 	}
 	if _, err := (Routes{Node: ""}).encode(); err == nil {
 		t.Error("empty node name accepted")
@@ -730,5 +736,89 @@ func TestGossipRefusesStaleMetadata(t *testing.T) {
 	g.update(node(Meta{Boot: 200, Seq: 0, Draining: true}), true) // older in this life
 	if m := g.View().Members["c"]; m.Meta.Draining || len(m.Meta.Claims) != 0 || m.Meta.Boot != 200 || g.staleMetas.Load() != 2 {
 		t.Fatalf("stale metadata taken: %+v (%d refused)", m.Meta, g.staleMetas.Load())
+	}
+}
+
+func TestClaimsWireFormat(t *testing.T) {
+	r, err := newClaimsRecord("node-1", manyClaims(150, 30))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := r.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := decodeClaimsRecord(b)
+	if err != nil || got.Node != "node-1" || got.digest != r.digest || !slices.Equal(got.Claims, r.Claims) {
+		t.Fatalf("round trip: %v, %v", got.Node, err)
+	}
+	meta, _ := Meta{Claims: manyClaims(150, 30)}.Encode()
+	if m, _ := DecodeMeta(meta); m.digest != r.digest {
+		t.Fatal("the metadata's digest does not name the record")
+	}
+	for i := range b {
+		if _, err := decodeClaimsRecord(b[:i]); err == nil {
+			t.Errorf("record truncated to %d bytes: no error", i)
+		}
+	}
+	q := claimsRequest{Requester: "node-2", Owner: "node-1", Digest: r.digest}
+	if got, err := decodeClaimsRequest(q.encode()); err != nil || got != q {
+		t.Fatalf("request round trip: %+v, %v", got, err)
+	}
+	for i := range q.encode() {
+		if _, err := decodeClaimsRequest(q.encode()[:i]); err == nil {
+			t.Errorf("request truncated to %d bytes: no error", i)
+		}
+	}
+	if _, err := (claimsRecord{Node: "x", Claims: manyClaims(MaxClaims+1, 0)}).encode(); err == nil {
+		t.Errorf("a record of %d claims encoded", MaxClaims+1)
+	}
+}
+
+// A holder of more IPs than its metadata can carry: the others learn every claim, in
+// both families, through the claims record; a change reaches them too; until a
+// record arrives the member's claims are pending (and garbage changes nothing).
+func TestGossipSpreadsClaimsThatDoNotFitInMetadata(t *testing.T) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	a := testGossip(t, "a", key)
+	b := testGossip(t, "b", key)
+	c := testGossip(t, "c", key)
+	for _, g := range []*Gossip{b, c} {
+		if _, err := g.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "three members", func() bool { return len(a.View().Members) == 3 && len(c.View().Members) == 3 })
+	has := func(g *Gossip, want []Claim) func() bool {
+		return func() bool {
+			m := g.View().Members["b"]
+			return !m.ClaimsPending && slices.Equal(m.Meta.Claims, sortedClaims(want))
+		}
+	}
+	for _, want := range [][]Claim{manyClaims(130, 20), manyClaims(131, 20), manyClaims(3, 0), manyClaims(0, 40)} {
+		start := time.Now()
+		if err := b.SetLocal(Meta{Claims: want}, time.Second); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, fmt.Sprintf("%d claims at a and c", len(want)), func() bool { return has(a, want)() && has(c, want)() })
+		t.Logf("%d claims known everywhere after %s", len(want), time.Since(start).Round(time.Millisecond))
+	}
+	// A state exchange carries the record: a node joining later knows it at once.
+	d := testGossip(t, "d", key)
+	if _, err := d.Join([]string{PeerAddr(loopback, c.Port())}); err != nil {
+		t.Fatal(err)
+	}
+	if m := d.View().Members["b"]; m.ClaimsPending || len(m.Meta.Claims) != 40 {
+		t.Errorf("after joining: b's claims pending %v, %d known", m.ClaimsPending, len(m.Meta.Claims))
+	}
+	// Garbage and a record that is not the one named change nothing.
+	other, _ := newClaimsRecord("b", manyClaims(200, 0))
+	forged, _ := other.encode()
+	for _, msg := range [][]byte{forged, {claimsWireVersion, kindClaims}, {claimsWireVersion, kindClaimsRequest, 9}, append(forged, 1)} {
+		(*delegate)(c).NotifyMsg(msg)
+	}
+	if !has(c, manyClaims(0, 40))() {
+		t.Error("a record other than the one named replaced b's claims")
 	}
 }

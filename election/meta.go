@@ -1,6 +1,7 @@
 package election
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -24,6 +25,11 @@ type Meta struct {
 	// is ignored.
 	Boot uint64
 	Seq  uint32
+	// apart: the claims did not fit in the metadata, which carries only their digest
+	// and count; the claims travel as a claims record (claims.go). Set by DecodeMeta.
+	apart  bool
+	digest uint64
+	count  int
 }
 
 // Newer reports whether m is a later record of its member than old.
@@ -34,23 +40,38 @@ func (m Meta) Newer(old Meta) bool {
 	return m.Seq >= old.Seq
 }
 
+// Wire form (memberlist node metadata):
+//
+//	version(1) flags(1) grace(2) boot(8) seq(4), then either the claims, each
+//	family-length(1: 4 or 16) ip gen(4), or, with flagApart, count(2) digest(8).
+//
+// The claims go in the metadata while they fit (up to 55 IPv4 or 23 IPv6 claims):
+// memberlist spreads it with every alive message. A larger set goes apart (see
+// claims.go), and the metadata names it by its digest.
 const (
-	metaVersion   = 2
+	metaVersion   = 3
 	metaHeader    = 16 // version, flags, grace(2), boot(8), seq(4)
-	claimSize     = 8
+	apartSize     = 10 // count(2), digest(8)
 	flagDraining  = 1 << 0
+	flagApart     = 1 << 1
 	graceUnit     = 100 * time.Millisecond
 	maxMetaLength = 512 // memberlist.MetaMaxSize
-	// MaxClaims is how many IPs one member can announce.
-	MaxClaims = (maxMetaLength - metaHeader) / claimSize
+	// MaxClaims is how many IPs one member can announce: a claims record of that many
+	// IPv6 claims is 21 KiB, sent over a stream. The dataplane's mark slots allow far
+	// fewer egress IPs in a cluster (dataplane.MaxIndex).
+	MaxClaims = 1024
 )
 
 // Encode renders m in its wire form.
 func (m Meta) Encode() ([]byte, error) {
 	if len(m.Claims) > MaxClaims {
-		return nil, fmt.Errorf("%d claims do not fit in gossip metadata (at most %d)", len(m.Claims), MaxClaims)
+		return nil, fmt.Errorf("%d claims: one member announces at most %d", len(m.Claims), MaxClaims)
 	}
-	b := make([]byte, metaHeader, metaHeader+claimSize*len(m.Claims))
+	claims, err := encodeClaims(m.Claims)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, metaHeader, maxMetaLength)
 	b[0] = metaVersion
 	if m.Draining {
 		b[1] |= flagDraining
@@ -62,40 +83,134 @@ func (m Meta) Encode() ([]byte, error) {
 	binary.BigEndian.PutUint16(b[2:], uint16(grace))
 	binary.BigEndian.PutUint64(b[4:], m.Boot)
 	binary.BigEndian.PutUint32(b[12:], m.Seq)
-	for _, c := range m.Claims {
+	if m.apart && len(m.Claims) == 0 {
+		// As decoded, without the record: the same digest again.
+		b[1] |= flagApart
+		b = binary.BigEndian.AppendUint16(b, uint16(m.count))
+		return binary.BigEndian.AppendUint64(b, m.digest), nil
+	}
+	if metaHeader+len(claims) <= maxMetaLength {
+		return append(b, claims...), nil
+	}
+	b[1] |= flagApart
+	b = binary.BigEndian.AppendUint16(b, uint16(len(m.Claims)))
+	return binary.BigEndian.AppendUint64(b, claimsDigest(claims)), nil
+}
+
+// encodeClaims renders claims in their canonical wire form: sorted by IP, one per IP.
+func encodeClaims(claims []Claim) ([]byte, error) {
+	sorted := sortedClaims(claims)
+	b := make([]byte, 0, len(sorted)*ipv4ClaimSize)
+	for i, c := range sorted {
+		if !c.IP.IsValid() || c.IP.Zone() != "" {
+			return nil, fmt.Errorf("claim on %q: not an IP address", c.IP)
+		}
+		if i > 0 && sorted[i-1].IP == c.IP {
+			return nil, fmt.Errorf("two claims on %s", c.IP)
+		}
 		b = appendClaim(b, c)
 	}
 	return b, nil
 }
 
-// A claim on the wire (in metadata and in routes reports): IPv4 address, generation.
-func appendClaim(b []byte, c Claim) []byte {
-	ip := c.IP.As4()
-	return binary.BigEndian.AppendUint32(append(b, ip[:]...), c.Gen)
+// claimsDigest names a claim set by its canonical encoding: a record and the metadata
+// that announces it match only if they say the same.
+func claimsDigest(encoded []byte) uint64 {
+	sum := sha256.Sum256(encoded)
+	return binary.BigEndian.Uint64(sum[:8])
 }
 
-func readClaim(b []byte) Claim {
-	return Claim{IP: netip.AddrFrom4([4]byte(b[:4])), Gen: binary.BigEndian.Uint32(b[4:8])}
+// A claim on the wire (in metadata, claims records and routes reports): the address's
+// length (4 or 16), the address, the generation.
+const (
+	ipv4ClaimSize = 1 + 4 + 4
+	ipv6ClaimSize = 1 + 16 + 4
+)
+
+func appendClaim(b []byte, c Claim) []byte {
+	ip := c.IP.Unmap()
+	if ip.Is4() {
+		a := ip.As4()
+		b = append(append(b, 4), a[:]...)
+	} else {
+		a := ip.As16()
+		b = append(append(b, 16), a[:]...)
+	}
+	return binary.BigEndian.AppendUint32(b, c.Gen)
+}
+
+// errBadClaim is a claim that cannot be read; it wraps into the caller's error.
+var errBadClaim = errors.New("malformed claim")
+
+// readClaim reads one claim from the front of b and returns the rest.
+func readClaim(b []byte) (Claim, []byte, error) {
+	if len(b) == 0 {
+		return Claim{}, nil, errBadClaim
+	}
+	n := int(b[0])
+	if (n != 4 && n != 16) || len(b) < 1+n+4 {
+		return Claim{}, nil, errBadClaim
+	}
+	ip, _ := netip.AddrFromSlice(b[1 : 1+n])
+	if n == 16 && ip.Is4In6() {
+		return Claim{}, nil, errBadClaim // one address, one form
+	}
+	return Claim{IP: ip, Gen: binary.BigEndian.Uint32(b[1+n:])}, b[1+n+4:], nil
+}
+
+// readClaims reads a canonical claim list (sorted, one per IP) that fills b.
+func readClaims(b []byte) ([]Claim, error) {
+	var out []Claim
+	for len(b) > 0 {
+		c, rest, err := readClaim(b)
+		if err != nil {
+			return nil, err
+		}
+		if n := len(out); n > 0 && out[n-1].IP.Compare(c.IP) >= 0 {
+			return nil, fmt.Errorf("%w: claims not sorted", errBadClaim)
+		}
+		if len(out) == MaxClaims {
+			return nil, fmt.Errorf("%w: more than %d claims", errBadClaim, MaxClaims)
+		}
+		out, b = append(out, c), rest
+	}
+	return out, nil
 }
 
 // ErrBadMeta is returned for metadata natd cannot read: a member with it holds nothing.
 var ErrBadMeta = errors.New("unreadable gossip metadata")
 
 // DecodeMeta parses a member's metadata. Anything malformed is an error, never a panic:
-// it comes from the network.
+// it comes from the network. Claims sent apart are not in the result (see Apart).
 func DecodeMeta(b []byte) (Meta, error) {
 	var m Meta
 	if len(b) == 0 {
 		return m, nil // a member that has not said anything yet
 	}
-	if len(b) < metaHeader || b[0] != metaVersion || (len(b)-metaHeader)%claimSize != 0 {
+	if len(b) < metaHeader || b[0] != metaVersion {
 		return Meta{}, fmt.Errorf("%w: %d bytes, version %d", ErrBadMeta, len(b), b[0])
 	}
 	m.Draining = b[1]&flagDraining != 0
 	m.RestartGrace = time.Duration(binary.BigEndian.Uint16(b[2:])) * graceUnit
 	m.Boot, m.Seq = binary.BigEndian.Uint64(b[4:]), binary.BigEndian.Uint32(b[12:])
-	for rest := b[metaHeader:]; len(rest) > 0; rest = rest[claimSize:] {
-		m.Claims = append(m.Claims, readClaim(rest))
+	rest := b[metaHeader:]
+	if b[1]&flagApart != 0 {
+		if len(rest) != apartSize {
+			return Meta{}, fmt.Errorf("%w: claims digest of %d bytes", ErrBadMeta, len(rest))
+		}
+		m.apart, m.count, m.digest = true, int(binary.BigEndian.Uint16(rest)), binary.BigEndian.Uint64(rest[2:])
+		if m.count == 0 || m.count > MaxClaims {
+			return Meta{}, fmt.Errorf("%w: %d claims announced apart", ErrBadMeta, m.count)
+		}
+		return m, nil
 	}
+	claims, err := readClaims(rest)
+	if err != nil {
+		return Meta{}, fmt.Errorf("%w: %w", ErrBadMeta, err)
+	}
+	m.Claims = claims
 	return m, nil
 }
+
+// Apart reports whether the claims were sent apart from the metadata, and how many.
+func (m Meta) Apart() (bool, int) { return m.apart, m.count }

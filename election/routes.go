@@ -34,17 +34,16 @@ func sortedClaims(claims []Claim) []Claim {
 
 // Wire form of a Routes report (a gossip message):
 //
-//	version(1) kind(1) reportVersion(8) nameLen(1) name count(2) count*(ip(4) gen(4))
+//	version(1) kind(1) reportVersion(8) nameLen(1) name count(2) claims (see appendClaim)
 //
-// and of the push/pull state: version(1) kind(1) count(2) count*(len(4) report).
+// and of a block of reports in the push/pull state: count(2) count*(len(4) report).
 const (
-	routesWireVersion = 1
+	routesWireVersion = 2
 	routesHeader      = 13 // version, kind, report version, name length, count
 	kindRoutes        = 'R'
-	kindRoutesState   = 'S'
-	// maxDatagram keeps a report inside one UDP packet, with room for memberlist's
-	// framing and encryption. A larger report (more than ~140 egress IPs) goes over a
-	// stream.
+	// maxDatagram keeps a message inside one UDP packet, with room for memberlist's
+	// framing and encryption. A larger one (a report of more than ~130 egress IPs)
+	// goes over a stream.
 	maxDatagram = 1200
 	maxNameLen  = 255
 )
@@ -56,7 +55,7 @@ func (r Routes) encode() ([]byte, error) {
 	if len(r.Claims) > 0xffff {
 		return nil, fmt.Errorf("%d routes do not fit in one report", len(r.Claims))
 	}
-	b := make([]byte, 0, routesHeader+len(r.Node)+claimSize*len(r.Claims))
+	b := make([]byte, 0, routesHeader+len(r.Node)+ipv4ClaimSize*len(r.Claims))
 	b = append(b, routesWireVersion, kindRoutes)
 	b = binary.BigEndian.AppendUint64(b, r.Version)
 	b = append(b, byte(len(r.Node)))
@@ -88,22 +87,21 @@ func decodeRoutes(b []byte) (Routes, error) {
 	r.Node, rest = string(rest[:n]), rest[n:]
 	count := int(binary.BigEndian.Uint16(rest))
 	rest = rest[2:]
-	if len(rest) != count*claimSize {
+	claims, err := readClaims(rest)
+	if err != nil {
+		return bad(err.Error())
+	}
+	if len(claims) != count {
 		return bad("length does not match count")
 	}
-	r.Claims = make([]Claim, 0, count)
-	for ; len(rest) > 0; rest = rest[claimSize:] {
-		c := readClaim(rest)
-		if len(r.Claims) > 0 && r.Claims[len(r.Claims)-1].IP.Compare(c.IP) >= 0 {
-			return bad("routes not sorted")
-		}
-		r.Claims = append(r.Claims, c)
-	}
+	r.Claims = claims
 	return r, nil
 }
 
-func encodeRoutesState(all map[string]Routes) []byte {
-	b := []byte{routesWireVersion, kindRoutesState, 0, 0}
+// appendRoutesBlock appends every report in all to b (the push/pull state's first block).
+func appendRoutesBlock(b []byte, all map[string]Routes) []byte {
+	at := len(b)
+	b = append(b, 0, 0)
 	n := 0
 	for _, r := range all {
 		enc, err := r.encode()
@@ -114,38 +112,43 @@ func encodeRoutesState(all map[string]Routes) []byte {
 		b = append(b, enc...)
 		n++
 	}
-	binary.BigEndian.PutUint16(b[2:], uint16(n))
+	binary.BigEndian.PutUint16(b[at:], uint16(n))
 	return b
 }
 
-func decodeRoutesState(b []byte) ([]Routes, error) {
-	if len(b) == 0 {
-		return nil, nil // a peer without routes to tell
+// readRoutesBlock reads a block of reports from the front of b and returns the rest.
+func readRoutesBlock(b []byte) ([]Routes, []byte, error) {
+	var out []Routes
+	rest, err := readBlock(b, func(item []byte) error {
+		r, err := decodeRoutes(item)
+		if err == nil {
+			out = append(out, r)
+		}
+		return err
+	})
+	return out, rest, err
+}
+
+// readBlock calls each for every item of a count(2) count*(len(4) item) block at the
+// front of b, and returns what follows the block.
+func readBlock(b []byte, each func([]byte) error) ([]byte, error) {
+	if len(b) < 2 {
+		return nil, fmt.Errorf("%w: truncated state", ErrBadState)
 	}
-	if len(b) < 4 || b[0] != routesWireVersion || b[1] != kindRoutesState {
-		return nil, fmt.Errorf("%w: unknown state header (%d bytes)", ErrBadRoutes, len(b))
-	}
-	count := int(binary.BigEndian.Uint16(b[2:]))
-	rest := b[4:]
-	// The count comes from the network: do not let it size the allocation.
-	out := make([]Routes, 0, min(count, len(rest)/(4+routesHeader)))
-	for i := 0; i < count; i++ {
+	count := int(binary.BigEndian.Uint16(b))
+	rest := b[2:]
+	for range count {
 		if len(rest) < 4 {
-			return nil, fmt.Errorf("%w: truncated state", ErrBadRoutes)
+			return nil, fmt.Errorf("%w: truncated state", ErrBadState)
 		}
 		n := int(binary.BigEndian.Uint32(rest))
-		if len(rest) < 4+n {
-			return nil, fmt.Errorf("%w: truncated state", ErrBadRoutes)
+		if len(rest)-4 < n {
+			return nil, fmt.Errorf("%w: truncated state", ErrBadState)
 		}
-		r, err := decodeRoutes(rest[4 : 4+n])
-		if err != nil {
-			return nil, err
+		if err := each(rest[4 : 4+n]); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrBadState, err)
 		}
-		out = append(out, r)
 		rest = rest[4+n:]
 	}
-	if len(rest) != 0 {
-		return nil, fmt.Errorf("%w: trailing bytes in state", ErrBadRoutes)
-	}
-	return out, nil
+	return rest, nil
 }

@@ -258,6 +258,11 @@ func (c *Config) Heartbeat() election.HeartbeatTiming {
 }
 
 // Validate checks the configuration for the agent.
+// maxEgressIPs is the most egress IPs a node may be given: every node routes every
+// egress IP in use by a mark slot of its own (dataplane.Marks.MaxIndex, 252), far below
+// what gossip can announce for one node (election.MaxClaims).
+const maxEgressIPs = 252
+
 func (c *Config) Validate() error {
 	switch {
 	case len(c.BGPPeers) > 0 && c.BGPASN == 0:
@@ -286,8 +291,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--gossip-probe-timeout must be shorter than --gossip-probe-interval")
 	case c.TunnelPort < 1 || c.TunnelPort > 65535 || c.TunnelPort == c.GossipPort:
 		return fmt.Errorf("--tunnel-port (%d) must be a UDP port other than --gossip-port", c.TunnelPort)
-	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > election.MaxClaims:
-		return fmt.Errorf("--max-egress-ips must be between 1 and %d", election.MaxClaims)
+	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > maxEgressIPs:
+		return fmt.Errorf("--max-egress-ips must be between 1 and %d (the egress IPs a cluster can route)", maxEgressIPs)
 	}
 	// Egress IPs are IPv4 for now. IPv6 cluster, service and exclude CIDRs are what a
 	// dual-stack cluster has: they fill the ip6 table's cluster destinations, so that a

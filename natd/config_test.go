@@ -9,6 +9,9 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+
+	"natd.dev/natd/election"
+	"natd.dev/natd/natd/dataplane"
 )
 
 // A dual-stack cluster's agent gets IPv6 cluster and service CIDRs beside the IPv4
@@ -96,6 +99,30 @@ func TestConfigBGP(t *testing.T) {
 		err = cfg.Validate()
 		if got := fmt.Sprint(err); (c.err == "" && err != nil) || (c.err != "" && !strings.Contains(got, c.err)) {
 			t.Errorf("%v: Validate() = %v, want %q", c.args, err, c.err)
+		}
+	}
+}
+
+// --max-egress-ips is bounded by what a node can route (the mark slots of the default
+// mask), not by what gossip can carry.
+func TestMaxEgressIPsIsWhatANodeCanRoute(t *testing.T) {
+	marks, err := dataplane.NewMarks(0x00ff0000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if marks.MaxIndex() != maxEgressIPs || maxEgressIPs > election.MaxClaims {
+		t.Fatalf("--max-egress-ips bound %d; the default mask routes %d, gossip announces %d", maxEgressIPs, marks.MaxIndex(), election.MaxClaims)
+	}
+	for _, n := range []int{maxEgressIPs, maxEgressIPs + 1} {
+		var cfg Config
+		fs := flag.NewFlagSet("natd", flag.ContinueOnError)
+		cfg.RegisterFlags(fs)
+		if err := fs.Parse([]string{"--node-name", "node1", "--gossip-key-file", "/k", "--egress-cidr", "198.18.0.0/22",
+			"--cluster-cidr", "10.244.0.0/16", "--max-egress-ips", fmt.Sprint(n)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := cfg.Validate(); (err == nil) != (n == maxEgressIPs) {
+			t.Fatalf("--max-egress-ips %d: %v", n, err)
 		}
 	}
 }

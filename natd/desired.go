@@ -273,6 +273,17 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 			}
 		}
 	}
+	// A member whose claims this node has not received yet (when they are many they
+	// travel apart from its metadata) may claim any IP: take nothing new until they
+	// arrive. A voter the voters report down is left out: its leases have run out.
+	if settled {
+		for name, m := range v.Members {
+			if name != self && m.ClaimsPending && (v.InGrace(name) || (m.Alive && !(selfVoter && ev.Down[name]))) {
+				settled = false
+				break
+			}
+		}
+	}
 	retry := func(d time.Duration) {
 		if plan.RetryAfter == 0 || d < plan.RetryAfter {
 			plan.RetryAfter = max(d, 10*time.Millisecond)

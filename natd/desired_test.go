@@ -447,6 +447,39 @@ func TestPlanVoterTakesOverOnlyWhenTheVotersSaySo(t *testing.T) {
 	}
 }
 
+// A member whose claims are pending (its record has not arrived) may claim the IP: the
+// node the IP would go to takes it only once the claims are known, or once the voters
+// report that member down.
+func TestPlanTakesNothingWhileClaimsArePending(t *testing.T) {
+	winner := ""
+	for _, n := range []string{"node1", "node2", "node3"} {
+		if plan, _ := (&Planner{Config: testConfig(n)}).Plan(cluster(), elect(n, "node1", "node2", "node3")); len(plan.Held) == 1 {
+			winner = n
+		}
+	}
+	other := "node1"
+	if winner == other {
+		other = "node2"
+	}
+	el := elect(winner, "node1", "node2", "node3")
+	m := el.View.Members[other]
+	m.ClaimsPending = true
+	el.View.Members[other] = m
+	if plan, _ := (&Planner{Config: testConfig(winner)}).Plan(cluster(), el); len(plan.Held) != 0 || plan.RetryAfter == 0 {
+		t.Fatalf("%s took the IP while %s's claims were pending: %v (retry %s)", winner, other, plan.Held, plan.RetryAfter)
+	}
+	el.View.Evidence.Down[other] = true
+	if plan, _ := (&Planner{Config: testConfig(winner)}).Plan(cluster(), el); len(plan.Held) != 1 {
+		t.Fatalf("%s did not take the IP once %s was reported down: %v", winner, other, plan.Held)
+	}
+	m.ClaimsPending = false
+	el.View.Members[other] = m
+	el.View.Evidence.Down[other] = false
+	if plan, _ := (&Planner{Config: testConfig(winner)}).Plan(cluster(), el); len(plan.Held) != 1 {
+		t.Fatalf("%s did not take the IP once the claims arrived: %v", winner, plan.Held)
+	}
+}
+
 // Voters: the eligible nodes, and witnesses (natd nodes, the same on every node) while
 // there are fewer than three; nodes where natd does not run are never counted.
 func TestVotersOf(t *testing.T) {

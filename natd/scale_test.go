@@ -371,7 +371,7 @@ func (c *scaleCluster) config(m *scaleMember) *Config {
 	cfg.EgressCIDRs = []netip.Prefix{netip.MustParsePrefix("198.18.4.0/22")}
 	cfg.ClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.128.0.0/9")}
 	cfg.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16")}
-	cfg.MaxEgressIPs = election.MaxClaims
+	cfg.MaxEgressIPs = maxEgressIPs
 	cfg.ResyncPeriod = time.Minute
 	return cfg
 }
@@ -777,7 +777,7 @@ func TestScaleHarnessPartitions(t *testing.T) {
 		t.Skip("runs real agents for a minute")
 	}
 	begin := time.Now()
-	c := newScaleCluster(t, scaleOptions{Members: 30, Egress: 5, IPs: 60, Seed: 1})
+	c := newScaleCluster(t, scaleOptions{Members: 30, Egress: 5, IPs: 300, Seed: 1})
 	t.Logf("settled in %s", c.waitSettled(60*time.Second).Round(time.Millisecond))
 	if d := c.twoHolderTime(begin); d != 0 {
 		t.Errorf("while the cluster formed, two nodes served one egress IP for %s:\n%s", d, strings.Join(c.overlaps(begin), "\n"))
