@@ -79,7 +79,7 @@ func Assign(in Input) map[netip.Addr]Assignment {
 	for _, k := range in.Keepers {
 		keeper[k] = true
 	}
-	claimants := map[netip.Addr][]string{}
+	claimants := make(map[netip.Addr][]string, len(in.IPs))
 	gens := map[string]map[netip.Addr]uint32{}
 	members := make([]string, 0, len(in.Claims))
 	for m := range in.Claims {
@@ -90,7 +90,7 @@ func Assign(in Input) map[netip.Addr]Assignment {
 		if !keeper[m] {
 			continue
 		}
-		gens[m] = map[netip.Addr]uint32{}
+		gens[m] = make(map[netip.Addr]uint32, len(in.Claims[m]))
 		for _, c := range in.Claims[m] {
 			claimants[c.IP] = append(claimants[c.IP], m)
 			gens[m][c.IP] = c.Gen

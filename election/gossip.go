@@ -612,7 +612,7 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 		m.DownSince = g.cfg.Now()
 	}
 	pending := false
-	if meta.apart {
+	if meta.apart && n.Name != g.cfg.NodeName { // this node's own claims are g.local
 		// The claims went apart: the record the metadata names, if this node has it;
 		// until then the claims known before, pending.
 		if r, found := g.records[n.Name].find(meta.digest); found {
@@ -621,7 +621,9 @@ func (g *Gossip) update(n *memberlist.Node, alive bool) {
 			meta.Claims, pending = m.Meta.Claims, true
 		}
 	}
-	urgent := !sameStatement(m.Meta, meta) || m.ClaimsPending != pending || ((m.Alive != alive || !ok) && (speaks(meta) || g.hb.voter(n.Name)))
+	// A member's claims becoming pending changes nothing the planner has not read
+	// yet: its next plan sees the flag (and takes nothing new); their arrival wakes it.
+	urgent := !sameStatement(m.Meta, meta) || ((m.Alive != alive || !ok) && (speaks(meta) || g.hb.voter(n.Name)))
 	m.Alive, m.Addr, m.Port = alive, addr, port
 	if alive || len(n.Meta) > 0 {
 		m.Meta = meta // a dead member keeps its last words (claims, restart grace)

@@ -104,9 +104,11 @@ type Planner struct {
 // or IP is unknown: without them nothing sensible can be programmed.
 func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	cfg := p.Config
+	// Sized up front: with hundreds of egress IPs, growing these maps was a fifth of a
+	// plan's cost (the scale harness plans thousands of times a second).
 	plan := &Plan{
-		Holders:    map[netip.Addr]string{},
-		Namespaces: map[netip.Addr][]string{},
+		Holders:    make(map[netip.Addr]string, len(c.Namespaces)),
+		Namespaces: make(map[netip.Addr][]string, len(c.Namespaces)),
 		Rejected:   map[string]*AnnotationError{},
 
 		HostNetworkPods: map[string][]string{},
@@ -180,7 +182,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	// namespaces alike.
 	namespaces := slices.Clone(c.Namespaces)
 	slices.SortFunc(namespaces, func(a, b *corev1.Namespace) int { return strings.Compare(a.Name, b.Name) })
-	st.PinnedNamespaces = map[string]netip.Addr{}
+	st.PinnedNamespaces = make(map[string]netip.Addr, len(namespaces))
 	var pins podPins
 	for _, ns := range namespaces {
 		v, ok := ns.Annotations[AnnotationEgressIP]
@@ -209,7 +211,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	}
 	pods, pods6 := pins.resolve()
 
-	var ips []netip.Addr
+	ips := make([]netip.Addr, 0, len(plan.Namespaces))
 	for ip := range plan.Namespaces {
 		ips = append(ips, ip)
 	}
@@ -220,6 +222,8 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		// quorum that lets this node hold was seen.
 		st.LeaseUntil = plan.EvidenceAt.Add(cfg.Lease)
 	}
+	st.Egress = make([]dataplane.EgressIP, 0, len(ips))
+	plan.Routes = make([]election.Claim, 0, len(ips))
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
 		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}
@@ -265,10 +269,15 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 	// be alive and holding IPs it has not heard of: it takes nothing new until gossip
 	// brings them back or a while has passed (if they really died, the majority has
 	// dealt with their IPs).
+	// settleAgain is when to look again if something other than the windows keeps
+	// this node from settling (zero: the windows' end).
+	var settleAgain time.Duration
 	if settled && el.Now.Sub(plan.QuorumSince) < unsureFor {
 		for _, n := range eligible {
-			if m, ok := v.Members[n]; ok && !m.Alive && !m.DownSince.After(plan.QuorumSince) && n != self {
-				settled = false
+			// A voter the voters report down is not unsure: its leases have run out.
+			if m, ok := v.Members[n]; ok && !m.Alive && !m.DownSince.After(plan.QuorumSince) && n != self && !(selfVoter && ev.Down[n]) {
+				// Gossip bringing it back wakes the planner; else the wait ends.
+				settled, settleAgain = false, unsureFor-el.Now.Sub(plan.QuorumSince)
 				break
 			}
 		}
@@ -279,7 +288,9 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 	if settled {
 		for name, m := range v.Members {
 			if name != self && m.ClaimsPending && (v.InGrace(name) || (m.Alive && !(selfVoter && ev.Down[name]))) {
-				settled = false
+				// The record's arrival wakes the planner; this is in case it never
+				// comes (the member is then reported down).
+				settled, settleAgain = false, pendingClaimsRecheck
 				break
 			}
 		}
@@ -289,7 +300,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 			plan.RetryAfter = max(d, 10*time.Millisecond)
 		}
 	}
-	in := election.Input{IPs: ips, Claims: map[string][]election.Claim{}, MaxGen: map[netip.Addr]uint32{},
+	in := election.Input{IPs: ips, Claims: make(map[string][]election.Claim, len(v.Members)), MaxGen: make(map[netip.Addr]uint32, len(ips)),
 		MaxPerNode: cfg.MaxEgressIPs}
 	for _, n := range eligible {
 		m, known := v.Members[n]
@@ -340,6 +351,8 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 				gen = h.Gen
 			}
 			plan.Held[ip] = Holding{Gen: gen}
+		case a.Holder == self && !settled && settleAgain > 0:
+			retry(settleAgain)
 		case a.Holder == self && !settled:
 			retry(max(window-el.Now.Sub(plan.QuorumSince), window-el.Now.Sub(ev.VotersSince)))
 		case a.Holder == self:
@@ -385,6 +398,10 @@ func votersOf(eligible []string, nodes []*corev1.Node, v election.View) []string
 // unsureFor bounds how long a node that regained a majority waits for members it saw die
 // while cut off.
 const unsureFor = 10 * time.Second
+
+// pendingClaimsRecheck is how often a node that waits for a member's claims looks
+// again without being woken.
+const pendingClaimsRecheck = 200 * time.Millisecond
 
 // podPins resolves which egress IP each pinned pod address belongs to. The API can
 // show two pods with one IP — the old one terminating while the new one runs, or stale

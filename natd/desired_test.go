@@ -503,21 +503,35 @@ func TestVotersOf(t *testing.T) {
 // A node back from a partition does not take the IP of a member it saw die while it was
 // cut off: that member may be alive and hold the IP under a claim it has not heard of.
 func TestPlanBackFromPartitionTakesNothingOfTheUnsure(t *testing.T) {
+	c := cluster()
+	for i := range 20 {
+		c.Namespaces = append(c.Namespaces, ns(fmt.Sprintf("many-%d", i), fmt.Sprintf("198.18.0.%d", 210+i)))
+	}
 	el := elect("node3", "node1", "node3")
 	el.View.Evidence.QuorumSince = el.Now.Add(-2 * time.Second)                                        // majority again, settled
 	el.View.Members["node2"] = election.Member{Name: "node2", DownSince: el.Now.Add(-5 * time.Second)} // died before that
 	el.StateSyncedAt = el.Now.Add(-time.Second)                                                        // state exchanged since
-	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
-	if _, ok := plan.Held[eip]; ok || plan.RetryAfter == 0 {
-		t.Fatalf("took over although node2's death was seen while cut off: %v", plan.Held)
+	el.View.Evidence.Down["node2"] = false                                                             // the voters do not say it is down
+	plan, _ := (&Planner{Config: testConfig("node3")}).Plan(c, el)
+	if len(plan.Held) != 0 || plan.RetryAfter < time.Second {
+		t.Fatalf("took IPs although node2's death was seen while cut off: %v (retry %s)", plan.Held, plan.RetryAfter)
 	}
-	// A death seen with a majority behind it is trusted.
+	// A death seen with a majority behind it is trusted: node3 takes what is its own.
 	m := el.View.Members["node2"]
 	m.DownSince = el.Now.Add(-time.Second)
 	el.View.Members["node2"] = m
-	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(cluster(), el)
-	if _, ok := plan.Held[eip]; !ok {
-		t.Fatal("no takeover after a death seen with a majority")
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(c, el)
+	if n := len(plan.Held); n == 0 || n == 21 {
+		t.Fatalf("after a death seen with a majority node3 holds %d of 21 IPs", n)
+	}
+	// The voters reporting it down is proof enough, whenever it died: its leases have
+	// run out, and node3 takes every IP.
+	m.DownSince = el.Now.Add(-5 * time.Second)
+	el.View.Members["node2"] = m
+	el.View.Evidence.Down["node2"] = true
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(c, el)
+	if len(plan.Held) != 21 {
+		t.Fatalf("node3 holds %d of 21 IPs with node2 reported down", len(plan.Held))
 	}
 }
 

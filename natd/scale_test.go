@@ -47,6 +47,8 @@ type leaseKernel struct {
 	gens   map[netip.Addr]uint32      // egress IP -> this node's claim, while held
 	routed map[netip.Addr]routedSince // when the route to the current holder was set
 	now    func() time.Time
+	// applies counts the syncs that reached the kernel.
+	applies int
 }
 
 type serving struct{ from, until time.Time }
@@ -99,6 +101,7 @@ func (k *leaseKernel) stop(ip netip.Addr, now time.Time) {
 func (k *leaseKernel) Apply(st dataplane.State) (dataplane.Result, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.applies++
 	if k.dead || k.frozen {
 		return dataplane.Result{}, nil
 	}
