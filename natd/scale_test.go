@@ -305,6 +305,8 @@ type scaleCluster struct {
 	// lastSettled is when the cluster last settled: a fault's two-holder time counts
 	// from there.
 	lastSettled time.Time
+	// probeInterval overrides --gossip-probe-interval (timeout: half of it).
+	probeInterval time.Duration
 }
 
 // quietKlog keeps a thousand agents' logs out of the test output
@@ -339,6 +341,13 @@ func newScaleCluster(tb testing.TB, opts scaleOptions) *scaleCluster {
 	tb.Helper()
 	quietKlog(tb)
 	c := &scaleCluster{tb: tb, opts: opts, net: memnet.New(opts.Seed)}
+	if s := os.Getenv("NATD_SCALE_PROBE_INTERVAL"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			tb.Fatalf("NATD_SCALE_PROBE_INTERVAL: %v", err)
+		}
+		c.probeInterval = d
+	}
 	var objs []runtime.Object
 	for i := range opts.Members {
 		name := fmt.Sprintf("n%04d", i)
@@ -376,6 +385,9 @@ func (c *scaleCluster) config(m *scaleMember) *Config {
 	cfg.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16")}
 	cfg.MaxEgressIPs = maxEgressIPs
 	cfg.ResyncPeriod = time.Minute
+	if c.probeInterval > 0 {
+		cfg.GossipProbeInterval, cfg.GossipProbeTimeout = c.probeInterval, c.probeInterval/2
+	}
 	return cfg
 }
 
@@ -834,12 +846,12 @@ func (c *scaleCluster) overlaps(from time.Time) []string {
 	return out
 }
 
-// BenchmarkScale runs the harness at NATD_SCALE_SIZES members (default
-// 10,50,200,1000; 5 egress nodes, NATD_SCALE_IPS egress IPs, default 200) and takes the
-// busiest holder away once per kind and iteration. Figures are per fault; two-holder
-// time must stay 0.
+// BenchmarkScale runs the harness at NATD_SCALE_SIZES members (default 10,50,100; 5
+// egress nodes, NATD_SCALE_IPS egress IPs, default 500; NATD_SCALE_PROBE_INTERVAL
+// overrides --gossip-probe-interval) and takes the busiest holder away once per kind
+// and iteration. Figures are per fault; two-holder time must stay 0.
 func BenchmarkScale(b *testing.B) {
-	sizes := []int{10, 50, 200, 1000}
+	sizes := []int{10, 50, 100}
 	if s := os.Getenv("NATD_SCALE_SIZES"); s != "" {
 		sizes = nil
 		for _, f := range strings.Split(s, ",") {
@@ -850,7 +862,7 @@ func BenchmarkScale(b *testing.B) {
 			sizes = append(sizes, n)
 		}
 	}
-	ips := 200
+	ips := 500
 	if s := os.Getenv("NATD_SCALE_IPS"); s != "" {
 		var err error
 		if ips, err = strconv.Atoi(s); err != nil {
