@@ -269,13 +269,15 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 	// be alive and holding IPs it has not heard of: it takes nothing new until gossip
 	// brings them back or a while has passed (if they really died, the majority has
 	// dealt with their IPs).
+	// A voter the voters report down has no lease left, whatever it claimed.
+	reportedDown := func(name string) bool { return selfVoter && ev.Down[name] }
 	// settleAgain is when to look again if something other than the windows keeps
 	// this node from settling (zero: the windows' end).
 	var settleAgain time.Duration
 	if settled && el.Now.Sub(plan.QuorumSince) < unsureFor {
 		for _, n := range eligible {
 			// A voter the voters report down is not unsure: its leases have run out.
-			if m, ok := v.Members[n]; ok && !m.Alive && !m.DownSince.After(plan.QuorumSince) && n != self && !(selfVoter && ev.Down[n]) {
+			if m, ok := v.Members[n]; ok && !m.Alive && !m.DownSince.After(plan.QuorumSince) && n != self && !reportedDown(n) {
 				// Gossip bringing it back wakes the planner; else the wait ends.
 				settled, settleAgain = false, unsureFor-el.Now.Sub(plan.QuorumSince)
 				break
@@ -287,7 +289,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 	// arrive. A voter the voters report down is left out: its leases have run out.
 	if settled {
 		for name, m := range v.Members {
-			if name != self && m.ClaimsPending && (v.InGrace(name) || (m.Alive && !(selfVoter && ev.Down[name]))) {
+			if name != self && m.ClaimsPending && (v.InGrace(name) || (m.Alive && !reportedDown(name))) {
 				// The record's arrival wakes the planner; this is in case it never
 				// comes (the member is then reported down).
 				settled, settleAgain = false, pendingClaimsRecheck

@@ -2,6 +2,7 @@ package natd
 
 import (
 	"context"
+	"maps"
 	"flag"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -783,16 +785,33 @@ func (c *scaleCluster) restart(m *scaleMember) {
 	c.start(m, []byte("0123456789abcdef0123456789abcdef"))
 }
 
-// TestScaleHarnessPartitions runs natd's agents at a size CI affords and takes the
-// busiest holder away in every way the network can, then again on a lossy, duplicating,
-// delaying network: its IPs move, every member routes them to the new holders, READY
-// counts every member, and no IP is served by two nodes at any moment.
+// TestScaleHarnessPartitions runs natd's agents at a size CI affords in real time and
+// takes the busiest holder away in every way the network can, then again on a lossy,
+// duplicating, delaying network: its IPs move, every member routes them to the new
+// holders, READY counts every member, and no IP is served by two nodes at any moment.
 func TestScaleHarnessPartitions(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs real agents for a minute")
 	}
+	partitionScenarios(t, scaleOptions{Members: 30, Egress: 5, IPs: 300, Seed: 1})
+}
+
+// TestScaleHarnessPartitionsInVirtualTime is the same at 200 members in a synctest
+// bubble (see TestScaleInVirtualTime): the protocol at a size whose real-time run
+// would saturate CI's two cores.
+func TestScaleHarnessPartitionsInVirtualTime(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs 200 agents")
+	}
+	synctest.Test(t, func(t *testing.T) {
+		partitionScenarios(t, scaleOptions{Members: 200, Egress: 5, IPs: 500, Seed: 2})
+		time.Sleep(time.Minute) // stopped memberlists' probes and streams time out
+	})
+}
+
+func partitionScenarios(t *testing.T, opts scaleOptions) {
 	begin := time.Now()
-	c := newScaleCluster(t, scaleOptions{Members: 30, Egress: 5, IPs: 300, Seed: 1})
+	c := newScaleCluster(t, opts)
 	t.Logf("settled in %s", c.waitSettled(60*time.Second).Round(time.Millisecond))
 	if d := c.twoHolderTime(begin); d != 0 {
 		t.Errorf("while the cluster formed, two nodes served one egress IP for %s:\n%s", d, strings.Join(c.overlaps(begin), "\n"))
@@ -821,6 +840,7 @@ func TestScaleHarnessPartitions(t *testing.T) {
 		check(kind, "lossy")
 	}
 	t.Logf("network: %d datagrams sent, %d dropped, %d duplicated, %d overflowed", c.net.Sent.Load(), c.net.Dropped.Load(), c.net.Duplicated.Load(), c.net.Overflowed.Load())
+	c.stop()
 }
 
 func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
@@ -848,76 +868,153 @@ func (c *scaleCluster) overlaps(from time.Time) []string {
 
 // BenchmarkScale runs the harness at NATD_SCALE_SIZES members (default 10,50,100; 5
 // egress nodes, NATD_SCALE_IPS egress IPs, default 500; NATD_SCALE_PROBE_INTERVAL
-// overrides --gossip-probe-interval) and takes the busiest holder away once per kind
-// and iteration. Figures are per fault; two-holder time must stay 0.
+// overrides --gossip-probe-interval) in real time, and takes the busiest holder away
+// once per kind and iteration. Figures are per fault; two-holder time must stay 0.
+// Every member shares this machine's cores: at 100 members and more the figures are
+// the cores', not natd's (see TestScaleInVirtualTime).
 func BenchmarkScale(b *testing.B) {
-	sizes := []int{10, 50, 100}
-	if s := os.Getenv("NATD_SCALE_SIZES"); s != "" {
-		sizes = nil
-		for _, f := range strings.Split(s, ",") {
-			n, err := strconv.Atoi(strings.TrimSpace(f))
-			if err != nil {
-				b.Fatalf("NATD_SCALE_SIZES: %v", err)
-			}
-			sizes = append(sizes, n)
-		}
-	}
-	ips := 500
-	if s := os.Getenv("NATD_SCALE_IPS"); s != "" {
-		var err error
-		if ips, err = strconv.Atoi(s); err != nil {
-			b.Fatalf("NATD_SCALE_IPS: %v", err)
-		}
-	}
-	for _, n := range sizes {
+	ips := scaleIPs(b)
+	for _, n := range scaleSizes(b, "NATD_SCALE_SIZES", []int{10, 50, 100}) {
 		b.Run(fmt.Sprintf("members=%d", n), func(b *testing.B) {
-			start := time.Now()
-			c := newScaleCluster(b, scaleOptions{Members: n, Egress: 5, IPs: ips, Seed: uint64(n)})
-			c.waitSettled(10 * time.Minute)
-			bootstrap := time.Since(start)
-			var ms goruntime.MemStats
-			goruntime.ReadMemStats(&ms)
-			kinds := []faultKind{cutOff, powerOff, unlabel}
-			sums := map[string]float64{}
-			var worst time.Duration
+			var f scaleFigures
 			b.ResetTimer()
 			for range b.N {
-				for _, k := range kinds {
-					r := c.failover(k, 60*time.Second)
-					b.Logf("%d members, %-9s moved %3d IPs: voters detect %s, all %s, takeover %s, routed %s, ready %s, two holders %s",
-						n, k, r.Moved, r.DetectVoters, r.DetectAll, r.Takeover, r.Routed, r.Ready, r.TwoHolders)
-					if r.TwoHolders > worst {
-						worst = r.TwoHolders
-					}
-					if !k.planned() {
-						sums["detect-voters-ms"] += msf(r.DetectVoters)
-						sums["detect-all-ms"] += msf(r.DetectAll)
-						sums["takeover-ms"] += msf(r.Takeover)
-						sums["routed-ms"] += msf(r.Routed)
-						sums["ready-ms"] += msf(r.Ready)
-					} else {
-						sums["planned-takeover-ms"] += msf(r.Takeover)
-						sums["planned-ready-ms"] += msf(r.Ready)
-					}
-					c.waitSettled(5 * time.Minute)
-				}
+				f = measureScale(b, n, ips)
 			}
 			b.StopTimer()
-			for name, v := range sums {
-				per := float64(b.N * 2)
-				if strings.HasPrefix(name, "planned") {
-					per = float64(b.N)
-				}
-				b.ReportMetric(v/per, name)
+			for _, m := range f.metrics() {
+				b.ReportMetric(m.value, m.unit)
 			}
-			b.ReportMetric(msf(worst), "two-holders-ms")
-			b.ReportMetric(bootstrap.Seconds(), "bootstrap-s")
-			b.ReportMetric(float64(ms.HeapInuse)/float64(n)/1024, "heap-KiB/member")
-			if worst > 0 {
-				b.Errorf("two nodes served one egress IP for %s", worst)
+			if f.worst > 0 {
+				b.Errorf("two nodes served one egress IP for %s", f.worst)
 			}
 		})
 	}
+}
+
+// TestScaleInVirtualTime runs the harness at NATD_SCALE_VIRTUAL members (a list of
+// sizes; skipped without it) in a synctest bubble: every clock, timer and sleep of
+// every agent, memberlist, informer and network delay is the bubble's, which moves on
+// only when every goroutine waits. Time then passes as if each member had a CPU of its
+// own, however long the two cores take to do all members' work: the figures are the
+// protocol's (detection, takeover, gossip and READY latencies) at sizes the real-time
+// harness cannot reach on this machine. `make bench-scale` runs it at 10 to 1,000.
+func TestScaleInVirtualTime(t *testing.T) {
+	if os.Getenv("NATD_SCALE_VIRTUAL") == "" {
+		t.Skip("NATD_SCALE_VIRTUAL names the sizes (make bench-scale)")
+	}
+	ips := scaleIPs(t)
+	for _, n := range scaleSizes(t, "NATD_SCALE_VIRTUAL", nil) {
+		t.Run(fmt.Sprintf("members=%d", n), func(t *testing.T) {
+			wall := time.Now()
+			synctest.Test(t, func(t *testing.T) {
+				f := measureScale(t, n, ips)
+				var line []string
+				for _, m := range f.metrics() {
+					line = append(line, fmt.Sprintf("%.4g %s", m.value, m.unit))
+				}
+				t.Logf("%d members, %d IPs, virtual time: %s", n, ips, strings.Join(line, ", "))
+				if f.worst > 0 {
+					t.Errorf("two nodes served one egress IP for %s", f.worst)
+				}
+				// Stopped memberlists leave probes and streams behind that end on
+				// their timeouts: the bubble's time must pass for them to go.
+				time.Sleep(time.Minute)
+			})
+			t.Logf("%d members took %s of this machine's time", n, time.Since(wall).Round(time.Second))
+		})
+	}
+}
+
+func scaleSizes(tb testing.TB, env string, def []int) []int {
+	s := os.Getenv(env)
+	if s == "" {
+		return def
+	}
+	var sizes []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil {
+			tb.Fatalf("%s: %v", env, err)
+		}
+		sizes = append(sizes, n)
+	}
+	return sizes
+}
+
+func scaleIPs(tb testing.TB) int {
+	s := os.Getenv("NATD_SCALE_IPS")
+	if s == "" {
+		return 500
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		tb.Fatalf("NATD_SCALE_IPS: %v", err)
+	}
+	return n
+}
+
+// scaleFigures are one size's figures, averaged over its faults.
+type scaleFigures struct {
+	sums      map[string]float64
+	unplanned int
+	planned   int
+	worst     time.Duration
+	bootstrap time.Duration
+	heapInuse uint64
+	members   int
+}
+
+type scaleMetric struct {
+	value float64
+	unit  string
+}
+
+func (f scaleFigures) metrics() []scaleMetric {
+	var out []scaleMetric
+	names := slices.Sorted(maps.Keys(f.sums))
+	for _, name := range names {
+		per := float64(f.unplanned)
+		if strings.HasPrefix(name, "planned") {
+			per = float64(f.planned)
+		}
+		out = append(out, scaleMetric{f.sums[name] / per, name})
+	}
+	return append(out, scaleMetric{msf(f.worst), "two-holders-ms"}, scaleMetric{f.bootstrap.Seconds(), "bootstrap-s"},
+		scaleMetric{float64(f.heapInuse) / float64(f.members) / 1024, "heap-KiB/member"})
+}
+
+// measureScale starts a cluster of n members with ips egress IPs, takes the busiest
+// holder away once per kind (cut off, powered off, unlabelled) and measures each.
+func measureScale(tb testing.TB, n, ips int) scaleFigures {
+	start := time.Now()
+	c := newScaleCluster(tb, scaleOptions{Members: n, Egress: 5, IPs: ips, Seed: uint64(n)})
+	c.waitSettled(10 * time.Minute)
+	f := scaleFigures{sums: map[string]float64{}, bootstrap: time.Since(start), members: n}
+	var mem goruntime.MemStats
+	goruntime.ReadMemStats(&mem)
+	f.heapInuse = mem.HeapInuse
+	for _, k := range []faultKind{cutOff, powerOff, unlabel} {
+		r := c.failover(k, 60*time.Second)
+		tb.Logf("%d members, %-9s moved %3d IPs: voters detect %s, all %s, takeover %s, routed %s, ready %s, two holders %s",
+			n, k, r.Moved, ms(r.DetectVoters), ms(r.DetectAll), ms(r.Takeover), ms(r.Routed), ms(r.Ready), r.TwoHolders)
+		f.worst = max(f.worst, r.TwoHolders)
+		if !k.planned() {
+			f.unplanned++
+			f.sums["detect-voters-ms"] += msf(r.DetectVoters)
+			f.sums["detect-all-ms"] += msf(r.DetectAll)
+			f.sums["takeover-ms"] += msf(r.Takeover)
+			f.sums["routed-ms"] += msf(r.Routed)
+			f.sums["ready-ms"] += msf(r.Ready)
+		} else {
+			f.planned++
+			f.sums["planned-takeover-ms"] += msf(r.Takeover)
+			f.sums["planned-ready-ms"] += msf(r.Ready)
+		}
+		c.waitSettled(5 * time.Minute)
+	}
+	c.stop()
+	return f
 }
 
 func msf(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
