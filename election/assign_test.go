@@ -164,7 +164,7 @@ func TestMetaRoundTrip(t *testing.T) {
 	} else if got, err := DecodeMeta(b); err != nil || !slices.Equal(got.Claims, sortedClaims(v6.Claims)) {
 		t.Fatalf("IPv6 round trip: %+v, %v", got, err)
 	}
-	for _, n := range [][2]int{{55, 0}, {0, 23}, {56, 0}, {0, 24}, {400, 100}} {
+	for _, n := range [][2]int{{55, 0}, {0, 23}, {62, 0}, {63, 0}, {54, 1}, {55, 1}, {0, 24}, {400, 100}} {
 		m := Meta{Claims: manyClaims(n[0], n[1]), Boot: 3, Seq: 4}
 		b, err := m.Encode()
 		if err != nil || len(b) > maxMetaLength {
@@ -172,7 +172,7 @@ func TestMetaRoundTrip(t *testing.T) {
 		}
 		got, err := DecodeMeta(b)
 		apart, count := got.Apart()
-		fits := n[0]*ipv4ClaimSize+n[1]*ipv6ClaimSize <= maxMetaLength-metaHeader
+		fits := (n[1] == 0 && n[0] <= v2MaxClaims) || n[0]*ipv4ClaimSize+n[1]*ipv6ClaimSize <= maxMetaLength-metaHeader
 		if err != nil || apart == fits || (apart && (count != n[0]+n[1] || len(got.Claims) != 0)) || (!apart && len(got.Claims) != n[0]+n[1]) {
 			t.Fatalf("%v claims: apart %v (%d), %d inline, %v", n, apart, count, len(got.Claims), err)
 		}
@@ -190,7 +190,11 @@ func TestMetaRoundTrip(t *testing.T) {
 	if !got.Newer(Meta{Boot: 1 << 60, Seq: 6}) || got.Newer(Meta{Boot: 1 << 60, Seq: 8}) || got.Newer(Meta{Boot: 1<<60 + 1}) {
 		t.Fatal("Newer orders by boot, then seq")
 	}
-	ok, _ := Meta{Claims: []Claim{{IP: ipB}, {IP: ipA}}}.Encode()
+	// This version's form (an IPv6 claim among them), then broken in every way.
+	ok, _ := Meta{Claims: append([]Claim{{IP: ipB}, {IP: ipA}}, manyClaims(0, 1)...)}.Encode()
+	if ok[0] != metaVersion {
+		t.Fatalf("metadata with an IPv6 claim in version %d", ok[0])
+	}
 	unsorted := slices.Clone(ok)
 	copy(unsorted[metaHeader:], ok[metaHeader+ipv4ClaimSize:])
 	copy(unsorted[metaHeader+ipv4ClaimSize:], ok[metaHeader:metaHeader+ipv4ClaimSize])
@@ -217,6 +221,46 @@ func manyClaims(v4, v6 int) []Claim {
 	return out
 }
 
+// During a rolling upgrade natds of the previous version (metadata version 2, routes
+// version 1) and this one must read each other: a node that cannot read a holder's
+// metadata sees no claims and may take its IPs.
+func TestMetaAndRoutesOfThePreviousVersion(t *testing.T) {
+	// As the previous version wrote it: IPv4 claims of 8 bytes, in no order.
+	old := []byte{2, flagDraining, 0, 5, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 3}
+	old = append(old, 198, 18, 0, 201, 0, 0, 0, 7, 198, 18, 0, 200, 0, 0, 0, 6)
+	m, err := DecodeMeta(old)
+	want := []Claim{{IP: ipA, Gen: 6}, {IP: ipB, Gen: 7}}
+	if err != nil || !m.Draining || m.RestartGrace != 500*time.Millisecond || m.Boot != 9 || m.Seq != 3 || !slices.Equal(m.Claims, want) {
+		t.Fatalf("previous version's metadata: %+v, %v", m, err)
+	}
+	// This version writes up to 62 IPv4 claims in that form, sorted.
+	again, err := m.Encode()
+	if err != nil || again[0] != 2 || len(again) != len(old) || !slices.Equal(again[metaHeader:metaHeader+8], old[metaHeader+8:]) {
+		t.Fatalf("re-encoded: %v, %v", again, err)
+	}
+	if _, err := DecodeMeta(append(slices.Clone(old), 198, 18, 0, 200, 0, 0, 0, 1)); err == nil {
+		t.Error("two claims on one IP accepted")
+	}
+	// A routes report of IPv4 routes is the previous version's form too, and its
+	// push/pull state (reports only) is read.
+	r := Routes{Node: "n1", Version: 5, Claims: want}
+	b, err := r.encode()
+	if err != nil || b[0] != 1 || len(b) != routesHeader+2+8*len(want) {
+		t.Fatalf("routes report: %v, %v", b, err)
+	}
+	state := appendRoutesBlock([]byte{stateWireVersionV1, kindState}, map[string]Routes{"n1": r})
+	if all, records, err := decodeState(state); err != nil || len(all) != 1 || !slices.Equal(all[0].Claims, want) || records != nil {
+		t.Fatalf("previous version's state: %v, %v, %v", all, records, err)
+	}
+	// With an IPv6 route the report needs this version's form.
+	r.Claims = append(r.Claims, manyClaims(0, 1)...)
+	if b, _ := r.encode(); b[0] != routesWireVersion {
+		t.Fatalf("a report with an IPv6 route in version %d", b[0])
+	} else if got, err := decodeRoutes(b); err != nil || len(got.Claims) != 3 {
+		t.Fatalf("IPv6 report: %v, %v", got, err)
+	}
+}
+
 func FuzzDecodeMeta(f *testing.F) {
 	b, _ := Meta{Claims: []Claim{{IP: ipA, Gen: 2}}}.Encode()
 	f.Add(b)
@@ -228,8 +272,14 @@ func FuzzDecodeMeta(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if again, err := m.Encode(); err != nil || (len(b) > 0 && len(again) != len(b)) {
-			t.Fatalf("decoded %x to %+v but it encodes to %x, %v", b, m, again, err)
+		again, err := m.Encode()
+		if err != nil {
+			t.Fatalf("decoded %x to %+v but it does not encode: %v", b, m, err)
+		}
+		m2, err := DecodeMeta(again)
+		if err != nil || m2.Draining != m.Draining || m2.RestartGrace != m.RestartGrace || m2.Boot != m.Boot || m2.Seq != m.Seq ||
+			m2.apart != m.apart || m2.digest != m.digest || !slices.Equal(m2.Claims, m.Claims) {
+			t.Fatalf("decoded %x to %+v, encoded and decoded again to %+v, %v", b, m, m2, err)
 		}
 	})
 }

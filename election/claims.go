@@ -31,6 +31,8 @@ const (
 	kindClaimsRequest = 'Q'
 	kindState         = 'S'
 	stateWireVersion  = 3
+	// stateWireVersionV1 is the previous version's state: its reports only.
+	stateWireVersionV1 = 1
 	// recordsPerMember is how many recent records of one member a node keeps: a
 	// record can arrive before the metadata that names it, and after a newer one.
 	recordsPerMember = 4
@@ -185,12 +187,19 @@ func decodeState(b []byte) ([]Routes, []claimsRecord, error) {
 	if len(b) == 0 {
 		return nil, nil, nil // a peer with nothing to tell
 	}
-	if len(b) < 2 || b[0] != stateWireVersion || b[1] != kindState {
+	if len(b) < 2 || (b[0] != stateWireVersion && b[0] != stateWireVersionV1) || b[1] != kindState {
 		return nil, nil, fmt.Errorf("%w: unknown header (%d bytes)", ErrBadState, len(b))
 	}
 	routes, rest, err := readRoutesBlock(b[2:])
 	if err != nil {
 		return nil, nil, err
+	}
+	if b[0] == stateWireVersionV1 {
+		// A natd of the previous version: its reports only.
+		if len(rest) != 0 {
+			return nil, nil, fmt.Errorf("%w: trailing bytes", ErrBadState)
+		}
+		return routes, nil, nil
 	}
 	var records []claimsRecord
 	rest, err = readBlock(rest, func(item []byte) error {

@@ -48,8 +48,16 @@ func (m Meta) Newer(old Meta) bool {
 // The claims go in the metadata while they fit (up to 55 IPv4 or 23 IPv6 claims):
 // memberlist spreads it with every alive message. A larger set goes apart (see
 // claims.go), and the metadata names it by its digest.
+//
+// Up to 62 IPv4 claims and nothing else go in the previous version's form (version
+// 2: each claim ip(4) gen(4), no family byte), which natds of that version read: a
+// node that cannot read a holder's metadata sees no claims there and may take its IPs,
+// so during a rolling upgrade both versions must read what the cluster mostly says.
 const (
 	metaVersion   = 3
+	metaVersionV2 = 2
+	v2ClaimSize   = 8
+	v2MaxClaims   = (maxMetaLength - metaHeader) / v2ClaimSize
 	metaHeader    = 16 // version, flags, grace(2), boot(8), seq(4)
 	apartSize     = 10 // count(2), digest(8)
 	flagDraining  = 1 << 0
@@ -73,6 +81,10 @@ func (m Meta) Encode() ([]byte, error) {
 	}
 	b := make([]byte, metaHeader, maxMetaLength)
 	b[0] = metaVersion
+	v2 := !m.apart && len(m.Claims) <= v2MaxClaims && allIPv4(m.Claims)
+	if v2 {
+		b[0] = metaVersionV2
+	}
 	if m.Draining {
 		b[1] |= flagDraining
 	}
@@ -88,6 +100,9 @@ func (m Meta) Encode() ([]byte, error) {
 		b[1] |= flagApart
 		b = binary.BigEndian.AppendUint16(b, uint16(m.count))
 		return binary.BigEndian.AppendUint64(b, m.digest), nil
+	}
+	if v2 {
+		return appendV2Claims(b, m.Claims), nil
 	}
 	if metaHeader+len(claims) <= maxMetaLength {
 		return append(b, claims...), nil
@@ -177,6 +192,43 @@ func readClaims(b []byte) ([]Claim, error) {
 	return out, nil
 }
 
+func allIPv4(claims []Claim) bool {
+	for _, c := range claims {
+		if !c.IP.Unmap().Is4() {
+			return false
+		}
+	}
+	return true
+}
+
+// appendV2Claims appends IPv4 claims in the version 2 form, sorted by IP.
+func appendV2Claims(b []byte, claims []Claim) []byte {
+	for _, c := range sortedClaims(claims) {
+		ip := c.IP.Unmap().As4()
+		b = binary.BigEndian.AppendUint32(append(b, ip[:]...), c.Gen)
+	}
+	return b
+}
+
+// readV2Claims reads version 2 claims (IPv4, 8 bytes each) that fill b; the old form
+// was not sorted: they are sorted here, and two claims on one IP refused.
+func readV2Claims(b []byte) ([]Claim, error) {
+	if len(b)%v2ClaimSize != 0 {
+		return nil, fmt.Errorf("%w: %d bytes of version 2 claims", errBadClaim, len(b))
+	}
+	out := make([]Claim, 0, len(b)/v2ClaimSize)
+	for ; len(b) > 0; b = b[v2ClaimSize:] {
+		out = append(out, Claim{IP: netip.AddrFrom4([4]byte(b[:4])), Gen: binary.BigEndian.Uint32(b[4:8])})
+	}
+	out = sortedClaims(out)
+	for i := 1; i < len(out); i++ {
+		if out[i].IP == out[i-1].IP {
+			return nil, fmt.Errorf("%w: two claims on %s", errBadClaim, out[i].IP)
+		}
+	}
+	return out, nil
+}
+
 // ErrBadMeta is returned for metadata natd cannot read: a member with it holds nothing.
 var ErrBadMeta = errors.New("unreadable gossip metadata")
 
@@ -187,7 +239,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	if len(b) == 0 {
 		return m, nil // a member that has not said anything yet
 	}
-	if len(b) < metaHeader || b[0] != metaVersion {
+	if len(b) < metaHeader || (b[0] != metaVersion && b[0] != metaVersionV2) || (b[0] == metaVersionV2 && b[1]&flagApart != 0) {
 		return Meta{}, fmt.Errorf("%w: %d bytes, version %d", ErrBadMeta, len(b), b[0])
 	}
 	m.Draining = b[1]&flagDraining != 0
@@ -204,7 +256,11 @@ func DecodeMeta(b []byte) (Meta, error) {
 		}
 		return m, nil
 	}
-	claims, err := readClaims(rest)
+	read := readClaims
+	if b[0] == metaVersionV2 {
+		read = readV2Claims
+	}
+	claims, err := read(rest)
 	if err != nil {
 		return Meta{}, fmt.Errorf("%w: %w", ErrBadMeta, err)
 	}

@@ -37,10 +37,13 @@ func sortedClaims(claims []Claim) []Claim {
 //	version(1) kind(1) reportVersion(8) nameLen(1) name count(2) claims (see appendClaim)
 //
 // and of a block of reports in the push/pull state: count(2) count*(len(4) report).
+// A report of IPv4 routes only goes in the previous version's form (version 1: claims
+// of 8 bytes), which natds of that version read during a rolling upgrade.
 const (
-	routesWireVersion = 2
-	routesHeader      = 13 // version, kind, report version, name length, count
-	kindRoutes        = 'R'
+	routesWireVersion   = 2
+	routesWireVersionV1 = 1
+	routesHeader        = 13 // version, kind, report version, name length, count
+	kindRoutes          = 'R'
 	// maxDatagram keeps a message inside one UDP packet, with room for memberlist's
 	// framing and encryption. A larger one (a report of more than ~130 egress IPs)
 	// goes over a stream.
@@ -55,13 +58,21 @@ func (r Routes) encode() ([]byte, error) {
 	if len(r.Claims) > 0xffff {
 		return nil, fmt.Errorf("%d routes do not fit in one report", len(r.Claims))
 	}
+	v1 := allIPv4(r.Claims)
+	version := byte(routesWireVersion)
+	if v1 {
+		version = routesWireVersionV1
+	}
 	b := make([]byte, 0, routesHeader+len(r.Node)+ipv4ClaimSize*len(r.Claims))
-	b = append(b, routesWireVersion, kindRoutes)
+	b = append(b, version, kindRoutes)
 	b = binary.BigEndian.AppendUint64(b, r.Version)
 	b = append(b, byte(len(r.Node)))
 	b = append(b, r.Node...)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(r.Claims)))
-	for _, c := range r.Claims {
+	if v1 {
+		return appendV2Claims(b, r.Claims), nil
+	}
+	for _, c := range sortedClaims(r.Claims) {
 		b = appendClaim(b, c)
 	}
 	return b, nil
@@ -75,7 +86,7 @@ func decodeRoutes(b []byte) (Routes, error) {
 	bad := func(why string) (Routes, error) {
 		return Routes{}, fmt.Errorf("%w: %s (%d bytes)", ErrBadRoutes, why, len(b))
 	}
-	if len(b) < routesHeader || b[0] != routesWireVersion || b[1] != kindRoutes {
+	if len(b) < routesHeader || (b[0] != routesWireVersion && b[0] != routesWireVersionV1) || b[1] != kindRoutes {
 		return bad("unknown header")
 	}
 	r := Routes{Version: binary.BigEndian.Uint64(b[2:10])}
@@ -87,7 +98,11 @@ func decodeRoutes(b []byte) (Routes, error) {
 	r.Node, rest = string(rest[:n]), rest[n:]
 	count := int(binary.BigEndian.Uint16(rest))
 	rest = rest[2:]
-	claims, err := readClaims(rest)
+	read := readClaims
+	if b[0] == routesWireVersionV1 {
+		read = readV2Claims
+	}
+	claims, err := read(rest)
 	if err != nil {
 		return bad(err.Error())
 	}
