@@ -125,12 +125,12 @@ bench: deps kube-bins
 bench-failover: deps kube-bins
 	$(GO) test -run '^$$' -bench Failover -benchtime 1x -timeout 40m ./tests/e2e/
 
-# The scale harness (natd/scale_test.go): natd's real agents, SIZES of them (default
-# 10,50,200,1000) in one process over an in-memory network, 5 egress nodes and
-# NATD_SCALE_IPS (200) egress IPs; per size the busiest holder is cut off, powered off
-# and unlabelled: failure detection, takeover, routes, READY, two-holder time.
-# The scale harness in real time (SIZES, every member on this machine's cores), then in
-# virtual time (VIRTUAL_SIZES: the protocol's latencies, as if each member had a CPU).
+# The scale harness (natd/scale_test.go): natd's real agents in one process over an
+# in-memory network, 5 egress nodes and NATD_SCALE_IPS (500) egress IPs; per size the
+# busiest holder is cut off, powered off and unlabelled: failure detection, takeover,
+# routes, READY, two-holder time. First in real time (SIZES, default 10,50,100: every
+# member on this machine's cores), then in virtual time (VIRTUAL_SIZES, default
+# 10,50,200,1000: the protocol's latencies, as if each member had a CPU of its own).
 bench-scale: deps
 	NATD_SCALE_SIZES=$(or $(SIZES),10,50,100) $(GO) test -run '^$$' -bench Scale -benchtime 1x -timeout 90m ./natd/
 	NATD_SCALE_VIRTUAL=$(or $(VIRTUAL_SIZES),10,50,200,1000) $(GO) test -count=1 -run '^TestScaleInVirtualTime$$' -v -timeout 90m ./natd/
