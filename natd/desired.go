@@ -21,9 +21,18 @@ import (
 type Holding struct {
 	Gen uint32 // generation of this node's claim
 	// HandoverSince is set while this node keeps an IP that another node is to take
-	// (make-before-break): it lets go once the new holder claims the IP.
-	HandoverSince time.Time
+	// (make-before-break): it lets go handoverLinger after the new holder claims the
+	// IP (ClaimedSince), once the other nodes have had time to route to it.
+	HandoverSince, ClaimedSince time.Time
 }
+
+// handoverLinger is how long an old holder keeps serving an IP after the new holder
+// claimed it in a planned move: the claim reaches the other nodes and they re-route
+// within tens of milliseconds (gossip, then a sync); what they send meanwhile still
+// leaves through the old holder instead of being dropped there. Only a handover
+// lingers: an IP another node claims while this node never handed it over is let go
+// at once.
+const handoverLinger = 500 * time.Millisecond
 
 // claimsOf is what a node holding held claims, sorted by IP: the form gossip carries.
 func claimsOf(held map[netip.Addr]Holding) []election.Claim {
@@ -229,18 +238,46 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}
 		holder := assigned[ip].Holder
 		plan.Holders[ip] = holder
+		// Traffic goes to who serves the IP: its holder, or — while the new holder
+		// has not claimed it yet in a planned move — the old one, which keeps serving
+		// until then (it is no keeper any more, so Assign no longer names it).
+		routeTo, gen := holder, assigned[ip].Gen
+		if !assigned[ip].Claimed {
+			if name, g, ok := handingOver(el.View, ip, cfg.NodeName); ok {
+				routeTo, gen = name, g
+			}
+		}
 		if h, ok := plan.Held[ip]; ok {
 			e.Local, e.Gen, e.HolderIP = true, h.Gen, st.NodeIP
 			plan.Routes = append(plan.Routes, election.Claim{IP: ip, Gen: h.Gen})
-		} else if holder != "" && holder != cfg.NodeName {
-			e.HolderIP = nodeIPOf[holder]
+		} else if routeTo != "" && routeTo != cfg.NodeName {
+			e.HolderIP = nodeIPOf[routeTo]
 			if e.HolderIP.IsValid() {
-				plan.Routes = append(plan.Routes, election.Claim{IP: ip, Gen: assigned[ip].Gen})
+				plan.Routes = append(plan.Routes, election.Claim{IP: ip, Gen: gen})
 			}
 		}
 		st.Egress = append(st.Egress, e)
 	}
 	return plan, nil
+}
+
+// handingOver finds a live member other than self that still claims ip although no
+// keeper does: a node handing the IP over (unlabelled, cordoned, draining), which
+// serves it until the new holder claims it. The newest claim wins; a member the voters
+// report down serves nothing.
+func handingOver(v election.View, ip netip.Addr, self string) (string, uint32, bool) {
+	best, gen, found := "", uint32(0), false
+	for name, m := range v.Members {
+		if name == self || !m.Alive || v.Evidence.Down[name] {
+			continue
+		}
+		for _, c := range m.Meta.Claims {
+			if c.IP == ip && (!found || election.NewerGen(gen, c.Gen) || (c.Gen == gen && name < best)) {
+				best, gen, found = name, c.Gen, true
+			}
+		}
+	}
+	return best, gen, found
 }
 
 // elect decides who holds each IP (election.Assign over the gossip view) and what this
@@ -359,6 +396,13 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 			retry(max(window-el.Now.Sub(plan.QuorumSince), window-el.Now.Sub(ev.VotersSince)))
 		case a.Holder == self:
 			plan.Held[ip] = Holding{Gen: a.Gen}
+		case holding && a.Claimed && !h.HandoverSince.IsZero() && h.ClaimedSince.IsZero():
+			// Handed over: the new holder has it; keep serving a moment.
+			plan.Held[ip] = Holding{Gen: h.Gen, HandoverSince: h.HandoverSince, ClaimedSince: el.Now}
+			retry(handoverLinger)
+		case holding && a.Claimed && !h.HandoverSince.IsZero() && el.Now.Sub(h.ClaimedSince) < handoverLinger:
+			plan.Held[ip] = h
+			retry(handoverLinger - el.Now.Sub(h.ClaimedSince))
 		case !holding, a.Holder == "", a.Claimed:
 			// Not ours; or nobody may hold it (fail closed); or the new holder has it.
 		case h.HandoverSince.IsZero():

@@ -307,12 +307,27 @@ func TestPlanMakeBeforeBreak(t *testing.T) {
 	if plan.Holders[eip] != "node3" {
 		t.Fatalf("new holder %q, want node3", plan.Holders[eip])
 	}
-	// node3 claims it: node2 lets go.
+	// node3 claims it: node2 keeps serving while the others re-route, then lets go.
 	el.Held = plan.Held
 	el.View = claim(el.View, "node3", 5)
 	plan, _ = p.Plan(c, el)
-	if _, ok := plan.Held[eip]; ok {
-		t.Fatal("old holder kept the IP after the new one claimed it")
+	if h, ok := plan.Held[eip]; !ok || h.ClaimedSince != now || plan.RetryAfter != handoverLinger {
+		t.Fatalf("old holder let go the moment the new one claimed it: %+v, retry %s", plan.Held, plan.RetryAfter)
+	}
+	el.Held = plan.Held
+	el.Now = now.Add(handoverLinger / 2)
+	if plan, _ = p.Plan(c, el); len(plan.Held) != 1 {
+		t.Fatal("old holder let go before the linger ended")
+	}
+	el.Now = now.Add(handoverLinger)
+	if plan, _ = p.Plan(c, el); len(plan.Held) != 0 {
+		t.Fatal("old holder kept the IP after the linger")
+	}
+	// An IP another node claims without a handover (a conflict) is let go at once.
+	el.Held = map[netip.Addr]Holding{eip: {Gen: 4}}
+	el.Now = now
+	if plan, _ = p.Plan(c, el); len(plan.Held) != 0 {
+		t.Fatal("kept an IP another node claimed, outside a handover")
 	}
 	// node3 never claims: node2 lets go after the handover timeout.
 	el.View = claim(el.View, "node3", 0)
@@ -444,6 +459,38 @@ func TestPlanVoterTakesOverOnlyWhenTheVotersSaySo(t *testing.T) {
 	plan, _ = (&Planner{Config: testConfig(el4.View.Self)}).Plan(nodes, el4)
 	if plan.Holders[eip] != "node3" || plan.Quorum || len(plan.Held) != 0 {
 		t.Fatalf("follower: holder %q, quorum %v, held %v", plan.Holders[eip], plan.Quorum, plan.Held)
+	}
+}
+
+// In a planned move the other nodes send the IP's traffic to the old holder until the
+// new one claims it: the old holder is no keeper any more, but it serves until then.
+func TestPlanRoutesToTheOldHolderUntilTheNewOneClaims(t *testing.T) {
+	c := cluster()
+	c.Nodes[1].Spec.Unschedulable = true // node2 cordoned: its IP moves to node3
+	el := elect("node1", "node1", "node2", "node3")
+	el.View = claim(el.View, "node2", 4)
+	plan, err := (&Planner{Config: testConfig("node1")}).Plan(c, el)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := plan.State.Egress[0]; e.HolderIP.String() != "198.18.0.12" || plan.Holders[eip] != "node3" {
+		t.Fatalf("before node3 claims: traffic to %s (holder-to-be %s), want node2's 198.18.0.12", e.HolderIP, plan.Holders[eip])
+	}
+	if len(plan.Routes) != 1 || plan.Routes[0].Gen != 4 {
+		t.Fatalf("routes report %v, want node2's claim", plan.Routes)
+	}
+	el.View = claim(el.View, "node3", 5)
+	plan, _ = (&Planner{Config: testConfig("node1")}).Plan(c, el)
+	if e := plan.State.Egress[0]; e.HolderIP.String() != "198.18.0.13" || plan.Routes[0].Gen != 5 {
+		t.Fatalf("after node3 claims: traffic to %s, routes %v", e.HolderIP, plan.Routes)
+	}
+	// A claimant the voters report down serves nothing: no traffic goes there.
+	el.View = claim(el.View, "node3", 0)
+	el.View.Members["node3"] = election.Member{Name: "node3", Alive: true}
+	el.View.Evidence.Down["node2"] = true
+	plan, _ = (&Planner{Config: testConfig("node1")}).Plan(c, el)
+	if e := plan.State.Egress[0]; e.HolderIP.String() == "198.18.0.12" {
+		t.Fatal("traffic sent to a claimant the voters report down")
 	}
 }
 
