@@ -34,6 +34,14 @@ type Holding struct {
 // at once.
 const handoverLinger = 500 * time.Millisecond
 
+// handoverAnnounceDelay is how long the new holder of a planned move waits before its
+// gratuitous ARP: the other nodes start sending the IP's traffic to it once its claim
+// reaches them, and until they do the partners' replies belong at the old holder,
+// which has those connections' bindings (replies at a holder without them are dropped,
+// and TCP stalls until a retransmission: 465 ms). Shorter than handoverLinger, so the
+// old holder still serves when the announcement moves the replies.
+const handoverAnnounceDelay = 250 * time.Millisecond
+
 // claimsOf is what a node holding held claims, sorted by IP: the form gossip carries.
 func claimsOf(held map[netip.Addr]Holding) []election.Claim {
 	out := make([]election.Claim, 0, len(held))
@@ -249,6 +257,11 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		if h, ok := plan.Held[ip]; ok {
 			e.Local, e.Gen, e.HolderIP = true, h.Gen, st.NodeIP
+			if _, had := el.Held[ip]; !had && routeTo != cfg.NodeName && routeTo != holder {
+				// Taking over from a node that still serves it (a planned move): the
+				// partners' replies stay with it until the others route here.
+				e.AnnounceAfter = handoverAnnounceDelay
+			}
 			plan.Routes = append(plan.Routes, election.Claim{IP: ip, Gen: h.Gen})
 		} else if routeTo != "" && routeTo != cfg.NodeName {
 			e.HolderIP = nodeIPOf[routeTo]

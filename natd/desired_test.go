@@ -484,6 +484,19 @@ func TestPlanRoutesToTheOldHolderUntilTheNewOneClaims(t *testing.T) {
 	if e := plan.State.Egress[0]; e.HolderIP.String() != "198.18.0.13" || plan.Routes[0].Gen != 5 {
 		t.Fatalf("after node3 claims: traffic to %s, routes %v", e.HolderIP, plan.Routes)
 	}
+	// node3 itself, taking the IP while node2 still serves it, announces it late;
+	// taking it from a node the voters report down, at once.
+	el3 := elect("node3", "node1", "node2", "node3")
+	el3.View = claim(el3.View, "node2", 4)
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(c, el3)
+	if e := plan.State.Egress[0]; !e.Local || e.AnnounceAfter != handoverAnnounceDelay {
+		t.Fatalf("planned takeover: local %v, announce after %s", e.Local, e.AnnounceAfter)
+	}
+	el3.View.Evidence.Down["node2"] = true
+	plan, _ = (&Planner{Config: testConfig("node3")}).Plan(c, el3)
+	if e := plan.State.Egress[0]; !e.Local || e.AnnounceAfter != 0 {
+		t.Fatalf("unplanned takeover: local %v, announce after %s", e.Local, e.AnnounceAfter)
+	}
 	// A claimant the voters report down serves nothing: no traffic goes there.
 	el.View = claim(el.View, "node3", 0)
 	el.View.Members["node3"] = election.Member{Name: "node3", Alive: true}

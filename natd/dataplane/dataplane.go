@@ -365,8 +365,14 @@ func (d *Dataplane) apply(state State) (Result, error) {
 		}
 	}
 	slices.SortFunc(res.Announced, netip.Addr.Compare)
+	announceAfter := map[netip.Addr]time.Duration{}
+	for _, e := range state.Egress {
+		if e.Local && e.AnnounceAfter > 0 {
+			announceAfter[e.IP] = e.AnnounceAfter
+		}
+	}
 	for _, ip := range res.Announced {
-		d.announce(uplink, ip)
+		d.announce(uplink, ip, announceAfter[ip])
 	}
 
 	if err := d.router.prune(slots); err != nil {
@@ -743,9 +749,9 @@ func (d *Dataplane) renew(timeout time.Duration) error {
 	return d.nft.renewLeases(conn, timeout)
 }
 
-// announce sends gratuitous ARPs for ip now and at the configured repeats, until ip is
-// released.
-func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr) {
+// announce sends gratuitous ARPs for ip after delay (a planned takeover) or now, and at
+// the configured repeats after that, until ip is released.
+func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr, delay time.Duration) {
 	if old, ok := d.announcing[ip]; ok {
 		close(old)
 	}
@@ -758,13 +764,18 @@ func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr) {
 			klog.ErrorS(err, "Gratuitous ARP failed", "egressIP", ip)
 		}
 	}
-	send()
-	if len(d.cfg.Announce) == 0 {
+	if delay <= 0 {
+		send()
+	}
+	if len(d.cfg.Announce) == 0 && delay <= 0 {
 		return
 	}
 	go func() {
-		start := time.Now()
-		for _, at := range d.cfg.Announce {
+		start := time.Now().Add(delay)
+		for _, at := range append([]time.Duration{0}, d.cfg.Announce...) {
+			if at == 0 && delay <= 0 {
+				continue // sent already
+			}
 			select {
 			case <-stop:
 				return

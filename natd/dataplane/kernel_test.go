@@ -532,3 +532,66 @@ func TestKernelEgressIPAnswersNoConnection(t *testing.T) {
 		}
 	}
 }
+
+// A planned takeover's gratuitous ARP waits AnnounceAfter (the old holder still serves
+// the IP and has its connections' bindings); any other takeover announces at once. A
+// neighbour that accepts gratuitous ARP (arp_accept) shows when it heard it.
+func TestKernelPlannedTakeoverAnnouncesLate(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	peer := ns.name + "-n"
+	if out, err := exec.Command("ip", "netns", "add", peer).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", peer).Run() })
+	ns.run("ip", "link", "set", "peer0", "netns", peer)
+	inPeer := func(args ...string) string {
+		out, err := exec.Command("ip", append([]string{"netns", "exec", peer}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	inPeer("ip", "addr", "add", "198.18.0.1/24", "dev", "peer0")
+	inPeer("ip", "link", "set", "peer0", "up")
+	inPeer("sysctl", "-qw", "net.ipv4.conf.peer0.arp_accept=1")
+	// heardAt polls the neighbour's table for ip until it has an entry.
+	heardAt := func(ip string, start time.Time) time.Duration {
+		for time.Since(start) < 3*time.Second {
+			if out := inPeer("ip", "neigh", "show", ip, "dev", "peer0"); strings.Contains(out, "lladdr") {
+				return time.Since(start)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		return -1
+	}
+	marks, _ := NewMarks(0x00ff0000)
+	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir,
+		Lease: time.Minute, GossipPort: 7946, TunnelPort: 4799, Announce: []time.Duration{time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.Close)
+	st := sampleState()
+	st.Egress[0].AnnounceAfter = 400 * time.Millisecond
+	start := time.Now()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	late := heardAt("198.18.0.200", start)
+	// Now an unplanned takeover of another IP: announced at once.
+	st.Egress[0].AnnounceAfter = 0
+	st.Egress[1] = EgressIP{IP: netip.MustParseAddr("198.18.0.201"), Local: true, Gen: 2, HolderIP: st.NodeIP}
+	start = time.Now()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	now := heardAt("198.18.0.201", start)
+	t.Logf("planned takeover heard after %s, unplanned after %s", late, now)
+	if late < 400*time.Millisecond || late > 900*time.Millisecond {
+		t.Errorf("planned takeover announced after %s, want 400 ms", late)
+	}
+	if now < 0 || now > 200*time.Millisecond {
+		t.Errorf("unplanned takeover announced after %s, want at once", now)
+	}
+}

@@ -70,6 +70,11 @@ type EgressIP struct {
 	// Pods6 are the pinned pods' IPv6 addresses. An IPv4 egress IP gives them no way
 	// out: their traffic to the outside is dropped, never sent with another source.
 	Pods6 []netip.Addr
+	// AnnounceAfter delays the first gratuitous ARP of a planned takeover (Local
+	// only): the old holder still serves the IP, and until the other nodes send the
+	// IP's traffic here, the partners' replies must keep going to the old holder,
+	// which has the connections' bindings.
+	AnnounceAfter time.Duration
 }
 
 // HasHolder reports whether some node holds the IP.
