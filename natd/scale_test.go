@@ -2,10 +2,10 @@ package natd
 
 import (
 	"context"
-	"maps"
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os"
 	goruntime "runtime"
