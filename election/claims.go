@@ -166,21 +166,7 @@ func (rs recentRecords) add(r claimsRecord) recentRecords {
 // encodeState renders this node's side of a full state exchange: the routes reports
 // it keeps and the claims records of every member whose current claims went apart.
 func encodeState(routes map[string]Routes, records []claimsRecord) []byte {
-	b := appendRoutesBlock([]byte{stateWireVersion, kindState}, routes)
-	at := len(b)
-	b = append(b, 0, 0)
-	n := 0
-	for _, r := range records {
-		enc, err := r.encode()
-		if err != nil || n == 0xffff {
-			continue
-		}
-		b = binary.BigEndian.AppendUint32(b, uint32(len(enc)))
-		b = append(b, enc...)
-		n++
-	}
-	binary.BigEndian.PutUint16(b[at:], uint16(n))
-	return b
+	return appendBlock(appendRoutesBlock([]byte{stateWireVersion, kindState}, routes), records)
 }
 
 func decodeState(b []byte) ([]Routes, []claimsRecord, error) {

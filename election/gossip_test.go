@@ -49,18 +49,23 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func TestGossipSpreadsClaimsAndDetectsFailure(t *testing.T) {
-	key := make([]byte, 32)
+// threeMembers starts members a, b and c with a fresh key, joined through a.
+func threeMembers(t *testing.T) (key []byte, a, b, c *Gossip) {
+	t.Helper()
+	key = make([]byte, 32)
 	rand.Read(key)
-	a := testGossip(t, "a", key)
-	b := testGossip(t, "b", key)
-	c := testGossip(t, "c", key)
+	a, b, c = testGossip(t, "a", key), testGossip(t, "b", key), testGossip(t, "c", key)
 	for _, g := range []*Gossip{b, c} {
 		if _, err := g.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	waitFor(t, "three members", func() bool { return len(a.View().Members) == 3 && len(c.View().Members) == 3 })
+	return key, a, b, c
+}
+
+func TestGossipSpreadsClaimsAndDetectsFailure(t *testing.T) {
+	_, a, b, c := threeMembers(t)
 
 	if err := b.SetLocal(Meta{Claims: []Claim{{IP: ipA, Gen: 2}}}, time.Second); err != nil {
 		t.Fatal(err)
@@ -779,17 +784,7 @@ func TestClaimsWireFormat(t *testing.T) {
 // both families, through the claims record; a change reaches them too; until a
 // record arrives the member's claims are pending (and garbage changes nothing).
 func TestGossipSpreadsClaimsThatDoNotFitInMetadata(t *testing.T) {
-	key := make([]byte, 32)
-	rand.Read(key)
-	a := testGossip(t, "a", key)
-	b := testGossip(t, "b", key)
-	c := testGossip(t, "c", key)
-	for _, g := range []*Gossip{b, c} {
-		if _, err := g.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitFor(t, "three members", func() bool { return len(a.View().Members) == 3 && len(c.View().Members) == 3 })
+	key, a, b, c := threeMembers(t)
 	has := func(g *Gossip, want []Claim) func() bool {
 		return func() bool {
 			m := g.View().Members["b"]

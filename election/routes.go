@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 )
@@ -115,11 +116,17 @@ func decodeRoutes(b []byte) (Routes, error) {
 
 // appendRoutesBlock appends every report in all to b (the push/pull state's first block).
 func appendRoutesBlock(b []byte, all map[string]Routes) []byte {
+	return appendBlock(b, slices.Collect(maps.Values(all)))
+}
+
+// appendBlock appends items to b as a count(2) count*(len(4) item) block; an item
+// that does not encode, or past 65,535, is left out.
+func appendBlock[T interface{ encode() ([]byte, error) }](b []byte, items []T) []byte {
 	at := len(b)
 	b = append(b, 0, 0)
 	n := 0
-	for _, r := range all {
-		enc, err := r.encode()
+	for _, item := range items {
+		enc, err := item.encode()
 		if err != nil || n == 0xffff {
 			continue
 		}
