@@ -171,7 +171,7 @@ func TestMetaRoundTrip(t *testing.T) {
 			t.Fatalf("%v claims: %d bytes, %v", n, len(b), err)
 		}
 		got, err := DecodeMeta(b)
-		apart, count := got.Apart()
+		apart, count := got.apart, got.count
 		fits := (n[1] == 0 && n[0] <= v2MaxClaims) || n[0]*ipv4ClaimSize+n[1]*ipv6ClaimSize <= maxMetaLength-metaHeader
 		if err != nil || apart == fits || (apart && (count != n[0]+n[1] || len(got.Claims) != 0)) || (!apart && len(got.Claims) != n[0]+n[1]) {
 			t.Fatalf("%v claims: apart %v (%d), %d inline, %v", n, apart, count, len(got.Claims), err)

@@ -269,8 +269,11 @@ func (g *Gossip) answerClaimsRequest(q claimsRequest) {
 func (g *Gossip) fetchClaims() {
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
-	asked := map[string]int{} // owner -> requests sent for the digest in wanted
-	wanted := map[string]uint64{}
+	type ask struct {
+		digest uint64
+		sent   int // requests sent for this digest so far
+	}
+	asked := map[string]ask{} // owner -> what is pending of it
 	for {
 		select {
 		case <-g.stop:
@@ -278,40 +281,30 @@ func (g *Gossip) fetchClaims() {
 		case <-g.claimsKick:
 		case <-retry.C:
 		}
-		type ask struct {
-			owner  string
-			digest uint64
-		}
-		var asks []ask
+		next := map[string]ask{}
 		g.mu.Lock()
 		for name, m := range g.members {
 			if m.ClaimsPending && m.Alive {
-				asks = append(asks, ask{name, m.Meta.digest})
+				a := ask{digest: m.Meta.digest}
+				if prev := asked[name]; prev.digest == a.digest {
+					a.sent = prev.sent
+				}
+				next[name] = a
 			}
 		}
 		g.mu.Unlock()
 		voters := g.hb.votersNow()
-		next := map[string]int{}
-		for _, a := range asks {
-			n := 0
-			if wanted[a.owner] == a.digest {
-				n = asked[a.owner]
-			}
-			wanted[a.owner] = a.digest
-			next[a.owner] = n + 1
-			to := a.owner
-			if i := n % (len(voters) + 1); i > 0 && voters[i-1] != g.cfg.NodeName {
+		for owner, a := range next {
+			to := owner
+			if i := a.sent % (len(voters) + 1); i > 0 && voters[i-1] != g.cfg.NodeName {
 				to = voters[i-1]
 			}
-			g.sendTo(to, claimsRequest{Requester: g.cfg.NodeName, Owner: a.owner, Digest: a.digest}.encode())
+			g.sendTo(to, claimsRequest{Requester: g.cfg.NodeName, Owner: owner, Digest: a.digest}.encode())
+			a.sent++
+			next[owner] = a
 		}
 		asked = next
-		for owner := range wanted {
-			if _, ok := next[owner]; !ok {
-				delete(wanted, owner)
-			}
-		}
-		if len(asks) > 0 {
+		if len(asked) > 0 {
 			retry.Reset(claimsAskEvery)
 		}
 	}

@@ -233,7 +233,7 @@ func readV2Claims(b []byte) ([]Claim, error) {
 var ErrBadMeta = errors.New("unreadable gossip metadata")
 
 // DecodeMeta parses a member's metadata. Anything malformed is an error, never a panic:
-// it comes from the network. Claims sent apart are not in the result (see Apart).
+// it comes from the network. Claims sent apart are not in the result: it names them.
 func DecodeMeta(b []byte) (Meta, error) {
 	var m Meta
 	if len(b) == 0 {
@@ -267,6 +267,3 @@ func DecodeMeta(b []byte) (Meta, error) {
 	m.Claims = claims
 	return m, nil
 }
-
-// Apart reports whether the claims were sent apart from the metadata, and how many.
-func (m Meta) Apart() (bool, int) { return m.apart, m.count }

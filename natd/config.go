@@ -257,12 +257,12 @@ func (c *Config) Heartbeat() election.HeartbeatTiming {
 	return election.NewHeartbeatTiming(c.HeartbeatInterval, c.Lease)
 }
 
-// Validate checks the configuration for the agent.
 // maxEgressIPs is the most egress IPs a node may be given: every node routes every
 // egress IP in use by a mark slot of its own (dataplane.Marks.MaxIndex, 252), far below
 // what gossip can announce for one node (election.MaxClaims).
 const maxEgressIPs = 252
 
+// Validate checks the configuration for the agent.
 func (c *Config) Validate() error {
 	switch {
 	case len(c.BGPPeers) > 0 && c.BGPASN == 0:

@@ -241,6 +241,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	}
 	st.Egress = make([]dataplane.EgressIP, 0, len(ips))
 	plan.Routes = make([]election.Claim, 0, len(ips))
+	serving := servingClaims(el.View, cfg.NodeName)
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
 		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}
@@ -250,14 +251,12 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		// has not claimed it yet in a planned move — the old one, which keeps serving
 		// until then (it is no keeper any more, so Assign no longer names it).
 		routeTo, gen := holder, assigned[ip].Gen
-		if !assigned[ip].Claimed {
-			if name, g, ok := handingOver(el.View, ip, cfg.NodeName); ok {
-				routeTo, gen = name, g
-			}
+		if c, ok := serving[ip]; ok && !assigned[ip].Claimed {
+			routeTo, gen = c.node, c.gen
 		}
 		if h, ok := plan.Held[ip]; ok {
 			e.Local, e.Gen, e.HolderIP = true, h.Gen, st.NodeIP
-			if _, had := el.Held[ip]; !had && routeTo != cfg.NodeName && routeTo != holder {
+			if _, had := el.Held[ip]; !had && routeTo != holder {
 				// Taking over from a node that still serves it (a planned move): the
 				// partners' replies stay with it until the others route here.
 				e.AnnounceAfter = handoverAnnounceDelay
@@ -274,23 +273,30 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	return plan, nil
 }
 
-// handingOver finds a live member other than self that still claims ip although no
-// keeper does: a node handing the IP over (unlabelled, cordoned, draining), which
-// serves it until the new holder claims it. The newest claim wins; a member the voters
-// report down serves nothing.
-func handingOver(v election.View, ip netip.Addr, self string) (string, uint32, bool) {
-	best, gen, found := "", uint32(0), false
+// servingClaim is a live member's claim on an IP.
+type servingClaim struct {
+	node string
+	gen  uint32
+}
+
+// servingClaims is, per IP, the newest claim of a live member other than self (one the
+// voters report down serves nothing). For an IP no keeper claims, that is a node
+// handing it over (unlabelled, cordoned, draining), which serves it until the new
+// holder claims it.
+func servingClaims(v election.View, self string) map[netip.Addr]servingClaim {
+	out := map[netip.Addr]servingClaim{}
 	for name, m := range v.Members {
 		if name == self || !m.Alive || v.Evidence.Down[name] {
 			continue
 		}
 		for _, c := range m.Meta.Claims {
-			if c.IP == ip && (!found || election.NewerGen(gen, c.Gen) || (c.Gen == gen && name < best)) {
-				best, gen, found = name, c.Gen, true
+			best, found := out[c.IP]
+			if !found || election.NewerGen(best.gen, c.Gen) || (c.Gen == best.gen && name < best.node) {
+				out[c.IP] = servingClaim{name, c.Gen}
 			}
 		}
 	}
-	return best, gen, found
+	return out
 }
 
 // elect decides who holds each IP (election.Assign over the gossip view) and what this
@@ -315,18 +321,18 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 	// peers since: claims broadcast while it was away reach it only so.
 	settled := plan.Quorum && ev.QuorumNow && el.Now.Sub(plan.QuorumSince) >= window && !el.StateSyncedAt.Before(plan.QuorumSince) &&
 		slices.Equal(ev.Voters, voters) && el.Now.Sub(ev.VotersSince) >= window
-	// Members this node saw die while it had no quorum (it was the one cut off) may
-	// be alive and holding IPs it has not heard of: it takes nothing new until gossip
-	// brings them back or a while has passed (if they really died, the majority has
-	// dealt with their IPs).
 	// A voter the voters report down has no lease left, whatever it claimed.
 	reportedDown := func(name string) bool { return selfVoter && ev.Down[name] }
 	// settleAgain is when to look again if something other than the windows keeps
 	// this node from settling (zero: the windows' end).
 	var settleAgain time.Duration
+	// Members this node saw die while it had no quorum (it was the one cut off) may
+	// be alive and holding IPs it has not heard of: it takes nothing new until gossip
+	// brings them back or a while has passed (if they really died, the majority has
+	// dealt with their IPs). One the voters report down is not unsure: its leases have
+	// run out.
 	if settled && el.Now.Sub(plan.QuorumSince) < unsureFor {
 		for _, n := range eligible {
-			// A voter the voters report down is not unsure: its leases have run out.
 			if m, ok := v.Members[n]; ok && !m.Alive && !m.DownSince.After(plan.QuorumSince) && n != self && !reportedDown(n) {
 				// Gossip bringing it back wakes the planner; else the wait ends.
 				settled, settleAgain = false, unsureFor-el.Now.Sub(plan.QuorumSince)
@@ -409,11 +415,11 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 			retry(max(window-el.Now.Sub(plan.QuorumSince), window-el.Now.Sub(ev.VotersSince)))
 		case a.Holder == self:
 			plan.Held[ip] = Holding{Gen: a.Gen}
-		case holding && a.Claimed && !h.HandoverSince.IsZero() && h.ClaimedSince.IsZero():
+		case holding && a.Claimed && !h.HandoverSince.IsZero() && (h.ClaimedSince.IsZero() || el.Now.Sub(h.ClaimedSince) < handoverLinger):
 			// Handed over: the new holder has it; keep serving a moment.
-			plan.Held[ip] = Holding{Gen: h.Gen, HandoverSince: h.HandoverSince, ClaimedSince: el.Now}
-			retry(handoverLinger)
-		case holding && a.Claimed && !h.HandoverSince.IsZero() && el.Now.Sub(h.ClaimedSince) < handoverLinger:
+			if h.ClaimedSince.IsZero() {
+				h.ClaimedSince = el.Now
+			}
 			plan.Held[ip] = h
 			retry(handoverLinger - el.Now.Sub(h.ClaimedSince))
 		case !holding, a.Holder == "", a.Claimed:

@@ -365,14 +365,10 @@ func (d *Dataplane) apply(state State) (Result, error) {
 		}
 	}
 	slices.SortFunc(res.Announced, netip.Addr.Compare)
-	announceAfter := map[netip.Addr]time.Duration{}
 	for _, e := range state.Egress {
-		if e.Local && e.AnnounceAfter > 0 {
-			announceAfter[e.IP] = e.AnnounceAfter
+		if e.Local && slices.Contains(res.Announced, e.IP) {
+			d.announce(uplink, e.IP, e.AnnounceAfter)
 		}
-	}
-	for _, ip := range res.Announced {
-		d.announce(uplink, ip, announceAfter[ip])
 	}
 
 	if err := d.router.prune(slots); err != nil {
@@ -764,18 +760,18 @@ func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr, delay time.Dura
 			klog.ErrorS(err, "Gratuitous ARP failed", "egressIP", ip)
 		}
 	}
-	if delay <= 0 {
+	offsets := d.cfg.Announce // from start
+	if delay > 0 {
+		offsets = append([]time.Duration{0}, offsets...)
+	} else {
 		send()
 	}
-	if len(d.cfg.Announce) == 0 && delay <= 0 {
+	if len(offsets) == 0 {
 		return
 	}
 	go func() {
 		start := time.Now().Add(delay)
-		for _, at := range append([]time.Duration{0}, d.cfg.Announce...) {
-			if at == 0 && delay <= 0 {
-				continue // sent already
-			}
+		for _, at := range offsets {
 			select {
 			case <-stop:
 				return
