@@ -41,14 +41,7 @@ func RegisterPod(store PodStore, rec PodRecord) (pinned bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	egress := map[string]netip.Addr{}
-	for ns, ips := range pinning.Namespaces {
-		for _, ip := range ips {
-			if ip.Is4() {
-				egress[ns] = ip
-			}
-		}
-	}
+	egress := pinning.egress()
 	_, pinned = egress[rec.Namespace]
 	if err := store.Put(rec); err != nil {
 		return pinned, err
@@ -57,14 +50,9 @@ func RegisterPod(store PodStore, rec PodRecord) (pinned bool, err error) {
 	if err != nil {
 		return pinned, fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
-	for _, v4 := range []bool{true, false} {
-		s := cniPodsSet(v4)
-		s.Elements = cniPodElements([]PodRecord{rec}, egress, v4, func(eip netip.Addr) string {
-			if v4 {
-				return EgressChainName(eip)
-			}
-			return ChainPinnedIPv6
-		})
+	for _, f := range []family{familyIPv4, familyIPv6} {
+		s := cniPodsSet(f)
+		s.Elements = cniPodElements([]PodRecord{rec}, egress, f)
 		if err := replaceElements(conn, s); err != nil {
 			return pinned, err
 		}
@@ -135,10 +123,10 @@ func UnregisterPod(store PodStore, containerID string) error {
 	if err != nil {
 		return fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
-	for _, v4 := range []bool{true, false} {
-		s := cniPodsSet(v4)
+	for _, f := range []family{familyIPv4, familyIPv6} {
+		s := cniPodsSet(f)
 		for _, ip := range rec.IPs {
-			if ip.Is4() == v4 && !owned[ip] {
+			if f.of(ip) && !owned[ip] {
 				s.Elements = append(s.Elements, Element{Key: addrKey(ip)})
 			}
 		}
@@ -152,19 +140,17 @@ func UnregisterPod(store PodStore, containerID string) error {
 	return store.Remove(containerID)
 }
 
-func cniPodsSet(v4 bool) *Set {
-	if v4 {
-		return verdictMap(MapCNIPods, nftables.TypeIPAddr, "ipv4_addr")
+func cniPodsSet(f family) *Set { return verdictMap(f.set(MapCNIPods), f.addrType, f.addrName) }
+
+// familyOf is the family of a set's keys.
+func familyOf(s *Set) family {
+	if s.KeyType.Name == nftables.TypeIP6Addr.Name {
+		return familyIPv6
 	}
-	return verdictMap(MapCNIPods6, nftables.TypeIP6Addr, "ipv6_addr")
+	return familyIPv4
 }
 
-func cniTable(v4 bool) *nftables.Table {
-	if v4 {
-		return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
-	}
-	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv6}
-}
+func cniTable(f family) *nftables.Table { return &nftables.Table{Name: TableName, Family: f.table} }
 
 // replaceElements puts s.Elements into the kernel's map, replacing elements of the
 // same keys, in one transaction.
@@ -175,7 +161,7 @@ func replaceElements(conn *nftables.Conn, s *Set) error {
 	if err := deleteExisting(conn, s, s.Elements); err != nil {
 		return err
 	}
-	ks, err := conn.GetSetByName(cniTable(s.KeyType == nftables.TypeIPAddr), s.Name)
+	ks, err := conn.GetSetByName(cniTable(familyOf(s)), s.Name)
 	if err != nil {
 		return fmt.Errorf("%w: %s: %w", ErrNoTables, s.Name, err)
 	}
@@ -191,7 +177,7 @@ func replaceElements(conn *nftables.Conn, s *Set) error {
 // deleteExisting queues the deletion of those of els that the kernel's map has
 // (deleting a missing element would fail the whole transaction).
 func deleteExisting(conn *nftables.Conn, s *Set, els []Element) error {
-	ks, err := conn.GetSetByName(cniTable(s.KeyType == nftables.TypeIPAddr), s.Name)
+	ks, err := conn.GetSetByName(cniTable(familyOf(s)), s.Name)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return fmt.Errorf("%w: %s", ErrNoTables, s.Name)

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -34,7 +35,7 @@ type staleFlows struct {
 	// a takeover, other nodes' pinned flows this node passed on un-NATed (through the
 	// tunnel, while it thought another node held their IP) are stale too.
 	relayedBit uint32
-	local      []netip.Prefix // this node's pod CIDRs
+	local      []netip.Prefix // this node's pod CIDRs (both families)
 }
 
 func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
@@ -43,7 +44,8 @@ func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 	if s.repinned[src] {
 		return true
 	}
-	natted, _ := netip.AddrFromSlice(f.Reverse.DstIP.To4()) // the source replies go back to
+	natted, _ := netip.AddrFromSlice(f.Reverse.DstIP) // the source replies go back to
+	natted = natted.Unmap()
 	if s.released[natted] {
 		return true
 	}
@@ -78,11 +80,9 @@ func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr, r
 		}
 	}
 	families := []netlink.InetFamily{unix.AF_INET}
-	for ip := range repinned {
-		if ip.Is6() {
-			families = append(families, unix.AF_INET6)
-			break
-		}
+	if slices.ContainsFunc(taken, netip.Addr.Is6) || slices.ContainsFunc(released, netip.Addr.Is6) ||
+		slices.ContainsFunc(slices.Collect(maps.Keys(repinned)), netip.Addr.Is6) {
+		families = append(families, unix.AF_INET6)
 	}
 	for _, fam := range families {
 		n, err := d.nl.ConntrackDeleteFilters(netlink.ConntrackTable, fam, s)

@@ -310,7 +310,7 @@ func (d *Dataplane) records() []PodRecord {
 func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
 	return []*Ruleset{
 		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort),
-		BuildRuleset6(state, records, d.cfg.Marks),
+		BuildRuleset6(state, records, d.cfg.Marks, d.slots, d.cfg.Lease),
 		BuildARPRuleset(state, d.cfg.Lease),
 	}
 }
@@ -334,7 +334,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.router.ensureGuard(guard); err != nil {
 		return res, err
 	}
-	if err := ipv6Absent(d.router.ensureGuard6(d.router.wantGuard6(state.ClusterDestinations))); err != nil {
+	if err := ipv6Absent(d.router.ensureGuard6(d.router.wantGuard6(slots, state.ClusterDestinations))); err != nil {
 		return res, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -423,7 +423,7 @@ func (d *Dataplane) slotRoutes(state State) ([]slotRoute, map[netip.Addr]bool) {
 		if d.slots[e.IP] == 0 {
 			continue // no slot: its traffic is dropped (BuildRuleset), no rule, no table
 		}
-		s := slotRoute{idx: d.slots[e.IP], vni: TunnelVNI(e.IP)}
+		s := slotRoute{idx: d.slots[e.IP], vni: TunnelVNI(e.IP), v6: e.IP.Is6()}
 		if !e.Local && e.HolderIP.IsValid() {
 			s.via = e.HolderIP
 		}
@@ -480,7 +480,7 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	if ok, err := d.router.guardIntact(d.router.wantGuard(slots, state.ClusterDestinations)); err != nil || !ok {
 		return !ok, 0, err
 	}
-	if ok, err := d.router.guard6Intact(d.router.wantGuard6(state.ClusterDestinations)); ipv6Absent(err) != nil || (err == nil && !ok) {
+	if ok, err := d.router.guard6Intact(d.router.wantGuard6(slots, state.ClusterDestinations)); ipv6Absent(err) != nil || (err == nil && !ok) {
 		return !ok, 0, err
 	}
 	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
@@ -745,7 +745,7 @@ func (d *Dataplane) renew(timeout time.Duration) error {
 	return d.nft.renewLeases(conn, timeout)
 }
 
-// announce sends gratuitous ARPs for ip after delay (a planned takeover) or now, and at
+// announce sends gratuitous ARPs (IPv6: unsolicited neighbour advertisements) for ip after delay (a planned takeover) or now, and at
 // the configured repeats after that, until ip is released.
 func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr, delay time.Duration) {
 	if old, ok := d.announcing[ip]; ok {
@@ -755,9 +755,10 @@ func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr, delay time.Dura
 	d.announcing[ip] = stop
 	ifindex, mac := uplink.Attrs().Index, uplink.Attrs().HardwareAddr
 	send := func() {
-		if err := d.inNetns(func() error { return sendGratuitousARP(ifindex, mac, ip) }); err != nil {
-			// The IP works without it; neighbours learn it on their next ARP.
-			klog.ErrorS(err, "Gratuitous ARP failed", "egressIP", ip)
+		if err := d.inNetns(func() error { return sendAnnouncement(ifindex, mac, ip) }); err != nil {
+			// The IP works without it; neighbours learn it on their next ARP or
+			// neighbour solicitation.
+			klog.ErrorS(err, "Gratuitous ARP or unsolicited neighbour advertisement failed", "egressIP", ip)
 		}
 	}
 	offsets := d.cfg.Announce // from start

@@ -6,8 +6,40 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/mdlayher/ndp"
 	"golang.org/x/sys/unix"
 )
+
+// sendAnnouncement tells the link that ip now lives at mac: a gratuitous ARP for an
+// IPv4 address, an unsolicited neighbour advertisement for an IPv6 one.
+func sendAnnouncement(ifindex int, mac net.HardwareAddr, ip netip.Addr) error {
+	if ip.Is4() {
+		return sendGratuitousARP(ifindex, mac, ip)
+	}
+	return sendUnsolicitedNA(ifindex, mac, ip)
+}
+
+// sendUnsolicitedNA announces an IPv6 address the way RFC 4861 (7.2.6) has a node
+// announce a changed link-layer address: a neighbour advertisement to all nodes, from
+// the address itself, with the override flag, so that neighbours (the router above
+// all) that have an entry for it replace the previous holder's MAC at once.
+func sendUnsolicitedNA(ifindex int, mac net.HardwareAddr, ip netip.Addr) error {
+	ifi, err := net.InterfaceByIndex(ifindex)
+	if err != nil {
+		return fmt.Errorf("finding interface %d: %w", ifindex, err)
+	}
+	conn, _, err := ndp.Listen(ifi, ndp.Addr(ip.String()))
+	if err != nil {
+		return fmt.Errorf("opening an ICMPv6 socket on %s for %s: %w", ip, ifi.Name, err)
+	}
+	defer conn.Close() //nolint:errcheck // sent or not, the socket is done
+	na := &ndp.NeighborAdvertisement{Override: true, TargetAddress: ip,
+		Options: []ndp.Option{&ndp.LinkLayerAddress{Direction: ndp.Target, Addr: mac}}}
+	if err := conn.WriteTo(na, nil, netip.IPv6LinkLocalAllNodes()); err != nil {
+		return fmt.Errorf("sending neighbour advertisement for %s: %w", ip, err)
+	}
+	return nil
+}
 
 // sendGratuitousARP announces that ip now lives at link's MAC address, so neighbours
 // (the router above all) replace a cached entry for the previous holder at once instead

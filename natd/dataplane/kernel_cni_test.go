@@ -41,8 +41,23 @@ func TestKernelCNIRegisterAndUnregister(t *testing.T) {
 		t.Error("a pod of team-a was not reported pinned")
 	}
 	got := cniPods()
-	if !strings.Contains(got, "10.244.2.30 : goto egress_198.18.0.200") || !strings.Contains(got, "fd00:10:244:2::30 : goto pinned_ipv6") {
+	if !strings.Contains(got, "10.244.2.30 : goto egress_198.18.0.200") || !strings.Contains(got, "fd00:10:244:2::30 : goto egress_2001-db8-18--c8") {
 		t.Fatalf("pinned pod not classified:\n%s", got)
+	}
+	// A namespace with an IPv4 egress IP only: the pod's IPv6 address goes to the drop
+	// chain; one with an IPv6 egress IP only: its IPv4 address does.
+	if !reg(PodRecord{ContainerID: "c31", Namespace: "team-b", Name: "b", Added: 1,
+		IPs: []netip.Addr{netip.MustParseAddr("10.244.2.31"), netip.MustParseAddr("fd00:10:244:2::31")}}) ||
+		!reg(PodRecord{ContainerID: "c32", Namespace: "team-d", Name: "d", Added: 1,
+			IPs: []netip.Addr{netip.MustParseAddr("10.244.2.32"), netip.MustParseAddr("fd00:10:244:2::32")}}) {
+		t.Error("pods of team-b and team-d were not reported pinned")
+	}
+	got = cniPods()
+	for _, want := range []string{"10.244.2.31 : goto egress_198.18.0.201", "fd00:10:244:2::31 : goto pinned_ipv6",
+		"10.244.2.32 : goto pinned_ipv4", "fd00:10:244:2::32 : goto egress_2001-db8-18--c9"} {
+		if !strings.Contains(got, want) {
+			t.Fatalf("want %q in:\n%s", want, got)
+		}
 	}
 	// natd's next sync reads the record and keeps the elements; nothing has drifted.
 	time.Sleep(minReadBack) // so that Verify really reads the tables back

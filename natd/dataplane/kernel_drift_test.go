@@ -18,7 +18,7 @@ import (
 // holds exactly what the builders render.
 func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 	ns, d, st := appliedSample(t)
-	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort), BuildRuleset6(st, sampleRecords(), testMarks)} {
+	for _, rs := range []*Ruleset{BuildRuleset(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort), BuildRuleset6(st, sampleRecords(), d.cfg.Marks, d.slots, d.cfg.Lease)} {
 		got := ns.run("nft", "-s", "list", "table", rs.familyName(), TableName)
 		if normalize(got) != normalize(rs.Text(false)) {
 			t.Fatalf("kernel %s table differs from the rendered one\n--- kernel:\n%s\n--- rendered:\n%s", rs.familyName(), got, rs.Text(false))
@@ -26,7 +26,7 @@ func TestKernelPodRecordsAndIPv6Table(t *testing.T) {
 	}
 	// natd tells the plugin which namespaces are pinned.
 	pinned, ok, err := d.store.ReadPinning()
-	if err != nil || !ok || len(pinned.Namespaces["team-a"]) != 1 || pinned.Namespaces["team-a"][0].String() != "198.18.0.200" ||
+	if err != nil || !ok || fmt.Sprint(pinned.Namespaces["team-a"]) != "[198.18.0.200 2001:db8:18::c8]" ||
 		pinned.FwmarkMask != d.cfg.Marks.Mask {
 		t.Fatalf("pinning.json = %v, %v, %v", pinned, ok, err)
 	}

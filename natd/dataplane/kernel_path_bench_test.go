@@ -299,7 +299,7 @@ func (l *pathLab) applyNatd(others, extraIPs int) {
 			netip.MustParsePrefix("198.18.0.11/32"), netip.MustParsePrefix("198.18.0.12/32")},
 		PodCIDRs:         []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
 		NodeIPs:          []netip.Addr{n1, n2},
-		PinnedNamespaces: map[string]netip.Addr{"pinned": eip},
+		PinnedNamespaces: map[string]NamespaceEgress{"pinned": {V4: eip}},
 	}
 	s1 := base
 	s1.NodeIP, s1.LocalPodCIDRs = n1, []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}

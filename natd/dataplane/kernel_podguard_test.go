@@ -153,7 +153,7 @@ func TestKernelPodGuardKeepsPinnedPodsIn(t *testing.T) {
 	l.applyNatd(0, 0)
 
 	// A namespace no longer pinned loses the guard; cleanup leaves no filter, no qdisc.
-	s1 := State{NodeIP: netip.MustParseAddr("198.18.0.11"), PinnedNamespaces: map[string]netip.Addr{},
+	s1 := State{NodeIP: netip.MustParseAddr("198.18.0.11"), PinnedNamespaces: map[string]NamespaceEgress{},
 		ClusterDestinations: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}
 	if _, err := l.d1.Apply(s1); err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -79,7 +80,7 @@ func (ns *testNS) dataplane() *Dataplane {
 	ns.t.Helper()
 	marks, _ := NewMarks(0x00ff0000)
 	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
-		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir,
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26"), netip.MustParsePrefix("2001:db8:18::/120")}, StateDir: ns.stateDir,
 		Lease: time.Minute, GossipPort: 7946, TunnelPort: 4799})
 	if err != nil {
 		ns.t.Fatal(err)
@@ -114,21 +115,30 @@ func sampleState() State {
 		ClusterDestinations: []netip.Prefix{
 			netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.96.0.0/12"),
 			netip.MustParsePrefix("198.18.0.11/32"), netip.MustParsePrefix("198.18.0.12/32"),
+			netip.MustParsePrefix("fd00:10:244::/56"),
 		},
 		NodeIPs:       []netip.Addr{netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")},
-		PodCIDRs:      []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
-		LocalPodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")},
+		PodCIDRs:      []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:10:244::/56")},
+		LocalPodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24"), netip.MustParsePrefix("fd00:10:244:2::/64")},
+		Peers: []Peer{{IP: netip.MustParseAddr("198.18.0.11"),
+			PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64")}}},
 		Egress: []EgressIP{
 			{IP: netip.MustParseAddr("198.18.0.200"), Local: true, Gen: 3, HolderIP: netip.MustParseAddr("198.18.0.12"),
-				Pods:  []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("10.244.2.10")},
-				Pods6: []netip.Addr{netip.MustParseAddr("fd00:10:244:1::10")}},
+				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("10.244.2.10")}},
 			{IP: netip.MustParseAddr("198.18.0.201"), HolderIP: netip.MustParseAddr("198.18.0.11"),
 				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.11")}},
 			{IP: netip.MustParseAddr("198.18.0.202"),
 				Pods: []netip.Addr{netip.MustParseAddr("10.244.1.12")}},
+			{IP: netip.MustParseAddr("2001:db8:18::c8"), Local: true, Gen: 4, HolderIP: netip.MustParseAddr("198.18.0.12"),
+				Pods: []netip.Addr{netip.MustParseAddr("fd00:10:244:1::10")}},
+			{IP: netip.MustParseAddr("2001:db8:18::c9"), HolderIP: netip.MustParseAddr("198.18.0.11"),
+				Pods: []netip.Addr{netip.MustParseAddr("fd00:10:244:1::13")}},
 		},
-		PinnedNamespaces: map[string]netip.Addr{"team-a": netip.MustParseAddr("198.18.0.200"),
-			"team-b": netip.MustParseAddr("198.18.0.201"), "team-c": netip.MustParseAddr("198.18.0.202")},
+		NoEgress: []netip.Addr{netip.MustParseAddr("10.244.1.13"), netip.MustParseAddr("fd00:10:244:1::11")},
+		PinnedNamespaces: map[string]NamespaceEgress{
+			"team-a": {V4: netip.MustParseAddr("198.18.0.200"), V6: netip.MustParseAddr("2001:db8:18::c8")},
+			"team-b": {V4: netip.MustParseAddr("198.18.0.201")}, "team-c": {V4: netip.MustParseAddr("198.18.0.202")},
+			"team-d": {V6: netip.MustParseAddr("2001:db8:18::c9")}},
 	}
 }
 
@@ -180,11 +190,12 @@ func (ns *testNS) snapshot() string {
 	rules := strings.Split(strings.TrimSpace(ns.run("ip", "rule", "show", "priority", "6999")+"\n"+
 		ns.run("ip", "rule", "show", "priority", "7000")+"\n"+
 		ns.run("ip", "rule", "show", "priority", "7001")+"\n"+
+		ns.run("ip", "-6", "rule", "show", "priority", "7000")+"\n"+
 		ns.run("ip", "-6", "rule", "show", "priority", "7001")), "\n") // the skip, slots, then the route guard
 	sort.Strings(rules)
 	b.WriteString(strings.Join(rules, "\n") + "\n")
-	b.WriteString(ns.run("ip", "route", "show", "table", "all", "proto", "78"))
-	b.WriteString(ns.run("ip", "-o", "-4", "addr", "show", "dev", "uplink0"))
+	b.WriteString(ns.run("ip", "route", "show", "table", "all", "proto", "78")) // both families
+	b.WriteString(ns.run("ip", "-o", "addr", "show", "dev", "uplink0", "scope", "global"))
 	// Tunnel devices (kind, VNI, port, MAC), their neighbours and forwarding entries.
 	for _, l := range strings.Split(strings.TrimSpace(ns.run("ip", "-o", "link", "show", "type", "vxlan")), "\n") {
 		if name, _, ok := strings.Cut(strings.TrimSpace(strings.SplitN(l+": ", ": ", 3)[1]), "@"); ok || name != "" {
@@ -206,7 +217,7 @@ func tunnelSnapshot(ns *testNS, dev string) string {
 			keep = append(keep, strings.Join(fields[:min(len(fields), strings.Count(f, " ")+2)], " "))
 		}
 	}
-	return dev + ": " + strings.Join(keep, " ") + "\n" + ns.run("ip", "-4", "neigh", "show", "dev", dev) +
+	return dev + ": " + strings.Join(keep, " ") + "\n" + ns.run("ip", "neigh", "show", "dev", dev) +
 		ns.run("bridge", "fdb", "show", "dev", dev) + ns.run("ip", "-o", "-4", "addr", "show", "dev", dev)
 }
 
@@ -218,8 +229,8 @@ func TestKernelReapplyIsIdempotent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !res.Rebuilt || len(res.Announced) != 1 || res.Announced[0] != netip.MustParseAddr("198.18.0.200") {
-		t.Fatalf("first apply: %+v; want a rebuild announcing 198.18.0.200", res)
+	if !res.Rebuilt || fmt.Sprint(res.Announced) != "[198.18.0.200 2001:db8:18::c8]" {
+		t.Fatalf("first apply: %+v; want a rebuild announcing 198.18.0.200 and 2001:db8:18::c8", res)
 	}
 	first := ns.snapshot()
 	for i := 0; i < 3; i++ {
@@ -235,11 +246,11 @@ func TestKernelReapplyIsIdempotent(t *testing.T) {
 		t.Fatalf("re-applying changed the kernel\n--- first:\n%s\n--- after:\n%s", first, again)
 	}
 	// One rule and one route per egress IP with a remote holder; no duplicates.
-	if n := strings.Count(first, "fwmark 0x"); n != 6 {
-		t.Errorf("%d ip rules, want 6 (one per egress IP, one for replies, the pod guard's for IPv4 and IPv6):\n%s", n, first)
+	if n := strings.Count(first, "fwmark 0x"); n != 9 {
+		t.Errorf("%d ip rules, want 9 (one per egress IP of its family, one for replies in each, the pod guard's for IPv4 and IPv6):\n%s", n, first)
 	}
-	if n := strings.Count(first, "default via"); n != 1 {
-		t.Errorf("%d routes, want 1 (to the remote holder):\n%s", n, first)
+	if n := strings.Count(first, "default via"); n != 2 || !strings.Contains(first, "default via fe80::4e:c612:b dev natd-t") {
+		t.Errorf("%d routes, want 2 (to the remote holders of 198.18.0.201 and 2001:db8:18::c9):\n%s", n, first)
 	}
 	// A fresh Dataplane (natd restarted) on the same kernel converges to the same state.
 	d2 := ns.dataplane()
@@ -271,9 +282,8 @@ func TestKernelReplacingState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(res.Announced) != 1 || res.Announced[0].String() != "198.18.0.201" ||
-		len(res.Released) != 1 || res.Released[0].String() != "198.18.0.200" {
-		t.Fatalf("apply: %+v; want 198.18.0.201 announced and 198.18.0.200 released", res)
+	if fmt.Sprint(res.Announced) != "[198.18.0.201]" || fmt.Sprint(res.Released) != "[198.18.0.200 2001:db8:18::c8]" {
+		t.Fatalf("apply: %+v; want 198.18.0.201 announced, 198.18.0.200 and 2001:db8:18::c8 released", res)
 	}
 	got := ns.snapshot()
 	want := normalize(BuildRuleset(next, nil, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort).Text(false))
@@ -336,7 +346,7 @@ func TestKernelCleanupRemovesEverything(t *testing.T) {
 	if _, err := d.Apply(sampleState()); err != nil {
 		t.Fatal(err)
 	}
-	if out := ns.run("ip", "-o", "link", "show", "type", "vxlan"); strings.Count(out, tunnelPrefix) != 4 {
+	if out := ns.run("ip", "-o", "link", "show", "type", "vxlan"); strings.Count(out, tunnelPrefix) != 6 {
 		t.Errorf("want a tunnel device per egress IP and the reply tunnel, have:\n%s", out)
 	}
 	// Set over netlink (the DaemonSet's /proc/sys is read-only): loose reverse path
@@ -432,8 +442,8 @@ func TestKernelLeasesLapseUnlessRenewed(t *testing.T) {
 	}
 	// The natd that starts next finds the claim, with its generation.
 	claims, err := d.KernelClaims()
-	if err != nil || len(claims) != 1 || claims[0].IP.String() != "198.18.0.200" || claims[0].Gen != 3 {
-		t.Fatalf("KernelClaims = %v, %v", claims, err)
+	if err != nil || fmt.Sprint(claims) != "[{198.18.0.200 3} {2001:db8:18::c8 4}]" {
+		t.Fatalf("KernelClaims = %v, %v; want both families' claims with their generations", claims, err)
 	}
 }
 
@@ -566,7 +576,7 @@ func TestKernelPlannedTakeoverAnnouncesLate(t *testing.T) {
 	}
 	marks, _ := NewMarks(0x00ff0000)
 	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
-		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26")}, StateDir: ns.stateDir,
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26"), netip.MustParsePrefix("2001:db8:18::/120")}, StateDir: ns.stateDir,
 		Lease: time.Minute, GossipPort: 7946, TunnelPort: 4799, Announce: []time.Duration{time.Second}})
 	if err != nil {
 		t.Fatal(err)

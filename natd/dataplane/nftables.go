@@ -353,8 +353,8 @@ func fromKernel(s *Set, els []nftables.SetElement) []Element {
 	for _, ke := range els {
 		var e Element
 		copy(e.Key[:], ke.Key[:min(len(ke.Key), n)])
-		if s.Concat && len(ke.Key) >= 8 {
-			copy(e.Key2[:], ke.Key[4:8])
+		if s.Concat && len(ke.Key) >= n+4 {
+			copy(e.Key2[:], ke.Key[n:n+4])
 		}
 		if s.IsMap && s.DataType.Name == nftables.TypeVerdict.Name {
 			e.Chain, e.Return = decodeVerdict(ke.Val)
@@ -741,7 +741,7 @@ func kernelElements(s *Set, els []Element, deleting bool, timeout time.Duration)
 	verdicts := map[string]*expr.Verdict{}
 	n := s.keyLen()
 	for _, e := range els {
-		key := append(make([]byte, 0, 8), e.Key[:n]...)
+		key := append(make([]byte, 0, 20), e.Key[:n]...)
 		if s.Concat {
 			key = append(key, e.Key2[:]...)
 		}
@@ -764,7 +764,7 @@ func kernelElements(s *Set, els []Element, deleting bool, timeout time.Duration)
 				}
 				ke.VerdictData = v
 			default:
-				ke.Val = append([]byte(nil), e.Val[:]...)
+				ke.Val = append([]byte(nil), e.Val[:s.valLen()]...)
 			}
 		}
 		out = append(out, ke)
@@ -812,10 +812,23 @@ func withSetIDs(exprs []expr.Any, sets map[string]*nftables.Set) []expr.Any {
 	return exprs
 }
 
-// heldAddrsInKernel reads the egress IPs natd's table says this node holds, with the
+// heldAddrsInKernel reads the egress IPs natd's tables say this node holds, with the
 // generations of its claims: what a previous run (or a crashed one) left on the uplink.
 func heldAddrsInKernel(conn *nftables.Conn) ([]election.Claim, error) {
-	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyIPv4}
+	var out []election.Claim
+	for _, f := range []family{familyIPv4, familyIPv6} {
+		claims, err := heldInTable(conn, f)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, claims...)
+	}
+	return out, nil
+}
+
+// heldInTable reads the held egress IPs of family f's table.
+func heldInTable(conn *nftables.Conn, f family) ([]election.Claim, error) {
+	t := &nftables.Table{Name: TableName, Family: f.table}
 	elements := func(name string) ([]nftables.SetElement, error) {
 		s, err := conn.GetSetByName(t, name)
 		if err != nil {
@@ -830,26 +843,28 @@ func heldAddrsInKernel(conn *nftables.Conn) ([]election.Claim, error) {
 		}
 		return els, nil
 	}
-	addrs, err := elements(setHeldAddrs)
+	addrs, err := elements(f.set(setHeldAddrs))
 	if err != nil {
 		return nil, err
 	}
 	// Only IPs whose lease is current: a lapsed lease (natd was killed) is served no
 	// more, and the kernel no longer lists it in held_marks.
-	marks, err := elements(setHeldMarks)
+	marks, err := elements(f.set(setHeldMarks))
 	if err != nil {
 		return nil, err
 	}
+	n := int(f.addrLen)
 	leased := map[netip.Addr]bool{}
 	for _, e := range marks {
-		if len(e.Key) >= 4 {
-			leased[netip.AddrFrom4([4]byte(e.Key[:4]))] = true
+		if len(e.Key) >= n {
+			a, _ := netip.AddrFromSlice(e.Key[:n])
+			leased[a] = true
 		}
 	}
 	var out []election.Claim
 	for _, e := range addrs {
 		a, ok := netip.AddrFromSlice(e.Key)
-		if !ok || !a.Is4() || !leased[a] {
+		if !ok || !f.of(a) || a.Is4In6() || !leased[a] {
 			continue
 		}
 		c := election.Claim{IP: a}

@@ -248,7 +248,7 @@ func (g *podGuard) unguard(link netlink.Link) error {
 
 // recordedDevices is, per recorded pod device, whether it must carry the guard: the
 // pods of pinned namespaces.
-func recordedDevices(records []PodRecord, pinned map[string]netip.Addr) map[podDevice]bool {
+func recordedDevices(records []PodRecord, pinned map[string]NamespaceEgress) map[podDevice]bool {
 	want := map[podDevice]bool{}
 	for _, r := range records {
 		if r.HostIfIndex <= 0 || r.HostIf == "" {

@@ -57,6 +57,24 @@ type Pinning struct {
 	FwmarkMask uint32 `json:"fwmarkMask,omitempty"`
 }
 
+// egress reads the pinned namespaces' egress IPs (the first of each family).
+func (p Pinning) egress() map[string]NamespaceEgress {
+	out := make(map[string]NamespaceEgress, len(p.Namespaces))
+	for ns, ips := range p.Namespaces {
+		var e NamespaceEgress
+		for _, ip := range ips {
+			switch {
+			case ip.Is4() && !e.V4.IsValid():
+				e.V4 = ip
+			case ip.Is6() && !e.V6.IsValid():
+				e.V6 = ip
+			}
+		}
+		out[ns] = e
+	}
+	return out
+}
+
 const (
 	podsSubdir  = "pods"
 	pinningName = "pinning.json"
@@ -198,10 +216,10 @@ func (s PodStore) List() ([]PodRecord, error) {
 }
 
 // WritePinning tells the CNI plugin which namespaces are pinned to which egress IP.
-func (s PodStore) WritePinning(pinned map[string]netip.Addr, marks Marks) error {
+func (s PodStore) WritePinning(pinned map[string]NamespaceEgress, marks Marks) error {
 	f := Pinning{Namespaces: map[string][]netip.Addr{}, FwmarkMask: marks.Mask}
-	for ns, ip := range pinned {
-		f.Namespaces[ns] = []netip.Addr{ip}
+	for ns, eips := range pinned {
+		f.Namespaces[ns] = eips.IPs()
 	}
 	b, err := json.Marshal(f)
 	if err != nil {

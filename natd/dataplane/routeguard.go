@@ -29,7 +29,7 @@ import (
 //     from the pod's address arriving on the pod's device — exactly the packet such a
 //     rule would blackhole — and would drop every reply to the pod.
 //
-// IPv6 has the origin rule only (egress IPs are IPv4: there are no IPv6 tunnels).
+// IPv6 has the same guard, with its own table and rules (wantGuard6).
 
 // guardRule is one of the route guard's rules: packets without a natd mark that came
 // out of a tunnel device, or packets with the origin mark.
@@ -343,14 +343,22 @@ func (r *router) guardRoutes() ([]netlink.Route, error) {
 	return list, nil
 }
 
-// The IPv6 guard is the origin rule alone, with its own table: the cluster's IPv6
-// destinations and the link's scope thrown back, the rest a blackhole. (A pinned pod's
-// IPv6 to the outside is dropped by natd's ip6 table; without the table, here.)
+// The IPv6 guard has its own table — the cluster's IPv6 destinations and the link's
+// scope thrown back, the rest a blackhole — and the same rules as the IPv4 guard: the
+// origin rule, and one per tunnel device of an IPv6 egress IP. (A pinned pod's IPv6 to
+// the outside is dropped or SNATed by natd's ip6 table; without the table, here.) It
+// has no skip rule: IPv6 has a slot rule per IPv6 egress IP only.
 
-// wantGuard6 is the IPv6 guard table.
-func (r *router) wantGuard6(clusterDsts []netip.Prefix) []netlink.Route {
-	out := []netlink.Route{{Family: unix.AF_INET6, Table: r.guardTable(), Type: unix.RTN_BLACKHOLE,
-		Protocol: RouteProtocol, Dst: &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}}
+// wantGuard6 plans the IPv6 guard.
+func (r *router) wantGuard6(slots []slotRoute, clusterDsts []netip.Prefix) guardPlan {
+	g := guardPlan{rules: []guardRule{{origin: true}}}
+	for _, s := range slots {
+		if s.v6 {
+			g.rules = append(g.rules, guardRule{iif: TunnelDevice(s.idx)})
+		}
+	}
+	g.routes = []netlink.Route{{Family: unix.AF_INET6, Table: r.guardTable(), Type: unix.RTN_BLACKHOLE,
+		Protocol: RouteProtocol, Dst: defaultDst6()}}
 	seen := map[netip.Prefix]bool{}
 	for _, p := range append(slices.Clone(clusterDsts), linkScope6...) {
 		p = p.Masked()
@@ -358,10 +366,10 @@ func (r *router) wantGuard6(clusterDsts []netip.Prefix) []netlink.Route {
 			continue
 		}
 		seen[p] = true
-		out = append(out, netlink.Route{Family: unix.AF_INET6, Table: r.guardTable(), Type: unix.RTN_THROW,
+		g.routes = append(g.routes, netlink.Route{Family: unix.AF_INET6, Table: r.guardTable(), Type: unix.RTN_THROW,
 			Protocol: RouteProtocol, Dst: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 128)}})
 	}
-	return out
+	return g
 }
 
 func (r *router) guard6Routes() ([]netlink.Route, error) {
@@ -374,68 +382,80 @@ func (r *router) guard6Routes() ([]netlink.Route, error) {
 	return list, nil
 }
 
-// guard6Rules counts the IPv6 rules at the guard's priority and table: natd's origin
-// rule, and any other.
-func (r *router) guard6Rules() (ours []netlink.Rule, foreign []netlink.Rule, err error) {
+// guard6Rules sorts the IPv6 rules at the guard's priority and table: natd's by key
+// (the first of each), and any other (foreign, or a duplicate).
+func (r *router) guard6Rules() (ours map[string]netlink.Rule, others []netlink.Rule, err error) {
 	rules, err := r.nl.RuleList(unix.AF_INET6)
 	if err != nil {
 		return nil, nil, fmt.Errorf("listing IPv6 rules: %w", err)
 	}
+	ours = map[string]netlink.Rule{}
 	for _, ru := range rules {
 		if !r.oursGuard(ru) {
 			continue
 		}
-		if r.guardKey(ru) == (guardRule{origin: true}).key() {
-			ours = append(ours, ru)
-		} else {
-			foreign = append(foreign, ru)
+		k := r.guardKey(ru)
+		if _, dup := ours[k]; k == "" || dup {
+			others = append(others, ru)
+			continue
 		}
+		ours[k] = ru
 	}
-	return ours, foreign, nil
+	return ours, others, nil
 }
 
-// ensureGuard6 puts the IPv6 guard in place (want: its table) and repairs its rule.
-func (r *router) ensureGuard6(want []netlink.Route) error {
+// ensureGuard6 puts the IPv6 guard in place as planned, repairing and pruning its
+// rules and table.
+func (r *router) ensureGuard6(want guardPlan) error {
 	have, err := r.guard6Routes()
 	if err != nil {
 		return err
 	}
 	keep := map[string]bool{}
-	for i := range want {
-		keep[routeKey(want[i])] = true
-		if slices.ContainsFunc(have, func(rt netlink.Route) bool { return routeKey(rt) == routeKey(want[i]) }) {
+	for i := range want.routes {
+		keep[routeKey(want.routes[i])] = true
+		if slices.ContainsFunc(have, func(rt netlink.Route) bool { return routeKey(rt) == routeKey(want.routes[i]) }) {
 			continue
 		}
-		if err := r.nl.RouteReplace(&want[i]); err != nil {
-			return fmt.Errorf("adding IPv6 guard route %s: %w", want[i].Dst, err)
+		if err := r.nl.RouteReplace(&want.routes[i]); err != nil {
+			return fmt.Errorf("adding IPv6 guard route %s: %w", want.routes[i].Dst, err)
 		}
 	}
 	if err := r.deleteRoutes(have, keep); err != nil {
 		return err
 	}
-	ours, foreign, err := r.guard6Rules()
+	ours, others, err := r.guard6Rules()
 	if err != nil {
 		return err
 	}
-	if err := r.deleteGuard6Rules(append(foreign, ours[min(1, len(ours)):]...)); err != nil {
-		return err
+	wanted := map[string]bool{}
+	for _, g := range want.rules {
+		wanted[g.key()] = true
+		if _, ok := ours[g.key()]; ok {
+			continue
+		}
+		if err := r.nl.RuleAdd(r.newGuardRule(g, unix.AF_INET6)); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("adding IPv6 guard rule %s: %w", g.key(), err)
+		}
 	}
-	if len(ours) > 0 {
-		return nil
+	for k, ru := range ours {
+		if !wanted[k] {
+			others = append(others, ru)
+		}
 	}
-	if err := r.nl.RuleAdd(r.newGuardRule(guardRule{origin: true}, unix.AF_INET6)); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("adding IPv6 guard rule: %w", err)
-	}
-	return nil
+	return r.deleteGuard6Rules(others)
 }
 
 // removeGuard6 takes the IPv6 guard away (cleanup).
 func (r *router) removeGuard6() error {
-	ours, foreign, err := r.guard6Rules()
+	ours, others, err := r.guard6Rules()
 	if err != nil {
 		return err
 	}
-	if err := r.deleteGuard6Rules(append(ours, foreign...)); err != nil {
+	for _, ru := range ours {
+		others = append(others, ru)
+	}
+	if err := r.deleteGuard6Rules(others); err != nil {
 		return err
 	}
 	have, err := r.guard6Routes()
@@ -454,18 +474,23 @@ func (r *router) deleteGuard6Rules(rules []netlink.Rule) error {
 	return nil
 }
 
-// guard6Intact reports whether the IPv6 guard is exactly as wanted.
-func (r *router) guard6Intact(want []netlink.Route) (bool, error) {
-	ours, foreign, err := r.guard6Rules()
+// guard6Intact reports whether the IPv6 guard is exactly as planned.
+func (r *router) guard6Intact(want guardPlan) (bool, error) {
+	ours, others, err := r.guard6Rules()
 	if err != nil {
 		return false, err
 	}
-	if len(ours) != 1 || len(foreign) > 0 {
+	if len(ours) != len(want.rules) || len(others) > 0 {
 		return false, nil
+	}
+	for _, g := range want.rules {
+		if _, ok := ours[g.key()]; !ok {
+			return false, nil
+		}
 	}
 	have, err := r.guard6Routes()
 	if err != nil {
 		return false, err
 	}
-	return sameRoutes(have, want), nil
+	return sameRoutes(have, want.routes), nil
 }

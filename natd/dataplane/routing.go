@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -24,6 +25,7 @@ type slotRoute struct {
 	idx int
 	vni uint32
 	via netip.Addr
+	v6  bool // an IPv6 egress IP: its rule and routes are IPv6 ones
 }
 
 type router struct {
@@ -37,6 +39,9 @@ type router struct {
 
 func (r *router) table(idx int) int { return r.tableBase + idx }
 
+// ruleKey names one of natd's slot rules: its family and table.
+type ruleKey struct{ family, table int }
+
 func (r *router) ours(rule netlink.Rule) bool {
 	return rule.Priority == r.rulePriority && rule.Table > r.tableBase && rule.Table <= r.tableBase+255
 }
@@ -47,33 +52,47 @@ func (r *router) rightMark(ru netlink.Rule) bool {
 	return ru.Mark == r.marks.Value(ru.Table-r.tableBase) && ru.Mask != nil && *ru.Mask == r.marks.Mask
 }
 
-// channel is one tunnel with its ip rule (mark value idx) and route table (base+idx):
+// channel is one tunnel with its ip rules (mark value idx) and route table (base+idx):
 // an egress IP's slot, or the reply tunnel (replyIndex). ensure, intact and prune treat
 // them alike.
 type channel struct {
-	idx    int
-	tunnel tunnelSpec
-	peers  []netip.Addr                              // the nodes the tunnel must reach
-	routes func(tunnel netlink.Link) []netlink.Route // what its table must hold
+	idx      int
+	tunnel   tunnelSpec
+	families []int                                     // of its ip rules
+	peers    []netip.Addr                              // the nodes the tunnel must reach
+	routes   func(tunnel netlink.Link) []netlink.Route // what its table must hold
 }
 
-// channels lists the slots' channels and, when there is a slot, the reply tunnel's.
+// carries6 reports whether the channel carries IPv6 packets.
+func (c channel) carries6() bool { return slices.Contains(c.families, unix.AF_INET6) }
+
+// channels lists the slots' channels and, when there is a slot, the reply tunnel's. An
+// IPv4 slot has an IPv4 rule, an IPv6 slot an IPv6 one (its tunnel's outer packets are
+// IPv4 and take the main table); the reply tunnel has both while an IPv6 egress IP is
+// in use.
 func (r *router) channels(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute, peers []Peer) []channel {
 	spec := func(name string, vni uint32) tunnelSpec {
 		return tunnelSpec{name: name, vni: vni, local: nodeIP, port: r.tunnelPort, mtu: uplink.Attrs().MTU - TunnelOverhead}
 	}
 	out := make([]channel, 0, len(slots)+1)
+	any6 := false
 	for _, s := range slots {
-		c := channel{idx: s.idx, tunnel: spec(TunnelDevice(s.idx), s.vni),
+		c := channel{idx: s.idx, tunnel: spec(TunnelDevice(s.idx), s.vni), families: []int{unix.AF_INET},
 			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantRoutes(s, tunnel) }}
+		if s.v6 {
+			c.families, any6 = []int{unix.AF_INET6}, true
+		}
 		if s.via.IsValid() {
 			c.peers = []netip.Addr{s.via}
 		}
 		out = append(out, c)
 	}
 	if len(slots) > 0 {
-		c := channel{idx: replyIndex, tunnel: spec(ReplyDevice, ReplyVNI),
-			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantReplyRoutes(peers, tunnel) }}
+		c := channel{idx: replyIndex, tunnel: spec(ReplyDevice, ReplyVNI), families: []int{unix.AF_INET},
+			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantReplyRoutes(peers, tunnel, any6) }}
+		if any6 {
+			c.families = append(c.families, unix.AF_INET6)
+		}
 		for _, p := range peers {
 			c.peers = append(c.peers, p.IP)
 		}
@@ -83,12 +102,16 @@ func (r *router) channels(uplink netlink.Link, nodeIP netip.Addr, slots []slotRo
 }
 
 // wantRoutes is what table idx must hold to send marked packets to via through the
-// tunnel: the default route into the tunnel, and a throw route for the holder itself,
-// because the encapsulated packet keeps the mark and must reach the holder through the
-// main table, not loop into the tunnel.
+// tunnel: the default route into the tunnel, and for IPv4 a throw route for the holder
+// itself, because the encapsulated packet keeps the mark and must reach the holder
+// through the main table, not loop into the tunnel.
 func (r *router) wantRoutes(s slotRoute, tunnel netlink.Link) []netlink.Route {
 	if !s.via.IsValid() {
 		return nil
+	}
+	if s.v6 {
+		return []netlink.Route{{Family: unix.AF_INET6, Table: r.table(s.idx), Dst: defaultDst6(), Type: unix.RTN_UNICAST,
+			Gw: TunnelNextHop6(s.via).AsSlice(), LinkIndex: tunnel.Attrs().Index, Protocol: RouteProtocol}}
 	}
 	return []netlink.Route{
 		{Table: r.table(s.idx), Dst: defaultDst(), Type: unix.RTN_UNICAST, Gw: s.via.AsSlice(), LinkIndex: tunnel.Attrs().Index,
@@ -98,7 +121,8 @@ func (r *router) wantRoutes(s slotRoute, tunnel netlink.Link) []netlink.Route {
 	}
 }
 
-func defaultDst() *net.IPNet { return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)} }
+func defaultDst() *net.IPNet  { return &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)} }
+func defaultDst6() *net.IPNet { return &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)} }
 
 // routeKey identifies a route by what natd sets on it. A default route may come back
 // from the kernel without a destination; an IPv6 blackhole or throw route comes back
@@ -140,17 +164,14 @@ func sameRoutes(have, want []netlink.Route) bool {
 // and fills its table. It never removes a slot; prune does that once nftables no longer
 // marks packets for it.
 func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute, peers []Peer) error {
-	rules, err := r.nl.RuleList(unix.AF_INET)
+	rules, err := r.slotRules()
 	if err != nil {
-		return fmt.Errorf("listing ip rules: %w", err)
+		return err
 	}
-	have := map[int]bool{}
+	have := map[ruleKey]bool{}
 	for _, ru := range rules {
-		if !r.ours(ru) {
-			continue
-		}
 		if r.rightMark(ru) {
-			have[ru.Table] = true
+			have[ruleKey{ru.Family, ru.Table}] = true
 			continue
 		}
 		// natd's rule for the table with another mark (tampered with, or left by a
@@ -169,9 +190,12 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 		return err
 	}
 	for _, c := range r.channels(uplink, nodeIP, slots, peers) {
-		if !have[r.table(c.idx)] {
+		for _, family := range c.families {
+			if have[ruleKey{family, r.table(c.idx)}] {
+				continue
+			}
 			ru := netlink.NewRule()
-			ru.Family = unix.AF_INET
+			ru.Family = family
 			ru.Priority = r.rulePriority
 			ru.Table = r.table(c.idx)
 			ru.Mark = r.marks.Value(c.idx)
@@ -186,7 +210,7 @@ func (r *router) ensure(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 		if err != nil {
 			return err
 		}
-		if err := r.pointTunnel(ts, tunnel, c.peers); err != nil {
+		if err := r.pointTunnel(ts, tunnel, c.peers, c.carries6()); err != nil {
 			return err
 		}
 		if err := r.replaceRoutes(routes[r.table(c.idx)], c.routes(tunnel)); err != nil {
@@ -230,16 +254,17 @@ func (r *router) deleteRoutes(list []netlink.Route, keep map[string]bool) error 
 // makes it, pointed at its nodes, and its table holds exactly the routes ensure would
 // put there.
 func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRoute, peers []Peer) (bool, error) {
-	rules, err := r.nl.RuleList(unix.AF_INET)
+	rules, err := r.slotRules()
 	if err != nil {
-		return false, fmt.Errorf("listing ip rules: %w", err)
+		return false, err
 	}
-	have := map[int]bool{}
+	have := map[ruleKey]bool{}
 	for _, ru := range rules {
-		if r.ours(ru) && r.rightMark(ru) {
-			have[ru.Table] = true
+		if r.rightMark(ru) {
+			have[ruleKey{ru.Family, ru.Table}] = true
 		}
 	}
+	n := 0
 	routes, err := r.routes()
 	if err != nil {
 		return false, err
@@ -249,34 +274,71 @@ func (r *router) intact(uplink netlink.Link, nodeIP netip.Addr, slots []slotRout
 		return false, err
 	}
 	for _, c := range r.channels(uplink, nodeIP, slots, peers) {
+		for _, family := range c.families {
+			if !have[ruleKey{family, r.table(c.idx)}] {
+				return false, nil
+			}
+			n++
+		}
 		tunnel, ok := ts.links[c.tunnel.name]
-		if !have[r.table(c.idx)] || !ok || !c.tunnel.matches(tunnel) || !ts.pointed(tunnel, c.peers) ||
+		if !ok || !c.tunnel.matches(tunnel) || !ts.pointed(tunnel, c.peers, c.carries6()) ||
 			!sameRoutes(routes[r.table(c.idx)], c.routes(tunnel)) {
 			return false, nil
 		}
 	}
-	return true, nil
+	return n == len(have), nil // no rule of a family its slot no longer has
+}
+
+// slotRules lists natd's slot rules of both families (a node without IPv6 has IPv4
+// ones only).
+func (r *router) slotRules() ([]netlink.Rule, error) {
+	var out []netlink.Rule
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		rules, err := r.nl.RuleList(family)
+		if family == unix.AF_INET6 {
+			err = ipv6Absent(err)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("listing ip rules: %w", err)
+		}
+		for _, ru := range rules {
+			if r.ours(ru) {
+				ru.Family = family
+				out = append(out, ru)
+			}
+		}
+	}
+	return out, nil
 }
 
 // prune removes the rules, routes and tunnel devices of slots no longer in use, and the
 // reply tunnel when no slot is.
 func (r *router) prune(slots []slotRoute) error {
 	keep := map[int]bool{}
+	keepRule := map[ruleKey]bool{}
 	keepDev := map[string]bool{}
+	any6 := false
 	for _, s := range slots {
 		keep[r.table(s.idx)] = true
+		family := unix.AF_INET
+		if s.v6 {
+			family, any6 = unix.AF_INET6, true
+		}
+		keepRule[ruleKey{family, r.table(s.idx)}] = true
 		keepDev[TunnelDevice(s.idx)] = true
 	}
 	if len(slots) > 0 {
 		keep[r.replyTable()] = true
+		keepRule[ruleKey{unix.AF_INET, r.replyTable()}] = true
+		keepRule[ruleKey{unix.AF_INET6, r.replyTable()}] = any6
 		keepDev[ReplyDevice] = true
 	}
-	rules, err := r.nl.RuleList(unix.AF_INET)
+	rules, err := r.slotRules()
 	if err != nil {
-		return fmt.Errorf("listing ip rules: %w", err)
+		return err
 	}
 	for _, ru := range rules {
-		if r.ours(ru) && !keep[ru.Table] {
+		if !keepRule[ruleKey{ru.Family, ru.Table}] {
 			ru := ru
 			if err := r.nl.RuleDel(&ru); err != nil && !errors.Is(err, unix.ENOENT) {
 				return fmt.Errorf("deleting ip rule for table %d: %w", ru.Table, err)
@@ -294,6 +356,8 @@ func (r *router) prune(slots []slotRoute) error {
 			}
 		}
 	}
+	// A slot whose IP changed family (a freed slot given to an IP of the other
+	// family) keeps routes of the old one: ensure replaced the table's routes whole.
 	tunnels, err := r.tunnels()
 	if err != nil {
 		return err
@@ -311,31 +375,46 @@ func (r *router) prune(slots []slotRoute) error {
 
 func (r *router) replyTable() int { return r.tableBase + replyIndex }
 
-// wantReplyRoutes is the reply table: each peer's pod CIDRs through the reply tunnel.
-func (r *router) wantReplyRoutes(peers []Peer, tunnel netlink.Link) []netlink.Route {
+// wantReplyRoutes is the reply table: each peer's pod CIDRs through the reply tunnel
+// (its IPv6 ones with v6: while an IPv6 egress IP is in use).
+func (r *router) wantReplyRoutes(peers []Peer, tunnel netlink.Link, v6 bool) []netlink.Route {
 	var out []netlink.Route
 	for _, p := range peers {
 		for _, c := range p.PodCIDRs {
-			out = append(out, netlink.Route{Table: r.replyTable(), Type: unix.RTN_UNICAST, Protocol: RouteProtocol,
-				Dst: &net.IPNet{IP: c.Addr().AsSlice(), Mask: net.CIDRMask(c.Bits(), 32)}, Gw: p.IP.AsSlice(),
-				LinkIndex: tunnel.Attrs().Index, Flags: int(netlink.FLAG_ONLINK)})
+			rt := netlink.Route{Table: r.replyTable(), Type: unix.RTN_UNICAST, Protocol: RouteProtocol,
+				Dst: &net.IPNet{IP: c.Addr().AsSlice(), Mask: net.CIDRMask(c.Bits(), c.Addr().BitLen())}, Gw: p.IP.AsSlice(),
+				LinkIndex: tunnel.Attrs().Index, Flags: int(netlink.FLAG_ONLINK)}
+			switch {
+			case c.Addr().Is4():
+			case v6:
+				rt.Family, rt.Gw, rt.Flags = unix.AF_INET6, TunnelNextHop6(p.IP).AsSlice(), 0
+			default:
+				continue
+			}
+			out = append(out, rt)
 		}
 	}
 	return out
 }
 
-// routes returns natd's routes by table.
+// routes returns natd's routes (both families) by table.
 func (r *router) routes() (map[int][]netlink.Route, error) {
-	list, err := r.nl.RouteListFiltered(unix.AF_INET,
-		&netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: RouteProtocol},
-		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
-	if err != nil {
-		return nil, fmt.Errorf("listing routes: %w", err)
-	}
 	out := map[int][]netlink.Route{}
-	for _, rt := range list {
-		if rt.Table > r.tableBase && rt.Table <= r.tableBase+255 {
-			out[rt.Table] = append(out[rt.Table], rt)
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		list, err := r.nl.RouteListFiltered(family,
+			&netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: RouteProtocol},
+			netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+		if family == unix.AF_INET6 {
+			err = ipv6Absent(err)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("listing routes: %w", err)
+		}
+		for _, rt := range list {
+			if rt.Table > r.tableBase && rt.Table <= r.tableBase+255 {
+				rt.Family = family
+				out[rt.Table] = append(out[rt.Table], rt)
+			}
 		}
 	}
 	return out, nil
@@ -362,21 +441,28 @@ func uplinkOf(nl *netlink.Handle, ip netip.Addr) (netlink.Link, error) {
 // egressAddrs lists the /32 addresses on link that natd owns: those inside an egress
 // CIDR, or that natd's table said it held.
 func egressAddrs(nl *netlink.Handle, link netlink.Link, owned func(netip.Addr) bool) ([]netip.Addr, error) {
-	addrs, err := nl.AddrList(link, unix.AF_INET)
+	addrs, err := nl.AddrList(link, netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, fmt.Errorf("listing addresses of %s: %w", link.Attrs().Name, err)
 	}
 	var out []netip.Addr
 	for _, a := range addrs {
-		ones, _ := a.Mask.Size()
-		ip, ok := netip.AddrFromSlice(a.IP.To4())
-		if ok && ones == 32 && owned(ip) {
+		ones, bits := a.Mask.Size()
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if ip = ip.Unmap(); ok && ones == bits && ones == ip.BitLen() && owned(ip) {
 			out = append(out, ip)
 		}
 	}
 	return out, nil
 }
 
+// hostAddr is ip as a host address on the uplink. An IPv6 one skips duplicate address
+// detection, which would keep it unusable (tentative) for a second or more after a
+// takeover: the election already made sure no other node serves it.
 func hostAddr(ip netip.Addr) *netlink.Addr {
-	return &netlink.Addr{IPNet: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)}}
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(ip.BitLen(), ip.BitLen())}}
+	if ip.Is6() {
+		a.Flags = unix.IFA_F_NODAD
+	}
+	return a
 }

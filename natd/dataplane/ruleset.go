@@ -33,11 +33,10 @@ const (
 	mapPodEgress     = "pod_egress"      // pinned pod IP (from the API) -> jump to its egress IP's chain
 	mapHeldSNAT      = "held_snat"       // mark of a leased egress IP -> that egress IP (expires with the lease)
 
-	// The ip6 table's sets and its one drop chain.
-	setClusterDsts6 = "cluster_dsts6"
-	MapCNIPods6     = "cni_pods6"
-	mapPodEgress6   = "pod_egress6"
-	ChainPinnedIPv6 = "pinned_ipv6" // IPv6 traffic of pinned pods to the outside: no IPv6 egress IP, so dropped
+	// The ip6 table's sets have the same names with a 6 (family.set).
+	MapCNIPods6     = MapCNIPods + "6"
+	ChainPinnedIPv6 = "pinned_ipv6" // IPv6 traffic of pinned pods to the outside whose namespace has no IPv6 egress IP: dropped
+	ChainPinnedIPv4 = "pinned_ipv4" // the same for IPv4, in the ip table
 )
 
 // Base-chain priorities. natd classifies and marks just after dstnat (-100, where
@@ -161,7 +160,7 @@ type Set struct {
 
 // keyLen is the length of one key part in the kernel.
 func (s *Set) keyLen() int {
-	if s.KeyType.Name == nftables.TypeIP6Addr.Name {
+	if strings.HasPrefix(s.KeyType.Name, nftables.TypeIP6Addr.Name) { // a concatenation's name starts with its first part's
 		return 16
 	}
 	return 4
@@ -173,7 +172,7 @@ type Element struct {
 	Key    [16]byte // address (IPv4: the first 4 bytes, network order) or mark (host order)
 	KeyEnd [16]byte // interval sets: first address after the range (zero: to the end)
 	Key2   [4]byte  // concatenated sets: the mark that follows the address
-	Val    [4]byte  // maps to ipv4_addr
+	Val    [16]byte // maps to an address (IPv4: the first 4 bytes)
 	// Verdict maps: the chain to go to (shared by all elements of a group), or, with
 	// Return, no chain: the packet leaves natd's chain unclassified (an unpinned pod).
 	Chain  string
@@ -227,7 +226,7 @@ func (s *Set) ElementText(e Element) string {
 	case e.Chain != "":
 		return key + " : goto " + e.Chain
 	default:
-		return key + " : " + netip.AddrFrom4(e.Val).String()
+		return key + " : " + valAddr(s, e.Val).String()
 	}
 }
 
@@ -238,6 +237,23 @@ func keyAddr(s *Set, k [16]byte) netip.Addr {
 		return netip.AddrFrom16(k)
 	}
 	return netip.AddrFrom4([4]byte(k[:4]))
+}
+
+// valAddr reads an address a map of s maps to.
+func valAddr(s *Set, v [16]byte) netip.Addr {
+	if s.DataType.Name == nftables.TypeIP6Addr.Name {
+		return netip.AddrFrom16(v)
+	}
+	return netip.AddrFrom4([4]byte(v[:4]))
+}
+
+// valLen is the length of the data s maps to (addresses only; verdicts are encoded
+// apart).
+func (s *Set) valLen() int {
+	if s.DataType.Name == nftables.TypeIP6Addr.Name {
+		return 16
+	}
+	return 4
 }
 
 // nftDuration prints a duration the way nft does: 400ms, 2s, 1m30s.
@@ -295,28 +311,25 @@ func (r *Rule) arpAddrIn(field string, set string, invert bool) *Rule {
 	if field == "daddr" {
 		offset = 24
 	}
-	return r.addrIn("arp "+field+" ip", offset, 4, set, invert)
+	return r.payloadIn("arp "+field+" ip", offset, 4, set, invert)
 }
 
 // ipAddrIn matches an IPv4 packet's source (saddr) or destination (daddr) against a set.
 func (r *Rule) ipAddrIn(field string, set string, invert bool) *Rule {
-	offset := uint32(12)
-	if field == "daddr" {
-		offset = 16
-	}
-	return r.addrIn("ip "+field, offset, 4, set, invert)
+	return r.addrIn(familyIPv4, field, set, invert)
 }
 
-// ip6AddrIn is ipAddrIn for IPv6.
-func (r *Rule) ip6AddrIn(field string, set string, invert bool) *Rule {
-	offset := uint32(8)
+// addrIn matches a packet's source (saddr) or destination (daddr) of family f against
+// a set.
+func (r *Rule) addrIn(f family, field string, set string, invert bool) *Rule {
+	offset := f.saddrOff
 	if field == "daddr" {
-		offset = 24
+		offset = f.daddrOff
 	}
-	return r.addrIn("ip6 "+field, offset, 16, set, invert)
+	return r.payloadIn(f.name+" "+field, offset, f.addrLen, set, invert)
 }
 
-func (r *Rule) addrIn(text string, offset, length uint32, set string, invert bool) *Rule {
+func (r *Rule) payloadIn(text string, offset, length uint32, set string, invert bool) *Rule {
 	op := ""
 	if invert {
 		op = "!= "
@@ -328,25 +341,20 @@ func (r *Rule) addrIn(text string, offset, length uint32, set string, invert boo
 
 // saddrMarkIn matches the pair (source address, natd's bits of the mark) against a
 // concatenated set: the packet left with the egress IP its own pinning names.
-func (r *Rule) saddrMarkIn(mask uint32, set string) *Rule {
-	// A concatenation fills consecutive 32-bit registers: the address in register 1
-	// (32-bit register 8), the mark in 32-bit register 9.
-	return r.add(fmt.Sprintf("ip saddr . meta mark & 0x%08x @%s", mask, set),
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 9},
-		&expr.Bitwise{SourceRegister: 9, DestRegister: 9, Len: 4, Mask: native32(mask), Xor: native32(0)},
+func (r *Rule) saddrMarkIn(f family, mask uint32, set string) *Rule {
+	// A concatenation fills consecutive 32-bit registers: the address from register 1
+	// (32-bit register 8) on, the mark in the one after it (9 for IPv4, 12 for IPv6).
+	markReg := 8 + f.addrLen/4
+	return r.add(fmt.Sprintf("%s saddr . meta mark & 0x%08x @%s", f.name, mask, set),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddrOff, Len: f.addrLen},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: markReg},
+		&expr.Bitwise{SourceRegister: markReg, DestRegister: markReg, Len: 4, Mask: native32(mask), Xor: native32(0)},
 		&expr.Lookup{SourceRegister: 1, SetName: set})
 }
 
-func (r *Rule) saddrVmap(mapName string) *Rule {
-	return r.add("ip saddr vmap @"+mapName,
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
-		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 0})
-}
-
-func (r *Rule) saddr6Vmap(mapName string) *Rule {
-	return r.add("ip6 saddr vmap @"+mapName,
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 16},
+func (r *Rule) saddrVmap(f family, mapName string) *Rule {
+	return r.add(f.name+" saddr vmap @"+mapName,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddrOff, Len: f.addrLen},
 		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 0})
 }
 
@@ -384,11 +392,16 @@ func (r *Rule) clampMSS() *Rule {
 		&expr.Exthdr{Op: expr.ExthdrOpTcpopt, Type: 2, Offset: 2, Len: 2, SourceRegister: 1})
 }
 
-// ipProtocolIsNot matches IPv4 packets whose protocol is not proto.
-func (r *Rule) ipProtocolIsNot(proto byte, name string) *Rule {
-	return r.add("ip protocol != "+name,
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 9, Len: 1},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{proto}})
+// l4ProtoIsNot matches packets that are not ICMP (IPv4) or ICMPv6 (IPv6).
+func (r *Rule) l4ProtoIsNot(f family) *Rule {
+	if f.v4 {
+		return r.add("ip protocol != icmp",
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 9, Len: 1},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMP}})
+	}
+	return r.add("meta l4proto != ipv6-icmp",
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}})
 }
 
 // iifnamePrefix matches input devices whose name starts with prefix.
@@ -467,10 +480,10 @@ func clearOrigin(marks Marks) *Rule {
 	return newRule().markMaskedIs(marks.Mask, marks.Origin()).setMarkBits(marks.Mask, 0)
 }
 
-func (r *Rule) snatToMarkMap(mask uint32, mapName string) *Rule {
+func (r *Rule) snatToMarkMap(f family, mask uint32, mapName string) *Rule {
 	ex := append(r.loadMaskedMark(mask),
 		&expr.Lookup{SourceRegister: 1, SetName: mapName, IsDestRegSet: true, DestRegister: 1},
-		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1})
+		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: f.nfproto, RegAddrMin: 1})
 	return r.add(fmt.Sprintf("snat to meta mark & 0x%08x map @%s", mask, mapName), ex...)
 }
 
@@ -478,10 +491,10 @@ func (r *Rule) snatToMarkMap(mask uint32, mapName string) *Rule {
 // the wire, but a connection that already has a NAT binding is not NATed again by
 // later NAT chains, which keeps the CNI's MASQUERADE off pinned packets on their way
 // to the holder.
-func (r *Rule) snatToSelf() *Rule {
-	return r.add("snat to ip saddr",
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
-		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1})
+func (r *Rule) snatToSelf(f family) *Rule {
+	return r.add("snat to "+f.name+" saddr",
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddrOff, Len: f.addrLen},
+		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: f.nfproto, RegAddrMin: 1})
 }
 
 // setCtBit sets one bit of the connection's mark and keeps the others.
@@ -531,12 +544,13 @@ const (
 	DropFailClosed      = "fail_closed"      // no node can give the traffic its egress IP
 	DropUnpinnedTransit = "unpinned_transit" // another node's pod this node does not know as pinned yet
 	DropLeakGuard       = "leak_guard"       // would have left with another source address
-	DropNoIPv6Egress    = "no_ipv6_egress"   // IPv6 traffic of a pinned pod: its egress IP is IPv4
+	DropNoIPv6Egress    = "no_ipv6_egress"   // IPv6 traffic of a pinned pod whose namespace has no IPv6 egress IP
+	DropNoIPv4Egress    = "no_ipv4_egress"   // IPv4 traffic of a pinned pod whose namespace has no IPv4 egress IP
 	DropStrayReply      = "stray_reply"      // a reply tunnel packet of a connection natd had deleted
 )
 
 // DropReasons lists every reason, in the order metrics export them.
-var DropReasons = []string{DropFailClosed, DropLeakGuard, DropNoIPv6Egress, DropStrayReply, DropUnpinnedTransit}
+var DropReasons = []string{DropFailClosed, DropLeakGuard, DropNoIPv4Egress, DropNoIPv6Egress, DropStrayReply, DropUnpinnedTransit}
 
 // countDrops is counter() for a rule that drops pinned packets for reason.
 func (r *Rule) countDrops(reason string) *Rule {
@@ -550,7 +564,12 @@ func (r *Rule) verdict(kind expr.VerdictKind) *Rule {
 }
 
 // EgressChainName is the regular chain that handles packets pinned to ip.
-func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
+// nft's own parser does not take a ':' in a chain name (the kernel would), and a
+// ruleset that `nft list ruleset` cannot read back breaks everyone's save and restore:
+// an IPv6 address is written with '-'.
+func EgressChainName(ip netip.Addr) string {
+	return "egress_" + strings.ReplaceAll(ip.String(), ":", "-")
+}
 
 // unpinnedTransit drops another node's pod sending outside through this node, but not
 // through natd's tunnel: a natd from before the tunnel forwarding pinned traffic during
@@ -558,13 +577,55 @@ func EgressChainName(ip netip.Addr) string { return "egress_" + ip.String() }
 // would masquerade it with this node's IP. Only a node that knows its own pod CIDRs
 // (Node.spec.podCIDRs) can tell another node's pod from one of its own that natd has
 // not classified (it predates natd-cni): without them the rule would drop every such
-// pod of every namespace, so there is none.
+// pod of every namespace, so there is none. (IPv4 only: natd versions before the
+// tunnel had no IPv6 egress.)
 func unpinnedTransit(state State, marks Marks) []*Rule {
-	if len(state.LocalPodCIDRs) == 0 {
+	if !slices.ContainsFunc(state.LocalPodCIDRs, func(p netip.Prefix) bool { return p.Addr().Is4() }) {
 		return nil
 	}
 	return []*Rule{newRule().ipAddrIn("saddr", setPodCIDRs, false).ipAddrIn("saddr", setLocalPodCIDRs, true).
 		markMaskedIsZero(marks.Mask).countDrops(DropUnpinnedTransit).verdict(expr.VerdictDrop)}
+}
+
+// family is what differs between natd's ip and ip6 tables: the egress IPs of one
+// family are served by the table of that family, with the same chains.
+type family struct {
+	table    nftables.TableFamily
+	v4       bool
+	name     string // as nft prints a header field: "ip", "ip6"
+	addrType nftables.SetDatatype
+	addrName string // "ipv4_addr", "ipv6_addr"
+	suffix   string // of the table's set names ("cni_pods6")
+	saddrOff uint32
+	daddrOff uint32
+	addrLen  uint32
+	nfproto  uint32
+	// noEgress is the chain for pinned pods' addresses of this family when their
+	// namespace has no egress IP in it; dropReason counts its drops.
+	noEgress   string
+	dropReason string
+}
+
+var (
+	familyIPv4 = family{table: nftables.TableFamilyIPv4, v4: true, name: "ip", addrType: nftables.TypeIPAddr, addrName: "ipv4_addr",
+		saddrOff: 12, daddrOff: 16, addrLen: 4, nfproto: unix.NFPROTO_IPV4, noEgress: ChainPinnedIPv4, dropReason: DropNoIPv4Egress}
+	familyIPv6 = family{table: nftables.TableFamilyIPv6, name: "ip6", addrType: nftables.TypeIP6Addr, addrName: "ipv6_addr",
+		suffix: "6", saddrOff: 8, daddrOff: 24, addrLen: 16, nfproto: unix.NFPROTO_IPV6, noEgress: ChainPinnedIPv6, dropReason: DropNoIPv6Egress}
+)
+
+// of reports whether a is an address of this family.
+func (f family) of(a netip.Addr) bool { return a.Is4() == f.v4 }
+
+// set is the name of a set of this family's table.
+func (f family) set(name string) string { return name + f.suffix }
+
+// chainOf is the chain a pinned pod's address of this family goes to: its egress IP's,
+// or the drop chain when its namespace has no egress IP in this family.
+func (f family) chainOf(eip netip.Addr) string {
+	if !eip.IsValid() {
+		return f.noEgress
+	}
+	return EgressChainName(eip)
 }
 
 // BuildRuleset renders natd's whole ip table for state and the node's pod records.
@@ -573,18 +634,38 @@ func unpinnedTransit(state State, marks Marks) []*Rule {
 // renews it (0: forever). gossipPort, when set, is guarded against non-node sources;
 // tunnelPort is the UDP port of natd's tunnels between nodes.
 func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, gossipPort, tunnelPort uint16) *Ruleset {
-	rs := &Ruleset{Family: nftables.TableFamilyIPv4}
+	rs := buildTable(familyIPv4, state, records, marks, index, lease, tunnelPort)
+	input, forward := nodePortGuards(gossipPort, tunnelPort)
+	rs.Chains[len(rs.Chains)-1].Rules = append(rs.Chains[len(rs.Chains)-1].Rules, input.Rules...)
+	rs.Chains = append(rs.Chains, forward)
+	return rs
+}
+
+// BuildRuleset6 renders natd's ip6 table: the same chains as the ip table, for IPv6
+// egress IPs. A pinned pod's IPv6 traffic to the outside whose namespace has no IPv6
+// egress IP is dropped and counted, never sent with the pod's or the node's own
+// address; its IPv6 traffic to cluster destinations and on its link is not. The
+// holder's neighbour discovery for its IPv6 egress IPs obeys their leases, as ARP does
+// for IPv4 (BuildARPRuleset).
+func BuildRuleset6(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration) *Ruleset {
+	return buildTable(familyIPv6, state, records, marks, index, lease, 0)
+}
+
+// buildTable renders the table of family f. Its last chain is the input chain
+// ("node_ports"), to which the ip table adds its guards of natd's ports.
+func buildTable(f family, state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, tunnelPort uint16) *Ruleset {
+	rs := &Ruleset{Family: f.table}
 	var held []EgressIP
-	podEgress := verdictMap(mapPodEgress, nftables.TypeIPAddr, "ipv4_addr")
-	heldSNAT := &Set{Name: mapHeldSNAT, Decl: "type mark : ipv4_addr", KeyType: nftables.TypeMark,
-		DataType: nftables.TypeIPAddr, IsMap: true, KeyOrder: binaryutil.NativeEndian, Timeout: lease}
-	heldMarks := &Set{Name: setHeldMarks, Decl: "type ipv4_addr . mark", KeyType: nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeMark),
+	podEgress := verdictMap(f.set(mapPodEgress), f.addrType, f.addrName)
+	heldSNAT := &Set{Name: f.set(mapHeldSNAT), Decl: "type mark : " + f.addrName, KeyType: nftables.TypeMark,
+		DataType: f.addrType, IsMap: true, KeyOrder: binaryutil.NativeEndian, Timeout: lease}
+	heldMarks := &Set{Name: f.set(setHeldMarks), Decl: "type " + f.addrName + " . mark", KeyType: nftables.MustConcatSetType(f.addrType, nftables.TypeMark),
 		Concat: true, Timeout: lease}
 	if lease > 0 {
 		heldSNAT.Decl += "\nflags timeout"
 		heldMarks.Decl += "\nflags timeout"
 	}
-	n := 0
+	n := len(state.NoEgress)
 	for _, e := range state.Egress {
 		n += len(e.Pods)
 	}
@@ -593,6 +674,9 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	var fromTunnels []*Rule
 	var heldDsts []netip.Addr
 	for _, e := range state.Egress {
+		if !f.of(e.IP) {
+			continue
+		}
 		slot := index[e.IP]
 		mark := marks.Value(slot)
 		ch := &Chain{Name: EgressChainName(e.IP)}
@@ -623,38 +707,58 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		if e.Local && slot != 0 { // only these are on the uplink
 			held = append(held, e)
 			heldDsts = append(heldDsts, e.IP)
-			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: markKey(mark), Val: e.IP.As4()})
+			heldSNAT.Elements = append(heldSNAT.Elements, Element{Key: markKey(mark), Val: addrKey(e.IP)})
 			heldMarks.Elements = append(heldMarks.Elements, Element{Key: addrKey(e.IP), Key2: [4]byte(native32(mark))})
 		}
 	}
-	cniPods := verdictMap(MapCNIPods, nftables.TypeIPAddr, "ipv4_addr")
-	cniPods.Elements = cniPodElements(records, state.PinnedNamespaces, true, func(eip netip.Addr) string {
-		return EgressChainName(eip)
-	})
-
-	rs.Sets = []*Set{
-		intervalSet(setClusterDsts, state.ClusterDestinations, false),
-		addrSet(setNodeIPs, state.NodeIPs),
-		intervalSet(setPodCIDRs, state.PodCIDRs, false),
-		intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs, false),
-		heldAddrsSet(held, true),
-		heldMarks,
-		addrSet(setHeldDsts, heldDsts),
-		cniPods,
-		podEgress,
-		heldSNAT,
+	for _, p := range state.NoEgress {
+		if f.of(p) {
+			podEgress.Elements = append(podEgress.Elements, Element{Key: addrKey(p), Chain: f.noEgress})
+		}
 	}
+	// The pinned pods of namespaces without an egress IP of this family.
+	egressChains = append(egressChains, &Chain{Name: f.noEgress, Rules: []*Rule{newRule().countDrops(f.dropReason).verdict(expr.VerdictDrop)}})
+	cniPods := verdictMap(f.set(MapCNIPods), f.addrType, f.addrName)
+	cniPods.Elements = cniPodElements(records, state.PinnedNamespaces, f)
+
+	clusterDsts := state.ClusterDestinations
+	if !f.v4 {
+		clusterDsts = append(slices.Clone(clusterDsts), linkScope6...)
+	}
+	rs.Sets = []*Set{intervalSet(f.set(setClusterDsts), clusterDsts, f)}
+	if f.v4 {
+		rs.Sets = append(rs.Sets, addrSet(setNodeIPs, state.NodeIPs, f))
+	}
+	rs.Sets = append(rs.Sets, intervalSet(f.set(setPodCIDRs), state.PodCIDRs, f))
+	if f.v4 {
+		rs.Sets = append(rs.Sets, intervalSet(setLocalPodCIDRs, state.LocalPodCIDRs, f))
+	}
+	rs.Sets = append(rs.Sets,
+		heldAddrsSet(held, true, f),
+		heldMarks,
+		addrSet(f.set(setHeldDsts), heldDsts, f),
+	)
+	if !f.v4 {
+		rs.Sets = append(rs.Sets, leasedSet(held, lease, f))
+	}
+	rs.Sets = append(rs.Sets, cniPods, podEgress, heldSNAT)
 
 	// Packets out of the egress IPs' tunnels are told apart by device, one rule per
 	// device, in a chain of their own: every other packet (an unpinned pod's, a
 	// reply) passes one prefix test here instead of one test per egress IP in use
 	// (with 200 IPs in use that halved an unpinned pod's throughput). The reply
 	// tunnel shares the prefix but carries only replies and stray replies, which the
-	// rules above have dealt with.
+	// rules above have dealt with. Each table names the devices of its family's
+	// egress IPs; a packet of the other family out of one matches nothing here, and
+	// the route guard drops it, unmarked.
 	tunnelIn := &Chain{Name: chainFromTunnels, Rules: fromTunnels}
 	var toTunnelIn []*Rule
 	if len(fromTunnels) > 0 {
 		toTunnelIn = []*Rule{newRule().iifnamePrefix(tunnelPrefix).gotoChain(chainFromTunnels)}
+	}
+	var transit []*Rule
+	if f.v4 {
+		transit = unpinnedTransit(state, marks)
 	}
 	prerouting := &Chain{
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
@@ -675,35 +779,44 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			// Replies of connections opened towards a pod (a NodePort, an ingress
 			// controller in a pinned namespace) are not the pod's egress.
 			newRule().ctReply().verdict(expr.VerdictReturn),
-			newRule().ipAddrIn("daddr", setClusterDsts, false).verdict(expr.VerdictReturn),
+			newRule().addrIn(f, "daddr", f.set(setClusterDsts), false).verdict(expr.VerdictReturn),
 		}, toTunnelIn, []*Rule{
 			// This node's pods as the CNI plugin registered them, before their first
 			// packet: pinned, or explicitly not (return), whatever natd's view of the
 			// API says about an older pod that had the same IP.
-			newRule().saddrVmap(MapCNIPods),
-			newRule().saddrVmap(mapPodEgress),
-		}, unpinnedTransit(state, marks)),
+			newRule().saddrVmap(f, f.set(MapCNIPods)),
+			newRule().saddrVmap(f, f.set(mapPodEgress)),
+		}, transit),
+	}
+	var ownTunnel []*Rule
+	if f.v4 {
+		// A tunnel packet this node sends: the encapsulation keeps the inner packet's
+		// mark, but it is the node's own traffic.
+		ownTunnel = []*Rule{newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictReturn)}
 	}
 	snat := &Chain{
 		Name: "pinned_snat", Type: nftables.ChainTypeNAT, Hook: nftables.ChainHookPostrouting,
 		Priority: prioSNAT, Header: "type nat hook postrouting priority srcnat - 10; policy accept;",
-		Rules: []*Rule{
-			// A tunnel packet this node sends: the encapsulation keeps the inner
-			// packet's mark, but it is the node's own traffic.
-			newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictReturn),
+		Rules: slices.Concat(ownTunnel, []*Rule{
 			newRule().markMaskedIsZero(marks.Mask).verdict(expr.VerdictReturn),
 			newRule().markMaskedIs(marks.Mask, marks.Pass()).verdict(expr.VerdictReturn),
 			// NAT chains see a connection's first packet only: remember it is pinned.
 			newRule().setCtBit(marks.PinnedFlow()),
-			newRule().snatToMarkMap(marks.Mask, mapHeldSNAT),
-			newRule().snatToSelf(),
-		},
+			newRule().snatToMarkMap(f, marks.Mask, f.set(mapHeldSNAT)),
+			newRule().snatToSelf(f),
+		}),
+	}
+	// Into the tunnel to the holder, still with the pod's own address. An IPv4 packet
+	// is told by its next hop, a node; an IPv6 packet's next hop in the tunnel is the
+	// holder's IPv4 address, which nftables cannot name, so by the device.
+	intoTunnel := newRule().addrIn(f, "saddr", f.set(setPodCIDRs), false).oifnamePrefix(tunnelPrefix)
+	if f.v4 {
+		intoTunnel = newRule().ipAddrIn("saddr", setPodCIDRs, false).nexthopIn(setNodeIPs)
 	}
 	guard := &Chain{
 		Name: "leak_guard", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPostrouting,
 		Priority: prioGuard, Header: "type filter hook postrouting priority srcnat + 10; policy accept;",
-		Rules: []*Rule{
-			newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictAccept),
+		Rules: slices.Concat(acceptOwnTunnel(f, tunnelPort), []*Rule{
 			newRule().markMaskedIs(marks.Mask, marks.Pass()).verdict(expr.VerdictReturn),
 			newRule().markMaskedIs(marks.Mask, marks.Reply()).verdict(expr.VerdictReturn),
 			// A pinned connection whose packet lost its classification (natd's maps were
@@ -716,12 +829,11 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 			// namespace moved to another egress IP) does not match. The second lookup
 			// counts the packet against its egress IP: held_addrs keeps a counter per
 			// element.
-			newRule().saddrMarkIn(marks.Mask, setHeldMarks).ipAddrIn("saddr", setHeldAddrs, false).verdict(expr.VerdictAccept),
-			// Into the tunnel to the holder, still with the pod's own address.
-			newRule().ipAddrIn("saddr", setPodCIDRs, false).nexthopIn(setNodeIPs).verdict(expr.VerdictAccept),
+			newRule().saddrMarkIn(f, marks.Mask, f.set(setHeldMarks)).addrIn(f, "saddr", f.set(setHeldAddrs), false).verdict(expr.VerdictAccept),
+			intoTunnel.verdict(expr.VerdictAccept),
 			// Anything else would reach the partner with another source address.
 			newRule().countDrops(DropLeakGuard).verdict(expr.VerdictDrop),
-		},
+		}),
 	}
 	// A connection through a tunnel carries 50 bytes of encapsulation each way: its
 	// SYNs announce the tunnel's MSS, so that neither end sends what the tunnel cannot
@@ -733,7 +845,9 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 		Rules: []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
 	}
 	rs.Chains = append(egressChains, tunnelIn, prerouting, snat, guard, clamp)
-	input, forward := nodePortGuards(gossipPort, tunnelPort)
+	if !f.v4 {
+		rs.Chains = append(rs.Chains, lapsedSourcesOut())
+	}
 	// An egress IP is a source only: its replies are un-NATed to a pod before routing
 	// and never come in here. Anything else for it would be answered by this node's
 	// own stack, with a reset or a port unreachable from the egress IP, which kills
@@ -741,12 +855,13 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 	// before the pod's next packet has re-created the connection there, or an old
 	// holder whose conntrack finds them out of window (it no longer sees the pod's
 	// side) and so does not un-NAT them. Nor should anything on the node be reachable
-	// at an egress IP. Pings still get their answer.
-	input.Rules = append([]*Rule{
-		newRule().ipAddrIn("daddr", setHeldDsts, false).ipProtocolIsNot(unix.IPPROTO_ICMP, "icmp").
-			counter().verdict(expr.VerdictDrop),
-	}, input.Rules...)
-	rs.Chains = append(rs.Chains, input, forward)
+	// at an egress IP. Pings (and IPv6's neighbour discovery) still get their answer.
+	input := &Chain{
+		Name: "node_ports", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookInput,
+		Priority: 0, Header: "type filter hook input priority filter; policy accept;",
+		Rules: []*Rule{newRule().addrIn(f, "daddr", f.set(setHeldDsts), false).l4ProtoIsNot(f).counter().verdict(expr.VerdictDrop)},
+	}
+	rs.Chains = append(rs.Chains, input)
 	return rs
 }
 
@@ -789,51 +904,43 @@ func nodePortGuards(gossipPort, tunnelPort uint16) (input, forward *Chain) {
 // IPv6 inside the cluster as well, and count its solicitations instead of its traffic.
 var linkScope6 = []netip.Prefix{netip.MustParsePrefix("fe80::/10"), netip.MustParsePrefix("ff02::/16")}
 
-// BuildRuleset6 renders natd's ip6 table. Egress IPs are IPv4, so a pinned pod's IPv6
-// traffic to the outside has no egress IP to leave with: it is dropped and counted,
-// never sent with the pod's or the node's own address. Its IPv6 traffic to cluster
-// destinations and on its link is not. Unpinned pods are not touched.
-func BuildRuleset6(state State, records []PodRecord, marks Marks) *Ruleset {
-	podEgress := verdictMap(mapPodEgress6, nftables.TypeIP6Addr, "ipv6_addr")
-	for _, e := range state.Egress {
-		for _, p := range e.Pods6 {
-			podEgress.Elements = append(podEgress.Elements, Element{Key: addrKey(p), Chain: ChainPinnedIPv6})
-		}
+// acceptOwnTunnel lets the encapsulated packets of natd's tunnels (IPv4, from the
+// node's address) pass the ip table's leak guard.
+func acceptOwnTunnel(f family, tunnelPort uint16) []*Rule {
+	if !f.v4 {
+		return nil
 	}
-	cniPods := verdictMap(MapCNIPods6, nftables.TypeIP6Addr, "ipv6_addr")
-	cniPods.Elements = cniPodElements(records, state.PinnedNamespaces, false, func(netip.Addr) string { return ChainPinnedIPv6 })
-	return &Ruleset{
-		Family: nftables.TableFamilyIPv6,
-		Sets: []*Set{intervalSet(setClusterDsts6, append(slices.Clone(state.ClusterDestinations), linkScope6...), true),
-			cniPods, podEgress},
-		Chains: []*Chain{
-			{Name: ChainPinnedIPv6, Rules: []*Rule{newRule().countDrops(DropNoIPv6Egress).verdict(expr.VerdictDrop)}},
-			{Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
-				Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
-				Rules: []*Rule{
-					clearOrigin(marks),
-					newRule().ctReply().verdict(expr.VerdictReturn),
-					newRule().ip6AddrIn("daddr", setClusterDsts6, false).verdict(expr.VerdictReturn),
-					newRule().saddr6Vmap(MapCNIPods6),
-					newRule().saddr6Vmap(mapPodEgress6),
-				}},
-		},
-	}
+	return []*Rule{newRule().tunnelOuter(tunnelPort).verdict(expr.VerdictAccept)}
 }
 
-// cniPodElements turns pod records into elements of the family's cni_pods map: a pod of
-// a pinned namespace jumps to the chain chainOf names, any other pod returns.
-func cniPodElements(records []PodRecord, pinned map[string]netip.Addr, v4 bool, chainOf func(netip.Addr) string) []Element {
+// lapsedSourcesOut keeps the node from sending anything from a held IPv6 egress IP
+// whose lease lapsed (natd was killed, another node took the IP over), above all its
+// neighbour advertisements: the kernel answers a solicitation for an address on the
+// uplink from that address, and would draw the IP's traffic back. It is what the arp
+// table does for IPv4. (nft 1.0 cannot read back a match on the target inside a
+// neighbour discovery message against a set of addresses, so the source it is.)
+func lapsedSourcesOut() *Chain {
+	f := familyIPv6
+	return &Chain{Name: "lapsed_out", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookOutput,
+		Priority: 0, Header: "type filter hook output priority filter; policy accept;",
+		Rules: []*Rule{newRule().addrIn(f, "saddr", f.set(setHeldDsts), false).
+			addrIn(f, "saddr", f.set(setLeasedIPs), true).counter().verdict(expr.VerdictDrop)}}
+}
+
+// cniPodElements turns pod records into elements of family f's cni_pods map: an address
+// of a pod of a pinned namespace jumps to its egress IP's chain of that family (or the
+// family's drop chain), any other pod returns.
+func cniPodElements(records []PodRecord, pinned map[string]NamespaceEgress, f family) []Element {
 	var out []Element
 	for _, r := range records {
-		eip, isPinned := pinned[r.Namespace]
+		eips, isPinned := pinned[r.Namespace]
 		for _, ip := range r.IPs {
-			if ip.Is4() != v4 {
+			if !f.of(ip) {
 				continue
 			}
 			e := Element{Key: addrKey(ip), Return: true}
 			if isPinned {
-				e.Chain, e.Return = chainOf(eip), false
+				e.Chain, e.Return = f.chainOf(eips.For(ip)), false
 			}
 			out = append(out, e)
 		}
@@ -845,8 +952,8 @@ func verdictMap(name string, key nftables.SetDatatype, keyName string) *Set {
 	return &Set{Name: name, Decl: "type " + keyName + " : verdict", KeyType: key, DataType: nftables.TypeVerdict, IsMap: true}
 }
 
-func addrSet(name string, addrs []netip.Addr) *Set {
-	s := &Set{Name: name, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr}
+func addrSet(name string, addrs []netip.Addr, f family) *Set {
+	s := &Set{Name: name, Decl: "type " + f.addrName, KeyType: f.addrType}
 	s.Elements = make([]Element, 0, len(addrs))
 	for _, a := range addrs {
 		s.Elements = append(s.Elements, Element{Key: addrKey(a)})
@@ -854,13 +961,10 @@ func addrSet(name string, addrs []netip.Addr) *Set {
 	return s
 }
 
-// intervalSet holds the prefixes of one family (the others are left out).
-func intervalSet(name string, prefixes []netip.Prefix, v6 bool) *Set {
-	s := &Set{Name: name, Decl: "type ipv4_addr\nflags interval", KeyType: nftables.TypeIPAddr, Interval: true}
-	if v6 {
-		s.Decl, s.KeyType = "type ipv6_addr\nflags interval", nftables.TypeIP6Addr
-	}
-	for _, r := range mergeRanges(prefixes, v6) {
+// intervalSet holds the prefixes of family f (the others are left out).
+func intervalSet(name string, prefixes []netip.Prefix, f family) *Set {
+	s := &Set{Name: name, Decl: "type " + f.addrName + "\nflags interval", KeyType: f.addrType, Interval: true}
+	for _, r := range mergeRanges(prefixes, !f.v4) {
 		e := Element{Key: addrKey(r.start)}
 		if r.end.IsValid() {
 			e.KeyEnd = addrKey(r.end)
@@ -874,8 +978,8 @@ func intervalSet(name string, prefixes []netip.Prefix, v6 bool) *Set {
 // restart or a crash, natd reads its claims back from here. With counter, each element
 // counts the packets that leave with its address (the SNAT metrics); the counter starts
 // at zero when the element is added, that is when the node takes the IP.
-func heldAddrsSet(held []EgressIP, counter bool) *Set {
-	s := &Set{Name: setHeldAddrs, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr, Counter: counter}
+func heldAddrsSet(held []EgressIP, counter bool, f family) *Set {
+	s := &Set{Name: f.set(setHeldAddrs), Decl: "type " + f.addrName, KeyType: f.addrType, Counter: counter}
 	if counter {
 		s.Decl += "\ncounter"
 	}
@@ -886,8 +990,8 @@ func heldAddrsSet(held []EgressIP, counter bool) *Set {
 }
 
 // leasedSet lists the held egress IPs whose lease is current.
-func leasedSet(held []EgressIP, lease time.Duration) *Set {
-	s := &Set{Name: setLeasedIPs, Decl: "type ipv4_addr", KeyType: nftables.TypeIPAddr, Timeout: lease}
+func leasedSet(held []EgressIP, lease time.Duration, f family) *Set {
+	s := &Set{Name: f.set(setLeasedIPs), Decl: "type " + f.addrName, KeyType: f.addrType, Timeout: lease}
 	if lease > 0 {
 		s.Decl += "\nflags timeout"
 	}
@@ -914,13 +1018,13 @@ const (
 func BuildARPRuleset(state State, lease time.Duration) *Ruleset {
 	var held []EgressIP
 	for _, e := range state.Egress {
-		if e.Local {
+		if e.Local && e.IP.Is4() {
 			held = append(held, e)
 		}
 	}
 	return &Ruleset{
 		Family: nftables.TableFamilyARP,
-		Sets:   []*Set{heldAddrsSet(held, false), leasedSet(held, lease)},
+		Sets:   []*Set{heldAddrsSet(held, false, familyIPv4), leasedSet(held, lease, familyIPv4)},
 		Chains: []*Chain{
 			{Name: "input", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookRef(arpHookIn), Priority: 0,
 				Header: "type filter hook input priority filter; policy accept;",

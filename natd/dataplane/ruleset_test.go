@@ -14,9 +14,11 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 	st := sampleState()
 	index := map[netip.Addr]int{
-		netip.MustParseAddr("198.18.0.200"): 1,
-		netip.MustParseAddr("198.18.0.201"): 2,
-		netip.MustParseAddr("198.18.0.202"): 3,
+		netip.MustParseAddr("198.18.0.200"):    1,
+		netip.MustParseAddr("198.18.0.201"):    2,
+		netip.MustParseAddr("198.18.0.202"):    3,
+		netip.MustParseAddr("2001:db8:18::c8"): 4,
+		netip.MustParseAddr("2001:db8:18::c9"): 5,
 	}
 	got := BuildRuleset(st, sampleRecords(), marks, index, 400*time.Millisecond, 7946, 4799).Text(false)
 	want := `table ip natd {
@@ -59,7 +61,7 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 	map pod_egress {
 		type ipv4_addr : verdict
-		elements = { 10.244.1.10 : goto egress_198.18.0.200, 10.244.2.10 : goto egress_198.18.0.200, 10.244.1.11 : goto egress_198.18.0.201, 10.244.1.12 : goto egress_198.18.0.202 }
+		elements = { 10.244.1.10 : goto egress_198.18.0.200, 10.244.2.10 : goto egress_198.18.0.200, 10.244.1.11 : goto egress_198.18.0.201, 10.244.1.12 : goto egress_198.18.0.202, 10.244.1.13 : goto pinned_ipv4 }
 	}
 	map held_snat {
 		type mark : ipv4_addr
@@ -76,6 +78,10 @@ func TestBuildRulesetText(t *testing.T) {
 	}
 
 	chain egress_198.18.0.202 {
+		counter drop
+	}
+
+	chain pinned_ipv4 {
 		counter drop
 	}
 
@@ -149,33 +155,118 @@ func TestBuildRuleset6Text(t *testing.T) {
 	st := sampleState()
 	st.ClusterDestinations = append(st.ClusterDestinations, netip.MustParsePrefix("fd00:10:244::/48"),
 		netip.MustParsePrefix("fd00:10:96::/112"), netip.MustParsePrefix("fd00:10:244:1::/64"))
-	got := BuildRuleset6(st, sampleRecords(), testMarks).Text(false)
+	index := map[netip.Addr]int{
+		netip.MustParseAddr("198.18.0.200"):    1,
+		netip.MustParseAddr("2001:db8:18::c8"): 4,
+		netip.MustParseAddr("2001:db8:18::c9"): 5,
+	}
+	got := BuildRuleset6(st, sampleRecords(), testMarks, index, 400*time.Millisecond).Text(false)
 	want := `table ip6 natd {
 	set cluster_dsts6 {
 		type ipv6_addr
 		flags interval
 		elements = { fd00:10:96::/112, fd00:10:244::/48, fe80::/10, ff02::/16 }
 	}
+	set pod_cidrs6 {
+		type ipv6_addr
+		flags interval
+		elements = { fd00:10:244::/56 }
+	}
+	set held_addrs6 {
+		type ipv6_addr
+		counter
+		elements = { 2001:db8:18::c8 counter comment "gen=4" }
+	}
+	set held_marks6 {
+		type ipv6_addr . mark
+		flags timeout
+		elements = { 2001:db8:18::c8 . 0x00040000 timeout 400ms }
+	}
+	set held_dsts6 {
+		type ipv6_addr
+		elements = { 2001:db8:18::c8 }
+	}
+	set leased_ips6 {
+		type ipv6_addr
+		flags timeout
+		elements = { 2001:db8:18::c8 timeout 400ms }
+	}
 	map cni_pods6 {
 		type ipv6_addr : verdict
-		elements = { fd00:10:244:2::10 : goto pinned_ipv6, fd00:10:244:2::20 : return }
+		elements = { fd00:10:244:2::10 : goto egress_2001-db8-18--c8, fd00:10:244:2::20 : return }
 	}
 	map pod_egress6 {
 		type ipv6_addr : verdict
-		elements = { fd00:10:244:1::10 : goto pinned_ipv6 }
+		elements = { fd00:10:244:1::10 : goto egress_2001-db8-18--c8, fd00:10:244:1::13 : goto egress_2001-db8-18--c9, fd00:10:244:1::11 : goto pinned_ipv6 }
+	}
+	map held_snat6 {
+		type mark : ipv6_addr
+		flags timeout
+		elements = { 0x00040000 timeout 400ms : 2001:db8:18::c8 }
+	}
+
+	chain egress_2001-db8-18--c8 {
+		meta mark set meta mark & 0xff04ffff | 0x00040000
+	}
+
+	chain egress_2001-db8-18--c9 {
+		meta mark set meta mark & 0xff05ffff | 0x00050000
 	}
 
 	chain pinned_ipv6 {
 		counter drop
 	}
 
+	chain from_tunnels {
+		iifname "natd-t4" ct mark set ct mark | 0x00020000 goto egress_2001-db8-18--c8
+		iifname "natd-t5" ct mark set ct mark | 0x00020000 goto egress_2001-db8-18--c9
+	}
+
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
 		meta mark & 0x00ff0000 == 0x00fd0000 meta mark set meta mark & 0xff00ffff
+		iifname "natd-tr" ct state new counter drop
+		ct direction reply ct mark & 0x00020000 == 0x00020000 meta mark set meta mark & 0xfffeffff | 0x00fe0000 return
 		ct direction reply return
 		ip6 daddr @cluster_dsts6 return
+		iifname "natd-t*" goto from_tunnels
 		ip6 saddr vmap @cni_pods6
 		ip6 saddr vmap @pod_egress6
+	}
+
+	chain pinned_snat {
+		type nat hook postrouting priority srcnat - 10; policy accept;
+		meta mark & 0x00ff0000 == 0x00000000 return
+		meta mark & 0x00ff0000 == 0x00ff0000 return
+		ct mark set ct mark | 0x00010000
+		snat to meta mark & 0x00ff0000 map @held_snat6
+		snat to ip6 saddr
+	}
+
+	chain leak_guard {
+		type filter hook postrouting priority srcnat + 10; policy accept;
+		meta mark & 0x00ff0000 == 0x00ff0000 return
+		meta mark & 0x00ff0000 == 0x00fe0000 return
+		ct direction original ct mark & 0x00010000 == 0x00010000 meta mark & 0x00ff0000 == 0x00000000 counter drop
+		meta mark & 0x00ff0000 == 0x00000000 return
+		ip6 saddr . meta mark & 0x00ff0000 @held_marks6 ip6 saddr @held_addrs6 accept
+		ip6 saddr @pod_cidrs6 oifname "natd-t*" accept
+		counter drop
+	}
+
+	chain tunnel_mss {
+		type filter hook forward priority mangle; policy accept;
+		oifname "natd-t*" tcp flags syn tcp option maxseg size set rt mtu
+	}
+
+	chain lapsed_out {
+		type filter hook output priority filter; policy accept;
+		ip6 saddr @held_dsts6 ip6 saddr != @leased_ips6 counter drop
+	}
+
+	chain node_ports {
+		type filter hook input priority filter; policy accept;
+		ip6 daddr @held_dsts6 meta l4proto != ipv6-icmp counter drop
 	}
 }
 `

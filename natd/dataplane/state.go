@@ -10,6 +10,7 @@ package dataplane
 
 import (
 	"net/netip"
+	"strings"
 	"time"
 )
 
@@ -26,25 +27,66 @@ type State struct {
 	// ClusterDestinations are never SNATed: pod and service CIDRs, node IPs, excludes.
 	// Either family; IPv6 ones go to the ip6 table.
 	ClusterDestinations []netip.Prefix
-	// PodCIDRs are the cluster's IPv4 pod CIDRs (all nodes).
+	// PodCIDRs are the cluster's pod CIDRs (all nodes), either family.
 	PodCIDRs []netip.Prefix
 	// NodeIPs are the IPv4 addresses of all nodes: the only sources natd's tunnel and
 	// gossip ports accept, and next hops into a tunnel.
 	NodeIPs []netip.Addr
-	// LocalPodCIDRs are this node's IPv4 pod CIDRs.
+	// LocalPodCIDRs are this node's pod CIDRs, either family.
 	LocalPodCIDRs []netip.Prefix
-	// Peers are the other nodes with IPv4 pod CIDRs: replies to their pods' tunnelled
+	// Peers are the other nodes with pod CIDRs: replies to their pods' tunnelled
 	// connections go back to them through the reply tunnel.
 	Peers []Peer
-	// Egress lists every egress IP in use, sorted by IP.
+	// Egress lists every egress IP in use (both families), sorted by IP.
 	Egress []EgressIP
+	// NoEgress are this node's pinned pods' addresses of a family their namespace has
+	// no egress IP in (an IPv6 address of a namespace pinned to an IPv4 egress IP
+	// only, or the other way round): their traffic to the outside is dropped, never
+	// sent with another source.
+	NoEgress []netip.Addr
 	// PinnedNamespaces maps every namespace whose annotation is valid to its egress
-	// IP. The CNI plugin pins a new pod by its namespace before natd has seen the pod,
+	// IPs. The CNI plugin pins a new pod by its namespace before natd has seen the pod,
 	// from this map as natd last wrote it to the node.
-	PinnedNamespaces map[string]netip.Addr
+	PinnedNamespaces map[string]NamespaceEgress
 }
 
-// Peer is another node: its IPv4 address and pod CIDRs.
+// NamespaceEgress is a pinned namespace's egress IPs: at most one per family, at least
+// one.
+type NamespaceEgress struct {
+	V4, V6 netip.Addr
+}
+
+// For is the egress IP of addr's family, invalid when the namespace has none in it.
+func (n NamespaceEgress) For(addr netip.Addr) netip.Addr {
+	if addr.Is4() {
+		return n.V4
+	}
+	return n.V6
+}
+
+// IPs lists the namespace's egress IPs, IPv4 first.
+func (n NamespaceEgress) IPs() []netip.Addr {
+	var out []netip.Addr
+	for _, ip := range []netip.Addr{n.V4, n.V6} {
+		if ip.IsValid() {
+			out = append(out, ip)
+		}
+	}
+	return out
+}
+
+// String is the annotation's form: "198.18.0.200", "2001:db8::c8" or both, comma
+// separated.
+func (n NamespaceEgress) String() string {
+	var s []string
+	for _, ip := range n.IPs() {
+		s = append(s, ip.String())
+	}
+	return strings.Join(s, ",")
+}
+
+// Peer is another node: its IPv4 address (the tunnels' outer address) and its pod
+// CIDRs of both families.
 type Peer struct {
 	IP       netip.Addr
 	PodCIDRs []netip.Prefix
@@ -63,13 +105,11 @@ type EgressIP struct {
 	// FailOpen lets pinned traffic leave the normal way when there is no holder,
 	// instead of dropping it.
 	FailOpen bool
-	// Pods are this node's pinned pods' IPv4 addresses (any order, each address once
-	// across all egress IPs). Other nodes' pods are theirs to classify: their pinned
-	// traffic arrives through the egress IP's tunnel device.
+	// Pods are this node's pinned pods' addresses of the egress IP's family (any
+	// order, each address once across all egress IPs and NoEgress). Other nodes' pods
+	// are theirs to classify: their pinned traffic arrives through the egress IP's
+	// tunnel device.
 	Pods []netip.Addr
-	// Pods6 are the pinned pods' IPv6 addresses. An IPv4 egress IP gives them no way
-	// out: their traffic to the outside is dropped, never sent with another source.
-	Pods6 []netip.Addr
 	// AnnounceAfter delays the first gratuitous ARP of a planned takeover (Local
 	// only): the old holder still serves the IP, and until the other nodes send the
 	// IP's traffic here, the partners' replies must keep going to the old holder,

@@ -60,8 +60,9 @@ func TunnelDevice(idx int) string { return fmt.Sprintf("%s%d", tunnelPrefix, idx
 // bits. Egress CIDRs whose addresses would share one (they differ only in the first
 // octet) are refused by the configuration (VNIOverlap).
 func TunnelVNI(ip netip.Addr) uint32 {
-	b := ip.As4()
-	return uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+	b := ip.AsSlice()
+	n := len(b)
+	return uint32(b[n-3])<<16 | uint32(b[n-2])<<8 | uint32(b[n-1])
 }
 
 // VNIOverlap reports two egress CIDRs that hold different addresses with one VNI.
@@ -122,7 +123,7 @@ func (s tunnelSpec) matches(link netlink.Link) bool {
 // with one.
 type tunnelState struct {
 	links map[string]netlink.Link // natd's tunnel devices by name
-	neigh map[int][]netlink.Neigh // IPv4 neighbours by link index
+	neigh map[int][]netlink.Neigh // neighbours (both families) by link index
 	fdb   map[int][]netlink.Neigh // forwarding entries by link index
 	addr  map[int]bool            // links that carry tunnelAddr
 }
@@ -137,7 +138,11 @@ func (r *router) readTunnels() (*tunnelState, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing neighbours: %w", err)
 	}
-	for _, n := range neighs {
+	neighs6, err := r.nl.NeighList(0, unix.AF_INET6)
+	if ipv6Absent(err) != nil {
+		return nil, fmt.Errorf("listing IPv6 neighbours: %w", err)
+	}
+	for _, n := range append(neighs, neighs6...) {
 		ts.neigh[n.LinkIndex] = append(ts.neigh[n.LinkIndex], n)
 	}
 	fdb, err := r.nl.NeighList(0, unix.AF_BRIDGE)
@@ -244,10 +249,29 @@ func setIPv4DevConf(link netlink.Link, index uint16, value uint32) error {
 	return err
 }
 
+// TunnelNextHop6 is the IPv6 next hop that stands for the node with IPv4 address
+// nodeIP inside natd's tunnels: a link-local address made of it (fe80::4e:a.b.c.d),
+// which a permanent neighbour entry resolves to the node's tunnel MAC. IPv6 routes
+// cannot have an IPv4 gateway (the kernel refuses RTA_VIA for IPv6), and the tunnel's
+// outer packets are IPv4 between node IPs in both families.
+func TunnelNextHop6(nodeIP netip.Addr) netip.Addr {
+	b := nodeIP.As4()
+	return netip.AddrFrom16([16]byte{0: 0xfe, 1: 0x80, 11: 0x4e, 12: b[0], 13: b[1], 14: b[2], 15: b[3]})
+}
+
+// neighboursOf are the neighbour entries that make peer reachable through a tunnel:
+// its node IP, and its IPv6 next hop when the tunnel carries IPv6.
+func neighboursOf(peer netip.Addr, v6 bool) []netip.Addr {
+	if v6 {
+		return []netip.Addr{peer, TunnelNextHop6(peer)}
+	}
+	return []netip.Addr{peer}
+}
+
 // pointTunnel makes link reach the nodes in peers: a permanent neighbour entry (node
-// IP → its tunnel MAC) and a forwarding entry (that MAC → the node IP) each; entries
-// for any other node are removed.
-func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.Addr) error {
+// IP → its tunnel MAC; with v6 its IPv6 next hop too) and a forwarding entry (that MAC
+// → the node IP) each; entries for any other node are removed.
+func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.Addr, v6 bool) error {
 	idx := link.Attrs().Index
 	neighs, fdb := ts.neigh[idx], ts.fdb[idx]
 	want := map[netip.Addr]bool{}
@@ -256,10 +280,18 @@ func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.A
 		want[peer] = true
 		mac := TunnelMAC(peer)
 		wantMAC[mac.String()] = true
-		if !hasNeigh(neighs, peer, mac) {
-			if err := r.nl.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
-				IP: peer.AsSlice(), HardwareAddr: mac}); err != nil {
-				return fmt.Errorf("adding neighbour %s to %s: %w", peer, link.Attrs().Name, err)
+		for _, ip := range neighboursOf(peer, v6) {
+			want[ip] = true
+			if hasNeigh(neighs, ip, mac) {
+				continue
+			}
+			family := unix.AF_INET
+			if ip.Is6() {
+				family = unix.AF_INET6
+			}
+			if err := r.nl.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: family, State: netlink.NUD_PERMANENT,
+				IP: ip.AsSlice(), HardwareAddr: mac}); err != nil {
+				return fmt.Errorf("adding neighbour %s to %s: %w", ip, link.Attrs().Name, err)
 			}
 		}
 		if !hasFDB(fdb, peer, mac) {
@@ -270,7 +302,7 @@ func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.A
 		}
 	}
 	for _, n := range neighs {
-		if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok && !want[ip] && n.State&netlink.NUD_PERMANENT != 0 {
+		if ip, ok := netip.AddrFromSlice(n.IP); ok && !want[ip.Unmap()] && n.State&netlink.NUD_PERMANENT != 0 {
 			n := n
 			if err := r.nl.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
 				return fmt.Errorf("removing neighbour %s from %s: %w", ip, link.Attrs().Name, err)
@@ -291,12 +323,18 @@ func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.A
 	return nil
 }
 
-// pointed reports whether link reaches every node in peers and has its address.
-func (ts *tunnelState) pointed(link netlink.Link, peers []netip.Addr) bool {
+// pointed reports whether link reaches every node in peers (with v6: by their IPv6
+// next hops too) and has its address.
+func (ts *tunnelState) pointed(link netlink.Link, peers []netip.Addr, v6 bool) bool {
 	idx := link.Attrs().Index
 	for _, peer := range peers {
-		if !hasNeigh(ts.neigh[idx], peer, TunnelMAC(peer)) || !hasFDB(ts.fdb[idx], peer, TunnelMAC(peer)) {
+		if !hasFDB(ts.fdb[idx], peer, TunnelMAC(peer)) {
 			return false
+		}
+		for _, ip := range neighboursOf(peer, v6) {
+			if !hasNeigh(ts.neigh[idx], ip, TunnelMAC(peer)) {
+				return false
+			}
 		}
 	}
 	return ts.addr[idx]
