@@ -2,15 +2,15 @@ package natd
 
 import (
 	"fmt"
-	"natd.dev/natd/natd/dataplane"
 	"net/netip"
 	"strings"
+
+	"natd.dev/natd/natd/dataplane"
 )
 
 // Reasons a namespace's egress annotation is rejected; they appear in Events.
 const (
 	ReasonInvalidIP         = "InvalidEgressIP"
-	ReasonNotSupported      = "UnsupportedEgressIP"
 	ReasonOutsideEgressCIDR = "OutsideEgressCIDR"
 	ReasonNodeIP            = "EgressIPIsNodeIP"
 	ReasonReservedAddress   = "ReservedEgressIP"
@@ -37,24 +37,42 @@ func rejectIP(ip netip.Addr, reason, format string, args ...any) *AnnotationErro
 	return e
 }
 
-// ParseEgressIP validates the value of the egress annotation: one IPv4 address inside
-// an egress CIDR, not the network or broadcast address of that CIDR, and not a node's IP.
-func ParseEgressIP(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.Addr]string) (netip.Addr, *AnnotationError) {
-	v := strings.TrimSpace(value)
-	if strings.Contains(v, ",") {
-		return netip.Addr{}, reject(ReasonNotSupported,
-			"%s=%q: a list of egress IPs is not supported yet; give one IPv4 address", AnnotationEgressIP, value)
+// ParseEgressIPs validates the value of the egress annotation: one IPv4 address, one
+// IPv6 address, or one of each separated by a comma. Each must be inside an egress
+// CIDR, not its network (or IPv4 broadcast) address, and not a node's address
+// (nodeIPs: every node's addresses, both families). One bad address rejects the whole
+// annotation: half of a namespace's pinning is no pinning a partner can rely on.
+func ParseEgressIPs(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.Addr]string) (dataplane.NamespaceEgress, *AnnotationError) {
+	var out dataplane.NamespaceEgress
+	parts := strings.Split(value, ",")
+	if len(parts) > 2 {
+		return out, reject(ReasonInvalidIP, "%s=%q: give one IPv4 address, one IPv6 address, or one of each, separated by a comma", AnnotationEgressIP, value)
 	}
-	ip, err := netip.ParseAddr(v)
+	for _, part := range parts {
+		ip, err := parseEgressIP(part, value, egressCIDRs, nodeIPs)
+		if err != nil {
+			return dataplane.NamespaceEgress{}, err
+		}
+		slot := &out.V4
+		if ip.Is6() {
+			slot = &out.V6
+		}
+		if slot.IsValid() {
+			return dataplane.NamespaceEgress{}, reject(ReasonInvalidIP, "%s=%q names two addresses of one family; give at most one IPv4 and one IPv6 address", AnnotationEgressIP, value)
+		}
+		*slot = ip
+	}
+	return out, nil
+}
+
+// parseEgressIP validates one address of the annotation (value: the whole of it, for
+// messages).
+func parseEgressIP(part, value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.Addr]string) (netip.Addr, *AnnotationError) {
+	ip, err := netip.ParseAddr(strings.TrimSpace(part))
 	if err != nil || ip.Zone() != "" {
-		return netip.Addr{}, reject(ReasonInvalidIP, "%s=%q is not an IP address", AnnotationEgressIP, value)
+		return netip.Addr{}, reject(ReasonInvalidIP, "%s=%q: %q is not an IP address", AnnotationEgressIP, value, strings.TrimSpace(part))
 	}
-	if ip.Is4In6() {
-		ip = ip.Unmap()
-	}
-	if !ip.Is4() {
-		return netip.Addr{}, reject(ReasonNotSupported, "%s=%q: only IPv4 egress IPs are supported for now", AnnotationEgressIP, value)
-	}
+	ip = ip.Unmap()
 	if node, ok := nodeIPs[ip]; ok {
 		return netip.Addr{}, rejectIP(ip, ReasonNodeIP, "egress IP %s is the IP of node %s", ip, node)
 	}
@@ -68,17 +86,19 @@ func ParseEgressIP(value string, egressCIDRs []netip.Prefix, nodeIPs map[netip.A
 	if !in.IsValid() {
 		return netip.Addr{}, rejectIP(ip, ReasonOutsideEgressCIDR, "egress IP %s is outside every egress CIDR (%s)", ip, joinPrefixes(egressCIDRs))
 	}
-	if in.Bits() < 31 { // /31 and /32 have no network or broadcast address (RFC 3021)
-		if ip == in.Addr() {
+	// IPv4 /31 and /32 have no network or broadcast address (RFC 3021); IPv6 has no
+	// broadcast, and a /127 or /128 no subnet-router anycast address (RFC 6164).
+	if in.Addr().BitLen()-in.Bits() > 1 {
+		if ip == in.Masked().Addr() {
 			return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s is the network address of %s", ip, in)
 		}
-		if ip == lastAddr(in) {
+		if ip.Is4() && ip == lastAddr(in) {
 			return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s is the broadcast address of %s", ip, in)
 		}
 	}
 	if dataplane.TunnelVNI(ip) == dataplane.ReplyVNI {
 		// Its tunnel's VNI is the one replies travel on.
-		return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s ends in .0.0: natd reserves that tunnel ID", ip)
+		return netip.Addr{}, rejectIP(ip, ReasonReservedAddress, "egress IP %s ends in three zero bytes: natd reserves that tunnel ID", ip)
 	}
 	return ip, nil
 }

@@ -294,18 +294,17 @@ func (c *Config) Validate() error {
 	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > maxEgressIPs:
 		return fmt.Errorf("--max-egress-ips must be between 1 and %d (the egress IPs a cluster can route)", maxEgressIPs)
 	}
-	// Egress IPs are IPv4 for now. IPv6 cluster, service and exclude CIDRs are what a
-	// dual-stack cluster has: they fill the ip6 table's cluster destinations, so that a
-	// pinned pod's IPv6 traffic inside the cluster still flows while its IPv6 traffic to
-	// the outside is dropped.
+	// Each egress IP's tunnel is told apart by the IP's last three bytes (TunnelVNI).
 	for _, p := range c.EgressCIDRs {
-		if !p.Addr().Is4() {
-			return fmt.Errorf("--egress-cidr %s: only IPv4 egress IPs are supported for now", p)
+		if p.Addr().Is4In6() || p.Addr().Zone() != "" {
+			return fmt.Errorf("--egress-cidr %s: give an IPv4 or an IPv6 prefix", p)
+		}
+		if p.Addr().Is6() && p.Bits() < 104 {
+			return fmt.Errorf("--egress-cidr %s: an IPv6 egress CIDR must be a /104 or longer (its addresses must differ in their last three bytes, which name their tunnels)", p)
 		}
 	}
 	if a, b, overlap := dataplane.VNIOverlap(c.EgressCIDRs); overlap {
-		// Each egress IP's tunnel is told apart by the IP's last three octets.
-		return fmt.Errorf("--egress-cidr %s and %s hold addresses that differ only in the first octet; natd's tunnels cannot tell them apart", a, b)
+		return fmt.Errorf("--egress-cidr %s and %s hold addresses with the same last three bytes; natd's tunnels cannot tell them apart", a, b)
 	}
 	if !slices.ContainsFunc(c.ClusterCIDRs, func(p netip.Prefix) bool { return p.Addr().Is4() }) {
 		return fmt.Errorf("at least one IPv4 --cluster-cidr is required")

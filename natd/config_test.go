@@ -26,7 +26,16 @@ func TestConfigIPv6CIDRs(t *testing.T) {
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56",
 			"--service-cidr", "10.96.0.0/12,fd00:10:96::/112", "--exclude-cidr", "2001:db8:99::/48"}, ""},
 		{[]string{"--cluster-cidr", "fd00:10:244::/56"}, "at least one IPv4 --cluster-cidr"},
-		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::c0/122"}, "only IPv4 egress IPs"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::c0/122"}, ""},
+		// A /104 holds every VNI, 198.18.0.192/26's too.
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::/104"}, "same last three bytes"},
+		// Wider than a /104: two of its addresses would share a tunnel.
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::/64"}, "a /104 or longer"},
+		// 198.18.0.200 and 2001:db8:18::12:c8 end in the same three bytes.
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::12:0/112"}, "same last three bytes"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::c0/122", "--egress-cidr", "2001:db8:19::c0/122"}, "same last three bytes"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "199.18.0.192/26"}, "same last three bytes"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "::ffff:198.19.0.0/120"}, "IPv4 or an IPv6 prefix"},
 	} {
 		var cfg Config
 		fs := flag.NewFlagSet("natd", flag.ContinueOnError)
@@ -41,8 +50,8 @@ func TestConfigIPv6CIDRs(t *testing.T) {
 	}
 }
 
-// IPv6 CIDRs and the nodes' IPv6 InternalIPs are cluster destinations; the IPv4
-// pod CIDRs natd polices stay IPv4.
+// IPv6 CIDRs and the nodes' IPv6 InternalIPs are cluster destinations; the pod CIDRs
+// of both families are pod CIDRs (the ip6 table's leak guard lets them into a tunnel).
 func TestPlanDualStackClusterDestinations(t *testing.T) {
 	cfg := testConfig("node1")
 	cfg.ClusterCIDRs = append(cfg.ClusterCIDRs, netip.MustParsePrefix("fd00:10:244::/56"))
@@ -62,8 +71,8 @@ func TestPlanDualStackClusterDestinations(t *testing.T) {
 	if got := prefixes(plan.State.ClusterDestinations); got != want {
 		t.Errorf("ClusterDestinations = %s\nwant %s", got, want)
 	}
-	if got := prefixes(plan.State.PodCIDRs); strings.Contains(got, ":") {
-		t.Errorf("PodCIDRs = %s; want IPv4 only", got)
+	if got := prefixes(plan.State.PodCIDRs); got != "10.244.0.0/16 fd00:10:244::/56" {
+		t.Errorf("PodCIDRs = %s; want both families'", got)
 	}
 }
 

@@ -132,6 +132,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	}
 
 	nodeIPs := map[netip.Addr]string{}
+	nodeAddrs := map[netip.Addr]string{} // both families: no egress IP may be one
 	var nodeIPs6 []netip.Prefix
 	nodeIPOf := map[string]netip.Addr{}
 	var self *corev1.Node
@@ -142,12 +143,14 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 				continue
 			}
 			addr, err := netip.ParseAddr(a.Address)
+			addr = addr.Unmap()
 			switch {
 			case err != nil:
 			case addr.Is4():
-				nodeIPs[addr] = n.Name
+				nodeIPs[addr], nodeAddrs[addr] = n.Name, n.Name
 			default:
 				nodeIPs6 = append(nodeIPs6, netip.PrefixFrom(addr, 128))
+				nodeAddrs[addr] = n.Name
 			}
 		}
 		if ip.IsValid() {
@@ -155,7 +158,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		if n.Name == cfg.NodeName {
 			self = n
-		} else if cidrs := podCIDRs4(n); ip.Is4() && len(cidrs) > 0 {
+		} else if cidrs := podCIDRs(n); ip.Is4() && len(cidrs) > 0 {
 			plan.State.Peers = append(plan.State.Peers, dataplane.Peer{IP: ip, PodCIDRs: cidrs})
 		}
 	}
@@ -172,7 +175,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	if !st.NodeIP.IsValid() {
 		return nil, fmt.Errorf("node %s has no IPv4 InternalIP; set --node-ip", cfg.NodeName)
 	}
-	nodeIPs[st.NodeIP] = cfg.NodeName
+	nodeIPs[st.NodeIP], nodeAddrs[st.NodeIP] = cfg.NodeName, cfg.NodeName
 
 	for ip := range nodeIPs {
 		st.NodeIPs = append(st.NodeIPs, ip)
@@ -188,32 +191,30 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		return a.Bits() - b.Bits()
 	})
-	for _, pr := range cfg.ClusterCIDRs {
-		if pr.Addr().Is4() {
-			st.PodCIDRs = append(st.PodCIDRs, pr)
-		}
-	}
-	st.LocalPodCIDRs = podCIDRs4(self)
+	st.PodCIDRs = slices.Clone(cfg.ClusterCIDRs)
+	st.LocalPodCIDRs = podCIDRs(self)
 
 	// Namespaces in name order, so that every node resolves a pod IP claimed by two
 	// namespaces alike.
 	namespaces := slices.Clone(c.Namespaces)
 	slices.SortFunc(namespaces, func(a, b *corev1.Namespace) int { return strings.Compare(a.Name, b.Name) })
-	st.PinnedNamespaces = make(map[string]netip.Addr, len(namespaces))
+	st.PinnedNamespaces = make(map[string]dataplane.NamespaceEgress, len(namespaces))
 	var pins podPins
 	for _, ns := range namespaces {
 		v, ok := ns.Annotations[AnnotationEgressIP]
 		if !ok {
 			continue
 		}
-		ip, aerr := ParseEgressIP(v, cfg.EgressCIDRs, nodeIPs)
+		eips, aerr := ParseEgressIPs(v, cfg.EgressCIDRs, nodeAddrs)
 		if aerr != nil {
 			plan.Rejected[ns.Name] = aerr
 			continue
 		}
-		plan.Namespaces[ip] = append(plan.Namespaces[ip], ns.Name)
-		st.PinnedNamespaces[ns.Name] = ip
-		rank := pins.namespace(ip)
+		for _, ip := range eips.IPs() {
+			plan.Namespaces[ip] = append(plan.Namespaces[ip], ns.Name)
+		}
+		st.PinnedNamespaces[ns.Name] = eips
+		rank := pins.namespace(eips)
 		for _, pod := range c.PodsIn(ns.Name) {
 			switch {
 			case pod.node != cfg.NodeName:
@@ -226,7 +227,8 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 			}
 		}
 	}
-	pods, pods6 := pins.resolve()
+	pods, noEgress := pins.resolve()
+	st.NoEgress = noEgress
 
 	ips := make([]netip.Addr, 0, len(plan.Namespaces))
 	for ip := range plan.Namespaces {
@@ -244,7 +246,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	serving := servingClaims(el.View, cfg.NodeName)
 	for _, ip := range ips {
 		sort.Strings(plan.Namespaces[ip])
-		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip], Pods6: pods6[ip]}
+		e := dataplane.EgressIP{IP: ip, FailOpen: cfg.FailOpen, Pods: pods[ip]}
 		holder := assigned[ip].Holder
 		plan.Holders[ip] = holder
 		// Traffic goes to who serves the IP: its holder, or — while the new holder
@@ -480,7 +482,7 @@ const pendingClaimsRecheck = 200 * time.Millisecond
 // rank (terminating, namespace order) are packed into one uint64, sorted, and the first
 // of each address wins.
 type podPins struct {
-	egress []netip.Addr // by namespace rank
+	egress []dataplane.NamespaceEgress // by namespace rank
 	v4     []uint64     // address<<32 | terminating<<31 | namespace rank
 	v6     []pin6
 }
@@ -493,7 +495,7 @@ type pin6 struct {
 const terminatingRank = 1 << 31
 
 // namespace registers the next pinned namespace (in name order) and returns its rank.
-func (p *podPins) namespace(egress netip.Addr) uint32 {
+func (p *podPins) namespace(egress dataplane.NamespaceEgress) uint32 {
 	p.egress = append(p.egress, egress)
 	return uint32(len(p.egress) - 1)
 }
@@ -510,10 +512,18 @@ func (p *podPins) add(pod *podRecord, rank uint32) {
 	}
 }
 
-// resolve returns each egress IP's addresses, one owner per address, sorted.
-func (p *podPins) resolve() (v4, v6 map[netip.Addr][]netip.Addr) {
-	v4, v6 = map[netip.Addr][]netip.Addr{}, map[netip.Addr][]netip.Addr{}
-	egressOf := func(rank uint32) netip.Addr { return p.egress[rank&^terminatingRank] }
+// resolve returns each egress IP's addresses, and the addresses whose namespace has no
+// egress IP of their family; one owner per address, sorted.
+func (p *podPins) resolve() (byEgress map[netip.Addr][]netip.Addr, noEgress []netip.Addr) {
+	byEgress = map[netip.Addr][]netip.Addr{}
+	add := func(e, a netip.Addr) {
+		if e.IsValid() {
+			byEgress[e] = append(byEgress[e], a)
+		} else {
+			noEgress = append(noEgress, a)
+		}
+	}
+	egressOf := func(rank uint32) dataplane.NamespaceEgress { return p.egress[rank&^terminatingRank] }
 	slices.Sort(p.v4)
 	for i, x := range p.v4 {
 		if i > 0 && x>>32 == p.v4[i-1]>>32 {
@@ -521,8 +531,7 @@ func (p *podPins) resolve() (v4, v6 map[netip.Addr][]netip.Addr) {
 		}
 		var a [4]byte
 		binary.BigEndian.PutUint32(a[:], uint32(x>>32))
-		e := egressOf(uint32(x))
-		v4[e] = append(v4[e], netip.AddrFrom4(a))
+		add(egressOf(uint32(x)).V4, netip.AddrFrom4(a))
 	}
 	slices.SortFunc(p.v6, func(a, b pin6) int {
 		if c := bytes.Compare(a.addr[:], b.addr[:]); c != 0 {
@@ -534,10 +543,9 @@ func (p *podPins) resolve() (v4, v6 map[netip.Addr][]netip.Addr) {
 		if i > 0 && x.addr == p.v6[i-1].addr {
 			continue
 		}
-		e := egressOf(x.rank)
-		v6[e] = append(v6[e], netip.AddrFrom16(x.addr))
+		add(egressOf(x.rank).V6, netip.AddrFrom16(x.addr))
 	}
-	return v4, v6
+	return byEgress, noEgress
 }
 
 // isEligible reports whether n may hold egress IPs. Readiness is not asked: whether a
@@ -579,16 +587,17 @@ func isReady(n *corev1.Node) bool {
 	return false
 }
 
-// podCIDRs4 are a node's IPv4 pod CIDRs (spec.podCIDRs, or the older spec.podCIDR).
-func podCIDRs4(n *corev1.Node) []netip.Prefix {
+// podCIDRs are a node's pod CIDRs of both families (spec.podCIDRs, or the older
+// spec.podCIDR).
+func podCIDRs(n *corev1.Node) []netip.Prefix {
 	var out []netip.Prefix
 	for _, s := range n.Spec.PodCIDRs {
-		if pr, err := netip.ParsePrefix(s); err == nil && pr.Addr().Is4() {
+		if pr, err := netip.ParsePrefix(s); err == nil && !pr.Addr().Is4In6() {
 			out = append(out, pr.Masked())
 		}
 	}
 	if len(out) == 0 && n.Spec.PodCIDR != "" {
-		if pr, err := netip.ParsePrefix(n.Spec.PodCIDR); err == nil && pr.Addr().Is4() {
+		if pr, err := netip.ParsePrefix(n.Spec.PodCIDR); err == nil && !pr.Addr().Is4In6() {
 			out = append(out, pr.Masked())
 		}
 	}

@@ -65,12 +65,14 @@ func TunnelVNI(ip netip.Addr) uint32 {
 	return uint32(b[n-3])<<16 | uint32(b[n-2])<<8 | uint32(b[n-1])
 }
 
-// VNIOverlap reports two egress CIDRs that hold different addresses with one VNI.
+// VNIOverlap reports two egress CIDRs, of either family, that hold different
+// addresses with one VNI. (One IPv4 CIDR never does: it would need to be wider than
+// a /8; an IPv6 one wider than a /104 is refused by the configuration.)
 func VNIOverlap(cidrs []netip.Prefix) (a, b netip.Prefix, overlap bool) {
 	for i, p := range cidrs {
 		for _, q := range cidrs[i+1:] {
-			if !p.Addr().Is4() || !q.Addr().Is4() || p.Addr().As4()[0] == q.Addr().As4()[0] || p.Overlaps(q) {
-				continue
+			if p.Overlaps(q) {
+				continue // same family, and inside one another: one address, one VNI
 			}
 			// Compare the ranges of low 24 bits each covers.
 			lo1, hi1 := vniRange(p)
@@ -84,7 +86,7 @@ func VNIOverlap(cidrs []netip.Prefix) (a, b netip.Prefix, overlap bool) {
 }
 
 func vniRange(p netip.Prefix) (lo, hi uint32) {
-	if p.Bits() < 8 {
+	if p.Addr().BitLen()-p.Bits() > 24 {
 		return 0, 1<<24 - 1
 	}
 	return TunnelVNI(p.Masked().Addr()), TunnelVNI(broadcast(p))
