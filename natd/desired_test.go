@@ -623,3 +623,65 @@ func TestPlanMinorityHoldsNothing(t *testing.T) {
 		t.Fatalf("minority node holds %v (quorum %v)", plan.Held, plan.Quorum)
 	}
 }
+
+// A namespace pins each family to its own egress IP: a pod's IPv4 address to the IPv4
+// one, its IPv6 address to the IPv6 one; an address of a family the namespace has no
+// egress IP in is dropped (NoEgress), never left unpinned. Replies to the other nodes'
+// pods of both families go through the reply tunnel.
+func TestPlanDualStackPinning(t *testing.T) {
+	cfg := testConfig("node1")
+	cfg.EgressCIDRs = append(cfg.EgressCIDRs, netip.MustParsePrefix("2001:db8:18::c0/122"))
+	cfg.ClusterCIDRs = append(cfg.ClusterCIDRs, netip.MustParsePrefix("fd00:10:244::/56"))
+	dual := func(namespace, name, nodeName, ip4, ip6 string) *corev1.Pod {
+		p := pod(namespace, name, nodeName, ip4)
+		p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: ip6})
+		return p
+	}
+	nodes := []*corev1.Node{node("node1", "198.18.0.11", false, true), node("node2", "198.18.0.12", true, true),
+		node("node3", "198.18.0.13", true, true)}
+	for i, n := range nodes {
+		n.Spec.PodCIDRs = append(n.Spec.PodCIDRs, fmt.Sprintf("fd00:10:244:%d::/64", 11+i))
+		n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: fmt.Sprintf("2001:db8:18::%d", 11+i)})
+	}
+	c := clusterOf(nodes, []*corev1.Namespace{
+		ns("both", "198.18.0.200,2001:db8:18::c8"), ns("six", "2001:db8:18::c9"), ns("four", "198.18.0.201"),
+		ns("node-ip", "2001:db8:18::12"), ns("plain", ""),
+	}, []*corev1.Pod{
+		dual("both", "b", "node1", "10.244.11.10", "fd00:10:244:11::10"),
+		dual("six", "s", "node1", "10.244.11.11", "fd00:10:244:11::11"),
+		dual("four", "f", "node1", "10.244.11.12", "fd00:10:244:11::12"),
+		dual("plain", "p", "node1", "10.244.11.13", "fd00:10:244:11::13"),
+		dual("both", "remote", "node2", "10.244.12.10", "fd00:10:244:12::10"),
+	}, "node1")
+	plan, err := (&Planner{Config: cfg}).Plan(c, elect("node1", "node1", "node2", "node3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := plan.State
+	got := map[string]string{}
+	for _, e := range st.Egress {
+		got[e.IP.String()] = fmt.Sprint(e.Pods)
+	}
+	want := map[string]string{"198.18.0.200": "[10.244.11.10]", "198.18.0.201": "[10.244.11.12]",
+		"2001:db8:18::c8": "[fd00:10:244:11::10]", "2001:db8:18::c9": "[fd00:10:244:11::11]"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("egress IPs' pods = %v\nwant %v", got, want)
+	}
+	if got := fmt.Sprint(st.NoEgress); got != "[10.244.11.11 fd00:10:244:11::12]" {
+		t.Errorf("NoEgress = %s; want six's IPv4 and four's IPv6 address", got)
+	}
+	if got := fmt.Sprint(st.PinnedNamespaces); got != "map[both:198.18.0.200,2001:db8:18::c8 four:198.18.0.201 six:2001:db8:18::c9]" {
+		t.Errorf("PinnedNamespaces = %s", got)
+	}
+	if r := plan.Rejected["node-ip"]; r == nil || r.Reason != ReasonNodeIP {
+		t.Errorf("an annotation naming a node's IPv6 address: %v; want %s", r, ReasonNodeIP)
+	}
+	for _, e := range st.Egress {
+		if h := plan.Holders[e.IP]; h != "node2" && h != "node3" {
+			t.Errorf("%s held by %q; want an egress node", e.IP, h)
+		}
+	}
+	if got := fmt.Sprint(st.Peers); !strings.Contains(got, "fd00:10:244:12::/64") || !strings.Contains(got, "10.244.12.0/24") {
+		t.Errorf("Peers = %s; want both families' pod CIDRs", got)
+	}
+}

@@ -11,6 +11,7 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	egressv1alpha1 "natd.dev/natd/natd/apis/egress/v1alpha1"
 	"natd.dev/natd/tests/lab"
 )
 
@@ -25,23 +26,6 @@ func seen6(p *lab.Pod, pr proto, timeout time.Duration) (string, error) {
 	return seenAt(p, pr, partnerAddr6(), timeout)
 }
 
-// droppedNoIPv6 is natd_pinned_packets_dropped_total{reason="no_ipv6_egress"} of the
-// node's natd (-1: no answer or no series).
-func droppedNoIPv6(t *testing.T, node string) int {
-	t.Helper()
-	n, err := topo.Node(node)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := regexp.MustCompile(`(?m)^natd_pinned_packets_dropped_total\{reason="no_ipv6_egress"\} (\S+)$`).
-		FindStringSubmatch(metrics(n.Netns))
-	if m == nil {
-		return -1
-	}
-	v, _ := strconv.ParseFloat(m[1], 64)
-	return int(v)
-}
-
 // assertNoIPv6Egress streams from pinned pod p to the partner's IPv6 address (UDP
 // datagrams and TCP requests) and fails if anything of it arrived there, with any
 // source; with countOn set, that node's natd must have counted drops meanwhile.
@@ -49,9 +33,7 @@ func assertNoIPv6Egress(t *testing.T, p *lab.Pod, id string, countOn string) {
 	t.Helper()
 	before := 0
 	if countOn != "" {
-		if before = droppedNoIPv6(t, countOn); before < 0 {
-			t.Fatalf("natd on %s has no no_ipv6_egress drop counter", countOn)
-		}
+		before = droppedBy(t, countOn, "no_ipv6_egress")
 	}
 	s := startStreamTo(t, p, id, partnerAddr6())
 	for _, pr := range []proto{tcp, udp} {
@@ -69,7 +51,7 @@ func assertNoIPv6Egress(t *testing.T, p *lab.Pod, id string, countOn string) {
 	if countOn == "" {
 		return
 	}
-	after := droppedNoIPv6(t, countOn)
+	after := droppedBy(t, countOn, "no_ipv6_egress")
 	t.Logf("%s/%s on %s: nothing of %d IPv6 datagrams arrived; no_ipv6_egress on %s %d → %d", p.Namespace, p.Name, p.Node,
 		len(s.sent), countOn, before, after)
 	// Every datagram is dropped once, on the pod's node: the counter counts the
@@ -248,4 +230,202 @@ func TestDualStackTablesGoneKeepPinnedIPv6In(t *testing.T) {
 		t.Logf("%-26s on %s: repaired in %s, %d IPv6 datagrams sent, none arrived", cmd, p.Node, repaired.Round(time.Millisecond), len(s.sent))
 	}
 	assertSeen(t, p, eip)
+}
+
+// nodeIP6s are every node's IPv6 address: what a leak over IPv6 would show.
+func nodeIP6s() []string {
+	var out []string
+	for _, n := range topo.Nodes {
+		out = append(out, n.IP6)
+	}
+	return out
+}
+
+// assertOnlyFrom6 streams IPv6 datagrams and TCP requests from p to the partner for a
+// second and fails unless some arrived and every one of them came from want.
+func assertOnlyFrom6(t *testing.T, p *lab.Pod, id, want string) {
+	t.Helper()
+	s := startStreamTo(t, p, id, partnerAddr6())
+	time.Sleep(time.Second)
+	s.halt()
+	if n := onlyFrom(t, s, want); n == 0 {
+		t.Errorf("%s/%s on %s: nothing of %d IPv6 datagrams arrived (want them from %s)", p.Namespace, p.Name, p.Node, len(s.sent), want)
+	}
+}
+
+// IPv6 egress IPs (issue 11, item 4): a namespace pinned to an IPv4 and an IPv6 egress
+// IP reaches the partner with the one of each family, from the holders and from nodes
+// that may hold nothing (through natd's tunnel), over TCP and UDP, every datagram with
+// exactly that source; `kubectl get eip` lists both IPs with their holders and every
+// node programmed. A namespace pinned to an IPv6 egress IP only never reaches the
+// partner over IPv4 (dropped and counted as no_ipv4_egress on the pod's node).
+func TestDualStackEgressIPs(t *testing.T) {
+	dualOnly(t)
+	const ns, eip4, eip6 = "dual-both", "198.18.0.227", "2001:db8:18::e3"
+	ensureNamespace(t, ns)
+	annotate(t, ns, eip4+","+eip6)
+	unpinOnCleanup(t, ns)
+	holder4, holder6 := waitHolder(t, eip4), waitHolder(t, eip6)
+	for _, n := range topo.Nodes {
+		p := newPod(t, ns, "app-"+n.Name, n.Name)
+		waitSeen(t, p, tcp, eip4, nodeIPs()...)
+		waitSeenAt(t, p, tcp, partnerAddr6(), eip6, nodeIP6s()...)
+		for _, pr := range []proto{tcp, udp} {
+			if got, err := seen6(p, pr, 3*time.Second); err != nil || got != eip6 {
+				t.Errorf("%s on %s over IPv6 %s: partner saw %q (%v), want %s", p.Name, p.Node, pr, got, err, eip6)
+			}
+		}
+		assertSeen(t, p, eip4)
+		assertOnlyFrom6(t, p, "dual-both-"+n.Name, eip6)
+	}
+	for ip, holder := range map[string]string{eip4: holder4, eip6: holder6} {
+		waitEIP(t, ip, "holder and every node programmed", func(o *egressv1alpha1.EgressIP) bool {
+			return o != nil && o.Status.Node == holder && o.Status.Ready == readyAll()
+		})
+		header, row := getEIPRow(t, ip)
+		if len(row) < 5 || row[1] != ip || row[2] != holder || row[3] != ns || row[4] != readyAll() {
+			t.Errorf("kubectl get eip: %v / %v; want %s held by %s for %s, READY %s", header, row, ip, holder, ns, readyAll())
+		}
+		t.Logf("kubectl get eip: %v", row)
+	}
+	checkRouterPointsAt(t, eip6, holder6)
+
+	// IPv6 only: its pods' IPv4 to the outside is dropped, never sent with another
+	// source; their IPv6 leaves with the egress IP.
+	const ns6, only6 = "dual-six", "2001:db8:18::e4"
+	ensureNamespace(t, ns6)
+	annotate(t, ns6, only6)
+	unpinOnCleanup(t, ns6)
+	waitHolder(t, only6)
+	p := newPod(t, ns6, "app", "node1")
+	waitSeenAt(t, p, tcp, partnerAddr6(), only6, nodeIP6s()...)
+	before := droppedBy(t, "node1", "no_ipv4_egress")
+	s := startStream(t, p, "dual-six-v4")
+	time.Sleep(time.Second)
+	s.halt()
+	udpA, tcpA := arrivals(t, s.id)
+	for _, a := range append(udpA, tcpA...) {
+		t.Errorf("IPv6-only namespace: IPv4 datagram/request %d arrived at the partner from %s; want nothing", a.Seq, a.Src)
+	}
+	if after := droppedBy(t, "node1", "no_ipv4_egress"); after-before < len(s.sent)/2 {
+		t.Errorf("no_ipv4_egress on node1 grew %d → %d for %d datagrams sent", before, after, len(s.sent))
+	}
+}
+
+// droppedBy is natd_pinned_packets_dropped_total{reason} of the node's natd.
+func droppedBy(t *testing.T, node, reason string) int {
+	t.Helper()
+	n, err := topo.Node(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^natd_pinned_packets_dropped_total\{reason="` + reason + `"\} (\S+)$`).FindStringSubmatch(metrics(n.Netns))
+	if m == nil {
+		t.Fatalf("natd on %s has no %s drop counter", node, reason)
+	}
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return int(v)
+}
+
+// An IPv6 egress IP fails over as an IPv4 one does (same leases, same election): the
+// holder's uplink cut or its natd killed, the partner sees the pod's IPv6 stream again
+// from the new holder well within a second or so, never with another source, never
+// served by two nodes; the router's neighbour entry follows the unsolicited neighbour
+// advertisement; the long-lived IPv6 connection survives.
+func TestDualStackIPv6Failover(t *testing.T) {
+	dualOnly(t)
+	for _, c := range []struct {
+		name, ip string
+		f        fault
+	}{
+		{"uplink6", "2001:db8:18::e5", cutUplink},
+		{"sigkill6", "2001:db8:18::e6", killNatd},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, after, o := failover(t, c.name, c.ip, c.f, mustMove)
+			afterwards(t, c.ip, after)
+			if o.recovery > 2*time.Second {
+				t.Errorf("%s: IPv6 recovery took %s", c.name, o.recovery)
+			}
+		})
+	}
+}
+
+// No node may hold egress IPs: a pinned namespace's IPv6 to the outside is dropped
+// (fail closed), never sent with the pod's or a node's IPv6 address; with an egress
+// node back it leaves with the IPv6 egress IP again.
+func TestDualStackIPv6FailsClosed(t *testing.T) {
+	dualOnly(t)
+	const ns, eip6 = "dual-closed", "2001:db8:18::e7"
+	ensureNamespace(t, ns)
+	annotate(t, ns, eip6)
+	unpinOnCleanup(t, ns)
+	waitHolder(t, eip6)
+	p := newPod(t, ns, "app", "node1")
+	waitSeenAt(t, p, tcp, partnerAddr6(), eip6, nodeIP6s()...)
+	var labelled []string
+	for _, n := range topo.Nodes {
+		obj, err := client.CoreV1().Nodes().Get(context.Background(), n.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if obj.Labels["egress.natd.dev/node"] == "true" {
+			labelled = append(labelled, n.Name)
+			setEgressLabel(t, n.Name, "")
+		}
+	}
+	t.Cleanup(func() {
+		for _, n := range labelled {
+			setEgressLabel(t, n, "true")
+		}
+	})
+	waitNoHolder(t, eip6)
+	s := startStreamTo(t, p, "dual-closed", partnerAddr6())
+	time.Sleep(time.Second)
+	s.halt()
+	udpA, tcpA := arrivals(t, s.id)
+	for _, a := range append(udpA, tcpA...) {
+		t.Errorf("no egress node: IPv6 datagram/request %d arrived at the partner from %s; want nothing", a.Seq, a.Src)
+	}
+	for _, n := range labelled {
+		setEgressLabel(t, n, "true")
+	}
+	labelled = nil
+	waitSeenAt(t, p, tcp, partnerAddr6(), eip6, nodeIP6s()...)
+}
+
+// An IPv6 egress IP's traffic while natd's tables are gone — the ip6 table deleted,
+// or the whole ruleset flushed — on the pinned pod's node or on the holder, until natd
+// has repaired them: it arrives with the IPv6 egress IP or not at all (the IPv6 route
+// guard: the pod guard's origin rule on the pod's node, a rule per tunnel device of an
+// IPv6 egress IP on the holder; and the lapsed-lease output filter).
+func TestDualStackIPv6TablesGone(t *testing.T) {
+	dualOnly(t)
+	const ns, eip6 = "dual-tamper6", "2001:db8:18::e8"
+	ensureNamespace(t, ns)
+	annotate(t, ns, eip6)
+	unpinOnCleanup(t, ns)
+	holder := waitHolder(t, eip6)
+	pods := []*lab.Pod{newPod(t, ns, "app-remote", notHolding(holder)), newPod(t, ns, "app-holder", holder)}
+	for _, p := range pods {
+		waitSeenAt(t, p, tcp, partnerAddr6(), eip6, nodeIP6s()...)
+	}
+	for _, p := range pods {
+		for _, where := range []string{p.Node, holder} {
+			n, err := topo.Node(where)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, cmd := range []string{"nft delete table ip6 natd", "nft flush ruleset"} {
+				s := startStreamTo(t, p, fmt.Sprintf("dual-tamper6-%s-%s-%d", p.Name, where, i), partnerAddr6())
+				repaired, _ := tamperWhileStreaming(t, n, cmd, s)
+				good := onlyFrom(t, s, eip6)
+				t.Logf("%s on %s, pod on %s: repaired in %s, %d datagrams and requests arrived (%d datagrams sent), all from %s", cmd, where, p.Node,
+					repaired.Round(time.Millisecond), good, len(s.sent), eip6)
+			}
+			if where == holder {
+				break // the holder's own pod: tampered once
+			}
+		}
+	}
 }

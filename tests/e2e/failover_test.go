@@ -232,31 +232,36 @@ func servedBy(t testing.TB, ip string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	family, set := nftables.TableFamilyIPv4, "held_marks"
+	if want.Is6() {
+		family, set = nftables.TableFamilyIPv6, "held_marks6"
+	}
+	n := want.BitLen() / 8
 	var out []string
-	for _, n := range topo.Nodes {
+	for _, node := range topo.Nodes {
 		// Over netlink, not by running nft: sampled every 20 ms on ten nodes, a process
 		// per node and sample would starve the lab's two cores.
 		var leased bool
-		lab.InNetns(n.Netns, func() error {
+		lab.InNetns(node.Netns, func() error {
 			c, err := nftables.New()
 			if err != nil {
 				return err
 			}
 			defer c.CloseLasting()
-			s, err := c.GetSetByName(&nftables.Table{Name: "natd", Family: nftables.TableFamilyIPv4}, "held_marks")
+			s, err := c.GetSetByName(&nftables.Table{Name: "natd", Family: family}, set)
 			if err != nil {
 				return err
 			}
 			els, err := c.GetSetElements(s)
 			for _, e := range els {
-				if len(e.Key) >= 4 && netip.AddrFrom4([4]byte(e.Key[:4])) == want {
+				if a, ok := netip.AddrFromSlice(e.Key[:min(len(e.Key), n)]); ok && a == want {
 					leased = true
 				}
 			}
 			return err
 		})
 		if leased {
-			out = append(out, n.Name)
+			out = append(out, node.Name)
 		}
 	}
 	return out
@@ -349,21 +354,22 @@ func failover(t testing.TB, name, ip string, f fault, want move) (before, after 
 	p := newPod(t, ns, "app", "node1")
 	annotate(t, ns, ip)
 	t.Cleanup(func() { annotate(t, ns, "") })
-	waitSeen(t, p, tcp, ip)
+	waitSeenAt(t, p, tcp, partnerFor(ip), ip)
 	before = waitServedBy(t, ip, 10*time.Second)
 
-	s := startStream(t, p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()))
-	conn := startConnection(t, p)
+	s := startStreamTo(t, p, fmt.Sprintf("%s-%d", name, time.Now().UnixNano()), partnerFor(ip))
+	conn := startConnectionTo(t, p, 0, partnerFor(ip))
 	var more, pair []*connection
 	for i := 0; i < failoverExtras.conns; i++ {
-		more = append(more, startConnection(t, p))
+		more = append(more, startConnectionTo(t, p, 0, partnerFor(ip)))
 	}
 	if failoverExtras.pairPort != 0 {
 		// The second pod of the pair: on the node that neither holds nor is node1.
 		for _, n := range topo.Nodes {
 			if n.Name != before && n.Name != "node1" {
 				q := newPod(t, ns, "pair", n.Name)
-				pair = append(pair, startConnectionFrom(t, p, failoverExtras.pairPort), startConnectionFrom(t, q, failoverExtras.pairPort))
+				pair = append(pair, startConnectionTo(t, p, failoverExtras.pairPort, partnerFor(ip)),
+					startConnectionTo(t, q, failoverExtras.pairPort, partnerFor(ip)))
 				break
 			}
 		}
@@ -478,9 +484,15 @@ func startConnection(t testing.TB, p *lab.Pod) *connection {
 // startConnectionFrom is startConnection from local port port (0: any).
 func startConnectionFrom(t testing.TB, p *lab.Pod, port int) *connection {
 	t.Helper()
+	return startConnectionTo(t, p, port, partnerAddr())
+}
+
+// startConnectionTo is startConnectionFrom to addr (the partner's address of a family).
+func startConnectionTo(t testing.TB, p *lab.Pod, port int, addr string) *connection {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := lab.DialFromPortIn(ctx, p.Netns, port, partnerAddr())
+	c, err := lab.DialFromPortIn(ctx, p.Netns, port, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -567,7 +579,7 @@ func watchStatusMove(ip, before string, faultAt time.Time, done chan<- time.Dura
 	}
 	for time.Since(faultAt) < 20*time.Second {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		o, err := c.EgressV1alpha1().EgressIPs().Get(ctx, ip, metav1.GetOptions{})
+		o, err := c.EgressV1alpha1().EgressIPs().Get(ctx, eipName(ip), metav1.GetOptions{})
 		cancel()
 		if err == nil && o.Status.Node != "" && o.Status.Node != before {
 			done <- time.Since(faultAt)

@@ -24,6 +24,14 @@ func partnerAddr6() string {
 	return net.JoinHostPort(topo.Partner.IP6, strconv.Itoa(topo.Partner.Port))
 }
 
+// partnerFor is the partner's address (and port) in the family of egress IP ip.
+func partnerFor(ip string) string {
+	if strings.Contains(ip, ":") {
+		return partnerAddr6()
+	}
+	return partnerAddr()
+}
+
 // dualOnly skips a test unless the lab is dual-stack.
 func dualOnly(t *testing.T) {
 	t.Helper()
@@ -204,7 +212,7 @@ func holdersOf(t testing.TB, ip string) []string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if strings.Contains(out, " "+ip+"/32 ") {
+		if strings.Contains(out, " "+ip+"/32 ") || strings.Contains(out, " "+ip+"/128 ") {
 			holders = append(holders, n.Name)
 		}
 	}

@@ -52,7 +52,7 @@ func waitEIP(t testing.TB, ip, what string, ok func(*egressv1alpha1.EgressIP) bo
 	c := eipClient(t)
 	var last *egressv1alpha1.EgressIP
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		obj, err := c.EgressV1alpha1().EgressIPs().Get(context.Background(), ip, metav1.GetOptions{})
+		obj, err := c.EgressV1alpha1().EgressIPs().Get(context.Background(), eipName(ip), metav1.GetOptions{})
 		switch {
 		case apierrors.IsNotFound(err):
 			obj = nil
@@ -67,6 +67,10 @@ func waitEIP(t testing.TB, ip, what string, ok func(*egressv1alpha1.EgressIP) bo
 	return nil
 }
 
+// eipName is the name of ip's EgressIP object (CONTRACT.md: an IPv6 address's ':'
+// become '-').
+func eipName(ip string) string { return strings.ReplaceAll(ip, ":", "-") }
+
 // getEIPRow returns the fields of ip's row in `kubectl get eip` (args add e.g. -o wide),
 // and the header's fields.
 func getEIPRow(t testing.TB, ip string, args ...string) (header, row []string) {
@@ -77,7 +81,7 @@ func getEIPRow(t testing.TB, ip string, args ...string) (header, row []string) {
 	split := func(s string) []string { return regexp.MustCompile(`\s{2,}`).Split(strings.TrimSpace(s), -1) }
 	header = split(lines[0])
 	for _, l := range lines[1:] {
-		if f := split(l); f[0] == ip {
+		if f := split(l); f[0] == eipName(ip) {
 			return header, f
 		}
 	}

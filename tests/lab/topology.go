@@ -36,8 +36,8 @@ type Topology struct {
 	// Kubelet: the real-node mode (natd-lab up --kubelet). Every node runs containerd and
 	// a kubelet, natd runs as the DaemonSet, pods are the kubelet's.
 	Kubelet bool `json:"kubelet,omitempty"`
-	// The dual mode's IPv6 networks (empty otherwise): nodes, egress IPs (natd does not
-	// use them yet), pods (a /64 per node) and Services (kube-apiserver's service range
+	// The dual mode's IPv6 networks (empty otherwise): nodes, IPv6 egress IPs (natd's
+	// --egress-cidr), pods (a /64 per node) and Services (kube-apiserver's service range
 	// stays IPv4: Services are single-stack; natd is told this CIDR).
 	NodeCIDR6    string `json:"nodeCIDR6,omitempty"`
 	EgressCIDR6  string `json:"egressCIDR6,omitempty"`

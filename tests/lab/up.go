@@ -824,9 +824,9 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 		"--gossip-key-file", filepath.Join(dir, "gossip.key"),
 	}
 	if t.Dual() {
-		// A dual-stack cluster's IPv6 pod and service CIDRs: never-dropped destinations
-		// of pinned pods' IPv6 traffic.
-		args = append(args, "--cluster-cidr", t.ClusterCIDR6, "--service-cidr", t.ServiceCIDR6)
+		// A dual-stack cluster's IPv6 pod and service CIDRs (destinations pinned pods
+		// reach with their own address) and its IPv6 egress IPs.
+		args = append(args, "--cluster-cidr", t.ClusterCIDR6, "--service-cidr", t.ServiceCIDR6, "--egress-cidr", t.EgressCIDR6)
 	}
 	if t.Network == NetworkRouted {
 		args = append(args, routedNatdArgs(t, n)...)
