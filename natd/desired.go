@@ -483,7 +483,7 @@ const pendingClaimsRecheck = 200 * time.Millisecond
 // of each address wins.
 type podPins struct {
 	egress []dataplane.NamespaceEgress // by namespace rank
-	v4     []uint64     // address<<32 | terminating<<31 | namespace rank
+	v4     []uint64                    // address<<32 | terminating<<31 | namespace rank
 	v6     []pin6
 }
 
