@@ -26,7 +26,7 @@ type announcer interface {
 type announcingKernel struct {
 	Kernel
 	// start makes the announcer once the node's address is known (the first Apply).
-	start func(nodeIP netip.Addr) (announcer, error)
+	start func(nodeIP, nodeIP6 netip.Addr) (announcer, error)
 	lease time.Duration
 	now   func() time.Time
 
@@ -42,7 +42,7 @@ func (k *announcingKernel) Apply(st dataplane.State) (dataplane.Result, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if k.a == nil {
-		if k.a, err = k.start(st.NodeIP); err != nil {
+		if k.a, err = k.start(st.NodeIP, st.NodeIP6); err != nil {
 			return res, fmt.Errorf("starting BGP: %w", err)
 		}
 	}

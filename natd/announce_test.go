@@ -32,18 +32,19 @@ func (f *fakeAnnouncer) Extend(until time.Time) { f.until = until }
 func TestAnnouncingKernelFollowsTheKernel(t *testing.T) {
 	now := time.Date(2026, 11, 27, 1, 0, 0, 0, time.UTC)
 	fa := &fakeAnnouncer{}
-	var startedWith netip.Addr
+	var startedWith, startedWith6 netip.Addr
 	fk := &fakeKernel{}
 	k := &announcingKernel{Kernel: fk, lease: 300 * time.Millisecond, now: func() time.Time { return now },
-		start: func(ip netip.Addr) (announcer, error) { startedWith = ip; return fa, nil }}
+		start: func(ip, ip6 netip.Addr) (announcer, error) { startedWith, startedWith6 = ip, ip6; return fa, nil }}
 	ip1, ip2 := netip.MustParseAddr("198.18.0.200"), netip.MustParseAddr("198.18.0.201")
 	node := netip.MustParseAddr("198.18.11.10")
-	st := dataplane.State{NodeIP: node, LeaseUntil: now.Add(time.Second), Egress: []dataplane.EgressIP{
+	node6 := netip.MustParseAddr("2001:db8:11::10")
+	st := dataplane.State{NodeIP: node, NodeIP6: node6, LeaseUntil: now.Add(time.Second), Egress: []dataplane.EgressIP{
 		{IP: ip1, Local: true, Gen: 4}, {IP: ip2, HolderIP: netip.MustParseAddr("198.18.12.10")}}}
 	if _, err := k.Apply(st); err != nil {
 		t.Fatal(err)
 	}
-	if startedWith != node || !maps.Equal(fa.served, map[netip.Addr]uint32{ip1: 4}) || !fa.until.Equal(now.Add(time.Second)) {
+	if startedWith != node || startedWith6 != node6 || !maps.Equal(fa.served, map[netip.Addr]uint32{ip1: 4}) || !fa.until.Equal(now.Add(time.Second)) {
 		t.Fatalf("after the first Apply: speaker for %s serves %v until %s", startedWith, fa.served, fa.until)
 	}
 	if err := k.RenewLeases(now.Add(2 * time.Second)); err != nil || !fa.until.Equal(now.Add(2*time.Second)) {

@@ -176,6 +176,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		return nil, fmt.Errorf("node %s has no IPv4 InternalIP; set --node-ip", cfg.NodeName)
 	}
 	nodeIPs[st.NodeIP], nodeAddrs[st.NodeIP] = cfg.NodeName, cfg.NodeName
+	st.NodeIP6 = internalIP6(self)
 
 	for ip := range nodeIPs {
 		st.NodeIPs = append(st.NodeIPs, ip)
@@ -571,6 +572,18 @@ func internalIP(n *corev1.Node) netip.Addr {
 	for _, a := range n.Status.Addresses {
 		if a.Type == corev1.NodeInternalIP {
 			if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is4() {
+				return ip
+			}
+		}
+	}
+	return netip.Addr{}
+}
+
+// internalIP6 is a node's IPv6 InternalIP (invalid: none).
+func internalIP6(n *corev1.Node) netip.Addr {
+	for _, a := range n.Status.Addresses {
+		if a.Type == corev1.NodeInternalIP {
+			if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is6() && !ip.Is4In6() && ip.Zone() == "" {
 				return ip
 			}
 		}

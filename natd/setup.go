@@ -105,8 +105,8 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	var kernel Kernel = dp
 	if len(cfg.BGPPeers) > 0 {
 		kernel = &announcingKernel{Kernel: dp, lease: cfg.Lease, now: time.Now,
-			start: func(nodeIP netip.Addr) (announcer, error) {
-				return bgp.Start(ctx, bgp.Config{ASN: cfg.BGPASN, NodeIP: nodeIP, Peers: cfg.BGPPeers,
+			start: func(nodeIP, nodeIP6 netip.Addr) (announcer, error) {
+				return bgp.Start(ctx, bgp.Config{ASN: cfg.BGPASN, NodeIP: nodeIP, NodeIP6: nodeIP6, Peers: cfg.BGPPeers,
 					HoldTime: cfg.BGPHoldTime, RestartTime: cfg.RestartGrace})
 			}}
 	}

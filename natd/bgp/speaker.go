@@ -29,11 +29,15 @@ type Peer struct {
 
 // Config of a Speaker.
 type Config struct {
-	// ASN is the nodes' own AS number; NodeIP the node's address (router ID and next
-	// hop of every announcement).
+	// ASN is the nodes' own AS number; NodeIP the node's address (router ID, session
+	// address and next hop of IPv4 announcements).
 	ASN    uint32
 	NodeIP netip.Addr
-	Peers  []Peer
+	// NodeIP6 is the node's IPv6 address, the next hop of its IPv6 egress IPs'
+	// announcements (multiprotocol BGP over the same sessions); invalid when the node
+	// has none, and then it cannot announce an IPv6 egress IP.
+	NodeIP6 netip.Addr
+	Peers   []Peer
 	// HoldTime of the sessions (keepalives at a third of it): how long a router keeps
 	// the routes of a node that vanished without closing its session (a power loss).
 	HoldTime time.Duration
@@ -44,9 +48,10 @@ type Config struct {
 
 // Speaker announces exactly the IPs it is told to serve, until their lease ends.
 type Speaker struct {
-	srv    *server.BgpServer
-	nodeIP netip.Addr
-	now    func() time.Time
+	srv     *server.BgpServer
+	nodeIP  netip.Addr
+	nodeIP6 netip.Addr
+	now     func() time.Time
 
 	mu        sync.Mutex
 	announced map[netip.Addr]uint32 // IP -> the generation of this node's claim
@@ -78,8 +83,18 @@ func Start(ctx context.Context, cfg Config) (*Speaker, error) {
 	if restart > 4095 {
 		restart = 4095
 	}
-	v4 := &api.Family{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}
+	families := []*api.Family{{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}}
+	if cfg.NodeIP6.Is6() {
+		families = append(families, &api.Family{Afi: api.Family_AFI_IP6, Safi: api.Family_SAFI_UNICAST})
+	}
 	for _, p := range cfg.Peers {
+		var afiSafis []*api.AfiSafi
+		for _, f := range families {
+			afiSafis = append(afiSafis, &api.AfiSafi{
+				Config:            &api.AfiSafiConfig{Family: f, Enabled: true},
+				MpGracefulRestart: &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}},
+			})
+		}
 		err := srv.AddPeer(ctx, &api.AddPeerRequest{Peer: &api.Peer{
 			Conf: &api.PeerConf{NeighborAddress: p.Addr.String(), PeerAsn: p.ASN},
 			Timers: &api.Timers{Config: &api.TimersConfig{
@@ -90,17 +105,18 @@ func Start(ctx context.Context, cfg Config) (*Speaker, error) {
 			// A restart of natd (SIGTERM, an upgrade) closes the session: the router
 			// keeps the routes, as the kernel keeps serving, until natd is back.
 			GracefulRestart: &api.GracefulRestart{Enabled: true, RestartTime: restart},
-			AfiSafis: []*api.AfiSafi{{
-				Config:            &api.AfiSafiConfig{Family: v4, Enabled: true},
-				MpGracefulRestart: &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}},
-			}},
+			AfiSafis:        afiSafis,
 		}})
 		if err != nil {
 			srv.Stop()
 			return nil, fmt.Errorf("adding BGP peer %s: %w", p.Addr, err)
 		}
 	}
-	return &Speaker{srv: srv, nodeIP: cfg.NodeIP, now: time.Now, announced: map[netip.Addr]uint32{}}, nil
+	s := &Speaker{srv: srv, nodeIP: cfg.NodeIP, now: time.Now, announced: map[netip.Addr]uint32{}}
+	if cfg.NodeIP6.Is6() {
+		s.nodeIP6 = cfg.NodeIP6
+	}
+	return s, nil
 }
 
 // Serve announces exactly held (IP -> generation of this node's claim) until until,
@@ -114,10 +130,21 @@ func (s *Speaker) Serve(held map[netip.Addr]uint32, until time.Time) error {
 	return s.serveLocked(held, until)
 }
 
+// ErrNoIPv6NextHop: the node has no IPv6 address to announce an IPv6 egress IP with.
+var ErrNoIPv6NextHop = errors.New("bgp: this node has no IPv6 address (InternalIP) to announce IPv6 egress IPs with")
+
 func (s *Speaker) serveLocked(held map[netip.Addr]uint32, until time.Time) error {
 	var add, del []*apiutil.Path
-	var gone []netip.Addr
+	var gone, cannot []netip.Addr
+	announce := make(map[netip.Addr]uint32, len(held))
 	for ip, gen := range held {
+		if ip.Is6() && !s.nodeIP6.IsValid() {
+			cannot = append(cannot, ip)
+			continue
+		}
+		announce[ip] = gen
+	}
+	for ip, gen := range announce {
 		if old, ok := s.announced[ip]; ok && old == gen {
 			continue
 		}
@@ -128,7 +155,7 @@ func (s *Speaker) serveLocked(held map[netip.Addr]uint32, until time.Time) error
 		add = append(add, p)
 	}
 	for ip, gen := range s.announced {
-		if _, ok := held[ip]; !ok {
+		if _, ok := announce[ip]; !ok {
 			p, err := s.path(ip, gen)
 			if err != nil {
 				return err
@@ -148,11 +175,14 @@ func (s *Speaker) serveLocked(held map[netip.Addr]uint32, until time.Time) error
 		if _, err := s.srv.AddPath(apiutil.AddPathRequest{Paths: add}); err != nil {
 			return fmt.Errorf("announcing egress IPs: %w", err)
 		}
-		for ip, gen := range held {
+		for ip, gen := range announce {
 			s.announced[ip] = gen
 		}
 	}
 	s.extendLocked(until)
+	if len(cannot) > 0 {
+		return fmt.Errorf("%w: %v not announced", ErrNoIPv6NextHop, cannot)
+	}
 	return nil
 }
 
@@ -211,16 +241,25 @@ func (s *Speaker) Close() {
 	s.srv.Stop()
 }
 
+// path is the announcement of ip: a /32 with the node's address as next hop, or a /128
+// whose multiprotocol reach attribute carries the node's IPv6 address.
 func (s *Speaker) path(ip netip.Addr, gen uint32) (*apiutil.Path, error) {
-	nlri, err := bgp.NewIPAddrPrefix(netip.PrefixFrom(ip, 32))
+	nlri, err := bgp.NewIPAddrPrefix(netip.PrefixFrom(ip, ip.BitLen()))
 	if err != nil {
 		return nil, err
 	}
-	nh, err := bgp.NewPathAttributeNextHop(s.nodeIP)
+	family := bgp.RF_IPv4_UC
+	var nh bgp.PathAttributeInterface
+	if ip.Is6() {
+		family = bgp.RF_IPv6_UC
+		nh, err = bgp.NewPathAttributeMpReachNLRI(family, []bgp.PathNLRI{{NLRI: nlri}}, s.nodeIP6)
+	} else {
+		nh, err = bgp.NewPathAttributeNextHop(s.nodeIP)
+	}
 	if err != nil {
 		return nil, err
 	}
-	return &apiutil.Path{Family: bgp.RF_IPv4_UC, Nlri: nlri, Attrs: []bgp.PathAttributeInterface{
+	return &apiutil.Path{Family: family, Nlri: nlri, Attrs: []bgp.PathAttributeInterface{
 		bgp.NewPathAttributeOrigin(bgp.BGP_ORIGIN_ATTR_TYPE_IGP), nh,
 		bgp.NewPathAttributeMultiExitDisc(math.MaxUint32 - gen),
 	}}, nil

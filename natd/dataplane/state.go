@@ -24,6 +24,9 @@ type State struct {
 	// NodeIP is this node's own address; the interface that carries it is the uplink
 	// where held egress IPs are added and announced.
 	NodeIP netip.Addr
+	// NodeIP6 is this node's IPv6 address (its IPv6 InternalIP), if it has one: the next
+	// hop of its IPv6 egress IPs' BGP announcements.
+	NodeIP6 netip.Addr
 	// ClusterDestinations are never SNATed: pod and service CIDRs, node IPs, excludes.
 	// Either family; IPv6 ones go to the ip6 table.
 	ClusterDestinations []netip.Prefix

@@ -476,18 +476,8 @@ func (o tcpOutcome) String() string {
 	return fmt.Sprintf("TCP connection broke after %d requests (longest stall %s): %v", o.answered, o.stall.Round(time.Millisecond), o.err)
 }
 
-func startConnection(t testing.TB, p *lab.Pod) *connection {
-	t.Helper()
-	return startConnectionFrom(t, p, 0)
-}
-
-// startConnectionFrom is startConnection from local port port (0: any).
-func startConnectionFrom(t testing.TB, p *lab.Pod, port int) *connection {
-	t.Helper()
-	return startConnectionTo(t, p, port, partnerAddr())
-}
-
-// startConnectionTo is startConnectionFrom to addr (the partner's address of a family).
+// startConnectionTo opens a long-lived connection from p (local port port, 0: any) to
+// addr, the partner's address of a family.
 func startConnectionTo(t testing.TB, p *lab.Pod, port int, addr string) *connection {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
