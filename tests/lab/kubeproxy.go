@@ -65,7 +65,7 @@ func (u *upper) kubeProxyCredentials(ctx context.Context, client kubernetes.Inte
 // CIDRs are the cluster's.
 func kubeProxyArgs(dir, mode string, t *Topology, n *Node) []string {
 	clusterCIDR := ClusterCIDR
-	if t.Dual() {
+	if t.IPv6() {
 		clusterCIDR += "," + t.ClusterCIDR6
 	}
 	return []string{

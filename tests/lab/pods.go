@@ -136,7 +136,7 @@ func createPod(ctx context.Context, dir, namespace, name, node string, o podOpti
 	if _, err := NsRun(p.Netns, "ip", "link", "set", "lo", "up"); err != nil {
 		return nil, err
 	}
-	if t.Dual() {
+	if t.IPv6() {
 		// The bridge plugin turns duplicate address detection off on the pod's eth0,
 		// but the kernel also asks the namespace's "all": without this the plugin
 		// waits about a second for the pod's IPv6 address to leave the tentative state.

@@ -13,8 +13,10 @@ import (
 // egress IPs from the nodes over BGP with BIRD (Debian's bird2): no gratuitous ARP of a
 // node reaches a neighbour table that matters.
 const (
-	// routedNodes covers every node subnet (node i: 198.18.(10+i).0/24).
-	routedNodes = "198.18.0.0/16"
+	// routedNodes covers every node subnet (node i: 198.18.(10+i).0/24); routedNodes6
+	// their IPv6 /64s (node i: 2001:db8:18:(16+i)::/64, i up to 15).
+	routedNodes  = "198.18.0.0/16"
+	routedNodes6 = "2001:db8:18:10::/60"
 	// The nodes' AS (natd's --bgp-asn) and the router's.
 	NodesASN  = 64512
 	RouterASN = 64513
@@ -24,8 +26,13 @@ const (
 // RoutedNodeIP is node i's address in the routed mode (i from 1).
 func RoutedNodeIP(i int) string { return fmt.Sprintf("198.18.%d.10", 10+i) }
 
-// routedGateway is the router's address in node i's subnet.
-func routedGateway(i int) string { return fmt.Sprintf("198.18.%d.1", 10+i) }
+// RoutedNodeIP6 is node i's IPv6 address in the routed mode.
+func RoutedNodeIP6(i int) string { return fmt.Sprintf("2001:db8:18:%x::10", 16+i) }
+
+// routedGateway is the router's address in node i's subnet; routedGateway6 its IPv6
+// one.
+func routedGateway(i int) string  { return fmt.Sprintf("198.18.%d.1", 10+i) }
+func routedGateway6(i int) string { return fmt.Sprintf("2001:db8:18:%x::1", 16+i) }
 
 func routedSubnet(i int) string { return fmt.Sprintf("198.18.%d.0/24", 10+i) }
 
@@ -47,8 +54,9 @@ func routedNatdArgs(t *Topology, n *Node) []string {
 }
 
 // birdConfig peers the router with every node. It accepts from a node nothing but /32s
-// of the egress CIDR (a node cannot draw any other traffic) and puts the best route of
-// each into the router's kernel table. Among routes of one egress IP the lowest MED
+// of the egress CIDR and /128s of the IPv6 one (a node cannot draw any other traffic;
+// IPv6 routes come over the same IPv4 sessions, multiprotocol) and puts the best route
+// of each into the router's kernel tables. Among routes of one egress IP the lowest MED
 // wins: natd announces a newer claim with a lower one. A node whose session closes
 // (natd restarting) keeps its routes for its graceful-restart time; one that goes
 // silent (powered off) loses them after the 3 s hold time.
@@ -61,10 +69,18 @@ protocol kernel {
 	ipv4 { import none; export all; };
 	learn off;
 }
+protocol kernel kernel6 {
+	ipv6 { import none; export all; };
+	learn off;
+}
 template bgp node {
 	local as %d;
 	ipv4 {
 		import filter { if net ~ [ %s{32,32} ] then accept; reject; };
+		export none;
+	};
+	ipv6 {
+		import filter { if net ~ [ %s{128,128} ] then accept; reject; };
 		export none;
 	};
 	hold time 3;
@@ -73,7 +89,7 @@ template bgp node {
 	graceful restart on;
 	passive on;
 }
-`, routerNodeIP, RouterASN, EgressCIDR)
+`, routerNodeIP, RouterASN, EgressCIDR, EgressCIDR6)
 	for i, n := range t.Nodes {
 		fmt.Fprintf(&b, "protocol bgp %s from node { local %s; neighbor %s as %d; }\n", n.Name, routedGateway(i+1), n.IP, NodesASN)
 	}
@@ -98,7 +114,7 @@ func (u *upper) startBIRD(t *Topology) error {
 // BGPAnnouncers are the nodes whose BGP route for ip the router's BIRD has (best
 // first), whether it uses them or keeps them stale.
 func BGPAnnouncers(t *Topology, ip string) ([]string, error) {
-	out, err := Run(birdBin+"c", "-s", t.Router.BirdSocket, "show", "route", "for", ip+"/32", "all")
+	out, err := Run(birdBin+"c", "-s", t.Router.BirdSocket, "show", "route", "for", hostPrefix(ip), "all")
 	if err != nil && !strings.Contains(out, "ready") { // birdc fails "Network not found"
 		return nil, fmt.Errorf("birdc: %w\n%s", err, out)
 	}
@@ -120,7 +136,7 @@ func BGPAnnouncers(t *Topology, ip string) ([]string, error) {
 // ("" when none).
 func RouterNextHop(t *Topology, ip string) (string, error) {
 	if t.Network == NetworkRouted {
-		out, err := NsRun(t.Router.Netns, "ip", "route", "show", ip+"/32")
+		out, err := NsRun(t.Router.Netns, "ip", "route", "show", hostPrefix(ip))
 		if err != nil {
 			return "", err
 		}
@@ -128,7 +144,7 @@ func RouterNextHop(t *Topology, ip string) (string, error) {
 		for i := range f {
 			if f[i] == "via" && i+1 < len(f) {
 				for _, n := range t.Nodes {
-					if n.IP == f[i+1] {
+					if n.IP == f[i+1] || n.IP6 == f[i+1] {
 						return n.Name, nil
 					}
 				}
@@ -146,4 +162,12 @@ func RouterNextHop(t *Topology, ip string) (string, error) {
 		}
 	}
 	return "", nil
+}
+
+// hostPrefix is ip as a host route: /32 or /128.
+func hostPrefix(ip string) string {
+	if strings.Contains(ip, ":") {
+		return ip + "/128"
+	}
+	return ip + "/32"
 }

@@ -36,7 +36,8 @@ type Topology struct {
 	// Kubelet: the real-node mode (natd-lab up --kubelet). Every node runs containerd and
 	// a kubelet, natd runs as the DaemonSet, pods are the kubelet's.
 	Kubelet bool `json:"kubelet,omitempty"`
-	// The dual mode's IPv6 networks (empty otherwise): nodes, IPv6 egress IPs (natd's
+	// The IPv6 networks of the dual and routed modes (empty otherwise): nodes (routed:
+	// the aggregate of the nodes' subnets), IPv6 egress IPs (natd's
 	// --egress-cidr), pods (a /64 per node) and Services (kube-apiserver's service range
 	// stays IPv4: Services are single-stack; natd is told this CIDR).
 	NodeCIDR6    string `json:"nodeCIDR6,omitempty"`
@@ -45,8 +46,14 @@ type Topology struct {
 	ServiceCIDR6 string `json:"serviceCIDR6,omitempty"`
 }
 
-// Dual reports whether the lab is dual-stack (network mode dual).
+// Dual reports whether the lab is the dual network mode: dual-stack on one flat
+// segment.
 func (t *Topology) Dual() bool { return t.Network == NetworkDual }
+
+// IPv6 reports whether the lab's nodes, pods and partner have IPv6 addresses too: the
+// dual mode, and the routed mode (every node's subnet has an IPv6 /64, and the router
+// learns IPv6 egress IPs over the same BGP sessions).
+func (t *Topology) IPv6() bool { return t.Network == NetworkDual || t.Network == NetworkRouted }
 
 // CNI is the plugin chain lab pods are created with, as a container runtime runs it.
 type CNI struct {

@@ -49,8 +49,8 @@ const (
 	nsPartner = "natd-partner"
 	nsAPI     = "natd-api"
 
-	// IPv6 of the dual network mode (CONTRACT.md): the node network, egress IPv6
-	// addresses (natd does not use them yet), pods (a /64 per node), Services, partner.
+	// IPv6 of the dual network mode (CONTRACT.md), and of the routed one: the node
+	// network (dual), IPv6 egress IPs, pods (a /64 per node), Services, partner.
 	NodeCIDR6    = "2001:db8:18::/64"
 	EgressCIDR6  = "2001:db8:18::c0/122"
 	ClusterCIDR6 = "fd00:10:244::/56"
@@ -194,9 +194,12 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 		Network:   u.o.Network,
 		Kubelet:   u.o.Kubelet,
 	}
-	if t.Dual() {
+	if t.IPv6() {
 		t.NodeCIDR6, t.EgressCIDR6, t.ClusterCIDR6, t.ServiceCIDR6 = NodeCIDR6, EgressCIDR6, ClusterCIDR6, ServiceCIDR6
 		t.Partner.IP6 = PartnerIP6
+		if t.Network == NetworkRouted {
+			t.NodeCIDR6 = routedNodes6
+		}
 	}
 	if t.Network == NetworkRouted {
 		t.NodeCIDR = routedSubnet(1)
@@ -213,8 +216,11 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 			Egress:       i != 1 || u.o.Nodes == 1,
 			NatdLog:      filepath.Join(u.dir, "natd-"+name+".log"),
 			KubeProxyLog: filepath.Join(u.dir, "kube-proxy-"+name+".log")}
-		if t.Dual() {
+		if t.IPv6() {
 			n.IP6, n.PodCIDR6 = NodeIP6(i), PodCIDR6(i)
+			if t.Network == NetworkRouted {
+				n.IP6 = RoutedNodeIP6(i)
+			}
 		}
 		t.Nodes = append(t.Nodes, n)
 	}
@@ -265,7 +271,7 @@ func (u *upper) up(ctx context.Context) (*Topology, error) {
 		return nil, err
 	}
 	partnerArgs := []string{"partner", "--listen", fmt.Sprintf("0.0.0.0:%d", PartnerPort)}
-	if t.Dual() {
+	if t.IPv6() {
 		u.say("partner server on %s:%d and [%s]:%d", PartnerIP, PartnerPort, PartnerIP6, PartnerPort)
 		partnerArgs = append(partnerArgs, "--listen", fmt.Sprintf("[::]:%d", PartnerPort))
 	} else {
@@ -365,14 +371,15 @@ func (u *upper) network(t *Topology) error {
 	); err != nil {
 		return err
 	}
-	if t.Dual() {
-		// The same for IPv6: the router forwards between the node network and the
-		// partner's, and never NATs.
-		if err := u.cmds(nsRouter,
-			"ip -6 addr add "+routerNodeIP6+"/64 dev br0 nodad",
-			"ip -6 addr add "+routerPartnerIP6+"/64 dev eth-partner nodad",
-			"sysctl -qw net.ipv6.conf.all.forwarding=1",
-		); err != nil {
+	if t.IPv6() {
+		// The same for IPv6: the router forwards between the node network (routed:
+		// the nodes' subnets, addressed per port) and the partner's, and never NATs.
+		cmds := []string{"ip -6 addr add " + routerPartnerIP6 + "/64 dev eth-partner nodad",
+			"sysctl -qw net.ipv6.conf.all.forwarding=1"}
+		if t.Network != NetworkRouted {
+			cmds = append(cmds, "ip -6 addr add "+routerNodeIP6+"/64 dev br0 nodad")
+		}
+		if err := u.cmds(nsRouter, cmds...); err != nil {
 			return err
 		}
 		if err := u.cmds(nsPartner,
@@ -449,15 +456,17 @@ func (u *upper) node(t *Topology, i int) error {
 		return err
 	}
 	port := fmt.Sprintf("n%d", i+1)
-	gateway := routerNodeIP
+	gateway, gateway6 := routerNodeIP, routerNodeIP6
 	if t.Network == NetworkRouted {
 		// A subnet of its own: the router routes between the nodes, and to each
 		// node's pods (as a fabric that learned them, or a CNI announcing them).
-		gateway = routedGateway(i + 1)
+		gateway, gateway6 = routedGateway(i+1), routedGateway6(i+1)
 		if err := u.cmds(nsRouter,
 			"ip link add "+port+" type veth peer name eth0 netns "+n.Netns,
 			"ip addr add "+gateway+"/24 dev "+port, "ip link set "+port+" up",
-			"ip route add "+n.PodCIDR+" via "+n.IP); err != nil {
+			"ip route add "+n.PodCIDR+" via "+n.IP,
+			"ip -6 addr add "+gateway6+"/64 dev "+port+" nodad",
+			"ip -6 route add "+n.PodCIDR6+" via "+n.IP6); err != nil {
 			return err
 		}
 	} else if err := u.cmds(nsRouter,
@@ -487,14 +496,14 @@ func (u *upper) node(t *Topology, i int) error {
 			}
 		}
 	}
-	if t.Dual() {
+	if t.IPv6() {
 		cmds = append(cmds,
 			"ip -6 addr add "+n.IP6+"/64 dev eth0 nodad",
-			"ip -6 route add default via "+routerNodeIP6,
-			"ip -6 addr add "+gateway6(n.PodCIDR6)+"/64 dev cni0 nodad",
+			"ip -6 route add default via "+gateway6,
+			"ip -6 addr add "+podGateway6(n.PodCIDR6)+"/64 dev cni0 nodad",
 			"sysctl -qw net.ipv6.conf.all.forwarding=1")
 		for j, other := range t.Nodes {
-			if j != i {
+			if j != i && t.Network != NetworkRouted {
 				cmds = append(cmds, "ip -6 route add "+other.PodCIDR6+" via "+other.IP6)
 			}
 		}
@@ -518,8 +527,8 @@ func (u *upper) node(t *Topology, i int) error {
 		if err := masquerade(iptables.ProtocolIPv4, ClusterCIDR, nodeCIDR); err != nil {
 			return err
 		}
-		if t.Dual() {
-			return masquerade(iptables.ProtocolIPv6, ClusterCIDR6, NodeCIDR6)
+		if t.IPv6() {
+			return masquerade(iptables.ProtocolIPv6, ClusterCIDR6, t.NodeCIDR6)
 		}
 		return nil
 	})
@@ -591,8 +600,8 @@ func masquerade(family iptables.Protocol, clusterCIDR, nodeCIDR string) error {
 	return ipt.Append("nat", "POSTROUTING", "-s", clusterCIDR, "-j", "LAB-CNI-MASQ")
 }
 
-// gateway6 is the first address of an IPv6 pod range: the pods' gateway on cni0.
-func gateway6(podCIDR6 string) string {
+// podGateway6 is the first address of an IPv6 pod range: the pods' gateway on cni0.
+func podGateway6(podCIDR6 string) string {
 	return netip.MustParsePrefix(podCIDR6).Addr().Next().String()
 }
 
@@ -823,7 +832,7 @@ func StartNatd(dir string, t *Topology, n *Node, extra []string) (int, error) {
 		"--state-dir", NatdStateDir(dir, n.Name), "--resync-period", "10s", "-v", "2",
 		"--gossip-key-file", filepath.Join(dir, "gossip.key"),
 	}
-	if t.Dual() {
+	if t.IPv6() {
 		// A dual-stack cluster's IPv6 pod and service CIDRs (destinations pinned pods
 		// reach with their own address) and its IPv6 egress IPs.
 		args = append(args, "--cluster-cidr", t.ClusterCIDR6, "--service-cidr", t.ServiceCIDR6, "--egress-cidr", t.EgressCIDR6)
