@@ -819,6 +819,12 @@ func BenchmarkFailover(b *testing.B) {
 		{"label-removed", "198.18.0.242", removeLabel},
 		{"drain", "198.18.0.243", drainNatd},
 	}
+	if os.Getenv("NATD_FAILOVER_FAMILY") == "6" {
+		// IPv6 egress IPs (a lab with IPv6: NATD_E2E_NETWORK=dual or routed).
+		for i := range kinds {
+			kinds[i].ip = fmt.Sprintf("2001:db8:18::%x", 0xf0+i)
+		}
+	}
 	only := os.Getenv("NATD_FAILOVER_KINDS") // e.g. "label-removed,drain"; empty: all
 	for _, k := range kinds {
 		if only != "" && !slices.Contains(strings.Split(only, ","), k.name) {
