@@ -270,13 +270,19 @@ func unrecorded(state State, records []PodRecord) []netip.Addr {
 		}
 	}
 	var out []netip.Addr
-	for _, e := range state.Egress {
-		for _, ip := range e.Pods {
+	add := func(ips []netip.Addr) {
+		for _, ip := range ips {
 			if !recorded[ip] {
 				out = append(out, ip)
 			}
 		}
 	}
+	for _, e := range state.Egress {
+		add(e.Pods)
+	}
+	// A pod of a namespace pinned in the other family only (an IPv4-only pod of a
+	// namespace with an IPv6 egress IP) is pinned too: its traffic is dropped.
+	add(state.NoEgress)
 	return out
 }
 

@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -439,3 +440,20 @@ var testMarks = func() Marks {
 	}
 	return m
 }()
+
+// The pods the pod guard must find by address (natd-cni never recorded them) include
+// those pinned in the other family only: their traffic is dropped, so they are pinned.
+func TestUnrecordedIncludesPodsWithoutAnEgressIPOfTheirFamily(t *testing.T) {
+	st := sampleState()
+	got := unrecorded(st, []PodRecord{{IPs: []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("fd00:10:244:1::11")}}})
+	for _, want := range []string{"10.244.1.11", "10.244.1.13", "fd00:10:244:1::13"} {
+		if !slices.Contains(got, netip.MustParseAddr(want)) {
+			t.Errorf("unrecorded = %v; want %s in it", got, want)
+		}
+	}
+	for _, recorded := range []string{"10.244.1.10", "fd00:10:244:1::11"} {
+		if slices.Contains(got, netip.MustParseAddr(recorded)) {
+			t.Errorf("unrecorded = %v; %s is recorded", got, recorded)
+		}
+	}
+}
