@@ -34,9 +34,13 @@ func BenchmarkLabPath(b *testing.B) {
 	if v := os.Getenv("NATD_LABPATH_ROUNDS"); v != "" {
 		fmt.Sscan(v, &rounds)
 	}
-	const ns, plain, eip = "lp-pinned", "lp-plain", "198.18.0.227"
+	const ns, plain, eip, eip6 = "lp-pinned", "lp-plain", "198.18.0.227", "2001:db8:18::e2"
 	ensureNamespace(b, ns)
-	annotate(b, ns, eip)
+	if topo.IPv6() {
+		annotate(b, ns, eip+","+eip6) // and the same paths over IPv6
+	} else {
+		annotate(b, ns, eip)
+	}
 	defer annotate(b, ns, "")
 	holder := waitHolder(b, eip)
 	other := ""
@@ -46,18 +50,30 @@ func BenchmarkLabPath(b *testing.B) {
 		}
 	}
 	type path struct {
-		name   string
-		pod    *lab.Pod
-		source string
+		name    string
+		pod     *lab.Pod
+		source  string
+		partner string // the partner's address of the path's family
 	}
+	unpinned, onHolder, onOther := newPod(b, plain, "app", other), newPod(b, ns, "holder", holder), newPod(b, ns, "other", other)
 	paths := []path{
-		{"unpinned pod", newPod(b, plain, "app", other), nodeIP(other)},
-		{"pinned, on holder", newPod(b, ns, "holder", holder), eip},
-		{"pinned, other node", newPod(b, ns, "other", other), eip},
+		{"unpinned pod", unpinned, nodeIP(other), topo.Partner.IP},
+		{"pinned, on holder", onHolder, eip, topo.Partner.IP},
+		{"pinned, other node", onOther, eip, topo.Partner.IP},
+	}
+	if topo.IPv6() {
+		// The IPv6 egress IP may have another holder: "on holder" is the IPv4 one's.
+		holder6 := waitHolder(b, eip6)
+		b.Logf("IPv6 egress IP %s held by %s", eip6, holder6)
+		paths = append(paths,
+			path{"unpinned pod, IPv6", unpinned, nodeIP6(other), topo.Partner.IP6},
+			path{"pinned, holder, IPv6", newPod(b, ns, "holder6", holder6), eip6, topo.Partner.IP6},
+			path{"pinned, other, IPv6", newPod(b, ns, "other6", notHolding(holder6)), eip6, topo.Partner.IP6})
 	}
 	for _, p := range paths {
-		waitSeen(b, p.pod, udp, p.source)
-		waitSeen(b, p.pod, tcp, p.source)
+		addr := net.JoinHostPort(p.partner, fmt.Sprint(topo.Partner.Port))
+		waitSeenAt(b, p.pod, udp, addr, p.source)
+		waitSeenAt(b, p.pod, tcp, addr, p.source)
 	}
 	type figures struct {
 		gbps, kpps float64
@@ -69,13 +85,13 @@ func BenchmarkLabPath(b *testing.B) {
 			for _, p := range paths {
 				var f figures
 				var err error
-				if f.gbps, err = iperf.TCP(p.pod.Netns, topo.Partner.Netns, topo.Partner.IP, secs); err != nil {
+				if f.gbps, err = iperf.TCP(p.pod.Netns, topo.Partner.Netns, p.partner, secs); err != nil {
 					b.Fatalf("from %s: %v", p.name, err)
 				}
-				if f.kpps, err = iperf.UDP(p.pod.Netns, topo.Partner.Netns, topo.Partner.IP, secs); err != nil {
+				if f.kpps, err = iperf.UDP(p.pod.Netns, topo.Partner.Netns, p.partner, secs); err != nil {
 					b.Fatalf("from %s: %v", p.name, err)
 				}
-				f.p50, f.p99 = udpRoundTrips(b, p.pod, 2000)
+				f.p50, f.p99 = udpRoundTrips(b, p.pod, net.JoinHostPort(p.partner, fmt.Sprint(topo.Partner.Port)), 2000)
 				samples[p.name] = append(samples[p.name], f)
 			}
 		}
@@ -109,11 +125,11 @@ func BenchmarkLabPath(b *testing.B) {
 
 // udpRoundTrips sends n datagrams to the partner's echo one at a time and returns the
 // round trips' p50 and p99.
-func udpRoundTrips(b *testing.B, p *lab.Pod, n int) (p50, p99 time.Duration) {
+func udpRoundTrips(b *testing.B, p *lab.Pod, addr string, n int) (p50, p99 time.Duration) {
 	b.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	c, err := lab.DialIn(ctx, p.Netns, "udp", partnerAddr())
+	c, err := lab.DialIn(ctx, p.Netns, "udp", addr)
 	if err != nil {
 		b.Fatal(err)
 	}
