@@ -204,7 +204,8 @@ func TestInvalidAnnotationsWarnAndDisturbNothing(t *testing.T) {
 		"bad-not-ip":  {"not-an-ip", "InvalidEgressIP"},
 		"bad-outside": {"203.0.113.50", "OutsideEgressCIDR"},
 		"bad-node-ip": {nodeIP("node2"), "EgressIPIsNodeIP"},
-		"bad-list":    {"198.18.0.209,198.18.0.210", "UnsupportedEgressIP"},
+		"bad-list":    {"198.18.0.209,198.18.0.210", "InvalidEgressIP"}, // two of one family
+		"bad-ipv6":    {"2001:db8:99::1", "OutsideEgressCIDR"},
 	}
 	for ns, c := range cases {
 		p := newPod(t, ns, "app", "node1")
