@@ -32,7 +32,10 @@ func CutUplink(t *Topology, node string) (heal func() error, err error) {
 			if err != nil {
 				return err
 			}
-			_, err = NsRun(t.Router.Netns, "ip", "route", "replace", n.PodCIDR, "via", n.IP)
+			if _, err = NsRun(t.Router.Netns, "ip", "route", "replace", n.PodCIDR, "via", n.IP); err != nil || n.IP6 == "" {
+				return err
+			}
+			_, err = NsRun(t.Router.Netns, "ip", "-6", "route", "replace", n.PodCIDR6, "via", n.IP6)
 			return err
 		}
 		return nil

@@ -136,7 +136,11 @@ func BGPAnnouncers(t *Topology, ip string) ([]string, error) {
 // ("" when none).
 func RouterNextHop(t *Topology, ip string) (string, error) {
 	if t.Network == NetworkRouted {
-		out, err := NsRun(t.Router.Netns, "ip", "route", "show", hostPrefix(ip))
+		family := "-4"
+		if strings.Contains(ip, ":") {
+			family = "-6" // ip infers no family from the prefix here
+		}
+		out, err := NsRun(t.Router.Netns, "ip", family, "route", "show", hostPrefix(ip))
 		if err != nil {
 			return "", err
 		}

@@ -375,7 +375,10 @@ func (u *upper) network(t *Topology) error {
 		// The same for IPv6: the router forwards between the node network (routed:
 		// the nodes' subnets, addressed per port) and the partner's, and never NATs.
 		cmds := []string{"ip -6 addr add " + routerPartnerIP6 + "/64 dev eth-partner nodad",
-			"sysctl -qw net.ipv6.conf.all.forwarding=1"}
+			"sysctl -qw net.ipv6.conf.all.forwarding=1",
+			// A port set down and up again (an uplink cut) keeps its IPv6 address, as
+			// it keeps its IPv4 one; Linux would flush it.
+			"sysctl -qw net.ipv6.conf.all.keep_addr_on_down=1", "sysctl -qw net.ipv6.conf.default.keep_addr_on_down=1"}
 		if t.Network != NetworkRouted {
 			cmds = append(cmds, "ip -6 addr add "+routerNodeIP6+"/64 dev br0 nodad")
 		}
