@@ -262,9 +262,7 @@ func assertOnlyFrom6(t *testing.T, p *lab.Pod, id, want string) {
 func TestDualStackEgressIPs(t *testing.T) {
 	dualOnly(t)
 	const ns, eip4, eip6 = "dual-both", "198.18.0.227", "2001:db8:18::e3"
-	ensureNamespace(t, ns)
-	annotate(t, ns, eip4+","+eip6)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, eip4+","+eip6)
 	holder4, holder6 := waitHolder(t, eip4), waitHolder(t, eip6)
 	for _, n := range topo.Nodes {
 		p := newPod(t, ns, "app-"+n.Name, n.Name)
@@ -293,9 +291,7 @@ func TestDualStackEgressIPs(t *testing.T) {
 	// IPv6 only: its pods' IPv4 to the outside is dropped, never sent with another
 	// source; their IPv6 leaves with the egress IP.
 	const ns6, only6 = "dual-six", "2001:db8:18::e4"
-	ensureNamespace(t, ns6)
-	annotate(t, ns6, only6)
-	unpinOnCleanup(t, ns6)
+	pin(t, ns6, only6)
 	waitHolder(t, only6)
 	p := newPod(t, ns6, "app", "node1")
 	waitSeenAt(t, p, tcp, partnerAddr6(), only6, nodeIP6s()...)
@@ -357,9 +353,7 @@ func TestDualStackIPv6Failover(t *testing.T) {
 func TestDualStackIPv6FailsClosed(t *testing.T) {
 	dualOnly(t)
 	const ns, eip6 = "dual-closed", "2001:db8:18::e7"
-	ensureNamespace(t, ns)
-	annotate(t, ns, eip6)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, eip6)
 	waitHolder(t, eip6)
 	p := newPod(t, ns, "app", "node1")
 	waitSeenAt(t, p, tcp, partnerAddr6(), eip6, nodeIP6s()...)
@@ -402,9 +396,7 @@ func TestDualStackIPv6FailsClosed(t *testing.T) {
 func TestDualStackIPv6TablesGone(t *testing.T) {
 	dualOnly(t)
 	const ns, eip6 = "dual-tamper6", "2001:db8:18::e8"
-	ensureNamespace(t, ns)
-	annotate(t, ns, eip6)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, eip6)
 	holder := waitHolder(t, eip6)
 	pods := []*lab.Pod{newPod(t, ns, "app-remote", notHolding(holder)), newPod(t, ns, "app-holder", holder)}
 	for _, p := range pods {

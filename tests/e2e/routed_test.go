@@ -69,9 +69,7 @@ func TestRoutedIPv6EgressIP(t *testing.T) {
 		t.Fatalf("the routed lab has no IPv6 (egressCIDR6 %q)", topo.EgressCIDR6)
 	}
 	const ns, ip4, ip6 = "routed-six", "198.18.0.225", "2001:db8:18::e9"
-	ensureNamespace(t, ns)
-	annotate(t, ns, ip4+","+ip6)
-	unpinOnCleanup(t, ns)
+	pin(t, ns, ip4+","+ip6)
 	holder := waitServedBy(t, ip6, 10*time.Second)
 	var got []string
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && !slices.Equal(got, []string{holder}); time.Sleep(50 * time.Millisecond) {
