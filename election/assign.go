@@ -47,6 +47,10 @@ type Input struct {
 	// MaxPerNode caps how many IPs one node is given (0: no cap). Claims are kept even
 	// beyond it: moving an IP breaks connections.
 	MaxPerNode int
+	// MayHold, when set, says whether a candidate can serve an IP at all (an IPv6 one
+	// needs a node with IPv6): an unclaimed IP goes to the best candidate that can.
+	// Every member must compute it alike (from the Node objects, say).
+	MayHold func(member string, ip netip.Addr) bool
 }
 
 // Assignment is the holder of one egress IP.
@@ -122,7 +126,7 @@ func Assign(in Input) map[netip.Addr]Assignment {
 		best := ""
 		var bestScore uint64
 		for _, c := range in.Candidates {
-			if in.MaxPerNode > 0 && load[c] >= in.MaxPerNode {
+			if (in.MaxPerNode > 0 && load[c] >= in.MaxPerNode) || (in.MayHold != nil && !in.MayHold(c, ip)) {
 				continue
 			}
 			if sc := score(key[:], c); best == "" || sc > bestScore || (sc == bestScore && c < best) {

@@ -300,3 +300,32 @@ func TestGenerationsWrap(t *testing.T) {
 		t.Fatal("LaterGen/NewerGen")
 	}
 }
+
+// An unclaimed IP goes only to a candidate that may hold it (an IPv6 IP to a node with
+// IPv6), whatever the rendezvous order; none that may: no holder.
+func TestAssignOnlyToCandidatesThatMayHold(t *testing.T) {
+	var ips []netip.Addr
+	for i := 1; i <= 20; i++ {
+		ips = append(ips, netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i)}), netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}))
+	}
+	in := Input{IPs: ips, Candidates: []string{"node2", "node3", "node4"}, Keepers: []string{"node2", "node3", "node4"},
+		MayHold: func(m string, ip netip.Addr) bool { return ip.Is4() || m == "node3" }}
+	got := Assign(in)
+	four := map[string]bool{}
+	for _, ip := range ips {
+		a := got[ip]
+		if ip.Is6() && a.Holder != "node3" {
+			t.Errorf("%s given to %q; only node3 may hold IPv6", ip, a.Holder)
+		}
+		if ip.Is4() {
+			four[a.Holder] = true
+		}
+	}
+	if len(four) < 2 {
+		t.Errorf("IPv4 IPs went to %v; want them spread as before", four)
+	}
+	in.MayHold = func(string, netip.Addr) bool { return false }
+	if a := Assign(in)[ips[0]]; a.Holder != "" {
+		t.Errorf("no candidate may hold it, yet %+v", a)
+	}
+}

@@ -303,6 +303,12 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("--egress-cidr %s: an IPv6 egress CIDR must be a /104 or longer (its addresses must differ in their last three bytes, which name their tunnels)", p)
 		}
 	}
+	is6 := func(p netip.Prefix) bool { return p.Addr().Is6() }
+	if slices.ContainsFunc(c.EgressCIDRs, is6) && !slices.ContainsFunc(c.ClusterCIDRs, is6) {
+		// Without it natd cannot tell a pod's IPv6 address from the outside: pinned
+		// pods' IPv6 traffic would neither reach the holder nor stay inside the cluster.
+		return fmt.Errorf("an IPv6 --egress-cidr needs the cluster's IPv6 --cluster-cidr")
+	}
 	if a, b, overlap := dataplane.VNIOverlap(c.EgressCIDRs); overlap {
 		return fmt.Errorf("--egress-cidr %s and %s hold addresses with the same last three bytes; natd's tunnels cannot tell them apart", a, b)
 	}

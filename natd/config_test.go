@@ -26,14 +26,15 @@ func TestConfigIPv6CIDRs(t *testing.T) {
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56",
 			"--service-cidr", "10.96.0.0/12,fd00:10:96::/112", "--exclude-cidr", "2001:db8:99::/48"}, ""},
 		{[]string{"--cluster-cidr", "fd00:10:244::/56"}, "at least one IPv4 --cluster-cidr"},
-		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::c0/122"}, ""},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56", "--egress-cidr", "2001:db8:18::c0/122"}, ""},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::c0/122"}, "IPv6 --cluster-cidr"},
 		// A /104 holds every VNI, 198.18.0.192/26's too.
-		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::/104"}, "same last three bytes"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56", "--egress-cidr", "2001:db8:18::/104"}, "same last three bytes"},
 		// Wider than a /104: two of its addresses would share a tunnel.
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::/64"}, "a /104 or longer"},
 		// 198.18.0.200 and 2001:db8:18::12:c8 end in the same three bytes.
-		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::12:0/112"}, "same last three bytes"},
-		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "2001:db8:18::c0/122", "--egress-cidr", "2001:db8:19::c0/122"}, "same last three bytes"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56", "--egress-cidr", "2001:db8:18::12:0/112"}, "same last three bytes"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56", "--egress-cidr", "2001:db8:18::c0/122", "--egress-cidr", "2001:db8:19::c0/122"}, "same last three bytes"},
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "199.18.0.192/26"}, "same last three bytes"},
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "::ffff:198.19.0.0/120"}, "IPv4 or an IPv6 prefix"},
 	} {

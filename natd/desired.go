@@ -236,7 +236,11 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		ips = append(ips, ip)
 	}
 	slices.SortFunc(ips, netip.Addr.Compare)
-	assigned := p.elect(ips, eligible, votersOf(eligible, c.Nodes, el.View), el, plan)
+	has6 := map[string]bool{}
+	for _, n := range c.Nodes {
+		has6[n.Name] = internalIP6(n).IsValid()
+	}
+	assigned := p.elect(ips, eligible, has6, votersOf(eligible, c.Nodes, el.View), el, plan)
 	if len(plan.Held) > 0 {
 		// However long the Apply takes, the leases end --lease after the moment the
 		// quorum that lets this node hold was seen.
@@ -307,7 +311,9 @@ func servingClaims(v election.View, self string) map[netip.Addr]servingClaim {
 // holder has claimed it, when nobody may hold it, when the handover times out, or when
 // this node has lost its quorum of voters (the minority side of a partition must not
 // keep answering for its IPs).
-func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election, plan *Plan) map[netip.Addr]election.Assignment {
+// has6 names the nodes with an IPv6 InternalIP: only they may take an IPv6 egress IP
+// (a node without IPv6 could not put it on its uplink, nor announce it over BGP).
+func (p *Planner) elect(ips []netip.Addr, eligible []string, has6 map[string]bool, voters []string, el Election, plan *Plan) map[netip.Addr]election.Assignment {
 	cfg, v, self := p.Config, el.View, p.Config.NodeName
 	ev := v.Evidence
 	// How long a node waits, once in touch with a quorum, before it takes anything new:
@@ -362,7 +368,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible, voters []string, el Election
 		}
 	}
 	in := election.Input{IPs: ips, Claims: make(map[string][]election.Claim, len(v.Members)), MaxGen: make(map[netip.Addr]uint32, len(ips)),
-		MaxPerNode: cfg.MaxEgressIPs}
+		MaxPerNode: cfg.MaxEgressIPs, MayHold: func(n string, ip netip.Addr) bool { return ip.Is4() || has6[n] }}
 	for _, n := range eligible {
 		m, known := v.Members[n]
 		// A voter goes by the voters' evidence: an eligible node is down only when a

@@ -639,7 +639,7 @@ func TestPlanDualStackPinning(t *testing.T) {
 	}
 	nodes := []*corev1.Node{node("node1", "198.18.0.11", false, true), node("node2", "198.18.0.12", true, true),
 		node("node3", "198.18.0.13", true, true)}
-	for i, n := range nodes {
+	for i, n := range nodes[:2] { // node3 has no IPv6: it may hold no IPv6 egress IP
 		n.Spec.PodCIDRs = append(n.Spec.PodCIDRs, fmt.Sprintf("fd00:10:244:%d::/64", 11+i))
 		n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: fmt.Sprintf("2001:db8:18::%d", 11+i)})
 	}
@@ -677,9 +677,12 @@ func TestPlanDualStackPinning(t *testing.T) {
 		t.Errorf("an annotation naming a node's IPv6 address: %v; want %s", r, ReasonNodeIP)
 	}
 	for _, e := range st.Egress {
-		if h := plan.Holders[e.IP]; h != "node2" && h != "node3" {
-			t.Errorf("%s held by %q; want an egress node", e.IP, h)
+		if h := plan.Holders[e.IP]; (h != "node2" && h != "node3") || (e.IP.Is6() && h != "node2") {
+			t.Errorf("%s held by %q; want an egress node, with IPv6 for an IPv6 IP (node2)", e.IP, h)
 		}
+	}
+	if st.NodeIP6.String() != "2001:db8:18::11" {
+		t.Errorf("NodeIP6 = %s; want node1's IPv6 InternalIP (BGP's next hop)", st.NodeIP6)
 	}
 	if got := fmt.Sprint(st.Peers); !strings.Contains(got, "fd00:10:244:12::/64") || !strings.Contains(got, "10.244.12.0/24") {
 		t.Errorf("Peers = %s; want both families' pod CIDRs", got)

@@ -30,7 +30,7 @@ type Config struct {
 	Marks        Marks
 	RulePriority int // priority of natd's ip rules (before the main table's 32766)
 	TableBase    int // egress IP slot i routes through table TableBase+i
-	// EgressCIDRs: /32 addresses inside them on the uplink are natd's to add and remove.
+	// EgressCIDRs: host addresses (/32, /128) inside them on the uplink are natd's to add and remove.
 	EgressCIDRs []netip.Prefix
 	// NetNS, when set, is the network namespace to program (tests); otherwise the
 	// caller's own.
@@ -121,8 +121,9 @@ func New(cfg Config) (*Dataplane, error) {
 	d.nft.newConn = d.nftConn
 	d.nft.gen = d.nftGen
 	d.nft.verifyEvery = cfg.VerifyEvery
+	_, err = nl.RuleList(unix.AF_INET6)
 	d.router = router{nl: nl, marks: cfg.Marks, rulePriority: cfg.RulePriority, tableBase: cfg.TableBase,
-		tunnelPort: cfg.TunnelPort, inNetns: d.inNetns}
+		tunnelPort: cfg.TunnelPort, inNetns: d.inNetns, noIPv6: errors.Is(err, unix.EAFNOSUPPORT)}
 	d.pods = podGuard{nl: nl, marks: cfg.Marks}
 	return d, nil
 }
@@ -308,9 +309,16 @@ func (d *Dataplane) records() []PodRecord {
 
 // rulesets are natd's tables for state: ip, ip6 and arp.
 func (d *Dataplane) rulesets(state State, records []PodRecord) []*Ruleset {
+	rs6 := BuildRuleset6(state, records, d.cfg.Marks, d.slots, d.cfg.Lease)
+	if d.router.noIPv6 {
+		// A kernel without IPv6 may refuse an ip6 NAT chain (and with it the whole
+		// transaction); it has no IPv6 to SNAT. The rest of the table stays: a pod's
+		// IPv6 cannot exist here, but the table's shape is the same everywhere else.
+		rs6.Chains = slices.DeleteFunc(rs6.Chains, func(c *Chain) bool { return c.Type == nftables.ChainTypeNAT })
+	}
 	return []*Ruleset{
 		BuildRuleset(state, records, d.cfg.Marks, d.slots, d.cfg.Lease, d.cfg.GossipPort, d.cfg.TunnelPort),
-		BuildRuleset6(state, records, d.cfg.Marks, d.slots, d.cfg.Lease),
+		rs6,
 		BuildARPRuleset(state, d.cfg.Lease),
 	}
 }
@@ -334,18 +342,20 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.router.ensureGuard(guard); err != nil {
 		return res, err
 	}
-	if err := ipv6Absent(d.router.ensureGuard6(d.router.wantGuard6(slots, state.ClusterDestinations))); err != nil {
+	guard6 := d.router.wantGuard6(slots, state.ClusterDestinations)
+	if err := ipv6Absent(d.router.ensureGuard6(guard6)); err != nil {
 		return res, err
 	}
-	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
+	present, preferred6, err := egressAddrs(d.nl, uplink, d.ownedAddr)
 	if err != nil {
 		return res, err
 	}
 	for ip := range held {
-		if slices.Contains(present, ip) {
+		if slices.Contains(present, ip) && !slices.Contains(preferred6, ip) {
 			continue
 		}
-		if err := d.nl.AddrAdd(uplink, hostAddr(ip)); err != nil {
+		// Replace: an IPv6 one there but not deprecated gets its lifetimes.
+		if err := d.nl.AddrReplace(uplink, hostAddr(ip)); err != nil {
 			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
 		}
 	}
@@ -375,6 +385,9 @@ func (d *Dataplane) apply(state State) (Result, error) {
 		return res, err
 	}
 	if err := d.router.pruneGuard(guard); err != nil {
+		return res, err
+	}
+	if err := ipv6Absent(d.router.pruneGuard6(guard6)); err != nil {
 		return res, err
 	}
 	released := map[netip.Addr]bool{}
@@ -483,11 +496,11 @@ func (d *Dataplane) Verify() (drifted bool, retryIn time.Duration, err error) {
 	if ok, err := d.router.guard6Intact(d.router.wantGuard6(slots, state.ClusterDestinations)); ipv6Absent(err) != nil || (err == nil && !ok) {
 		return !ok, 0, err
 	}
-	present, err := egressAddrs(d.nl, uplink, d.ownedAddr)
+	present, preferred6, err := egressAddrs(d.nl, uplink, d.ownedAddr)
 	if err != nil {
 		return false, 0, err
 	}
-	if len(present) != len(held) || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }) {
+	if len(present) != len(held) || len(preferred6) > 0 || slices.ContainsFunc(present, func(ip netip.Addr) bool { return !held[ip] }) {
 		return true, 0, nil
 	}
 	// Last: a pod guard that cannot be checked is no reason to leave anything else
@@ -640,7 +653,7 @@ func (d *Dataplane) Cleanup() error {
 		errs = append(errs, fmt.Errorf("listing links: %w", err))
 	}
 	for _, l := range links {
-		addrs, err := egressAddrs(d.nl, l, d.ownedAddr)
+		addrs, _, err := egressAddrs(d.nl, l, d.ownedAddr)
 		if err != nil {
 			errs = append(errs, err)
 			continue

@@ -605,3 +605,41 @@ func TestKernelPlannedTakeoverAnnouncesLate(t *testing.T) {
 		t.Errorf("unplanned takeover announced after %s, want at once", now)
 	}
 }
+
+// A held IPv6 egress IP is on the uplink deprecated: the node's own connections and the
+// CNI's masquerade of unpinned pods never pick it as their source (RFC 6724 would
+// prefer it, the newest global address with the longest match), while natd's SNAT and
+// neighbour discovery use it. Made preferred by someone, it is drift, and put back.
+func TestKernelIPv6EgressIPIsNeverASource(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	ns.run("ip", "-6", "addr", "add", "2001:db8:18::12/64", "dev", "uplink0", "nodad")
+	ns.run("ip", "-6", "route", "add", "default", "via", "2001:db8:18::1", "dev", "uplink0")
+	d := ns.dataplane()
+	if _, err := d.Apply(sampleState()); err != nil {
+		t.Fatal(err)
+	}
+	addr := func() string { return ns.run("ip", "-6", "-o", "addr", "show", "dev", "uplink0", "to", "2001:db8:18::c8/128") }
+	if got := addr(); !strings.Contains(got, "2001:db8:18::c8/128") || !strings.Contains(got, "deprecated") {
+		t.Fatalf("held IPv6 egress IP on the uplink: %q; want it deprecated", got)
+	}
+	for _, dst := range []string{"2001:db8:113::10", "2001:db8:18::99"} { // routed, on-link
+		if got := ns.run("ip", "-6", "route", "get", dst); !strings.Contains(got, "src 2001:db8:18::12 ") {
+			t.Errorf("the node's own source towards %s: %q; want its own address, never the egress IP", dst, got)
+		}
+	}
+	ns.run("ip", "-6", "addr", "change", "2001:db8:18::c8/128", "dev", "uplink0", "preferred_lft", "forever")
+	// What the deprecation prevents (and why the check above can fail): preferred, the
+	// egress IP is the node's source towards its own link.
+	if got := ns.run("ip", "-6", "route", "get", "2001:db8:18::99"); !strings.Contains(got, "src 2001:db8:18::c8 ") {
+		t.Errorf("made preferred, the egress IP is not the source on the link: %q; this kernel picks sources otherwise", got)
+	}
+	if drifted, _, err := d.Verify(); err != nil || !drifted {
+		t.Fatalf("Verify with the egress IP made preferred = %v, %v; want drift", drifted, err)
+	}
+	if _, err := d.Apply(sampleState()); err != nil {
+		t.Fatal(err)
+	}
+	if got := addr(); !strings.Contains(got, "deprecated") {
+		t.Fatalf("after the repair: %q; want it deprecated again", got)
+	}
+}

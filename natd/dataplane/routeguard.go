@@ -404,16 +404,15 @@ func (r *router) guard6Rules() (ours map[string]netlink.Rule, others []netlink.R
 	return ours, others, nil
 }
 
-// ensureGuard6 puts the IPv6 guard in place as planned, repairing and pruning its
-// rules and table.
+// ensureGuard6 adds what the IPv6 guard lacks, and deletes foreign rules at its
+// priority and table; like ensureGuard it removes none of natd's own: pruneGuard6 does,
+// once nftables no longer uses the slots they guard.
 func (r *router) ensureGuard6(want guardPlan) error {
 	have, err := r.guard6Routes()
 	if err != nil {
 		return err
 	}
-	keep := map[string]bool{}
 	for i := range want.routes {
-		keep[routeKey(want.routes[i])] = true
 		if slices.ContainsFunc(have, func(rt netlink.Route) bool { return routeKey(rt) == routeKey(want.routes[i]) }) {
 			continue
 		}
@@ -421,16 +420,11 @@ func (r *router) ensureGuard6(want guardPlan) error {
 			return fmt.Errorf("adding IPv6 guard route %s: %w", want.routes[i].Dst, err)
 		}
 	}
-	if err := r.deleteRoutes(have, keep); err != nil {
-		return err
-	}
 	ours, others, err := r.guard6Rules()
 	if err != nil {
 		return err
 	}
-	wanted := map[string]bool{}
 	for _, g := range want.rules {
-		wanted[g.key()] = true
 		if _, ok := ours[g.key()]; ok {
 			continue
 		}
@@ -438,12 +432,37 @@ func (r *router) ensureGuard6(want guardPlan) error {
 			return fmt.Errorf("adding IPv6 guard rule %s: %w", g.key(), err)
 		}
 	}
+	return r.deleteGuard6Rules(others)
+}
+
+// pruneGuard6 removes the IPv6 guard's rules and routes that are not planned.
+func (r *router) pruneGuard6(want guardPlan) error {
+	have, err := r.guard6Routes()
+	if err != nil {
+		return err
+	}
+	keep := map[string]bool{}
+	for _, rt := range want.routes {
+		keep[routeKey(rt)] = true
+	}
+	if err := r.deleteRoutes(have, keep); err != nil {
+		return err
+	}
+	ours, _, err := r.guard6Rules()
+	if err != nil {
+		return err
+	}
+	wanted := map[string]bool{}
+	for _, g := range want.rules {
+		wanted[g.key()] = true
+	}
+	var unwanted []netlink.Rule
 	for k, ru := range ours {
 		if !wanted[k] {
-			others = append(others, ru)
+			unwanted = append(unwanted, ru)
 		}
 	}
-	return r.deleteGuard6Rules(others)
+	return r.deleteGuard6Rules(unwanted)
 }
 
 // removeGuard6 takes the IPv6 guard away (cleanup).

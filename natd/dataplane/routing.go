@@ -3,6 +3,7 @@ package dataplane
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"slices"
@@ -35,6 +36,11 @@ type router struct {
 	tableBase    int
 	tunnelPort   uint16
 	inNetns      func(func() error) error
+	// noIPv6: the kernel has no IPv6 (ipv6.disable=1). Its pods have no IPv6
+	// addresses, so IPv6 slots get no rules, routes or neighbours here (the kernel
+	// would refuse them, failing every Apply), and the node holds no IPv6 egress IP
+	// (the planner gives those only to nodes with an IPv6 InternalIP).
+	noIPv6 bool
 }
 
 func (r *router) table(idx int) int { return r.tableBase + idx }
@@ -81,6 +87,9 @@ func (r *router) channels(uplink netlink.Link, nodeIP netip.Addr, slots []slotRo
 			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantRoutes(s, tunnel) }}
 		if s.v6 {
 			c.families, any6 = []int{unix.AF_INET6}, true
+			if r.noIPv6 {
+				c.families = nil
+			}
 		}
 		if s.via.IsValid() {
 			c.peers = []netip.Addr{s.via}
@@ -89,8 +98,8 @@ func (r *router) channels(uplink netlink.Link, nodeIP netip.Addr, slots []slotRo
 	}
 	if len(slots) > 0 {
 		c := channel{idx: replyIndex, tunnel: spec(ReplyDevice, ReplyVNI), families: []int{unix.AF_INET},
-			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantReplyRoutes(peers, tunnel, any6) }}
-		if any6 {
+			routes: func(tunnel netlink.Link) []netlink.Route { return r.wantReplyRoutes(peers, tunnel, any6 && !r.noIPv6) }}
+		if any6 && !r.noIPv6 {
 			c.families = append(c.families, unix.AF_INET6)
 		}
 		for _, p := range peers {
@@ -106,7 +115,7 @@ func (r *router) channels(uplink netlink.Link, nodeIP netip.Addr, slots []slotRo
 // itself, because the encapsulated packet keeps the mark and must reach the holder
 // through the main table, not loop into the tunnel.
 func (r *router) wantRoutes(s slotRoute, tunnel netlink.Link) []netlink.Route {
-	if !s.via.IsValid() {
+	if !s.via.IsValid() || (s.v6 && r.noIPv6) {
 		return nil
 	}
 	if s.v6 {
@@ -330,7 +339,7 @@ func (r *router) prune(slots []slotRoute) error {
 	if len(slots) > 0 {
 		keep[r.replyTable()] = true
 		keepRule[ruleKey{unix.AF_INET, r.replyTable()}] = true
-		keepRule[ruleKey{unix.AF_INET6, r.replyTable()}] = any6
+		keepRule[ruleKey{unix.AF_INET6, r.replyTable()}] = any6 && !r.noIPv6
 		keepDev[ReplyDevice] = true
 	}
 	rules, err := r.slotRules()
@@ -438,31 +447,41 @@ func uplinkOf(nl *netlink.Handle, ip netip.Addr) (netlink.Link, error) {
 	return nil, fmt.Errorf("no interface has the node IP %s", ip)
 }
 
-// egressAddrs lists the /32 addresses on link that natd owns: those inside an egress
-// CIDR, or that natd's table said it held.
-func egressAddrs(nl *netlink.Handle, link netlink.Link, owned func(netip.Addr) bool) ([]netip.Addr, error) {
+// egressAddrs lists the host addresses (/32, /128) on link that natd owns: those inside
+// an egress CIDR, or that natd's table said it held.
+// The second list names the IPv6 ones that are not deprecated (hostAddr says why they
+// must be).
+func egressAddrs(nl *netlink.Handle, link netlink.Link, owned func(netip.Addr) bool) (all, preferred6 []netip.Addr, err error) {
 	addrs, err := nl.AddrList(link, netlink.FAMILY_ALL)
 	if err != nil {
-		return nil, fmt.Errorf("listing addresses of %s: %w", link.Attrs().Name, err)
+		return nil, nil, fmt.Errorf("listing addresses of %s: %w", link.Attrs().Name, err)
 	}
-	var out []netip.Addr
 	for _, a := range addrs {
 		ones, bits := a.Mask.Size()
 		ip, ok := netip.AddrFromSlice(a.IP)
 		if ip = ip.Unmap(); ok && ones == bits && ones == ip.BitLen() && owned(ip) {
-			out = append(out, ip)
+			all = append(all, ip)
+			if ip.Is6() && a.Flags&unix.IFA_F_DEPRECATED == 0 {
+				preferred6 = append(preferred6, ip)
+			}
 		}
 	}
-	return out, nil
+	return all, preferred6, nil
 }
 
 // hostAddr is ip as a host address on the uplink. An IPv6 one skips duplicate address
 // detection, which would keep it unusable (tentative) for a second or more after a
-// takeover: the election already made sure no other node serves it.
+// takeover: the election already made sure no other node serves it. And it is
+// deprecated (preferred lifetime 0, valid forever): IPv6 source address selection
+// (RFC 6724) would otherwise prefer the newest global address, or the longest match,
+// for the node's own connections and the CNI's masquerade of unpinned pods — which
+// would then leave with the egress IP. A deprecated address still receives, answers
+// neighbour solicitations and serves as natd's SNAT source; it is just never chosen.
 func hostAddr(ip netip.Addr) *netlink.Addr {
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(ip.BitLen(), ip.BitLen())}}
 	if ip.Is6() {
 		a.Flags = unix.IFA_F_NODAD
+		a.PreferedLft, a.ValidLft = 0, math.MaxUint32
 	}
 	return a
 }

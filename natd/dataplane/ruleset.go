@@ -147,7 +147,7 @@ type Set struct {
 	DataType nftables.SetDatatype
 	IsMap    bool
 	Interval bool
-	// Concat: the key is ipv4_addr . mark (Element.Key, Element.Key2).
+	// Concat: the key is an address . mark (Element.Key, Element.Key2).
 	Concat bool
 	// Timeout, when set, is given to every element: the element disappears from the
 	// kernel unless natd re-adds it in time (a lease).
@@ -711,6 +711,14 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 			heldMarks.Elements = append(heldMarks.Elements, Element{Key: addrKey(e.IP), Key2: [4]byte(native32(mark))})
 		}
 	}
+	for _, e := range state.Egress {
+		// A packet of this family out of the tunnel of an egress IP of the other
+		// family: no node sends one (each routes a family's packets into its own
+		// family's tunnels only), and it has no egress IP to leave with.
+		if slot := index[e.IP]; !f.of(e.IP) && slot != 0 {
+			fromTunnels = append(fromTunnels, newRule().iifname(TunnelDevice(slot)).countDrops(DropLeakGuard).verdict(expr.VerdictDrop))
+		}
+	}
 	for _, p := range state.NoEgress {
 		if f.of(p) {
 			podEgress.Elements = append(podEgress.Elements, Element{Key: addrKey(p), Chain: f.noEgress})
@@ -748,9 +756,7 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 	// reply) passes one prefix test here instead of one test per egress IP in use
 	// (with 200 IPs in use that halved an unpinned pod's throughput). The reply
 	// tunnel shares the prefix but carries only replies and stray replies, which the
-	// rules above have dealt with. Each table names the devices of its family's
-	// egress IPs; a packet of the other family out of one matches nothing here, and
-	// the route guard drops it, unmarked.
+	// rules above have dealt with.
 	tunnelIn := &Chain{Name: chainFromTunnels, Rules: fromTunnels}
 	var toTunnelIn []*Rule
 	if len(fromTunnels) > 0 {

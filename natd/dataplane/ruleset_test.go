@@ -90,6 +90,8 @@ func TestBuildRulesetText(t *testing.T) {
 		iifname "natd-t1" ct mark set ct mark | 0x00020000 goto egress_198.18.0.200
 		iifname "natd-t2" ct mark set ct mark | 0x00020000 goto egress_198.18.0.201
 		iifname "natd-t3" ct mark set ct mark | 0x00020000 goto egress_198.18.0.202
+		iifname "natd-t4" counter drop
+		iifname "natd-t5" counter drop
 	}
 
 	chain prerouting {
@@ -221,6 +223,7 @@ func TestBuildRuleset6Text(t *testing.T) {
 	chain from_tunnels {
 		iifname "natd-t4" ct mark set ct mark | 0x00020000 goto egress_2001-db8-18--c8
 		iifname "natd-t5" ct mark set ct mark | 0x00020000 goto egress_2001-db8-18--c9
+		iifname "natd-t1" counter drop
 	}
 
 	chain prerouting {

@@ -21,7 +21,7 @@ import (
 // port security) carry it, and it needs nothing of the CNI's routes.
 //
 // A device has no remote of its own. Its table's default route goes via the holder's
-// node IP (onlink); a permanent neighbour entry gives that next hop the holder's
+// node IP (onlink; an IPv6 egress IP's via TunnelNextHop6 of it); a permanent neighbour entry gives that next hop the holder's
 // tunnel MAC, and a forwarding entry sends that MAC to the holder's node IP. Each
 // node's tunnel devices share one MAC derived from its node IP (TunnelMAC), so no node
 // ever has to learn another's: a holder change re-points one route, one neighbour and
@@ -38,7 +38,8 @@ const tunnelPrefix = "natd-t"
 // reply tunnel, to the pod's node, which receives them on its own reply tunnel. A
 // reply then never depends on the CNI's routes or on the reverse path filter of the
 // CNI's devices (a partner's address arriving on an overlay device is dropped by a
-// strict filter). VNI 0 is the reply tunnel's: an egress IP ending in .0.0 is refused.
+// strict filter). VNI 0 is the reply tunnel's: an egress IP whose low 24 bits are zero
+// is refused.
 const (
 	ReplyDevice = tunnelPrefix + "r"
 	ReplyVNI    = 0
@@ -57,8 +58,8 @@ var tunnelAddr = netip.MustParseAddr("169.254.78.78")
 func TunnelDevice(idx int) string { return fmt.Sprintf("%s%d", tunnelPrefix, idx) }
 
 // TunnelVNI is the VXLAN network identifier of egress IP ip on every node: its low 24
-// bits. Egress CIDRs whose addresses would share one (they differ only in the first
-// octet) are refused by the configuration (VNIOverlap).
+// bits, of either family. Egress CIDRs whose addresses would share one are refused by
+// the configuration (VNIOverlap).
 func TunnelVNI(ip netip.Addr) uint32 {
 	b := ip.AsSlice()
 	n := len(b)
@@ -211,8 +212,8 @@ func (r *router) ensureTunnel(ts *tunnelState, s tunnelSpec) (netlink.Link, erro
 
 // sysctls sets a new tunnel device's reverse path filter to loose — packets arrive on
 // it with other nodes' pod addresses, which routes reach through other devices — and
-// gives it no IPv6 link-local address (it carries IPv4 only, and would otherwise send
-// router solicitations into the tunnel). Both over netlink, not /proc/sys: in the
+// gives it no IPv6 link-local address (IPv6 packets cross it without one; with one it
+// would send router solicitations into the tunnel). Both over netlink, not /proc/sys: in the
 // DaemonSet's container /proc/sys is read-only, while CAP_NET_ADMIN suffices here.
 func (r *router) sysctls(link netlink.Link) error {
 	if err := r.inNetns(func() error { return setIPv4DevConf(link, ipv4DevConfRPFilter, 2) }); err != nil {

@@ -287,6 +287,14 @@ func TestDualStackEgressIPs(t *testing.T) {
 		t.Logf("kubectl get eip: %v", row)
 	}
 	checkRouterPointsAt(t, eip6, holder6)
+	// The holder's own IPv6 and an unpinned pod's there (the CNI's masquerade picks
+	// the node's source address) never leave with the IPv6 egress IP on the uplink.
+	plain := newPod(t, "dual-both-plain", "app", holder6)
+	for _, pr := range []proto{tcp, udp} {
+		if got, err := seen6(plain, pr, 3*time.Second); err != nil || got != nodeIP6(holder6) {
+			t.Errorf("unpinned pod on the IPv6 holder %s over IPv6 %s: partner saw %q (%v), want the node's %s", holder6, pr, got, err, nodeIP6(holder6))
+		}
+	}
 
 	// IPv6 only: its pods' IPv4 to the outside is dropped, never sent with another
 	// source; their IPv6 leaves with the egress IP.
