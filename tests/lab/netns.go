@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/vishvananda/netns"
@@ -66,6 +67,19 @@ func DialFromPortIn(ctx context.Context, ns string, port int, addr string) (net.
 	var c net.Conn
 	err := InNetns(ns, func() error {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{Port: port}}
+		if port != 0 {
+			// As a client with a fixed source port sets it: the port's last
+			// connection may linger (TIME_WAIT) in the namespace.
+			d.Control = func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				if err := rc.Control(func(fd uintptr) {
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+				}); err != nil {
+					return err
+				}
+				return serr
+			}
+		}
 		var err error
 		c, err = d.DialContext(ctx, "tcp", addr)
 		return err
