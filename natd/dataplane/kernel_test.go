@@ -618,7 +618,9 @@ func TestKernelIPv6EgressIPIsNeverASource(t *testing.T) {
 	if _, err := d.Apply(sampleState()); err != nil {
 		t.Fatal(err)
 	}
-	addr := func() string { return ns.run("ip", "-6", "-o", "addr", "show", "dev", "uplink0", "to", "2001:db8:18::c8/128") }
+	addr := func() string {
+		return ns.run("ip", "-6", "-o", "addr", "show", "dev", "uplink0", "to", "2001:db8:18::c8/128")
+	}
 	if got := addr(); !strings.Contains(got, "2001:db8:18::c8/128") || !strings.Contains(got, "deprecated") {
 		t.Fatalf("held IPv6 egress IP on the uplink: %q; want it deprecated", got)
 	}
