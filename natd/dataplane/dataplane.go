@@ -99,6 +99,9 @@ type Dataplane struct {
 	// owedFlush are pod addresses whose connections must be NATed anew (their
 	// classification changed) and that no completed Apply has flushed yet.
 	owedFlush map[netip.Addr]bool
+	// owedRelease are egress IPs this Apply or a failed earlier one took off the
+	// uplink, which no completed Apply has reported released yet.
+	owedRelease map[netip.Addr]bool
 	// announcing cancels the gratuitous ARP repeats of an IP that is released.
 	announcing map[netip.Addr]chan struct{}
 }
@@ -117,7 +120,7 @@ func New(cfg Config) (*Dataplane, error) {
 	}
 	d := &Dataplane{cfg: cfg, nl: nl, slots: map[netip.Addr]int{}, stale: map[netip.Addr]bool{},
 		announcing: map[netip.Addr]chan struct{}{}, store: PodStore{Dir: cfg.StateDir},
-		heldApplied: map[netip.Addr]bool{}, owedFlush: map[netip.Addr]bool{}}
+		heldApplied: map[netip.Addr]bool{}, owedFlush: map[netip.Addr]bool{}, owedRelease: map[netip.Addr]bool{}}
 	d.nft.newConn = d.nftConn
 	d.nft.gen = d.nftGen
 	d.nft.verifyEvery = cfg.VerifyEvery
@@ -359,6 +362,25 @@ func (d *Dataplane) apply(state State) (Result, error) {
 			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
 		}
 	}
+	// Addresses this node gives up leave the uplink before the tables stop guarding
+	// them. Removed after, a partner's segment that conntrack cannot un-NAT (an ack
+	// for data the new holder sent, out of this node's window) would meet the node's
+	// own stack in between and be answered with a reset from the egress IP, killing
+	// the connection at the partner (seen once in a planned move). Until the tables
+	// change, replies this node still un-NATs are forwarded as before.
+	for _, ip := range present {
+		if held[ip] {
+			continue
+		}
+		if stop, ok := d.announcing[ip]; ok {
+			close(stop)
+			delete(d.announcing, ip)
+		}
+		if err := d.nl.AddrDel(uplink, hostAddr(ip)); err != nil {
+			return res, fmt.Errorf("removing egress IP %s from %s: %w", ip, uplink.Attrs().Name, err)
+		}
+		d.owedRelease[ip] = true // reported (and its flows flushed) by the Apply that completes
+	}
 	out, err := d.applyTables(state)
 	res.Rebuilt = out.rebuilt
 	for _, p := range out.repinned {
@@ -396,18 +418,10 @@ func (d *Dataplane) apply(state State) (Result, error) {
 			released[ip] = true
 		}
 	}
-	for _, ip := range present {
-		if held[ip] {
-			continue
+	for ip := range d.owedRelease {
+		if !held[ip] {
+			released[ip] = true
 		}
-		if stop, ok := d.announcing[ip]; ok {
-			close(stop)
-			delete(d.announcing, ip)
-		}
-		if err := d.nl.AddrDel(uplink, hostAddr(ip)); err != nil {
-			return res, fmt.Errorf("removing egress IP %s from %s: %w", ip, uplink.Attrs().Name, err)
-		}
-		released[ip] = true
 	}
 	for ip := range released {
 		res.Released = append(res.Released, ip)
@@ -417,7 +431,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 		return res, err
 	}
 	res.Repinned = len(d.owedFlush)
-	d.heldApplied, d.owedFlush, d.lastState = held, map[netip.Addr]bool{}, &state
+	d.heldApplied, d.owedFlush, d.owedRelease, d.lastState = held, map[netip.Addr]bool{}, map[netip.Addr]bool{}, &state
 	d.stale = map[netip.Addr]bool{}
 	for ip := range d.slots {
 		if !inEgress(state.Egress, ip) {
