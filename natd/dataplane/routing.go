@@ -365,8 +365,8 @@ func (r *router) prune(slots []slotRoute) error {
 			}
 		}
 	}
-	// A slot whose IP changed family (a freed slot given to an IP of the other
-	// family) keeps routes of the old one: ensure replaced the table's routes whole.
+	// (A slot given to an IP of the other family keeps no routes of the old one:
+	// ensure replaced the table's routes, of both families, whole.)
 	tunnels, err := r.tunnels()
 	if err != nil {
 		return err
