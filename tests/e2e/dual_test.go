@@ -429,3 +429,31 @@ func TestDualStackIPv6TablesGone(t *testing.T) {
 		}
 	}
 }
+
+// A pod created while natd on its node is dead (SIGKILL), in a namespace pinned in both
+// families: natd-cni classifies both of its addresses from what natd last wrote, and
+// its very first IPv6 exchanges leave with the IPv6 egress IP, its IPv4 ones with the
+// IPv4 one, never with the pod's or the node's addresses.
+func TestDualStackIPv6NewPodsWhileNatdDead(t *testing.T) {
+	dualOnly(t)
+	const ns, eip4, eip6 = "dual-dead6", "198.18.0.228", "2001:db8:18::ec"
+	pin(t, ns, eip4+","+eip6)
+	waitHolder(t, eip4)
+	waitHolder(t, eip6)
+	first := newPod(t, ns, "first", "node1")
+	waitSeenAt(t, first, tcp, partnerAddr6(), eip6, nodeIP6s()...)
+	if err := lab.KillNatd(topo, "node1"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { restartNatd(t, "node1") })
+	late := newPod(t, ns, "late", "node1")
+	for _, pr := range []proto{udp, tcp} {
+		if got, err := seen6(late, pr, 2*time.Second); err != nil || got != eip6 {
+			t.Errorf("natd dead: the new pinned pod's first IPv6 %s exchange: partner saw %q (%v); want %s", pr, got, err, eip6)
+		}
+		if got, err := seen(late, pr, 2*time.Second); err != nil || got != eip4 {
+			t.Errorf("natd dead: the new pinned pod's first IPv4 %s exchange: partner saw %q (%v); want %s", pr, got, err, eip4)
+		}
+	}
+	assertOnlyFrom6(t, late, "dual-dead6-late", eip6)
+}
