@@ -135,9 +135,12 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 	nodeAddrs := map[netip.Addr]string{} // both families: no egress IP may be one
 	var nodeIPs6 []netip.Prefix
 	nodeIPOf := map[string]netip.Addr{}
+	// has6 names the nodes with an IPv6 InternalIP: only they may take an IPv6 egress IP.
+	has6 := make(map[string]bool, len(c.Nodes))
 	var self *corev1.Node
 	for _, n := range c.Nodes {
 		ip := internalIP(n)
+		has6[n.Name] = internalIP6(n).IsValid()
 		for _, a := range n.Status.Addresses {
 			if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
 				continue
@@ -236,10 +239,6 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		ips = append(ips, ip)
 	}
 	slices.SortFunc(ips, netip.Addr.Compare)
-	has6 := map[string]bool{}
-	for _, n := range c.Nodes {
-		has6[n.Name] = internalIP6(n).IsValid()
-	}
 	assigned := p.elect(ips, eligible, has6, votersOf(eligible, c.Nodes, el.View), el, plan)
 	if len(plan.Held) > 0 {
 		// However long the Apply takes, the leases end --lease after the moment the
@@ -574,22 +573,19 @@ func eligibleNodes(nodes []*corev1.Node) []string {
 	return out
 }
 
-func internalIP(n *corev1.Node) netip.Addr {
-	for _, a := range n.Status.Addresses {
-		if a.Type == corev1.NodeInternalIP {
-			if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is4() {
-				return ip
-			}
-		}
-	}
-	return netip.Addr{}
-}
+// internalIP is a node's IPv4 InternalIP (invalid: none).
+func internalIP(n *corev1.Node) netip.Addr { return internalIPOf(n, netip.Addr.Is4) }
 
 // internalIP6 is a node's IPv6 InternalIP (invalid: none).
 func internalIP6(n *corev1.Node) netip.Addr {
+	return internalIPOf(n, func(ip netip.Addr) bool { return ip.Is6() && !ip.Is4In6() && ip.Zone() == "" })
+}
+
+// internalIPOf is a node's first InternalIP that family accepts.
+func internalIPOf(n *corev1.Node, family func(netip.Addr) bool) netip.Addr {
 	for _, a := range n.Status.Addresses {
 		if a.Type == corev1.NodeInternalIP {
-			if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is6() && !ip.Is4In6() && ip.Zone() == "" {
+			if ip, err := netip.ParseAddr(a.Address); err == nil && family(ip) {
 				return ip
 			}
 		}

@@ -2,7 +2,6 @@ package dataplane
 
 import (
 	"fmt"
-	"maps"
 	"net/netip"
 	"slices"
 
@@ -80,8 +79,11 @@ func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr, r
 		}
 	}
 	families := []netlink.InetFamily{unix.AF_INET}
-	if slices.ContainsFunc(taken, netip.Addr.Is6) || slices.ContainsFunc(released, netip.Addr.Is6) ||
-		slices.ContainsFunc(slices.Collect(maps.Keys(repinned)), netip.Addr.Is6) {
+	any6 := slices.ContainsFunc(taken, netip.Addr.Is6) || slices.ContainsFunc(released, netip.Addr.Is6)
+	for ip := range repinned {
+		any6 = any6 || ip.Is6()
+	}
+	if any6 {
 		families = append(families, unix.AF_INET6)
 	}
 	for _, fam := range families {

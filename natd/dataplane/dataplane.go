@@ -772,8 +772,9 @@ func (d *Dataplane) renew(timeout time.Duration) error {
 	return d.nft.renewLeases(conn, timeout)
 }
 
-// announce sends gratuitous ARPs (IPv6: unsolicited neighbour advertisements) for ip after delay (a planned takeover) or now, and at
-// the configured repeats after that, until ip is released.
+// announce sends gratuitous ARPs (IPv6: unsolicited neighbour advertisements) for ip
+// after delay (a planned takeover) or now, and at the configured repeats after that,
+// until ip is released.
 func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr, delay time.Duration) {
 	if old, ok := d.announcing[ip]; ok {
 		close(old)

@@ -634,9 +634,8 @@ func (f family) chainOf(eip netip.Addr) string {
 // renews it (0: forever). gossipPort, when set, is guarded against non-node sources;
 // tunnelPort is the UDP port of natd's tunnels between nodes.
 func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, gossipPort, tunnelPort uint16) *Ruleset {
-	rs := buildTable(familyIPv4, state, records, marks, index, lease, tunnelPort)
 	input, forward := nodePortGuards(gossipPort, tunnelPort)
-	rs.Chains[len(rs.Chains)-1].Rules = append(rs.Chains[len(rs.Chains)-1].Rules, input.Rules...)
+	rs := buildTable(familyIPv4, state, records, marks, index, lease, tunnelPort, input.Rules)
 	rs.Chains = append(rs.Chains, forward)
 	return rs
 }
@@ -648,12 +647,13 @@ func BuildRuleset(state State, records []PodRecord, marks Marks, index map[netip
 // holder's neighbour discovery for its IPv6 egress IPs obeys their leases, as ARP does
 // for IPv4 (BuildARPRuleset).
 func BuildRuleset6(state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration) *Ruleset {
-	return buildTable(familyIPv6, state, records, marks, index, lease, 0)
+	return buildTable(familyIPv6, state, records, marks, index, lease, 0, nil)
 }
 
-// buildTable renders the table of family f. Its last chain is the input chain
-// ("node_ports"), to which the ip table adds its guards of natd's ports.
-func buildTable(f family, state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, tunnelPort uint16) *Ruleset {
+// buildTable renders the table of family f; portGuards are the ip table's guards of
+// natd's ports, which end its input chain ("node_ports").
+func buildTable(f family, state State, records []PodRecord, marks Marks, index map[netip.Addr]int, lease time.Duration, tunnelPort uint16,
+	portGuards []*Rule) *Ruleset {
 	rs := &Ruleset{Family: f.table}
 	var held []EgressIP
 	podEgress := verdictMap(f.set(mapPodEgress), f.addrType, f.addrName)
@@ -867,6 +867,7 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 		Priority: 0, Header: "type filter hook input priority filter; policy accept;",
 		Rules: []*Rule{newRule().addrIn(f, "daddr", f.set(setHeldDsts), false).l4ProtoIsNot(f).counter().verdict(expr.VerdictDrop)},
 	}
+	input.Rules = append(input.Rules, portGuards...)
 	rs.Chains = append(rs.Chains, input)
 	return rs
 }
