@@ -72,9 +72,17 @@ type Evidence struct {
 	// QuorumSince is when this node's quorum began, unbroken since (zero: broken).
 	QuorumSince time.Time
 	// QuorumNow: a majority of voters is in touch at this moment. Only such a moment
-	// may extend a lease or take an IP; an unbroken quorum that misses a moment keeps
-	// what it has until the lease would run out.
+	// may take an IP.
 	QuorumNow bool
+	// QuorumSeen is the last moment a majority of voters was in touch (At, if
+	// QuorumNow; zero while the quorum is broken). Leases are granted until QuorumSeen
+	// + --lease: a moment the quorum was seen is all the bound needs, so a renewal that
+	// falls between two such moments (a lost heartbeat, a short stall) still extends
+	// the lease instead of waiting for the next one.
+	QuorumSeen time.Time
+	// QuorumBreaks counts the quorums this node lost since its process began: each
+	// one made it give its IPs up (and a false failover, if nothing else had failed).
+	QuorumBreaks uint64
 }
 
 // Quorum reports whether this node's quorum of voters is unbroken.
@@ -104,6 +112,7 @@ type heartbeats struct {
 	peers       map[string]*peerState
 	lastQuorum  time.Time // the last moment this node saw its quorum
 	quorumSince time.Time
+	breaks      uint64 // quorums that broke since this process began
 	// What the last tick told the planner, to tell when it changes.
 	toldSince time.Time
 	toldDown  map[string]bool
@@ -284,14 +293,16 @@ func (h *heartbeats) observe(now time.Time) (quorum bool) {
 		if h.quorumSince.IsZero() || gap > h.timing.Stall {
 			if !h.quorumSince.IsZero() {
 				klog.InfoS("Quorum of voters broke and began anew", "gap", gap)
+				h.breaks++
 			}
 			h.quorumSince = now
 		}
 		h.lastQuorum = now
 		return true
 	}
-	if gap > h.timing.Stall {
+	if gap > h.timing.Stall && !h.quorumSince.IsZero() {
 		h.quorumSince = time.Time{}
+		h.breaks++
 	}
 	return false
 }
@@ -441,6 +452,10 @@ func (h *heartbeats) evidence() Evidence {
 		InTouch: h.inTouchAt(now), Down: map[string]bool{}}
 	e.QuorumNow = h.observe(now) // every look is a sighting (or not) of the quorum
 	e.QuorumSince = h.quorumSince
+	if !h.quorumSince.IsZero() {
+		e.QuorumSeen = h.lastQuorum
+	}
+	e.QuorumBreaks = h.breaks
 	e.Down = h.downAt(now)
 	return e
 }

@@ -133,11 +133,11 @@ func TestHeartbeatsQuorumAndDown(t *testing.T) {
 			downAt = net.now - start
 		}
 	})
-	if e := net.evidence(voters[1]); !e.Quorum() || !e.Down[dead] || e.Down[voters[2]] {
-		t.Fatalf("survivor: quorum %v, down %v", e.Quorum(), e.Down)
+	if e := net.evidence(voters[1]); !e.Quorum() || !e.Down[dead] || e.Down[voters[2]] || e.QuorumBreaks != 0 {
+		t.Fatalf("survivor: quorum %v, down %v, %d quorum breaks", e.Quorum(), e.Down, e.QuorumBreaks)
 	}
-	if e := net.evidence(dead); e.Quorum() {
-		t.Fatal("the cut-off voter still has a quorum")
+	if e := net.evidence(dead); e.Quorum() || e.QuorumBreaks != 1 {
+		t.Fatalf("the cut-off voter: quorum %v, %d quorum breaks, want none and 1", e.Quorum(), e.QuorumBreaks)
 	}
 	if downAt < net.timing.Silence*97/100-net.timing.Interval || downAt > net.timing.Silence+3*net.timing.Interval {
 		t.Fatalf("down after %s; silence bound %s", downAt, net.timing.Silence)

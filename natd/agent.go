@@ -360,14 +360,10 @@ func (a *Agent) renewLeases() {
 	var ev election.Evidence
 	if err == nil {
 		ev = a.members.Evidence()
+		a.metrics.countQuorumBreaks(ev.QuorumBreaks)
 		err = a.mayRenew(ev)
 	}
 	reason := ""
-	if errors.Is(err, errNotInTouchNow) {
-		a.metrics.LeaseRenewalsWithheld.Inc()
-		a.health.renewDone(nil)
-		return
-	}
 	if err != nil {
 		reason = err.Error()
 	}
@@ -391,8 +387,8 @@ func (a *Agent) renewLeases() {
 		a.health.renewDone(nil)
 		return
 	}
-	// The lease counts from the quorum seen, not from the commit.
-	if err := a.kernel.RenewLeases(ev.At.Add(a.cfg.Lease)); err != nil {
+	// The lease counts from the last moment the quorum was seen, not from the commit.
+	if err := a.kernel.RenewLeases(ev.QuorumSeen.Add(a.cfg.Lease)); err != nil {
 		// Most likely someone removed natd's tables: a sync puts them back.
 		a.metrics.LeaseRenewalFailures.Inc()
 		klog.ErrorS(err, "Renewing leases failed; repairing the node")
@@ -401,7 +397,7 @@ func (a *Agent) renewLeases() {
 		return
 	}
 	a.mu.Lock()
-	a.leasedAt = later(a.leasedAt, ev.At)
+	a.leasedAt = later(a.leasedAt, ev.QuorumSeen)
 	a.mu.Unlock()
 	a.health.renewDone(nil)
 }
@@ -421,10 +417,6 @@ func (a *Agent) mayRenew(ev election.Evidence) error {
 		return errNoMajority
 	case a.lapsed(ev):
 		return errLeaseLapsed
-	case !ev.QuorumNow:
-		// Unbroken, but not in touch at this moment (a lost heartbeat, a short
-		// stall): this renewal is skipped; the next ones in the lease make up for it.
-		return errNotInTouchNow
 	}
 	return nil
 }
@@ -435,7 +427,7 @@ func (a *Agent) lapsed(ev election.Evidence) bool {
 	if a.resuming {
 		return false // the kernel serves them under the grace its predecessor set
 	}
-	return ev.At.Sub(a.leasedAt) >= a.cfg.Lease || ev.QuorumSince.After(a.leasedAt)
+	return ev.At.Sub(a.leasedAt) >= a.cfg.Lease || ev.At.Sub(ev.QuorumSeen) >= a.cfg.Lease || ev.QuorumSince.After(a.leasedAt)
 }
 
 // ErrUninstalled is returned by Run when natd stopped because it is being uninstalled:
@@ -837,12 +829,6 @@ func (a *Agent) sync() error {
 	c, el, err := a.inputs()
 	if err != nil {
 		return err
-	}
-	if ev := el.View.Evidence; len(el.Held) > 0 && ev.Quorum() && !ev.QuorumNow {
-		// Applying would extend the leases on a moment without a quorum in touch:
-		// wait for the next one (the quorum breaks for good within the lease).
-		a.queue.AddAfter(syncKey, a.cfg.HeartbeatInterval)
-		return nil
 	}
 	plan, err := a.planner.Plan(c, el)
 	if err != nil {

@@ -29,14 +29,15 @@ import (
 // fakeKernel records what the agent asks of the kernel. Apply can be made to fail or
 // to block (a wedged netlink call).
 type fakeKernel struct {
-	mu       sync.Mutex
-	applied  []dataplane.State
-	applyErr error
-	block    chan struct{} // when set, Apply waits for it to close
-	result   dataplane.Result
-	renewals int
-	renewErr error
-	drifted  bool
+	mu           sync.Mutex
+	applied      []dataplane.State
+	applyErr     error
+	block        chan struct{} // when set, Apply waits for it to close
+	result       dataplane.Result
+	renewals     int
+	renewErr     error
+	renewedUntil time.Time // the deadline of the last renewal
+	drifted      bool
 }
 
 func (k *fakeKernel) Apply(st dataplane.State) (dataplane.Result, error) {
@@ -65,10 +66,11 @@ func (k *fakeKernel) Verify() (bool, time.Duration, error) {
 	return d, 0, nil
 }
 
-func (k *fakeKernel) RenewLeases(time.Time) error {
+func (k *fakeKernel) RenewLeases(until time.Time) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.renewals++
+	k.renewedUntil = until
 	return k.renewErr
 }
 
@@ -110,6 +112,9 @@ func (m *fakeMembership) View() election.View {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v := m.view
+	if v.Evidence.Quorum() && v.Evidence.QuorumNow {
+		v.Evidence.QuorumSeen = v.Evidence.At // as the heartbeats say it
+	}
 	v.Members = map[string]election.Member{}
 	for k, x := range m.view.Members {
 		v.Members[k] = x
@@ -423,22 +428,35 @@ func TestAgentBrokenQuorumEndsTheLeases(t *testing.T) {
 	if err := f.agent.Sync(); err != nil || len(f.agent.held) != 1 {
 		t.Fatalf("not holding: %v, %v", f.agent.held, err)
 	}
-	// A moment out of touch, the quorum unbroken: this renewal is skipped, nothing is
-	// given up, and a sync waits for a moment in touch.
+	// A moment out of touch, the quorum unbroken: the renewal extends the lease until
+	// --lease after the last moment the quorum was seen, not after now, and nothing is
+	// given up.
+	f.advance(50 * time.Millisecond)
 	f.members.mu.Lock()
 	f.members.view.Evidence.QuorumNow = false
+	seen := f.members.view.At.Add(-30 * time.Millisecond)
+	f.members.view.Evidence.QuorumSeen = seen
 	f.members.mu.Unlock()
 	f.agent.renewLeases()
-	if err := f.agent.Sync(); err != nil || f.kernel.renewed() != 0 || len(f.agent.held) != 1 {
-		t.Fatalf("a moment out of touch: renewed %d, held %v, %v", f.kernel.renewed(), f.agent.held, err)
+	if err := f.agent.Sync(); err != nil || f.kernel.renewed() != 1 || !f.kernel.renewedUntil.Equal(seen.Add(f.agent.cfg.Lease)) || len(f.agent.held) != 1 {
+		t.Fatalf("a moment out of touch: renewed %d until %s (quorum seen %s), held %v, %v", f.kernel.renewed(), f.kernel.renewedUntil, seen, f.agent.held, err)
 	}
-	f.advance(50 * time.Millisecond)
+	if got := f.kernel.last().LeaseUntil; !got.Equal(seen.Add(f.agent.cfg.Lease)) {
+		t.Errorf("a sync out of touch leased until %s, want %s", got, seen.Add(f.agent.cfg.Lease))
+	}
+	// Out of touch for a whole lease: the quorum is as good as broken, and the lease
+	// has run out; nothing is renewed.
+	f.advance(f.agent.cfg.Lease)
+	f.agent.renewLeases()
+	if f.kernel.renewed() != 1 {
+		t.Fatalf("renewed a lease whose quorum was last seen %s ago", f.now().Sub(seen))
+	}
 	f.members.mu.Lock()
 	f.members.view.Evidence.QuorumNow = true
 	f.members.view.Evidence.QuorumSince = f.members.view.At.Add(-10 * time.Millisecond) // broke, and is back
 	f.members.mu.Unlock()
 	f.agent.renewLeases()
-	if f.kernel.renewed() != 0 {
+	if f.kernel.renewed() != 1 {
 		t.Fatal("renewed leases across a broken quorum")
 	}
 	if err := f.agent.Sync(); err != nil {
@@ -455,7 +473,7 @@ func TestAgentBrokenQuorumEndsTheLeases(t *testing.T) {
 		t.Fatalf("not taken again once settled: %v, %v", f.agent.held, err)
 	}
 	f.agent.renewLeases()
-	if f.kernel.renewed() != 1 {
+	if f.kernel.renewed() != 2 {
 		t.Fatal("no renewal once the IP was taken again")
 	}
 }

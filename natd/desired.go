@@ -320,7 +320,7 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, has6 map[string]boo
 	// and every voter that took its IPs has seen it in touch again.
 	window := cfg.Heartbeat().Silence
 	plan.Voters = voters
-	plan.Quorum, plan.QuorumSince, plan.EvidenceAt = ev.Quorum(), ev.QuorumSince, ev.At
+	plan.Quorum, plan.QuorumSince, plan.EvidenceAt = ev.Quorum(), ev.QuorumSince, ev.QuorumSeen
 	selfVoter := slices.Contains(voters, self)
 	// A node that has just come to see a quorum (it started, or a partition healed)
 	// may not have heard the newest claims yet: it keeps what it holds but takes

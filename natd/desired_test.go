@@ -125,7 +125,7 @@ func evidence(at time.Time, inTouch ...string) election.Evidence {
 		}
 	}
 	if quorum {
-		e.QuorumSince, e.QuorumNow = at.Add(-time.Hour), true
+		e.QuorumSince, e.QuorumNow, e.QuorumSeen = at.Add(-time.Hour), true, at
 	}
 	return e
 }

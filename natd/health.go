@@ -37,7 +37,6 @@ var (
 	errWedged        = errors.New("the sync loop is stuck")
 	errSyncsFailing  = errors.New("syncs have been failing")
 	errNoMajority    = errors.New("no majority of the voters in touch")
-	errNotInTouchNow = errors.New("no majority of the voters in touch at this moment")
 	errLeaseLapsed   = errors.New("the leases ran out or the quorum broke since they were renewed")
 	errRenewalStuck  = errors.New("the lease renewal loop is stuck")
 	errRenewalFailed = errors.New("renewing leases failed")

@@ -25,6 +25,10 @@ type Metrics struct {
 	LeaseRenewalsWithheld prometheus.Counter
 	LeaseRenewalFailures  prometheus.Counter
 	DriftRepairs          prometheus.Counter
+	// QuorumBreaks counts the times this node lost its quorum of voters (a holder
+	// gives its IPs up at each); quorumBreaksSeen is the evidence's count last added.
+	QuorumBreaks     prometheus.Counter
+	quorumBreaksSeen uint64
 	// The gossip keys in use: how many, and the primary's fingerprint (a key rotation
 	// waits for every node to show the same).
 	GossipKeys       prometheus.Gauge
@@ -55,6 +59,9 @@ func NewMetrics() *Metrics {
 			Name: "natd_lease_renewal_failures_total", Help: "Lease renewals the kernel refused (natd's tables were changed); each triggers a repair."}),
 		DriftRepairs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "natd_kernel_drift_repairs_total", Help: "Times natd found its kernel state changed by someone else and repaired it."}),
+		QuorumBreaks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "natd_quorum_breaks_total",
+			Help: "Times this node lost touch with a majority of the voters for longer than --lease (a holder gives its egress IPs up at each; on a healthy network, 0)."}),
 		GossipKeys: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "natd_gossip_keys", Help: "Gossip keys this node accepts (--gossip-key-file, re-read every 2 s)."}),
 		GossipPrimaryKey: prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -66,9 +73,19 @@ func NewMetrics() *Metrics {
 	buildInfo.Set(1)
 	m.Registry.MustRegister(buildInfo)
 	m.Registry.MustRegister(m.SyncDuration, m.SyncFailures, m.LastSuccessfulAt, m.EgressIPsHeld, m.MembersAlive, m.Failovers,
-		m.LeaseRenewalsWithheld, m.LeaseRenewalFailures, m.DriftRepairs, m.GossipKeys, m.GossipPrimaryKey,
+		m.LeaseRenewalsWithheld, m.LeaseRenewalFailures, m.DriftRepairs, m.QuorumBreaks, m.GossipKeys, m.GossipPrimaryKey,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// countQuorumBreaks adds the breaks the evidence counted since the last call (its
+// count only grows; the renewal loop, its one caller, reads it every lease/4).
+func (m *Metrics) countQuorumBreaks(total uint64) {
+	if m == nil || total <= m.quorumBreaksSeen {
+		return
+	}
+	m.QuorumBreaks.Add(float64(total - m.quorumBreaksSeen))
+	m.quorumBreaksSeen = total
 }
 
 func (m *Metrics) observeSync(d time.Duration, err error) {
