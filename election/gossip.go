@@ -39,7 +39,7 @@ type GossipConfig struct {
 	// PushPullInterval is how often a full state exchange runs with one random peer
 	// (0: 10 s).
 	PushPullInterval time.Duration
-	// Heartbeat is the voters' heartbeat schedule (zero: NewHeartbeatTiming(40ms, 300ms)).
+	// Heartbeat is the voters' heartbeat schedule (zero: NewHeartbeatTiming(15ms, 150ms)).
 	Heartbeat HeartbeatTiming
 	// Boot orders this natd's metadata after its previous lives' (see Meta.Boot); zero:
 	// the clock now.
@@ -139,7 +139,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 		cfg.Boot = uint64(time.Now().UnixNano())
 	}
 	if cfg.Heartbeat.Interval <= 0 {
-		cfg.Heartbeat = NewHeartbeatTiming(40*time.Millisecond, 300*time.Millisecond)
+		cfg.Heartbeat = NewHeartbeatTiming(15*time.Millisecond, 150*time.Millisecond)
 	}
 	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1), membersChanged: make(chan struct{}, 1),
 		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1), routesKick: make(chan struct{}, 1),

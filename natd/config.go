@@ -149,8 +149,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	c.GossipProbeInterval = 150 * time.Millisecond
 	c.GossipProbeTimeout = 75 * time.Millisecond
 	c.GossipSuspicionMult = 3
-	c.Lease = 300 * time.Millisecond
-	c.HeartbeatInterval = 40 * time.Millisecond
+	c.Lease = 150 * time.Millisecond
+	c.HeartbeatInterval = 15 * time.Millisecond
 	c.MaxEgressIPs = 32
 	c.RestartGrace = 30 * time.Second
 	c.HandoverTimeout = 3 * time.Second
@@ -181,7 +181,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.GossipProbeTimeout, "gossip-probe-timeout", c.GossipProbeTimeout, "how long a probe may take before it counts as failed")
 	fs.IntVar(&c.GossipSuspicionMult, "gossip-suspicion-mult", c.GossipSuspicionMult, "probe intervals a suspected member has to refute before it is declared dead")
 	fs.DurationVar(&c.Lease, "lease", c.Lease, "how long a holder's kernel keeps serving its egress IPs without natd renewing them (renewed only while a majority of voters is in touch)")
-	fs.DurationVar(&c.HeartbeatInterval, "heartbeat-interval", c.HeartbeatInterval, "how often voters (egress nodes, and witnesses when there are fewer than three) send each other a heartbeat; a failover takes about 1.1 × (lease + 11 intervals)")
+	fs.DurationVar(&c.HeartbeatInterval, "heartbeat-interval", c.HeartbeatInterval, "how often voters (egress nodes, and witnesses when there are fewer than three) send each other a heartbeat; a holder is reported down, and its IPs taken over, after 1.1 × (lease + 11 intervals) without one")
 	fs.IntVar(&c.MaxEgressIPs, "max-egress-ips", c.MaxEgressIPs, "most egress IPs one node is given")
 	fs.DurationVar(&c.RestartGrace, "restart-grace", c.RestartGrace, "on SIGTERM, how long the kernel keeps serving this node's IPs and the others wait for natd to come back")
 	fs.DurationVar(&c.HandoverTimeout, "handover-timeout", c.HandoverTimeout, "in a planned move, how long the old holder keeps an IP waiting for the new one to claim it")
