@@ -121,9 +121,11 @@ bench: deps kube-bins
 	$(GO) test -run '^$$' -bench PinnedPath -benchtime 1x -timeout 20m ./natd/dataplane/
 	for n in flat overlay routed dual; do NATD_E2E_NETWORK=$$n $(GO) test -run '^$$' -bench LabPath -benchtime 1x -timeout 20m ./tests/e2e/ || exit 1; done
 
-# Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner.
+# Failover times over NATD_FAILOVER_ROUNDS (20) faults of each kind, seen at the partner,
+# with long-lived TCP connections; then the soak: an egress IP held for NATD_SOAK (30m)
+# with every node's CPUs saturated and 5 % loss on every node link, where nothing may move.
 bench-failover: deps kube-bins
-	$(GO) test -run '^$$' -bench Failover -benchtime 1x -timeout 40m ./tests/e2e/
+	$(GO) test -run '^$$' -bench 'Failover|Soak' -benchtime 1x -timeout 90m ./tests/e2e/
 
 # The scale harness (natd/scale_test.go): natd's real agents in one process over an
 # in-memory network, 5 egress nodes and NATD_SCALE_IPS (500) egress IPs; per size the

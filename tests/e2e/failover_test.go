@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/nftables"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	egressv1alpha1 "natd.dev/natd/natd/apis/egress/v1alpha1"
 	"natd.dev/natd/tests/lab"
@@ -530,7 +531,7 @@ func (k *connection) stop() tcpOutcome {
 }
 
 // plannedMoves are the fault kinds that hand an IP over make-before-break.
-var plannedMoves = map[string]bool{"unlabel": true, "drain": true, "label": true}
+var plannedMoves = map[string]bool{"unlabel": true, "drain": true, "label": true, "cordon": true}
 
 // watchTwoServers samples which nodes serve ip every 20 ms until the returned function
 // is called; that returns the samples in which more than one node did.
@@ -661,6 +662,34 @@ func drainNatd(t testing.TB, holder string) func() {
 	return func() { restartNatd(t, holder) }
 }
 
+func freezeNatd(t testing.TB, holder string) func() {
+	heal, err := lab.FreezeNatd(topo, holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { heal() }) // SIGCONT again is harmless; a frozen natd is not
+	return func() {
+		if err := heal(); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// cordon marks the holder unschedulable (kubectl cordon): natd hands its IPs over.
+func cordon(t testing.TB, holder string) func() {
+	setUnschedulable(t, holder, true)
+	return func() { setUnschedulable(t, holder, false) }
+}
+
+func setUnschedulable(t testing.TB, node string, on bool) {
+	t.Helper()
+	patch := fmt.Sprintf(`{"spec":{"unschedulable":%t}}`, on)
+	if _, err := client.CoreV1().Nodes().Patch(context.Background(), node, types.StrategicMergePatchType,
+		[]byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatalf("cordoning %s (%t): %v", node, on, err)
+	}
+}
+
 func TestFailoverUplinkCut(t *testing.T) {
 	const ip = "198.18.0.230"
 	_, after, _ := failover(t, "uplink", ip, cutUplink, mustMove)
@@ -675,6 +704,15 @@ func TestFailoverNatdKilled(t *testing.T) {
 	}
 	_, after, _ := failover(t, "sigkill", ip, killNatd, want)
 	afterwards(t, ip, after) // the restarted natd does not re-claim the IP
+}
+
+// A frozen natd (SIGSTOP) renews nothing: the kernel stops serving within the lease
+// and the IP moves; resumed, the old natd finds its quorum broken and its leases
+// lapsed, and serves nothing again (afterwards samples for a second holder).
+func TestFailoverNatdFrozen(t *testing.T) {
+	const ip = "198.18.0.229"
+	_, after, _ := failover(t, "frozen", ip, freezeNatd, mustMove)
+	afterwards(t, ip, after)
 }
 
 func partition(t testing.TB, holder string) func() {
@@ -778,6 +816,15 @@ func TestPlannedMoveToThePodsNode(t *testing.T) {
 	t.Logf("%d datagrams lost in the move", o.lost)
 }
 
+func TestPlannedMoveCordon(t *testing.T) {
+	const ip = "198.18.0.222"
+	_, after, o := failover(t, "cordon", ip, cordon, mustMove)
+	if o.recovery > 300*time.Millisecond {
+		t.Errorf("cordon interrupted the stream for %s", o.recovery)
+	}
+	afterwards(t, ip, after)
+}
+
 func TestDrainHandsOver(t *testing.T) {
 	const ip = "198.18.0.235"
 	_, after, o := failover(t, "drain", ip, drainNatd, mustMove)
@@ -818,6 +865,8 @@ func BenchmarkFailover(b *testing.B) {
 		{"natd-sigkill", "198.18.0.241", killNatd},
 		{"label-removed", "198.18.0.242", removeLabel},
 		{"drain", "198.18.0.243", drainNatd},
+		{"cordon", "198.18.0.244", cordon},
+		{"natd-frozen", "198.18.0.245", freezeNatd},
 	}
 	if os.Getenv("NATD_FAILOVER_FAMILY") == "6" {
 		// IPv6 egress IPs (a lab with IPv6: NATD_E2E_NETWORK=dual or routed).

@@ -1,8 +1,12 @@
 package lab
 
 import (
+	"errors"
 	"fmt"
 	"net"
+	"os/exec"
+	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -100,6 +104,20 @@ func KillNatd(t *Topology, node string) error {
 	return syscall.Kill(p.Pid, syscall.SIGKILL)
 }
 
+// FreezeNatd stops a node's natd (SIGSTOP) without ending it, as a node whose
+// processes are frozen (a hung cgroup, a VM paused by its hypervisor, CPU starvation):
+// its kernel goes on forwarding, natd neither renews nor answers. heal resumes it.
+func FreezeNatd(t *Topology, node string) (heal func() error, err error) {
+	p, err := natdProcess(t, node)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Kill(p.Pid, syscall.SIGSTOP); err != nil {
+		return nil, err
+	}
+	return func() error { return syscall.Kill(p.Pid, syscall.SIGCONT) }, nil
+}
+
 // DrainNatd asks a node's natd to hand its egress IPs over and exit (SIGUSR1).
 func DrainNatd(t *Topology, node string) error {
 	p, err := natdProcess(t, node)
@@ -183,4 +201,75 @@ func DeleteConnections(t *Topology, node, src string) (deleted uint, err error) 
 		return err
 	})
 	return deleted, err
+}
+
+// LoseOnNodeLinks makes every node's link lose percent % of its frames, at random and
+// in each direction, as a lossy network would: the router's bridge (routed mode: the
+// router) drops them as they come from a node's port and as they go to one. A frame
+// between two nodes crosses two links, so it is lost twice as often.
+func LoseOnNodeLinks(t *Topology, percent int) (heal func() error, err error) {
+	if percent <= 0 || percent >= 100 {
+		return nil, fmt.Errorf("loss of %d %%: want 1 to 99", percent)
+	}
+	var ports []string
+	for _, n := range t.Nodes {
+		p, _ := routerPort(t, n.Name)
+		ports = append(ports, p)
+	}
+	set := strings.Join(ports, ", ")
+	family := "bridge"
+	if t.Network == NetworkRouted {
+		family = "inet"
+	}
+	lose := fmt.Sprintf("numgen random mod 100 < %d drop", percent)
+	script := fmt.Sprintf(`table %[1]s natd-lab-loss {
+	chain forward {
+		type filter hook forward priority filter - 1; policy accept;
+		iifname { %[2]s } %[3]s
+		oifname { %[2]s } %[3]s
+	}
+	chain input {
+		type filter hook input priority filter - 1; policy accept;
+		iifname { %[2]s } %[3]s
+	}
+	chain output {
+		type filter hook output priority filter - 1; policy accept;
+		oifname { %[2]s } %[3]s
+	}
+}`, family, set, lose)
+	if _, err := NsRun(t.Router.Netns, "nft", script); err != nil {
+		return nil, err
+	}
+	return func() error {
+		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", family, "natd-lab-loss")
+		return err
+	}, nil
+}
+
+// StressNodes saturates the nodes' CPUs: a stress-ng process on every node with as
+// many CPU workers as the machine has cores (the lab's nodes share them). stop ends
+// each process group it started, and only those.
+func StressNodes(t *Topology) (stop func() error, err error) {
+	if _, err := exec.LookPath("stress-ng"); err != nil {
+		return nil, fmt.Errorf("stress-ng is not installed: %w", err)
+	}
+	var started []*exec.Cmd
+	stop = func() error {
+		var errs []error
+		for _, c := range started {
+			// stress-ng's parent ends its workers on SIGTERM; the group catches any left.
+			errs = append(errs, syscall.Kill(-c.Process.Pid, syscall.SIGTERM))
+			c.Wait()
+		}
+		return errors.Join(errs...)
+	}
+	for _, n := range t.Nodes {
+		c := exec.Command("ip", "netns", "exec", n.Netns, "stress-ng", "--quiet", "--cpu", strconv.Itoa(runtime.NumCPU()))
+		c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		if err := c.Start(); err != nil {
+			return nil, errors.Join(fmt.Errorf("starting stress-ng on %s: %w", n.Name, err), stop())
+		}
+		started = append(started, c)
+	}
+	return stop, nil
 }
