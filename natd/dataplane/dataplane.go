@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -104,6 +105,10 @@ type Dataplane struct {
 	owedRelease map[netip.Addr]bool
 	// announcing cancels the gratuitous ARP repeats of an IP that is released.
 	announcing map[netip.Addr]chan struct{}
+	// leaseEnds is no later than the kernel's leases run out, as of the last Apply or
+	// renewal that committed: an announcement after it would claim an IP this node no
+	// longer serves (nil: nothing leased yet).
+	leaseEnds atomic.Pointer[time.Time]
 }
 
 // New opens netlink handles for cfg.NetNS (or the current namespace).
@@ -133,6 +138,10 @@ func New(cfg Config) (*Dataplane, error) {
 
 // Close releases the netlink handles.
 func (d *Dataplane) Close() {
+	for ip, stop := range d.announcing { // no announcement from a closed handle
+		close(stop)
+		delete(d.announcing, ip)
+	}
 	d.pods.close()
 	d.nl.Close()
 	if d.genConn != nil {
@@ -252,12 +261,18 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 	rss := d.rulesets(state, records)
 	d.nftMu.Lock()
 	d.nft.leaseTimeout = d.leaseLeft(state.LeaseUntil)
+	leased := d.nft.leaseTimeout
+	if leased == 0 {
+		leased = d.cfg.Lease // the sets' own timeout
+	}
+	start := time.Now() // the kernel's timeouts start later, at the commit
 	out, err := d.nft.apply(rss)
 	d.nft.leaseTimeout = 0
 	d.nftMu.Unlock()
 	if err != nil {
 		return out, err
 	}
+	d.leasedUntil(start.Add(leased))
 	if err := d.store.WritePinning(state.PinnedNamespaces, d.cfg.Marks); err != nil {
 		return out, err
 	}
@@ -769,7 +784,31 @@ func (d *Dataplane) renew(timeout time.Duration) error {
 	if err != nil {
 		return fmt.Errorf("opening nftables netlink socket: %w", err)
 	}
-	return d.nft.renewLeases(conn, timeout)
+	start := time.Now()
+	if err := d.nft.renewLeases(conn, timeout); err != nil {
+		return err
+	}
+	d.leasedUntil(start.Add(timeout))
+	return nil
+}
+
+// leasedUntil records that the kernel's leases last until at least end.
+func (d *Dataplane) leasedUntil(end time.Time) {
+	d.leaseEnds.Store(&end)
+}
+
+// leaseCurrent reports whether the kernel's leases are still running (always, when
+// natd runs without them). A natd frozen (SIGSTOP, a paused VM) past its lease and
+// then resumed fires its announcements' overdue timers at once, before any sync has
+// noticed that the lease lapsed: a gratuitous ARP then, sent on a packet socket where
+// the arp table's lease does not reach, would point the router at a node that no
+// longer serves the IP and take its traffic from the new holder.
+func (d *Dataplane) leaseCurrent() bool {
+	if d.cfg.Lease == 0 {
+		return true
+	}
+	end := d.leaseEnds.Load()
+	return end != nil && time.Now().Before(*end)
 }
 
 // announce sends gratuitous ARPs (IPv6: unsolicited neighbour advertisements) for ip
@@ -783,6 +822,10 @@ func (d *Dataplane) announce(uplink netlink.Link, ip netip.Addr, delay time.Dura
 	d.announcing[ip] = stop
 	ifindex, mac := uplink.Attrs().Index, uplink.Attrs().HardwareAddr
 	send := func() {
+		if !d.leaseCurrent() {
+			klog.V(2).InfoS("Not announcing an egress IP whose lease ran out", "egressIP", ip)
+			return
+		}
 		if err := d.inNetns(func() error { return sendAnnouncement(ifindex, mac, ip) }); err != nil {
 			// The IP works without it; neighbours learn it on their next ARP or
 			// neighbour solicitation.

@@ -543,11 +543,11 @@ func TestKernelEgressIPAnswersNoConnection(t *testing.T) {
 	}
 }
 
-// A planned takeover's gratuitous ARP waits AnnounceAfter (the old holder still serves
-// the IP and has its connections' bindings); any other takeover announces at once. A
-// neighbour that accepts gratuitous ARP (arp_accept) shows when it heard it.
-func TestKernelPlannedTakeoverAnnouncesLate(t *testing.T) {
-	ns := newTestNS(t, "198.18.0.12")
+// arpNeighbour moves the test namespace's peer link into a namespace of its own, a
+// neighbour at 198.18.0.1 that takes gratuitous ARP (arp_accept), and returns a
+// function that runs a command there.
+func (ns *testNS) arpNeighbour() func(args ...string) string {
+	t := ns.t
 	peer := ns.name + "-n"
 	if out, err := exec.Command("ip", "netns", "add", peer).CombinedOutput(); err != nil {
 		t.Fatalf("%v: %s", err, out)
@@ -564,6 +564,15 @@ func TestKernelPlannedTakeoverAnnouncesLate(t *testing.T) {
 	inPeer("ip", "addr", "add", "198.18.0.1/24", "dev", "peer0")
 	inPeer("ip", "link", "set", "peer0", "up")
 	inPeer("sysctl", "-qw", "net.ipv4.conf.peer0.arp_accept=1")
+	return inPeer
+}
+
+// A planned takeover's gratuitous ARP waits AnnounceAfter (the old holder still serves
+// the IP and has its connections' bindings); any other takeover announces at once. A
+// neighbour that accepts gratuitous ARP (arp_accept) shows when it heard it.
+func TestKernelPlannedTakeoverAnnouncesLate(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	inPeer := ns.arpNeighbour()
 	// heardAt polls the neighbour's table for ip until it has an entry.
 	heardAt := func(ip string, start time.Time) time.Duration {
 		for time.Since(start) < 3*time.Second {
@@ -603,6 +612,62 @@ func TestKernelPlannedTakeoverAnnouncesLate(t *testing.T) {
 	}
 	if now < 0 || now > 200*time.Millisecond {
 		t.Errorf("unplanned takeover announced after %s, want at once", now)
+	}
+}
+
+// A gratuitous ARP repeat falls due only while the lease runs. A natd frozen past its
+// lease (SIGSTOP, a paused VM) fires its overdue repeats the moment it resumes, before
+// any sync has seen the lease lapse; sent on a packet socket, where the arp table's
+// lease does not reach, they would point the router back at a node that no longer
+// serves the IP. Without renewals the repeat is not sent; with them (the control) it is.
+func TestKernelLapsedLeaseAnnouncesNothing(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	inPeer := ns.arpNeighbour()
+	heard := func(ip string) bool {
+		return strings.Contains(inPeer("ip", "neigh", "show", ip, "dev", "peer0"), "lladdr")
+	}
+	marks, _ := NewMarks(0x00ff0000)
+	const lease = 300 * time.Millisecond
+	d, err := New(Config{Marks: marks, RulePriority: 7000, TableBase: 7100, NetNS: &ns.h,
+		EgressCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.0.192/26"), netip.MustParsePrefix("2001:db8:18::/120")}, StateDir: ns.stateDir,
+		Lease: lease, GossipPort: 7946, TunnelPort: 4799, Announce: []time.Duration{700 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.Close)
+	// take announces ip at once and again 700 ms later; the neighbour forgets it at
+	// 450 ms, after a lease that was not renewed has run out; renew keeps the lease.
+	take := func(ip string, renew bool) (repeated bool) {
+		st := sampleState()
+		st.Egress[0].IP = netip.MustParseAddr(ip)
+		start := time.Now()
+		if _, err := d.Apply(st); err != nil {
+			t.Fatal(err)
+		}
+		for time.Since(start) < 50*time.Millisecond && !heard(ip) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if !heard(ip) {
+			t.Fatalf("the takeover of %s was not announced", ip)
+		}
+		for forgot := false; time.Since(start) < 1100*time.Millisecond; time.Sleep(50 * time.Millisecond) {
+			if renew {
+				if err := d.RenewLeases(time.Now().Add(lease)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !forgot && time.Since(start) > 450*time.Millisecond {
+				inPeer("ip", "neigh", "flush", "to", ip, "dev", "peer0")
+				forgot = true
+			}
+		}
+		return heard(ip)
+	}
+	if !take("198.18.0.200", true) {
+		t.Fatal("control: the repeat of a leased IP was not heard; this test cannot tell")
+	}
+	if take("198.18.0.201", false) {
+		t.Error("a gratuitous ARP for 198.18.0.201 was sent after its lease ran out")
 	}
 }
 
