@@ -881,6 +881,7 @@ func BenchmarkFailover(b *testing.B) {
 		}
 		b.Run(k.name, func(b *testing.B) {
 			var rec, status, stalls []time.Duration
+			var broken []string // how each long-lived connection that broke did
 			leaked, lost, sent, survived, conns, pairSurvived, pairs := 0, 0, 0, 0, 0, 0, 0
 			for b.Loop() {
 				for i := 0; i < rounds; i++ {
@@ -897,6 +898,8 @@ func BenchmarkFailover(b *testing.B) {
 						if c.survived {
 							survived++
 							stalls = append(stalls, c.stall)
+						} else {
+							broken = append(broken, fmt.Sprintf("round %d: %s", i, c))
 						}
 					}
 					for _, c := range o.pair {
@@ -930,6 +933,9 @@ func BenchmarkFailover(b *testing.B) {
 				leaked, lost, sent, pctOf(status, 0.50).Round(time.Millisecond), pctOf(status, 0.99).Round(time.Millisecond), len(status), len(rec))
 			fmt.Printf("failover %-14s long-lived TCP connections survived %d of %d; stall of the survivors p50=%s p99=%s; same-source-port pairs on two nodes: %d of %d connections survived\n",
 				k.name, survived, conns, pctOf(stalls, 0.50).Round(time.Millisecond), pctOf(stalls, 0.99).Round(time.Millisecond), pairSurvived, pairs)
+			for _, x := range broken {
+				fmt.Printf("failover %-14s broken: %s\n", k.name, x)
+			}
 		})
 	}
 }
