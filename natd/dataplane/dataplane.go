@@ -368,15 +368,6 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err != nil {
 		return res, err
 	}
-	for ip := range held {
-		if slices.Contains(present, ip) && !slices.Contains(preferred6, ip) {
-			continue
-		}
-		// Replace: an IPv6 one there but not deprecated gets its lifetimes.
-		if err := d.nl.AddrReplace(uplink, hostAddr(ip)); err != nil {
-			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
-		}
-	}
 	// Addresses this node gives up leave the uplink before the tables stop guarding
 	// them. Removed after, a partner's segment that conntrack cannot un-NAT (an ack
 	// for data the new holder sent, out of this node's window) would meet the node's
@@ -403,6 +394,21 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	}
 	if err != nil {
 		return res, err
+	}
+	// Addresses this node takes go on the uplink only now that the tables guard them
+	// (held_dsts): the other way round, a partner's segment arriving in between — the
+	// router still sends the IP here when this node takes it back after a short
+	// quorum break — met the node's own stack and was answered with a reset from the
+	// egress IP (3 of 4 long-lived connections in a soak). SNAT needs no local address:
+	// replies are un-NATed before routing.
+	for ip := range held {
+		if slices.Contains(present, ip) && !slices.Contains(preferred6, ip) {
+			continue
+		}
+		// Replace: an IPv6 one there but not deprecated gets its lifetimes.
+		if err := d.nl.AddrReplace(uplink, hostAddr(ip)); err != nil {
+			return res, fmt.Errorf("adding egress IP %s to %s: %w", ip, uplink.Attrs().Name, err)
+		}
 	}
 	// Taken: held now and not held when the last Apply completed. Announce once SNAT
 	// is in place: the first replies may come at once.

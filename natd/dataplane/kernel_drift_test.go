@@ -167,8 +167,8 @@ func TestKernelRepinnedPodsLoseTheirConnections(t *testing.T) {
 	}
 }
 
-// An Apply that fails after it took an IP leaves the announcement, the conntrack
-// deletion and the report owed: the next Apply still reports the IP as taken.
+// An Apply that fails after it took an IP leaves the address, the announcement, the
+// conntrack deletion and the report owed: the next Apply still reports the IP as taken.
 func TestKernelFailedApplyKeepsWhatItOwes(t *testing.T) {
 	ns := newTestNS(t, "198.18.0.12")
 	d := ns.dataplane()
@@ -194,8 +194,13 @@ func TestKernelFailedApplyKeepsWhatItOwes(t *testing.T) {
 	if _, err := d.Apply(take); err == nil {
 		t.Fatal("Apply succeeded although pinning.json could not be written")
 	}
-	if out := ns.run("ip", "-o", "addr", "show", "dev", "uplink0"); !strings.Contains(out, "198.18.0.200/32") {
-		t.Fatalf("the failed Apply did not get as far as adding the IP:\n%s", out)
+	// The tables (SNAT, and held_dsts guarding the address) went in; the address
+	// goes on the uplink only after them, so not in this Apply.
+	if out := ns.run("nft", "list", "set", "ip", "natd", "held_dsts"); !strings.Contains(out, "198.18.0.200") {
+		t.Fatalf("the failed Apply did not get as far as the tables:\n%s", out)
+	}
+	if out := ns.run("ip", "-o", "addr", "show", "dev", "uplink0"); strings.Contains(out, "198.18.0.200/32") {
+		t.Fatalf("the egress IP went on the uplink although the Apply failed after the tables:\n%s", out)
 	}
 	if err := os.RemoveAll(blocker); err != nil {
 		t.Fatal(err)
