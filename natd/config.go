@@ -58,9 +58,11 @@ type Config struct {
 	HeartbeatInterval   time.Duration
 	DaemonSet           string // namespace/name of the DaemonSet natd runs from (uninstall detection)
 	MaxEgressIPs        int
-	RestartGrace        time.Duration
-	HandoverTimeout     time.Duration
-	DrainTimeout        time.Duration
+	// Nice is the scheduling niceness natd gives all its threads at start.
+	Nice            int
+	RestartGrace    time.Duration
+	HandoverTimeout time.Duration
+	DrainTimeout    time.Duration
 	// BGP (a routed fabric): the holder announces its egress IPs to these peers.
 	BGPASN      uint32
 	BGPPeers    []bgp.Peer
@@ -183,6 +185,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.Lease, "lease", c.Lease, "how long a holder's kernel keeps serving its egress IPs without natd renewing them (renewed only while a majority of voters is in touch)")
 	fs.DurationVar(&c.HeartbeatInterval, "heartbeat-interval", c.HeartbeatInterval, "how often voters (egress nodes, and witnesses when there are fewer than three) send each other a heartbeat; a holder is reported down, and its IPs taken over, after 1.1 × (lease + 11 intervals) without one")
 	fs.IntVar(&c.MaxEgressIPs, "max-egress-ips", c.MaxEgressIPs, "most egress IPs one node is given")
+	fs.IntVar(&c.Nice, "nice", -10, "scheduling niceness of natd's threads (-20 to 19): below 0 its heartbeats go ahead of the node's workloads when the CPUs are saturated, as corosync's and keepalived's do (needs CAP_SYS_NICE; without it natd keeps the niceness it was started with); 0 leaves it")
 	fs.DurationVar(&c.RestartGrace, "restart-grace", c.RestartGrace, "on SIGTERM, how long the kernel keeps serving this node's IPs and the others wait for natd to come back")
 	fs.DurationVar(&c.HandoverTimeout, "handover-timeout", c.HandoverTimeout, "in a planned move, how long the old holder keeps an IP waiting for the new one to claim it")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", c.DrainTimeout, "on SIGUSR1 (drain), how long natd waits for its IPs to be taken over before it exits")
@@ -291,6 +294,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--gossip-probe-timeout must be shorter than --gossip-probe-interval")
 	case c.TunnelPort < 1 || c.TunnelPort > 65535 || c.TunnelPort == c.GossipPort:
 		return fmt.Errorf("--tunnel-port (%d) must be a UDP port other than --gossip-port", c.TunnelPort)
+	case c.Nice < -20 || c.Nice > 19:
+		return fmt.Errorf("--nice (%d) must be between -20 and 19", c.Nice)
 	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > maxEgressIPs:
 		return fmt.Errorf("--max-egress-ips must be between 1 and %d (the egress IPs a cluster can route)", maxEgressIPs)
 	}

@@ -37,6 +37,8 @@ func TestConfigIPv6CIDRs(t *testing.T) {
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--cluster-cidr", "fd00:10:244::/56", "--egress-cidr", "2001:db8:18::c0/122", "--egress-cidr", "2001:db8:19::c0/122"}, "same last three bytes"},
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "199.18.0.192/26"}, "same last three bytes"},
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "::ffff:198.19.0.0/120"}, "IPv4 or an IPv6 prefix"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--nice", "-21"}, "--nice (-21) must be between -20 and 19"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--nice", "0"}, ""},
 	} {
 		var cfg Config
 		fs := flag.NewFlagSet("natd", flag.ContinueOnError)

@@ -14,9 +14,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -53,6 +55,9 @@ func dataplaneConfig(cfg *Config) (dataplane.Config, error) {
 func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
+	}
+	if err := setNiceness(cfg.Nice); err != nil {
+		klog.InfoS("Could not raise natd's scheduling priority; on saturated CPUs its heartbeats may be late", "nice", cfg.Nice, "err", err)
 	}
 	dcfg, err := dataplaneConfig(cfg)
 	if err != nil {
@@ -225,5 +230,31 @@ func Cleanup(cfg *Config) error {
 		return err
 	}
 	klog.InfoS("Removed natd's kernel state")
+	return nil
+}
+
+// setNiceness gives every thread of natd the niceness nice (0: leaves it). Linux keeps
+// niceness per thread and a new thread inherits its creator's, so the threads the Go
+// runtime has started so far are set one by one and the ones it starts later follow.
+// A holder that is not scheduled for a lease gives its IPs up: on a node whose CPUs a
+// workload saturates, natd's heartbeats must go first (at niceness 0 the lab's soak
+// saw 6 quorum breaks in 30 minutes).
+func setNiceness(nice int) error {
+	if nice == 0 {
+		return nil
+	}
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return fmt.Errorf("listing natd's threads: %w", err)
+	}
+	for _, t := range tasks {
+		tid, err := strconv.Atoi(t.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil {
+			return fmt.Errorf("setting thread %d's niceness to %d: %w", tid, nice, err)
+		}
+	}
 	return nil
 }
