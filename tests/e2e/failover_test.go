@@ -766,13 +766,18 @@ func TestFailoverWithAPIServerDown(t *testing.T) {
 	t.Logf("status after the API came back: %s → %s, failovers %d", before, obj.Status.Node, obj.Status.Failovers)
 }
 
-func TestPlannedMoveLabelRemoved(t *testing.T) {
-	const ip = "198.18.0.234"
-	_, after, o := failover(t, "unlabel", ip, removeLabel, mustMove)
+// plannedMove hands ip over with f (make-before-break): the stream may not be
+// interrupted for long, and the IP stays where it went.
+func plannedMove(t *testing.T, name, ip string, f fault) {
+	_, after, o := failover(t, name, ip, f, mustMove)
 	if o.recovery > 300*time.Millisecond {
-		t.Errorf("planned move interrupted the stream for %s", o.recovery)
+		t.Errorf("%s: the planned move interrupted the stream for %s", name, o.recovery)
 	}
 	afterwards(t, ip, after)
+}
+
+func TestPlannedMoveLabelRemoved(t *testing.T) {
+	plannedMove(t, "unlabel", "198.18.0.234", removeLabel)
 }
 
 // TestPlannedMoveToThePodsNode moves the IP onto the pinned pod's own node while the
@@ -816,23 +821,9 @@ func TestPlannedMoveToThePodsNode(t *testing.T) {
 	t.Logf("%d datagrams lost in the move", o.lost)
 }
 
-func TestPlannedMoveCordon(t *testing.T) {
-	const ip = "198.18.0.222"
-	_, after, o := failover(t, "cordon", ip, cordon, mustMove)
-	if o.recovery > 300*time.Millisecond {
-		t.Errorf("cordon interrupted the stream for %s", o.recovery)
-	}
-	afterwards(t, ip, after)
-}
+func TestPlannedMoveCordon(t *testing.T) { plannedMove(t, "cordon", "198.18.0.222", cordon) }
 
-func TestDrainHandsOver(t *testing.T) {
-	const ip = "198.18.0.235"
-	_, after, o := failover(t, "drain", ip, drainNatd, mustMove)
-	if o.recovery > 300*time.Millisecond {
-		t.Errorf("drain interrupted the stream for %s", o.recovery)
-	}
-	afterwards(t, ip, after)
-}
+func TestDrainHandsOver(t *testing.T) { plannedMove(t, "drain", "198.18.0.235", drainNatd) }
 
 // A plain restart of the holder's natd (SIGTERM, start again) moves nothing.
 func TestRestartDoesNotMove(t *testing.T) {
