@@ -388,7 +388,12 @@ func (a *Agent) renewLeases() {
 		return
 	}
 	// The lease counts from the last moment the quorum was seen, not from the commit.
-	if err := a.kernel.RenewLeases(ev.QuorumSeen.Add(a.cfg.Lease)); err != nil {
+	// Without a quorum nothing is held (mayRenew) and the renewal is a no-op.
+	seen := ev.QuorumSeen
+	if seen.IsZero() {
+		seen = ev.At
+	}
+	if err := a.kernel.RenewLeases(seen.Add(a.cfg.Lease)); err != nil {
 		// Most likely someone removed natd's tables: a sync puts them back.
 		a.metrics.LeaseRenewalFailures.Inc()
 		klog.ErrorS(err, "Renewing leases failed; repairing the node")
@@ -397,7 +402,7 @@ func (a *Agent) renewLeases() {
 		return
 	}
 	a.mu.Lock()
-	a.leasedAt = later(a.leasedAt, ev.QuorumSeen)
+	a.leasedAt = later(a.leasedAt, seen)
 	a.mu.Unlock()
 	a.health.renewDone(nil)
 }
