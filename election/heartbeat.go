@@ -80,8 +80,8 @@ type Evidence struct {
 	// falls between two such moments (a lost heartbeat, a short stall) still extends
 	// the lease instead of waiting for the next one.
 	QuorumSeen time.Time
-	// QuorumBreaks counts the quorums this node lost since its process began: each
-	// one made it give its IPs up (and a false failover, if nothing else had failed).
+	// QuorumBreaks counts the quorums this node lost since its process began; a holder
+	// gives its IPs up at each (an outage if nothing else had failed).
 	QuorumBreaks uint64
 }
 

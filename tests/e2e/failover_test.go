@@ -631,8 +631,10 @@ func afterwards(t testing.TB, ip, holder string) {
 	checkRouterPointsAt(t, ip, holder)
 }
 
-func cutUplink(t testing.TB, holder string) func() {
-	heal, err := lab.CutUplink(topo, holder)
+// labFault applies one of the lab's faults to the holder and returns its heal, which
+// reports a failure to heal.
+func labFault(t testing.TB, holder string, apply func(*lab.Topology, string) (func() error, error)) func() {
+	heal, err := apply(topo, holder)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -642,6 +644,8 @@ func cutUplink(t testing.TB, holder string) func() {
 		}
 	}
 }
+
+func cutUplink(t testing.TB, holder string) func() { return labFault(t, holder, lab.CutUplink) }
 
 func killNatd(t testing.TB, holder string) func() {
 	if err := lab.KillNatd(topo, holder); err != nil {
@@ -663,16 +667,12 @@ func drainNatd(t testing.TB, holder string) func() {
 }
 
 func freezeNatd(t testing.TB, holder string) func() {
-	heal, err := lab.FreezeNatd(topo, holder)
+	resume, err := lab.FreezeNatd(topo, holder)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { heal() }) // SIGCONT again is harmless; a frozen natd is not
-	return func() {
-		if err := heal(); err != nil {
-			t.Error(err)
-		}
-	}
+	t.Cleanup(func() { resume() }) // SIGCONT again is harmless; a frozen natd is not
+	return labFault(t, holder, func(*lab.Topology, string) (func() error, error) { return resume, nil })
 }
 
 // cordon marks the holder unschedulable (kubectl cordon): natd hands its IPs over.
@@ -715,17 +715,7 @@ func TestFailoverNatdFrozen(t *testing.T) {
 	afterwards(t, ip, after)
 }
 
-func partition(t testing.TB, holder string) func() {
-	heal, err := lab.Partition(topo, holder)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return func() {
-		if err := heal(); err != nil {
-			t.Error(err)
-		}
-	}
-}
+func partition(t testing.TB, holder string) func() { return labFault(t, holder, lab.Partition) }
 
 func TestFailoverPartition(t *testing.T) {
 	const ip = "198.18.0.232"

@@ -66,18 +66,22 @@ func Partition(t *Topology, node string) (heal func() error, err error) {
 	if t.Network == NetworkRouted {
 		family = "inet" // the router routes between the nodes' subnets
 	}
-	script := fmt.Sprintf(`table %s natd-lab-partition {
+	return routerTable(t, family, "natd-lab-partition", fmt.Sprintf(`
 	chain forward {
 		type filter hook forward priority filter; policy accept;
 		iifname "%s" oifname { %s } drop
 		iifname { %s } oifname "%s" drop
-	}
-}`, family, port, set, set, port)
-	if _, err := NsRun(t.Router.Netns, "nft", script); err != nil {
+	}`, port, set, set, port))
+}
+
+// routerTable adds an nftables table of the lab's own to the router's namespace (the
+// fault) and returns the function that deletes it again (the heal).
+func routerTable(t *Topology, family, name, chains string) (heal func() error, err error) {
+	if _, err := NsRun(t.Router.Netns, "nft", fmt.Sprintf("table %s %s {%s\n}", family, name, chains)); err != nil {
 		return nil, err
 	}
 	return func() error {
-		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", family, "natd-lab-partition")
+		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", family, name)
 		return err
 	}, nil
 }
@@ -169,19 +173,11 @@ func BlockARPFrom(t *Topology, node string) (heal func() error, err error) {
 	if err != nil {
 		return nil, err
 	}
-	script := fmt.Sprintf(`table bridge natd-lab-arp {
+	return routerTable(t, "bridge", "natd-lab-arp", fmt.Sprintf(`
 	chain input {
 		type filter hook input priority filter; policy accept;
 		iifname "%s" ether type arp drop
-	}
-}`, port)
-	if _, err := NsRun(t.Router.Netns, "nft", script); err != nil {
-		return nil, err
-	}
-	return func() error {
-		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", "bridge", "natd-lab-arp")
-		return err
-	}, nil
+	}`, port))
 }
 
 // DeleteConnections deletes, on node, every conntrack entry a pod at src opened (what
@@ -222,28 +218,20 @@ func LoseOnNodeLinks(t *Topology, percent int) (heal func() error, err error) {
 		family = "inet"
 	}
 	lose := fmt.Sprintf("numgen random mod 100 < %d drop", percent)
-	script := fmt.Sprintf(`table %[1]s natd-lab-loss {
+	return routerTable(t, family, "natd-lab-loss", fmt.Sprintf(`
 	chain forward {
 		type filter hook forward priority filter - 1; policy accept;
-		iifname { %[2]s } %[3]s
-		oifname { %[2]s } %[3]s
+		iifname { %[1]s } %[2]s
+		oifname { %[1]s } %[2]s
 	}
 	chain input {
 		type filter hook input priority filter - 1; policy accept;
-		iifname { %[2]s } %[3]s
+		iifname { %[1]s } %[2]s
 	}
 	chain output {
 		type filter hook output priority filter - 1; policy accept;
-		oifname { %[2]s } %[3]s
-	}
-}`, family, set, lose)
-	if _, err := NsRun(t.Router.Netns, "nft", script); err != nil {
-		return nil, err
-	}
-	return func() error {
-		_, err := NsRun(t.Router.Netns, "nft", "delete", "table", family, "natd-lab-loss")
-		return err
-	}, nil
+		oifname { %[1]s } %[2]s
+	}`, set, lose))
 }
 
 // StressNodes saturates the nodes' CPUs: a stress-ng process on every node with as
