@@ -118,6 +118,9 @@ type Gossip struct {
 	localRecord claimsRecord
 	claimsKick  chan struct{}
 
+	// handovers are the latest handover of each egress IP (see SendHandover).
+	handovers map[netip.Addr]Handover
+
 	keyring *memberlist.Keyring // nil: plain text
 	metaSeq uint32
 	// metaConfirmWithin is how long a metadata broadcast may take before SetLocal
@@ -143,7 +146,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	}
 	g := &Gossip{cfg: cfg, members: map[string]*Member{}, changed: make(chan struct{}, 1), membersChanged: make(chan struct{}, 1),
 		routes: map[string]Routes{}, routesChanged: make(chan struct{}, 1), routesKick: make(chan struct{}, 1),
-		records: map[string]recentRecords{}, claimsKick: make(chan struct{}, 1),
+		records: map[string]recentRecords{}, claimsKick: make(chan struct{}, 1), handovers: map[netip.Addr]Handover{},
 		hb: newHeartbeats(cfg.NodeName, cfg.Heartbeat, cfg.Now), stop: make(chan struct{})}
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = cfg.NodeName
@@ -675,7 +678,8 @@ func (d *delegate) NodeMeta(limit int) []byte {
 	return b
 }
 
-// NotifyMsg receives a heartbeat, a Routes report, or a claims record or request.
+// NotifyMsg receives a heartbeat, a Routes report, a claims record or request, or a
+// handover.
 // Anything unreadable is dropped with a log line: it comes from the network.
 func (d *delegate) NotifyMsg(b []byte) {
 	g := (*Gossip)(d)
@@ -707,6 +711,8 @@ func (d *delegate) NotifyMsg(b []byte) {
 			return
 		}
 		g.answerClaimsRequest(q)
+	case kindHandover:
+		g.receiveHandover(b)
 	default:
 		g.receiveRoutes(b)
 	}

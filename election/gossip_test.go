@@ -1,6 +1,7 @@
 package election
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
@@ -824,5 +825,57 @@ func TestGossipSpreadsClaimsThatDoNotFitInMetadata(t *testing.T) {
 	}
 	if !has(c, manyClaims(0, 40))() {
 		t.Error("a record other than the one named replaced b's claims")
+	}
+}
+
+// A handover reaches the named member over real gossip (a datagram, or a stream when
+// large), the newer replaces the older, one older than HandoverMaxAge is not used,
+// and garbage changes nothing.
+func TestGossipCarriesHandovers(t *testing.T) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	var mu sync.Mutex
+	clock := time.Now()
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	cfgB := testConfig("b", key)
+	cfgB.Now = now
+	a, b, c := testGossip(t, "a", key), testGossipWith(t, cfgB), testGossip(t, "c", key)
+	for _, g := range []*Gossip{b, c} {
+		if _, err := g.Join([]string{PeerAddr(loopback, a.Port())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "b and c at a", func() bool { v := a.View(); return v.Alive("b") && v.Alive("c") })
+	waitFor(t, "a at b", func() bool { return b.View().Alive("a") })
+	if err := a.SendHandover([]string{"b"}, ipA, []byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the handover at b", func() bool { h, ok := b.Handover(ipA); return ok && string(h.Payload) == "first" && h.From == "a" })
+	big := make([]byte, 64<<10) // more than a datagram holds
+	rand.Read(big)
+	if err := a.SendHandover([]string{"b"}, ipA, big); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the large handover at b", func() bool { h, ok := b.Handover(ipA); return ok && bytes.Equal(h.Payload, big) })
+	if _, ok := c.Handover(ipA); ok {
+		t.Error("c, not named, has the handover")
+	}
+	if _, ok := b.Handover(ipB); ok {
+		t.Error("b has a handover of an IP nobody handed over")
+	}
+	for _, junk := range [][]byte{{1, 'B'}, {1, 'B', 5, 'a'}, {1, 'B', 1, 'a', 7, 1, 2}, {1, 'B', 1, 'z', 4, 198, 18, 0, 201, 'x'}} {
+		(*delegate)(b).NotifyMsg(junk) // unreadable, or from a node that is no member
+	}
+	if h, ok := b.Handover(ipA); !ok || !bytes.Equal(h.Payload, big) {
+		t.Error("garbage changed the handover")
+	}
+	if _, ok := b.Handover(netip.MustParseAddr("198.18.0.201")); ok {
+		t.Error("a non-member's handover was kept")
+	}
+	mu.Lock()
+	clock = clock.Add(HandoverMaxAge + time.Second)
+	mu.Unlock()
+	if _, ok := b.Handover(ipA); ok {
+		t.Errorf("a handover older than %s is still used", HandoverMaxAge)
 	}
 }

@@ -1,6 +1,7 @@
 package natd
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -50,6 +51,9 @@ type Kernel interface {
 	RenewLeases(until time.Time) error
 	HoldLeases(grace time.Duration) error
 	KernelClaims() ([]election.Claim, error)
+	// Bindings are the NAT bindings of the held IPs a successor must be handed (see
+	// dataplane.Binding).
+	Bindings(held []netip.Addr) ([]dataplane.Binding, error)
 }
 
 // Membership is this node's place in the gossip cluster; election.Gossip implements it.
@@ -71,6 +75,10 @@ type Membership interface {
 	// SetKeys makes keys the gossip keys, the first primary.
 	SetKeys(keys [][]byte) (changed bool, err error)
 	RoutesChanged() <-chan struct{}
+	// SendHandover sends this node's handover of ip to the named members; Handover is
+	// the latest one of ip received from another node, if fresh.
+	SendHandover(to []string, ip netip.Addr, payload []byte) error
+	Handover(ip netip.Addr) (election.Handover, bool)
 	Leave(timeout time.Duration) error
 	Shutdown() error
 }
@@ -140,6 +148,14 @@ type Agent struct {
 	// was cut off finds its old connection stalled in TCP's retransmission backoff for
 	// seconds after it is back: its first status write as a new holder waited 4-12 s.
 	reconnectAPI func()
+	// handedOver is the last handover sent of each held IP; the handover loop's own.
+	handedOver map[netip.Addr]sentHandover
+}
+
+// sentHandover is a handover as sent, and when.
+type sentHandover struct {
+	msg []byte
+	at  time.Time
 }
 
 // NewAgent wires an agent. The recorder may be nil (no Events), and so may egress (no
@@ -249,6 +265,9 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	go every(ctx, verifyEvery, func() { a.queue.Add(verifyKey) })
 	go every(ctx, a.cfg.Lease/4, a.renewLeases)
 	go every(ctx, 10*time.Second, a.rejoin)
+	if a.cfg.HandoverInterval > 0 {
+		go every(ctx, a.cfg.HandoverInterval, a.handOver)
+	}
 	if a.cfg.GossipKeyFile != "" {
 		a.reloadKeys()
 		go every(ctx, keyReloadEvery, a.reloadKeys)
@@ -886,10 +905,99 @@ func (a *Agent) inputs() (Cluster, Election, error) {
 	return c, el, nil
 }
 
+// handoverRefresh is how often an unchanged handover is sent again: a successor that
+// restarted, or missed a datagram, has it again within this long (and receivers drop
+// one older than election.HandoverMaxAge).
+const handoverRefresh = 10 * time.Second
+
+// handOver sends the NAT bindings of each held IP that a successor must continue (see
+// dataplane.Binding) to every other node that may take the IP: when they changed, and
+// every handoverRefresh. An IP whose connections all kept their ports has nothing to
+// hand over and sends nothing (an empty handover once, if it had some before).
+func (a *Agent) handOver() {
+	a.mu.Lock()
+	held := slices.Collect(maps.Keys(a.held))
+	a.mu.Unlock()
+	if a.handedOver == nil {
+		a.handedOver = map[netip.Addr]sentHandover{}
+	}
+	for ip := range a.handedOver {
+		if !slices.Contains(held, ip) {
+			delete(a.handedOver, ip)
+		}
+	}
+	if len(held) == 0 {
+		return
+	}
+	bindings, err := a.kernel.Bindings(held)
+	if err != nil {
+		klog.V(2).InfoS("NAT bindings not read for the handover", "err", err)
+		return
+	}
+	now := a.now()
+	var to []string
+	for _, ip := range held {
+		msg := dataplane.EncodeBindings(ip, bindings)
+		last, sent := a.handedOver[ip]
+		empty := !slices.ContainsFunc(bindings, func(b dataplane.Binding) bool { return b.Egress.Addr() == ip })
+		switch {
+		case !sent && empty:
+			continue
+		case sent && bytes.Equal(last.msg, msg) && (empty || now.Sub(last.at) < handoverRefresh):
+			continue
+		}
+		if to == nil {
+			to = a.successors()
+		}
+		if err := a.members.SendHandover(to, ip, msg); err != nil {
+			klog.V(2).InfoS("Handover not sent", "ip", ip, "err", err)
+			continue
+		}
+		a.handedOver[ip] = sentHandover{msg: msg, at: now}
+	}
+}
+
+// successors are the other nodes that may hold egress IPs.
+func (a *Agent) successors() []string {
+	nodes, _ := a.nodes.List(labels.Everything())
+	var out []string
+	for _, n := range nodes {
+		if n.Name != a.cfg.NodeName && isEligible(n) {
+			out = append(out, n.Name)
+		}
+	}
+	return out
+}
+
+// handedOverTo is what the previous holders handed over of the IPs plan takes.
+func (a *Agent) handedOverTo(plan *Plan) []dataplane.Binding {
+	a.mu.Lock()
+	had := maps.Clone(a.held)
+	a.mu.Unlock()
+	var out []dataplane.Binding
+	for ip := range plan.Held {
+		if _, ok := had[ip]; ok {
+			continue
+		}
+		h, ok := a.members.Handover(ip)
+		if !ok {
+			continue
+		}
+		got, bs, err := dataplane.DecodeBindings(h.Payload)
+		if err != nil || got != ip {
+			klog.InfoS("Ignoring a handover that cannot be read", "ip", ip, "from", h.From, "err", err)
+			continue
+		}
+		out = append(out, bs...)
+	}
+	return out
+}
+
 // apply programs the kernel with the plan and, once that succeeded, makes the plan's
 // holdings this node's own: what it claims, since when it sees a majority, the
 // generations it has seen.
 func (a *Agent) apply(plan *Plan) (dataplane.Result, error) {
+	plan.State.Handover = a.handedOverTo(plan)
 	res, err := a.kernel.Apply(plan.State)
 	if err != nil {
 		return res, fmt.Errorf("programming the kernel: %w", err)

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 
 	"strings"
 	"sync"
@@ -38,6 +39,7 @@ type fakeKernel struct {
 	renewErr     error
 	renewedUntil time.Time // the deadline of the last renewal
 	drifted      bool
+	bindings     []dataplane.Binding // what Bindings reads
 }
 
 func (k *fakeKernel) Apply(st dataplane.State) (dataplane.Result, error) {
@@ -77,6 +79,11 @@ func (k *fakeKernel) RenewLeases(until time.Time) error {
 func (k *fakeKernel) HoldLeases(time.Duration) error             { return nil }
 func (k *fakeKernel) WatchChanges(<-chan struct{}, func()) error { return nil }
 func (k *fakeKernel) KernelClaims() ([]election.Claim, error)    { return nil, nil }
+func (k *fakeKernel) Bindings([]netip.Addr) ([]dataplane.Binding, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return slices.Clone(k.bindings), nil
+}
 
 func (k *fakeKernel) last() dataplane.State {
 	k.mu.Lock()
@@ -100,6 +107,15 @@ type fakeMembership struct {
 	changed chan struct{}
 	voters  []string
 	holding bool
+	// handovers are what Handover returns; sent what SendHandover was given.
+	handovers map[netip.Addr]election.Handover
+	sent      []sentTo
+}
+
+type sentTo struct {
+	to      []string
+	ip      netip.Addr
+	payload []byte
 }
 
 func (m *fakeMembership) View() election.View {
@@ -139,6 +155,18 @@ func (m *fakeMembership) SetVoters(voters []string, holding bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.voters, m.holding = voters, holding
+}
+func (m *fakeMembership) SendHandover(to []string, ip netip.Addr, payload []byte) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.sent = append(m.sent, sentTo{to: slices.Clone(to), ip: ip, payload: payload})
+	return nil
+}
+func (m *fakeMembership) Handover(ip netip.Addr) (election.Handover, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	h, ok := m.handovers[ip]
+	return h, ok
 }
 func (m *fakeMembership) Leave(time.Duration) error { return nil }
 func (m *fakeMembership) Shutdown() error           { return nil }
@@ -690,5 +718,99 @@ func TestAgentReconnectsToTheAPIAfterARejoin(t *testing.T) {
 	f.members.mu.Unlock()
 	if err := f.agent.Sync(); err != nil || reconnects != 1 {
 		t.Fatalf("after a rejoin: %d reconnects, %v", reconnects, err)
+	}
+}
+
+// A node that takes an egress IP writes what its previous holder handed over (and
+// only then: an IP it holds already is not written again); a holder hands the
+// bindings its kernel reads to every other node that may hold, when they change and
+// every handoverRefresh, and an IP without any is not sent at all.
+func TestAgentHandsOverNATBindings(t *testing.T) {
+	eip := netip.MustParseAddr("198.18.0.200")
+	binding := func(pod string, port uint16) dataplane.Binding {
+		return dataplane.Binding{Proto: 6, Pod: netip.AddrPortFrom(netip.MustParseAddr(pod), 40000),
+			Partner: netip.MustParseAddrPort("203.0.113.10:443"), Egress: netip.AddrPortFrom(eip, port)}
+	}
+	b1, b2 := binding("10.244.12.10", 51234), binding("10.244.13.10", 51235)
+	objs := []runtime.Object{
+		node("node1", "198.18.0.11", true, true),
+		node("node2", "198.18.0.12", false, true),
+		node("node3", "198.18.0.13", false, true),
+		ns("team-a", "198.18.0.200"),
+	}
+	f := newFixture(t, objs...)
+	f.members.mu.Lock()
+	f.members.handovers = map[netip.Addr]election.Handover{
+		eip: {From: "node2", At: f.now(), Payload: dataplane.EncodeBindings(eip, []dataplane.Binding{b1})}}
+	f.members.mu.Unlock()
+	f.agent.Sync() // a new quorum: the state exchange comes first
+	waitFor(t, func() bool {
+		f.agent.mu.Lock()
+		defer f.agent.mu.Unlock()
+		return !f.agent.stateSyncedAt.IsZero()
+	})
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if st := f.kernel.last(); !slices.Equal(st.Handover, []dataplane.Binding{b1}) {
+		t.Fatalf("taking %s: handover %v, want %v (egress %+v)", eip, st.Handover, []dataplane.Binding{b1}, st.Egress)
+	}
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if st := f.kernel.last(); len(st.Handover) != 0 {
+		t.Errorf("holding %s already: handover %v written again", eip, st.Handover)
+	}
+
+	// node3 becomes an egress node: the successor the handover goes to.
+	n3 := node("node3", "198.18.0.13", true, true)
+	if _, err := f.agent.client.CoreV1().Nodes().Update(context.Background(), n3, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.Equal(f.agent.successors(), []string{"node3"}) {
+		if time.Now().After(deadline) {
+			t.Fatalf("successors %v, want [node3]", f.agent.successors())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	sent := func() []sentTo {
+		f.members.mu.Lock()
+		defer f.members.mu.Unlock()
+		return slices.Clone(f.members.sent)
+	}
+	f.agent.handOver()
+	if n := len(sent()); n != 0 {
+		t.Fatalf("no bindings to hand over, yet %d handovers sent", n)
+	}
+	f.kernel.mu.Lock()
+	f.kernel.bindings = []dataplane.Binding{b1, b2}
+	f.kernel.mu.Unlock()
+	f.agent.handOver()
+	f.agent.handOver() // unchanged: not sent again
+	got := sent()
+	if len(got) != 1 || !slices.Equal(got[0].to, []string{"node3"}) || got[0].ip != eip {
+		t.Fatalf("handovers sent: %+v, want one of %s to node3", got, eip)
+	}
+	if ip, bs, err := dataplane.DecodeBindings(got[0].payload); err != nil || ip != eip || !slices.Equal(bs, []dataplane.Binding{b1, b2}) {
+		t.Errorf("handover payload: %s %v %v", ip, bs, err)
+	}
+	f.advance(handoverRefresh)
+	f.agent.handOver()
+	if n := len(sent()); n != 2 {
+		t.Errorf("after %s: %d handovers sent, want the refresh (2)", handoverRefresh, n)
+	}
+	f.kernel.mu.Lock()
+	f.kernel.bindings = nil
+	f.kernel.mu.Unlock()
+	f.agent.handOver()
+	f.advance(handoverRefresh)
+	f.agent.handOver()
+	got = sent()
+	if len(got) != 3 {
+		t.Fatalf("bindings gone: %d handovers sent, want one empty one more (3)", len(got))
+	}
+	if _, bs, err := dataplane.DecodeBindings(got[2].payload); err != nil || len(bs) != 0 {
+		t.Errorf("the last handover: %v %v, want empty", bs, err)
 	}
 }

@@ -56,6 +56,10 @@ type Config struct {
 	GossipSuspicionMult int
 	Lease               time.Duration
 	HeartbeatInterval   time.Duration
+	// HandoverInterval is how often a holder reads the NAT bindings its successors
+	// must continue (0: never; connections of two pods with one source port to one
+	// partner port then break when the IP moves).
+	HandoverInterval time.Duration
 	DaemonSet           string // namespace/name of the DaemonSet natd runs from (uninstall detection)
 	MaxEgressIPs        int
 	// Nice is the scheduling niceness natd gives all its threads at start.
@@ -153,6 +157,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	c.GossipSuspicionMult = 3
 	c.Lease = 150 * time.Millisecond
 	c.HeartbeatInterval = 15 * time.Millisecond
+	c.HandoverInterval = time.Second
 	c.MaxEgressIPs = 32
 	c.RestartGrace = 30 * time.Second
 	c.HandoverTimeout = 3 * time.Second
@@ -183,6 +188,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.GossipProbeTimeout, "gossip-probe-timeout", c.GossipProbeTimeout, "how long a probe may take before it counts as failed")
 	fs.IntVar(&c.GossipSuspicionMult, "gossip-suspicion-mult", c.GossipSuspicionMult, "probe intervals a suspected member has to refute before it is declared dead")
 	fs.DurationVar(&c.Lease, "lease", c.Lease, "how long a holder's kernel keeps serving its egress IPs without natd renewing them (renewed only while a majority of voters is in touch)")
+	fs.DurationVar(&c.HandoverInterval, "handover-interval", c.HandoverInterval, "how often a holder reads the NAT bindings whose ports it changed from conntrack and hands them to the nodes that may take its egress IPs next, so that those connections survive a move (0: never)")
 	fs.DurationVar(&c.HeartbeatInterval, "heartbeat-interval", c.HeartbeatInterval, "how often voters (egress nodes, and witnesses when there are fewer than three) send each other a heartbeat; a holder is reported down, and its IPs taken over, after 1.1 × (lease + 11 intervals) without one")
 	fs.IntVar(&c.MaxEgressIPs, "max-egress-ips", c.MaxEgressIPs, "most egress IPs one node is given")
 	fs.IntVar(&c.Nice, "nice", -10, "scheduling niceness of natd's threads (-20 to 19): below 0 its heartbeats go ahead of the node's workloads when the CPUs are saturated, as corosync's and keepalived's do (needs CAP_SYS_NICE; without it natd keeps the niceness it was started with); 0 leaves it")
@@ -284,6 +290,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--gossip-key-file is required (or --insecure-gossip, which lets anyone on the network take egress IPs)")
 	case c.DaemonSet != "" && !validDaemonSetRef(c.DaemonSet):
 		return fmt.Errorf("--daemonset %q: want namespace/name", c.DaemonSet)
+	case c.HandoverInterval < 0:
+		return fmt.Errorf("--handover-interval (%s) must not be negative", c.HandoverInterval)
 	case c.HeartbeatInterval < 10*time.Millisecond || c.HeartbeatInterval > time.Second:
 		return fmt.Errorf("--heartbeat-interval (%s) must be between 10ms and 1s", c.HeartbeatInterval)
 	case c.Lease < 2*c.HeartbeatInterval || c.Lease > 10*time.Second:

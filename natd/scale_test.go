@@ -164,9 +164,10 @@ func (k *leaseKernel) HoldLeases(grace time.Duration) error {
 	return nil
 }
 
-func (k *leaseKernel) Verify() (bool, time.Duration, error)       { return false, 0, nil }
-func (k *leaseKernel) WatchChanges(<-chan struct{}, func()) error { return nil }
-func (k *leaseKernel) KernelClaims() ([]election.Claim, error)    { return nil, nil }
+func (k *leaseKernel) Verify() (bool, time.Duration, error)               { return false, 0, nil }
+func (k *leaseKernel) WatchChanges(<-chan struct{}, func()) error         { return nil }
+func (k *leaseKernel) KernelClaims() ([]election.Claim, error)            { return nil, nil }
+func (k *leaseKernel) Bindings([]netip.Addr) ([]dataplane.Binding, error) { return nil, nil }
 func (k *leaseKernel) powerOff(now time.Time) {
 	k.mu.Lock()
 	k.dead = true

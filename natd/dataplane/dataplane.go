@@ -93,6 +93,7 @@ type Dataplane struct {
 	firstDone bool
 	store     PodStore
 	genConn   *mdnetlink.Conn // reads the nftables generation
+	ctConn    *mdnetlink.Conn // writes handed-over conntrack entries
 	// What the last completed Apply left in the kernel: the held IPs, and the state
 	// (so that Verify can tell drift from it).
 	heldApplied map[netip.Addr]bool
@@ -146,6 +147,9 @@ func (d *Dataplane) Close() {
 	d.nl.Close()
 	if d.genConn != nil {
 		d.genConn.Close() //nolint:errcheck // a read-only socket
+	}
+	if d.ctConn != nil {
+		d.ctConn.Close() //nolint:errcheck // nothing pending on it
 	}
 }
 
@@ -387,6 +391,15 @@ func (d *Dataplane) apply(state State) (Result, error) {
 		}
 		d.owedRelease[ip] = true // reported (and its flows flushed) by the Apply that completes
 	}
+	// Bindings handed over for IPs this node takes go into conntrack before the
+	// tables let the IPs' traffic through: its first packet here must find them.
+	taken := map[netip.Addr]bool{}
+	for ip := range held {
+		if !d.heldApplied[ip] {
+			taken[ip] = true
+		}
+	}
+	d.installBindings(state, taken)
 	out, err := d.applyTables(state)
 	res.Rebuilt = out.rebuilt
 	for _, p := range out.repinned {
@@ -451,6 +464,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.flushStaleFlows(state, res.Announced, res.Released, d.owedFlush); err != nil {
 		return res, err
 	}
+	d.installBindings(state, taken) // the local pods' ones, now that the sweep deleted their entries
 	res.Repinned = len(d.owedFlush)
 	d.heldApplied, d.owedFlush, d.owedRelease, d.lastState = held, map[netip.Addr]bool{}, map[netip.Addr]bool{}, &state
 	d.stale = map[netip.Addr]bool{}

@@ -287,6 +287,22 @@ func (l *pathLab) dataplane(n *pathNS) *Dataplane {
 // IPs (no pods) are in use, held by node2.
 func (l *pathLab) applyNatd(others, extraIPs int) {
 	l.b.Helper()
+	s1, s2 := l.states(others, extraIPs)
+	// The pinned pods as natd-cni records them: their devices carry the pod guard.
+	if !l.unrecorded {
+		l.record(l.d1, l.pinnedOther, "vp1b")
+		l.record(l.d2, l.pinnedHolder, "vp2")
+	}
+	if _, err := l.d2.Apply(s2); err != nil {
+		l.b.Fatal(err)
+	}
+	if _, err := l.d1.Apply(s1); err != nil {
+		l.b.Fatal(err)
+	}
+}
+
+// states are applyNatd's states of node1 and node2.
+func (l *pathLab) states(others, extraIPs int) (s1, s2 State) {
 	eip, n1, n2 := netip.MustParseAddr(pathEgressIP), netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12")
 	fake := make([]netip.Addr, 0, others)
 	a := netip.MustParseAddr("10.250.0.1")
@@ -301,11 +317,11 @@ func (l *pathLab) applyNatd(others, extraIPs int) {
 		NodeIPs:          []netip.Addr{n1, n2},
 		PinnedNamespaces: map[string]NamespaceEgress{"pinned": {V4: eip}},
 	}
-	s1 := base
+	s1 = base
 	s1.NodeIP, s1.LocalPodCIDRs = n1, []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}
 	s1.Peers = []Peer{{IP: n2, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")}}}
 	s1.Egress = []EgressIP{{IP: eip, HolderIP: n2, Pods: append([]netip.Addr{netip.MustParseAddr(l.pinnedOther.ip)}, fake...)}}
-	s2 := base
+	s2 = base
 	s2.NodeIP, s2.LocalPodCIDRs = n2, []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")}
 	s2.Peers = []Peer{{IP: n1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}}}
 	s2.Egress = []EgressIP{{IP: eip, HolderIP: n2, Local: true, Gen: 1,
@@ -318,17 +334,7 @@ func (l *pathLab) applyNatd(others, extraIPs int) {
 			x = x.Next()
 		}
 	}
-	// The pinned pods as natd-cni records them: their devices carry the pod guard.
-	if !l.unrecorded {
-		l.record(l.d1, l.pinnedOther, "vp1b")
-		l.record(l.d2, l.pinnedHolder, "vp2")
-	}
-	if _, err := l.d2.Apply(s2); err != nil {
-		l.b.Fatal(err)
-	}
-	if _, err := l.d1.Apply(s1); err != nil {
-		l.b.Fatal(err)
-	}
+	return s1, s2
 }
 
 // record writes the pod store record natd-cni would write for pod p of the pinned

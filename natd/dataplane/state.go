@@ -51,6 +51,9 @@ type State struct {
 	// IPs. The CNI plugin pins a new pod by its namespace before natd has seen the pod,
 	// from this map as natd last wrote it to the node.
 	PinnedNamespaces map[string]NamespaceEgress
+	// Handover are NAT bindings the previous holders of egress IPs handed over: an
+	// Apply that takes one of those IPs writes its bindings into conntrack first.
+	Handover []Binding
 }
 
 // NamespaceEgress is a pinned namespace's egress IPs: at most one per family, at least
