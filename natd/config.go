@@ -60,8 +60,8 @@ type Config struct {
 	// must continue (0: never; connections of two pods with one source port to one
 	// partner port then break when the IP moves).
 	HandoverInterval time.Duration
-	DaemonSet           string // namespace/name of the DaemonSet natd runs from (uninstall detection)
-	MaxEgressIPs        int
+	DaemonSet        string // namespace/name of the DaemonSet natd runs from (uninstall detection)
+	MaxEgressIPs     int
 	// Nice is the scheduling niceness natd gives all its threads at start.
 	Nice            int
 	RestartGrace    time.Duration
