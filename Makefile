@@ -116,7 +116,7 @@ test-e2e: deps kube-bins
 # SNAT rule (NATD_PATH_SECONDS per iperf3 run, default 3); and the same three pods' paths
 # through the lab in each network mode, flat, overlay, routed and dual (BenchmarkLabPath).
 bench: deps kube-bins
-	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign|Counters' -benchtime 20x ./natd/ ./natd/dataplane/ ./election/
+	$(GO) test -run '^$$' -bench 'Sync|Memory|Assign|Counters|Bindings' -benchtime 20x ./natd/ ./natd/dataplane/ ./election/
 	$(GO) test -run '^$$' -bench FirstConnection -benchtime 1x -timeout 20m ./tests/e2e/
 	$(GO) test -run '^$$' -bench PinnedPath -benchtime 1x -timeout 20m ./natd/dataplane/
 	for n in flat overlay routed dual; do NATD_E2E_NETWORK=$$n $(GO) test -run '^$$' -bench LabPath -benchtime 1x -timeout 20m ./tests/e2e/ || exit 1; done

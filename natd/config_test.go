@@ -39,6 +39,8 @@ func TestConfigIPv6CIDRs(t *testing.T) {
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--egress-cidr", "::ffff:198.19.0.0/120"}, "IPv4 or an IPv6 prefix"},
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--nice", "-21"}, "--nice (-21) must be between -20 and 19"},
 		{[]string{"--cluster-cidr", "10.244.0.0/16", "--nice", "0"}, ""},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--handover-interval", "-1s"}, "--handover-interval (-1s) must not be negative"},
+		{[]string{"--cluster-cidr", "10.244.0.0/16", "--handover-interval", "0"}, ""},
 	} {
 		var cfg Config
 		fs := flag.NewFlagSet("natd", flag.ContinueOnError)

@@ -262,6 +262,7 @@ func (p *Planner) Plan(c Cluster, el Election) (*Plan, error) {
 		}
 		if h, ok := plan.Held[ip]; ok {
 			e.Local, e.Gen, e.HolderIP = true, h.Gen, st.NodeIP
+			e.HandingOver = !h.HandoverSince.IsZero()
 			if _, had := el.Held[ip]; !had && routeTo != holder {
 				// Taking over from a node that still serves it (a planned move): the
 				// partners' replies stay with it until the others route here.

@@ -94,6 +94,8 @@ type Dataplane struct {
 	store     PodStore
 	genConn   *mdnetlink.Conn // reads the nftables generation
 	ctConn    *mdnetlink.Conn // writes handed-over conntrack entries
+	// loosened are the IPs being handed over whose connections were made liberal.
+	loosened map[netip.Addr]bool
 	// What the last completed Apply left in the kernel: the held IPs, and the state
 	// (so that Verify can tell drift from it).
 	heldApplied map[netip.Addr]bool
@@ -408,6 +410,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err != nil {
 		return res, err
 	}
+	d.loosenHandingOver(state)
 	// Addresses this node takes go on the uplink only now that the tables guard them
 	// (held_dsts): the other way round, a partner's segment arriving in between — the
 	// router still sends the IP here when this node takes it back after a short

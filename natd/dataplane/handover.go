@@ -68,19 +68,11 @@ const tcpEstablished = 3
 // handed (see Binding), sorted.
 func (d *Dataplane) Bindings(held []netip.Addr) ([]Binding, error) {
 	set := map[netip.Addr]bool{}
-	families := []netlink.InetFamily{}
 	for _, ip := range held {
 		set[ip] = true
-		fam := netlink.InetFamily(unix.AF_INET)
-		if ip.Is6() {
-			fam = unix.AF_INET6
-		}
-		if !slices.Contains(families, fam) {
-			families = append(families, fam)
-		}
 	}
 	var out []Binding
-	for _, fam := range families {
+	for _, fam := range familiesOf(held) {
 		flows, err := d.nl.ConntrackTableList(netlink.ConntrackTable, fam)
 		if err != nil {
 			return nil, fmt.Errorf("reading conntrack: %w", err)
@@ -204,18 +196,7 @@ func (d *Dataplane) createBinding(b Binding, mark uint32) error {
 	if err != nil {
 		return err
 	}
-	if d.ctConn == nil {
-		cfg := &mdnetlink.Config{}
-		if d.cfg.NetNS != nil {
-			cfg.NetNS = int(*d.cfg.NetNS)
-		}
-		c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, cfg)
-		if err != nil {
-			return fmt.Errorf("opening netfilter netlink socket: %w", err)
-		}
-		d.ctConn = c
-	}
-	if _, err := d.ctConn.Execute(msg); err != nil {
+	if err := d.ctExecute(msg); err != nil {
 		return fmt.Errorf("writing conntrack entry %s→%s as %s: %w", b.Pod, b.Partner, b.Egress, err)
 	}
 	return nil
@@ -351,4 +332,150 @@ func DecodeBindings(b []byte) (netip.Addr, []Binding, error) {
 			Egress:  netip.AddrPortFrom(ip, binary.BigEndian.Uint16(r[5+2*alen:]))})
 	}
 	return ip, out, nil
+}
+
+// While a planned move overlaps (make-before-break), a pod's segments already leave
+// through the new holder, but the partners' replies still reach the old one until the
+// router follows the new holder's announcement. The old holder's conntrack has not
+// seen the data they acknowledge: it finds them out of window, marks them invalid and
+// does not un-NAT them, and the connection stalls until the pod retransmits (0.26 s
+// p50, 0.5 s p99 in make bench-failover). So when an IP starts being handed over, its
+// connections here are made liberal (the kernel's per-connection form of
+// nf_conntrack_tcp_be_liberal, a netns-wide sysctl natd must not touch): the window
+// is not checked, the replies are un-NATed and go on to the pod. Only those
+// connections, only on the node letting them go.
+
+// loosenHandingOver makes the TCP connections of IPs that state starts handing over
+// liberal (once per handover). A failure fails no Apply: the connection stalls as it
+// would have.
+func (d *Dataplane) loosenHandingOver(state State) {
+	want := map[netip.Addr]bool{}
+	var start []netip.Addr
+	for _, e := range state.Egress {
+		if e.Local && e.HandingOver {
+			want[e.IP] = true
+			if !d.loosened[e.IP] {
+				start = append(start, e.IP)
+			}
+		}
+	}
+	d.loosened = want
+	if len(start) == 0 {
+		return
+	}
+	n, err := d.loosenConntrack(start)
+	if err != nil {
+		klog.InfoS("Handed-over connections not all made liberal", "ips", start, "liberal", n, "err", err)
+		return
+	}
+	klog.V(2).InfoS("Made handed-over connections liberal", "ips", start, "connections", n)
+}
+
+// ipCtTCPFlagBeLiberal is IP_CT_TCP_FLAG_BE_LIBERAL: the window is not checked.
+const ipCtTCPFlagBeLiberal = 0x08
+
+const (
+	ctaProtoinfoTCPFlagsOrig  = 4
+	ctaProtoinfoTCPFlagsReply = 5
+)
+
+// loosenConntrack makes liberal every TCP connection SNATed to one of ips.
+func (d *Dataplane) loosenConntrack(ips []netip.Addr) (int, error) {
+	set := map[netip.Addr]bool{}
+	for _, ip := range ips {
+		set[ip] = true
+	}
+	n := 0
+	for _, fam := range familiesOf(ips) {
+		flows, err := d.nl.ConntrackTableList(netlink.ConntrackTable, fam)
+		if err != nil {
+			return n, fmt.Errorf("reading conntrack: %w", err)
+		}
+		for _, f := range flows {
+			natted, _ := netip.AddrFromSlice(f.Reverse.DstIP)
+			pod, _ := netip.AddrFromSlice(f.Forward.SrcIP)
+			if f.Forward.Protocol != unix.IPPROTO_TCP || !set[natted.Unmap()] || pod.Unmap() == natted.Unmap() {
+				continue
+			}
+			if err := d.ctExecute(liberalMessage(f)); err != nil && !errors.Is(err, unix.ENOENT) {
+				return n, err // ENOENT: the connection ended meanwhile
+			}
+			n++
+		}
+	}
+	return n, nil
+}
+
+// liberalMessage is the ctnetlink request that makes f's TCP tracking liberal both ways.
+func liberalMessage(f *netlink.ConntrackFlow) mdnetlink.Message {
+	fam := byte(unix.AF_INET)
+	srcAttr, dstAttr := uint16(ctaIPv4Src), uint16(ctaIPv4Dst)
+	src, dst := f.Forward.SrcIP.To4(), f.Forward.DstIP.To4()
+	if src == nil || dst == nil {
+		fam, srcAttr, dstAttr = unix.AF_INET6, ctaIPv6Src, ctaIPv6Dst
+		src, dst = f.Forward.SrcIP.To16(), f.Forward.DstIP.To16()
+	}
+	ae := mdnetlink.NewAttributeEncoder()
+	ae.ByteOrder = binary.BigEndian
+	ae.Nested(ctaTupleOrig, func(ae *mdnetlink.AttributeEncoder) error {
+		ae.Nested(ctaTupleIP, func(ae *mdnetlink.AttributeEncoder) error {
+			ae.Bytes(srcAttr, src)
+			ae.Bytes(dstAttr, dst)
+			return nil
+		})
+		ae.Nested(ctaTupleProto, func(ae *mdnetlink.AttributeEncoder) error {
+			ae.Uint8(ctaProtoNum, unix.IPPROTO_TCP)
+			ae.Uint16(ctaProtoSrcPort, f.Forward.SrcPort)
+			ae.Uint16(ctaProtoDstPort, f.Forward.DstPort)
+			return nil
+		})
+		return nil
+	})
+	ae.Nested(ctaProtoinfo, func(ae *mdnetlink.AttributeEncoder) error {
+		ae.Nested(ctaProtoinfoTCP, func(ae *mdnetlink.AttributeEncoder) error {
+			flags := []byte{ipCtTCPFlagBeLiberal, ipCtTCPFlagBeLiberal} // struct nf_ct_tcp_flags: flags, mask
+			ae.Bytes(ctaProtoinfoTCPFlagsOrig, flags)
+			ae.Bytes(ctaProtoinfoTCPFlagsReply, flags)
+			return nil
+		})
+		return nil
+	})
+	data, _ := ae.Encode() // fixed attributes of fixed sizes
+	return mdnetlink.Message{
+		Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtNew),
+			Flags: mdnetlink.Request | mdnetlink.Acknowledge},
+		Data: append([]byte{fam, unix.NFNETLINK_V0, 0, 0}, data...),
+	}
+}
+
+// familiesOf are the conntrack families of ips.
+func familiesOf(ips []netip.Addr) []netlink.InetFamily {
+	var out []netlink.InetFamily
+	for _, ip := range ips {
+		fam := netlink.InetFamily(unix.AF_INET)
+		if ip.Is6() {
+			fam = unix.AF_INET6
+		}
+		if !slices.Contains(out, fam) {
+			out = append(out, fam)
+		}
+	}
+	return out
+}
+
+// ctExecute sends one ctnetlink request and waits for its acknowledgement.
+func (d *Dataplane) ctExecute(msg mdnetlink.Message) error {
+	if d.ctConn == nil {
+		cfg := &mdnetlink.Config{}
+		if d.cfg.NetNS != nil {
+			cfg.NetNS = int(*d.cfg.NetNS)
+		}
+		c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, cfg)
+		if err != nil {
+			return fmt.Errorf("opening netfilter netlink socket: %w", err)
+		}
+		d.ctConn = c
+	}
+	_, err := d.ctConn.Execute(msg)
+	return err
 }

@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -118,4 +120,146 @@ func TestKernelHandedOverBindingsKeepTheirPorts(t *testing.T) {
 			t.Errorf("a refused binding was written: %s", f)
 		}
 	}
+}
+
+// What a holder pays each --handover-interval: reading conntrack with n entries SNATed
+// to its egress IP, one in a hundred of them with a changed port.
+func BenchmarkBindings(b *testing.B) {
+	for _, n := range []int{1000, 10000, 100000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			ns := newTestNS(b, "198.18.0.12")
+			d := ns.dataplane()
+			eip := netip.MustParseAddr("198.18.0.200")
+			ns.run("sysctl", "-qw", fmt.Sprintf("net.netfilter.nf_conntrack_max=%d", 2*n))
+			pod := netip.MustParseAddr("10.244.1.2")
+			for i := range n {
+				port := uint16(1024 + i%60000)
+				natPort := port // kept: an ordinary pinned connection
+				if i%100 == 0 {
+					natPort = 65535 - uint16(i%1000)
+				}
+				bd := Binding{Proto: unix.IPPROTO_TCP, Pod: netip.AddrPortFrom(pod, port),
+					Partner: netip.MustParseAddrPort("203.0.113.10:443"), Egress: netip.AddrPortFrom(eip, natPort)}
+				if i%60000 == 59999 {
+					pod = pod.Next()
+				}
+				if err := d.createBinding(bd, 0); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ResetTimer()
+			var got []Binding
+			for range b.N {
+				var err error
+				if got, err = d.Bindings([]netip.Addr{eip}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(len(got)), "bindings")
+		})
+	}
+}
+
+// An IP this node starts handing over has its TCP connections made liberal both ways
+// (the replies that acknowledge what went through the new holder are un-NATed here);
+// other connections are left alone.
+func TestKernelHandingOverMakesConnectionsLiberal(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	st := sampleState()
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	conn := func(egress string) Binding {
+		return Binding{Proto: unix.IPPROTO_TCP, Pod: netip.MustParseAddrPort("10.244.1.10:40000"),
+			Partner: netip.MustParseAddrPort("203.0.113.10:443"), Egress: netip.MustParseAddrPort(egress)}
+	}
+	held, other := conn("198.18.0.200:40000"), conn("198.18.0.201:40000")
+	other.Partner = netip.MustParseAddrPort("203.0.113.11:443")
+	for _, b := range []Binding{held, other} {
+		if err := d.createBinding(b, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f := tcpFlags(t, d, held); f != [2]byte{} {
+		t.Fatalf("liberal before any handover: %v", f)
+	}
+	st.Egress[0].HandingOver = true
+	if _, err := d.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	if f := tcpFlags(t, d, held); f[0]&ipCtTCPFlagBeLiberal == 0 || f[1]&ipCtTCPFlagBeLiberal == 0 {
+		t.Errorf("a connection of the IP handed over: flags %v, want liberal both ways", f)
+	}
+	if f := tcpFlags(t, d, other); f != [2]byte{} {
+		t.Errorf("a connection of another IP: flags %v, want none", f)
+	}
+}
+
+// tcpFlags reads the conntrack TCP flags (original, reply direction) of b's entry.
+func tcpFlags(t *testing.T, d *Dataplane, b Binding) [2]byte {
+	t.Helper()
+	ae := mdnetlink.NewAttributeEncoder()
+	ae.ByteOrder = binary.BigEndian
+	ae.Nested(ctaTupleOrig, func(ae *mdnetlink.AttributeEncoder) error {
+		ae.Nested(ctaTupleIP, func(ae *mdnetlink.AttributeEncoder) error {
+			ae.Bytes(ctaIPv4Src, b.Pod.Addr().AsSlice())
+			ae.Bytes(ctaIPv4Dst, b.Partner.Addr().AsSlice())
+			return nil
+		})
+		ae.Nested(ctaTupleProto, func(ae *mdnetlink.AttributeEncoder) error {
+			ae.Uint8(ctaProtoNum, b.Proto)
+			ae.Uint16(ctaProtoSrcPort, b.Pod.Port())
+			ae.Uint16(ctaProtoDstPort, b.Partner.Port())
+			return nil
+		})
+		return nil
+	})
+	data, err := ae.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, &mdnetlink.Config{NetNS: int(*d.cfg.NetNS)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msgs, err := c.Execute(mdnetlink.Message{
+		Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | 1), Flags: mdnetlink.Request | mdnetlink.Acknowledge}, // IPCTNL_MSG_CT_GET
+		Data:   append([]byte{unix.AF_INET, unix.NFNETLINK_V0, 0, 0}, data...)})
+	if err != nil || len(msgs) == 0 || len(msgs[0].Data) < 4 { // the entry, then the acknowledgement
+		t.Fatalf("reading %s→%s: %d messages, %v", b.Pod, b.Partner, len(msgs), err)
+	}
+	var flags [2]byte
+	ad, err := mdnetlink.NewAttributeDecoder(msgs[0].Data[4:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for ad.Next() {
+		if ad.Type() != ctaProtoinfo {
+			continue
+		}
+		ad.Nested(func(ad *mdnetlink.AttributeDecoder) error {
+			for ad.Next() {
+				if ad.Type() == ctaProtoinfoTCP {
+					ad.Nested(func(ad *mdnetlink.AttributeDecoder) error {
+						for ad.Next() {
+							switch ad.Type() {
+							case ctaProtoinfoTCPFlagsOrig:
+								flags[0] = ad.Bytes()[0]
+							case ctaProtoinfoTCPFlagsReply:
+								flags[1] = ad.Bytes()[0]
+							}
+						}
+						return nil
+					})
+				}
+			}
+			return nil
+		})
+	}
+	if err := ad.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return flags
 }

@@ -121,6 +121,11 @@ type EgressIP struct {
 	// IP's traffic here, the partners' replies must keep going to the old holder,
 	// which has the connections' bindings.
 	AnnounceAfter time.Duration
+	// HandingOver is set while this node serves on an IP another node is taking in a
+	// planned move (Local only): its connections' TCP tracking is made liberal, so
+	// that it un-NATs the partners' replies that acknowledge what the pods sent
+	// through the new holder.
+	HandingOver bool
 }
 
 // HasHolder reports whether some node holds the IP.
