@@ -133,16 +133,15 @@ func BenchmarkBindings(b *testing.B) {
 			ns.run("sysctl", "-qw", fmt.Sprintf("net.netfilter.nf_conntrack_max=%d", 2*n))
 			pod := netip.MustParseAddr("10.244.1.2")
 			for i := range n {
+				// Unique reply tuples: a partner port per 60,000 connections.
 				port := uint16(1024 + i%60000)
+				partner := netip.AddrPortFrom(netip.MustParseAddr("203.0.113.10"), uint16(443+i/60000))
 				natPort := port // kept: an ordinary pinned connection
 				if i%100 == 0 {
-					natPort = 65535 - uint16(i%1000)
+					natPort = 65535 - uint16(i/100) // above every kept port
 				}
-				bd := Binding{Proto: unix.IPPROTO_TCP, Pod: netip.AddrPortFrom(pod, port),
-					Partner: netip.MustParseAddrPort("203.0.113.10:443"), Egress: netip.AddrPortFrom(eip, natPort)}
-				if i%60000 == 59999 {
-					pod = pod.Next()
-				}
+				bd := Binding{Proto: unix.IPPROTO_TCP, Pod: netip.AddrPortFrom(pod, port), Partner: partner,
+					Egress: netip.AddrPortFrom(eip, natPort)}
 				if err := d.createBinding(bd, 0); err != nil {
 					b.Fatal(err)
 				}
