@@ -27,6 +27,15 @@ type staleFlows struct {
 	pinnedTo map[netip.Addr]netip.Addr
 	// released are egress IPs this node gave up: entries SNATed to them are stale.
 	released map[netip.Addr]bool
+	// taken are egress IPs this node just took: an entry whose original direction
+	// goes to one of them is stale. An egress IP is a source only; such an entry is a
+	// partner's segment this node forwarded while it did not hold the IP (the router
+	// still sent the IP here: a holder taking it back after a short quorum break).
+	// Loose TCP tracking makes it an established connection for days, and it holds
+	// the very tuple the pod's connection needs: conntrack would SNAT the pod's next
+	// packet to another port and the partner reset it (1 of 4 long-lived connections
+	// in a one-minute soak).
+	taken map[netip.Addr]bool
 	// repinned are pod IPs whose classification changed (pinned, unpinned, or pinned
 	// to another egress IP): every entry they opened was NATed under the old one.
 	repinned map[netip.Addr]bool
@@ -41,6 +50,10 @@ func (s *staleFlows) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 	src, _ := netip.AddrFromSlice(f.Forward.SrcIP)
 	src = src.Unmap()
 	if s.repinned[src] {
+		return true
+	}
+	dst, _ := netip.AddrFromSlice(f.Forward.DstIP)
+	if s.taken[dst.Unmap()] {
 		return true
 	}
 	natted, _ := netip.AddrFromSlice(f.Reverse.DstIP) // the source replies go back to
@@ -63,8 +76,8 @@ func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr, r
 	if len(taken) == 0 && len(released) == 0 && len(repinned) == 0 {
 		return nil
 	}
-	s := &staleFlows{pinnedTo: map[netip.Addr]netip.Addr{}, released: map[netip.Addr]bool{}, repinned: repinned,
-		local: state.LocalPodCIDRs}
+	s := &staleFlows{pinnedTo: map[netip.Addr]netip.Addr{}, released: map[netip.Addr]bool{}, taken: map[netip.Addr]bool{},
+		repinned: repinned, local: state.LocalPodCIDRs}
 	if len(taken) > 0 {
 		s.relayedBit = d.cfg.Marks.PinnedFlow()
 	}
@@ -72,6 +85,7 @@ func (d *Dataplane) flushStaleFlows(state State, taken, released []netip.Addr, r
 		s.released[ip] = true
 	}
 	for _, ip := range taken {
+		s.taken[ip] = true
 		if i := egressIndex(state.Egress, ip); i >= 0 {
 			for _, p := range state.Egress[i].Pods {
 				s.pinnedTo[p] = ip
