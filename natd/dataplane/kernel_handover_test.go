@@ -262,3 +262,60 @@ func tcpFlags(t *testing.T, d *Dataplane, b Binding) [2]byte {
 	}
 	return flags
 }
+
+// A holder that gave its IP up for a moment (a quorum break) and takes it back keeps
+// the pod's port: a partner's datagram that reached it in between (the router still
+// sends the IP there) was forwarded and left a conntrack entry holding the
+// connection's tuple, which the takeover deletes.
+func TestKernelTakingBackKeepsThePort(t *testing.T) {
+	l := newPathLab(t)
+	l.applyNatd(0, 0)
+	_, s2 := l.states(0, 0)
+	var sink *net.UDPConn
+	if err := inNetns(&l.partner.h, func() (err error) {
+		sink, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.ParseIP(pathPartner), Port: 7010})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	var pod *net.UDPConn
+	if err := inNetns(&l.pinnedOther.ns.h, func() (err error) {
+		pod, err = net.DialUDP("udp4", &net.UDPAddr{IP: net.ParseIP(l.pinnedOther.ip), Port: 40010}, sink.LocalAddr().(*net.UDPAddr))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer pod.Close()
+	seen := func() string {
+		t.Helper()
+		for range 20 {
+			pod.Write([]byte("x"))
+			sink.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, from, err := sink.ReadFromUDP(make([]byte, 10)); err == nil {
+				return from.String()
+			}
+		}
+		return "nothing"
+	}
+	want := pathEgressIP + ":40010"
+	if got := seen(); got != want {
+		t.Fatalf("before: the partner saw %s, want %s", got, want)
+	}
+	// node2 gives the IP up (no holder: fail closed) ...
+	released := s2
+	released.Egress = []EgressIP{{IP: s2.Egress[0].IP, Pods: s2.Egress[0].Pods}}
+	if _, err := l.d2.Apply(released); err != nil {
+		t.Fatal(err)
+	}
+	// ... the partner's next datagram still reaches it and is forwarded ...
+	sink.WriteToUDP([]byte("y"), &net.UDPAddr{IP: net.ParseIP(pathEgressIP), Port: 40010})
+	time.Sleep(100 * time.Millisecond)
+	// ... and node2 takes the IP back: the pod's next datagram keeps its port.
+	if _, err := l.d2.Apply(s2); err != nil {
+		t.Fatal(err)
+	}
+	if got := seen(); got != want {
+		t.Errorf("taken back: the partner saw %s, want %s", got, want)
+	}
+}
