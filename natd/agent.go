@@ -257,10 +257,10 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 	if in, ok := a.cfg.CNIInstaller(); ok {
 		go a.keepCNIChained(ctx, in)
 	}
-	// Someone else's nftables commit is checked at once; routes and addresses, and
-	// whatever the watch misses, once a second.
+	// Someone else's nftables commit, or a deletion of a rule, route or address, is
+	// checked at once; whatever the watch misses once a second.
 	if err := a.kernel.WatchChanges(ctx.Done(), func() { a.queue.Add(verifyKey) }); err != nil {
-		klog.InfoS("Not watching nftables changes; checking for drift once a second only", "err", err)
+		klog.InfoS("Not watching kernel changes; checking for drift once a second only", "err", err)
 	}
 	go every(ctx, verifyEvery, func() { a.queue.Add(verifyKey) })
 	go every(ctx, a.cfg.Lease/4, a.renewLeases)

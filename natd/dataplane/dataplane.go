@@ -937,10 +937,13 @@ func inNetns(ns *netns.NsHandle, fn func() error) error {
 }
 
 // WatchChanges calls changed whenever a transaction commits to nftables in this
-// node's namespace (natd's own included), until stop is closed: drift is found within
-// milliseconds of someone touching natd's tables, not at the next periodic check.
-// Committed transactions are announced with a NEWGEN message to the nftables
-// multicast group; their content is not read here (Verify does that).
+// node's namespace (natd's own included), and whenever an ip rule, a route of a table
+// other than main, local and default, or an address is deleted, until stop is closed:
+// drift is found within milliseconds of someone touching what natd owns, not at the
+// next periodic check (a second later: an ip rule flushed was repaired after up to
+// 1.1 s). Committed transactions are announced with a NEWGEN message to the nftables
+// multicast group, deletions to rtnetlink's; their content is not read here (Verify
+// does that).
 func (d *Dataplane) WatchChanges(stop <-chan struct{}, changed func()) error {
 	cfg := &mdnetlink.Config{}
 	if d.cfg.NetNS != nil {
@@ -953,6 +956,26 @@ func (d *Dataplane) WatchChanges(stop <-chan struct{}, changed func()) error {
 	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
 		return errors.Join(fmt.Errorf("subscribing to nftables changes: %w", err), c.Close())
 	}
+	rt, err := mdnetlink.Dial(unix.NETLINK_ROUTE, cfg)
+	if err != nil {
+		return errors.Join(fmt.Errorf("opening rtnetlink socket: %w", err), c.Close())
+	}
+	for _, g := range []uint32{unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV4_IFADDR,
+		unix.RTNLGRP_IPV6_RULE, unix.RTNLGRP_IPV6_ROUTE, unix.RTNLGRP_IPV6_IFADDR} {
+		if err := rt.JoinGroup(g); err != nil {
+			return errors.Join(fmt.Errorf("subscribing to rtnetlink group %d: %w", g, err), c.Close(), rt.Close())
+		}
+	}
+	d.watch(stop, rt, changed, deletedOwnable)
+	d.watch(stop, c, changed, func(m mdnetlink.Message) bool {
+		return m.Header.Type == mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN)
+	})
+	return nil
+}
+
+// watch calls changed for every message on c that matters says matters (and after an
+// overrun, which lost some), until stop is closed.
+func (d *Dataplane) watch(stop <-chan struct{}, c *mdnetlink.Conn, changed func(), matters func(mdnetlink.Message) bool) {
 	go func() {
 		<-stop
 		c.Close() //nolint:errcheck // stopping
@@ -966,20 +989,29 @@ func (d *Dataplane) WatchChanges(stop <-chan struct{}, changed func()) error {
 					return
 				default:
 				}
-				// An overrun (ENOBUFS) lost messages: something changed.
 				changed()
 				if !errors.Is(err, unix.ENOBUFS) {
 					time.Sleep(time.Second) // a broken socket: the periodic check remains
 				}
 				continue
 			}
-			for _, m := range msgs {
-				if m.Header.Type == mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN) {
-					changed()
-					break
-				}
+			if slices.ContainsFunc(msgs, matters) {
+				changed()
 			}
 		}
 	}()
-	return nil
+}
+
+// deletedOwnable reports an rtnetlink message that deletes what natd could own: an ip
+// rule, an address, or a route of a table other than main, local and default (natd's
+// are numbered above 255, which rtmsg names RT_TABLE_COMPAT). Additions and the main
+// table's routes, which pods' CNIs change all the time, are not natd's to check.
+func deletedOwnable(m mdnetlink.Message) bool {
+	switch m.Header.Type {
+	case unix.RTM_DELRULE, unix.RTM_DELADDR:
+		return true
+	case unix.RTM_DELROUTE:
+		return len(m.Data) > 4 && m.Data[4] != unix.RT_TABLE_MAIN && m.Data[4] != unix.RT_TABLE_LOCAL && m.Data[4] != unix.RT_TABLE_DEFAULT
+	}
+	return false
 }

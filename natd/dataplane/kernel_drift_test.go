@@ -247,6 +247,34 @@ func TestKernelWatchChanges(t *testing.T) {
 	if !d.nft.genKnown {
 		t.Error("a lease renewal made natd forget the tables are untouched: every renewal would cost a read-back")
 	}
+	// A route of the main table coming and going (a CNI's) is no reason to check; an
+	// ip rule of natd's deleted is, at once, and the check finds it.
+	drain := func() {
+		for {
+			select {
+			case <-changed:
+			case <-time.After(300 * time.Millisecond):
+				return
+			}
+		}
+	}
+	drain()
+	ns.run("ip", "route", "add", "10.99.0.0/24", "dev", "uplink0")
+	ns.run("ip", "route", "del", "10.99.0.0/24", "dev", "uplink0")
+	select {
+	case <-changed:
+		t.Error("a change reported for a main-table route")
+	case <-time.After(300 * time.Millisecond):
+	}
+	ns.run("ip", "rule", "del", "priority", "7001")
+	select {
+	case <-changed:
+	case <-time.After(2 * time.Second):
+		t.Fatal("no change reported for a deleted ip rule")
+	}
+	if drifted, _, err := d.Verify(); err != nil || !drifted {
+		t.Errorf("Verify after an ip rule was deleted = %v, %v; want drift", drifted, err)
+	}
 }
 
 // putRecords stores pod records as the CNI plugin would have.
