@@ -155,17 +155,26 @@ func (d *Dataplane) Close() {
 	}
 }
 
+// dial opens a netlink socket of family in the node's namespace.
+func (d *Dataplane) dial(family int) (*mdnetlink.Conn, error) {
+	cfg := &mdnetlink.Config{}
+	if d.cfg.NetNS != nil {
+		cfg.NetNS = int(*d.cfg.NetNS)
+	}
+	c, err := mdnetlink.Dial(family, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink socket (family %d): %w", family, err)
+	}
+	return c, nil
+}
+
 // nftGen reads the kernel's nftables generation: every committed nftables transaction,
 // natd's or anyone's, advances it.
 func (d *Dataplane) nftGen() (uint32, error) {
 	if d.genConn == nil {
-		cfg := &mdnetlink.Config{}
-		if d.cfg.NetNS != nil {
-			cfg.NetNS = int(*d.cfg.NetNS)
-		}
-		c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, cfg)
+		c, err := d.dial(unix.NETLINK_NETFILTER)
 		if err != nil {
-			return 0, fmt.Errorf("opening netfilter netlink socket: %w", err)
+			return 0, err
 		}
 		d.genConn = c
 	}
@@ -945,20 +954,16 @@ func inNetns(ns *netns.NsHandle, fn func() error) error {
 // multicast group, deletions to rtnetlink's; their content is not read here (Verify
 // does that).
 func (d *Dataplane) WatchChanges(stop <-chan struct{}, changed func()) error {
-	cfg := &mdnetlink.Config{}
-	if d.cfg.NetNS != nil {
-		cfg.NetNS = int(*d.cfg.NetNS)
-	}
-	c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, cfg)
+	c, err := d.dial(unix.NETLINK_NETFILTER)
 	if err != nil {
-		return fmt.Errorf("opening netfilter netlink socket: %w", err)
+		return err
 	}
 	if err := c.JoinGroup(unix.NFNLGRP_NFTABLES); err != nil {
 		return errors.Join(fmt.Errorf("subscribing to nftables changes: %w", err), c.Close())
 	}
-	rt, err := mdnetlink.Dial(unix.NETLINK_ROUTE, cfg)
+	rt, err := d.dial(unix.NETLINK_ROUTE)
 	if err != nil {
-		return errors.Join(fmt.Errorf("opening rtnetlink socket: %w", err), c.Close())
+		return errors.Join(err, c.Close())
 	}
 	for _, g := range []uint32{unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV4_IFADDR,
 		unix.RTNLGRP_IPV6_RULE, unix.RTNLGRP_IPV6_ROUTE, unix.RTNLGRP_IPV6_IFADDR} {

@@ -466,13 +466,9 @@ func familiesOf(ips []netip.Addr) []netlink.InetFamily {
 // ctExecute sends one ctnetlink request and waits for its acknowledgement.
 func (d *Dataplane) ctExecute(msg mdnetlink.Message) error {
 	if d.ctConn == nil {
-		cfg := &mdnetlink.Config{}
-		if d.cfg.NetNS != nil {
-			cfg.NetNS = int(*d.cfg.NetNS)
-		}
-		c, err := mdnetlink.Dial(unix.NETLINK_NETFILTER, cfg)
+		c, err := d.dial(unix.NETLINK_NETFILTER)
 		if err != nil {
-			return fmt.Errorf("opening netfilter netlink socket: %w", err)
+			return err
 		}
 		d.ctConn = c
 	}
