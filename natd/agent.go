@@ -957,11 +957,15 @@ func (a *Agent) handOver() time.Duration {
 		return took
 	}
 	now := a.now()
+	byIP := map[netip.Addr][]dataplane.Binding{}
+	for _, b := range bindings {
+		byIP[b.Egress.Addr()] = append(byIP[b.Egress.Addr()], b)
+	}
 	var to []string
 	for _, ip := range held {
-		msg := dataplane.EncodeBindings(ip, bindings)
+		msg := dataplane.EncodeBindings(ip, byIP[ip])
 		last, sent := a.handedOver[ip]
-		empty := !slices.ContainsFunc(bindings, func(b dataplane.Binding) bool { return b.Egress.Addr() == ip })
+		empty := len(byIP[ip]) == 0
 		switch {
 		case !sent && empty:
 			continue

@@ -410,7 +410,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 			taken[ip] = true
 		}
 	}
-	d.installBindings(state, taken)
+	d.installBindings(state, taken, false)
 	out, err := d.applyTables(state)
 	res.Rebuilt = out.rebuilt
 	for _, p := range out.repinned {
@@ -476,7 +476,7 @@ func (d *Dataplane) apply(state State) (Result, error) {
 	if err := d.flushStaleFlows(state, res.Announced, res.Released, d.owedFlush); err != nil {
 		return res, err
 	}
-	d.installBindings(state, taken) // the local pods' ones, now that the sweep deleted their entries
+	d.installBindings(state, taken, true) // this node's pods' ones, now that the sweep deleted their entries
 	res.Repinned = len(d.owedFlush)
 	d.heldApplied, d.owedFlush, d.owedRelease, d.lastState = held, map[netip.Addr]bool{}, map[netip.Addr]bool{}, &state
 	d.stale = map[netip.Addr]bool{}

@@ -103,15 +103,15 @@ func compareBindings(a, b Binding) int {
 // installBindings writes handed-over bindings of the egress IPs this node takes into
 // its conntrack. One that is there already (the connection of a pod on this node,
 // which it passed on un-NATed until now: the stale-flow sweep deletes that entry, and
-// the second call, after the sweep, writes the binding) or whose port another entry
-// holds is skipped. A failure fails no Apply: the connection breaks, nothing leaks
+// the second call, after the sweep, writes this node's pods' bindings: localOnly) or
+// whose port another entry holds is skipped. A failure fails no Apply: the connection breaks, nothing leaks
 // (the leak guard checks every packet), and the node must take the IP all the same.
 //
 // Bindings come from other nodes: only a pod's connection is written (a source in the
 // cluster's pod CIDRs), and one of a pod on this node only if the pod is pinned to
 // that egress IP here — a binding can never give the egress IP to a connection that
 // would not have had it anyway.
-func (d *Dataplane) installBindings(state State, taken map[netip.Addr]bool) {
+func (d *Dataplane) installBindings(state State, taken map[netip.Addr]bool, localOnly bool) {
 	in := func(cidrs []netip.Prefix, a netip.Addr) bool {
 		return slices.ContainsFunc(cidrs, func(p netip.Prefix) bool { return p.Contains(a) })
 	}
@@ -119,7 +119,7 @@ func (d *Dataplane) installBindings(state State, taken map[netip.Addr]bool) {
 	var failed error
 	for _, b := range state.Handover {
 		ip, pod := b.Egress.Addr(), b.Pod.Addr()
-		if !taken[ip] {
+		if !taken[ip] || (localOnly && !in(state.LocalPodCIDRs, pod)) {
 			continue
 		}
 		mark := d.cfg.Marks.PinnedFlow()
@@ -202,66 +202,90 @@ func (d *Dataplane) createBinding(b Binding, mark uint32) error {
 	return nil
 }
 
-// bindingMessage is the ctnetlink request that creates b's entry.
-func bindingMessage(b Binding, mark uint32) (mdnetlink.Message, error) {
-	fam := byte(unix.AF_INET)
-	srcAttr, dstAttr, natAttr := uint16(ctaIPv4Src), uint16(ctaIPv4Dst), uint16(ctaNATv4MinIP)
-	if b.Egress.Addr().Is6() {
-		fam = unix.AF_INET6
-		srcAttr, dstAttr, natAttr = ctaIPv6Src, ctaIPv6Dst, ctaNATv6MinIP
+// ctTuple encodes a conntrack tuple (src → dst, proto) into ae under attr.
+func ctTuple(ae *mdnetlink.AttributeEncoder, attr uint16, proto uint8, src, dst netip.AddrPort) {
+	srcAttr, dstAttr := uint16(ctaIPv4Src), uint16(ctaIPv4Dst)
+	if src.Addr().Is6() {
+		srcAttr, dstAttr = ctaIPv6Src, ctaIPv6Dst
 	}
-	if b.Pod.Addr().Is6() != b.Egress.Addr().Is6() || b.Partner.Addr().Is6() != b.Egress.Addr().Is6() {
-		return mdnetlink.Message{}, fmt.Errorf("binding %s→%s as %s mixes address families", b.Pod, b.Partner, b.Egress)
-	}
-	tuple := func(ae *mdnetlink.AttributeEncoder, src, dst netip.AddrPort) {
+	ae.Nested(attr, func(ae *mdnetlink.AttributeEncoder) error {
 		ae.Nested(ctaTupleIP, func(ae *mdnetlink.AttributeEncoder) error {
 			ae.Bytes(srcAttr, src.Addr().AsSlice())
 			ae.Bytes(dstAttr, dst.Addr().AsSlice())
 			return nil
 		})
 		ae.Nested(ctaTupleProto, func(ae *mdnetlink.AttributeEncoder) error {
-			ae.Uint8(ctaProtoNum, b.Proto)
+			ae.Uint8(ctaProtoNum, proto)
 			ae.Uint16(ctaProtoSrcPort, src.Port())
 			ae.Uint16(ctaProtoDstPort, dst.Port())
 			return nil
 		})
+		return nil
+	})
+}
+
+// ctRequest is a ctnetlink request of type msg for the family of v6, its attributes
+// encoded by attrs.
+func ctRequest(msg uint16, flags mdnetlink.HeaderFlags, v6 bool, attrs func(*mdnetlink.AttributeEncoder)) (mdnetlink.Message, error) {
+	fam := byte(unix.AF_INET)
+	if v6 {
+		fam = unix.AF_INET6
 	}
 	ae := mdnetlink.NewAttributeEncoder()
 	ae.ByteOrder = binary.BigEndian
-	ae.Nested(ctaTupleOrig, func(ae *mdnetlink.AttributeEncoder) error { tuple(ae, b.Pod, b.Partner); return nil })
-	ae.Nested(ctaTupleReply, func(ae *mdnetlink.AttributeEncoder) error { tuple(ae, b.Partner, b.Pod); return nil })
-	ae.Nested(ctaNATSrc, func(ae *mdnetlink.AttributeEncoder) error {
-		ae.Bytes(natAttr, b.Egress.Addr().AsSlice())
-		ae.Nested(ctaNATProto, func(ae *mdnetlink.AttributeEncoder) error {
-			ae.Uint16(ctaProtoNATPortMin, b.Egress.Port())
-			ae.Uint16(ctaProtoNATPortMax, b.Egress.Port())
-			return nil
-		})
-		return nil
-	})
-	// Seen both ways and assured: the connection's packets are ESTABLISHED here, as
-	// they were on the old holder (CONFIRMED: the kernel refuses a status without it).
-	ae.Uint32(ctaStatus, ipsSeenReply|ipsAssured|ipsConfirmed)
-	ae.Uint32(ctaTimeout, handoverTimeout)
-	ae.Uint32(ctaMark, mark)
-	if b.Proto == unix.IPPROTO_TCP {
-		ae.Nested(ctaProtoinfo, func(ae *mdnetlink.AttributeEncoder) error {
-			ae.Nested(ctaProtoinfoTCP, func(ae *mdnetlink.AttributeEncoder) error {
-				ae.Uint8(ctaProtoinfoTCPSt, tcpEstablished)
+	attrs(ae)
+	data, err := ae.Encode()
+	if err != nil {
+		return mdnetlink.Message{}, fmt.Errorf("encoding a conntrack request: %w", err)
+	}
+	return mdnetlink.Message{
+		Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | msg), Flags: mdnetlink.Request | flags},
+		Data:   append([]byte{fam, unix.NFNETLINK_V0, 0, 0}, data...), // struct nfgenmsg
+	}, nil
+}
+
+// bindingMessage is the ctnetlink request that creates b's entry.
+func bindingMessage(b Binding, mark uint32) (mdnetlink.Message, error) {
+	v6 := b.Egress.Addr().Is6()
+	if b.Pod.Addr().Is6() != v6 || b.Partner.Addr().Is6() != v6 {
+		return mdnetlink.Message{}, fmt.Errorf("binding %s→%s as %s mixes address families", b.Pod, b.Partner, b.Egress)
+	}
+	natAttr := uint16(ctaNATv4MinIP)
+	if v6 {
+		natAttr = ctaNATv6MinIP
+	}
+	return ctRequest(ipctnlMsgCtNew, mdnetlink.Acknowledge|mdnetlink.Create|mdnetlink.Excl, v6, func(ae *mdnetlink.AttributeEncoder) {
+		ctTuple(ae, ctaTupleOrig, b.Proto, b.Pod, b.Partner)
+		ctTuple(ae, ctaTupleReply, b.Proto, b.Partner, b.Pod)
+		ae.Nested(ctaNATSrc, func(ae *mdnetlink.AttributeEncoder) error {
+			ae.Bytes(natAttr, b.Egress.Addr().AsSlice())
+			ae.Nested(ctaNATProto, func(ae *mdnetlink.AttributeEncoder) error {
+				ae.Uint16(ctaProtoNATPortMin, b.Egress.Port())
+				ae.Uint16(ctaProtoNATPortMax, b.Egress.Port())
 				return nil
 			})
 			return nil
 		})
-	}
-	data, err := ae.Encode()
-	if err != nil {
-		return mdnetlink.Message{}, fmt.Errorf("encoding conntrack entry: %w", err)
-	}
-	return mdnetlink.Message{
-		Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtNew),
-			Flags: mdnetlink.Request | mdnetlink.Acknowledge | mdnetlink.Create | mdnetlink.Excl},
-		Data: append([]byte{fam, unix.NFNETLINK_V0, 0, 0}, data...), // struct nfgenmsg
-	}, nil
+		// Seen both ways and assured: the connection's packets are ESTABLISHED here, as
+		// they were on the old holder (CONFIRMED: the kernel refuses a status without it).
+		ae.Uint32(ctaStatus, ipsSeenReply|ipsAssured|ipsConfirmed)
+		ae.Uint32(ctaTimeout, handoverTimeout)
+		ae.Uint32(ctaMark, mark)
+		if b.Proto == unix.IPPROTO_TCP {
+			ctTCPInfo(ae, func(ae *mdnetlink.AttributeEncoder) { ae.Uint8(ctaProtoinfoTCPSt, tcpEstablished) })
+		}
+	})
+}
+
+// ctTCPInfo encodes conntrack's TCP protocol info, its attributes encoded by attrs.
+func ctTCPInfo(ae *mdnetlink.AttributeEncoder, attrs func(*mdnetlink.AttributeEncoder)) {
+	ae.Nested(ctaProtoinfo, func(ae *mdnetlink.AttributeEncoder) error {
+		ae.Nested(ctaProtoinfoTCP, func(ae *mdnetlink.AttributeEncoder) error {
+			attrs(ae)
+			return nil
+		})
+		return nil
+	})
 }
 
 // Wire form of the bindings of one egress IP (the payload of a handover message):
@@ -397,7 +421,11 @@ func (d *Dataplane) loosenConntrack(ips []netip.Addr) (int, error) {
 			if f.Forward.Protocol != unix.IPPROTO_TCP || !set[natted.Unmap()] || pod.Unmap() == natted.Unmap() {
 				continue
 			}
-			if err := d.ctExecute(liberalMessage(f)); err != nil && !errors.Is(err, unix.ENOENT) {
+			msg, err := liberalMessage(f)
+			if err != nil {
+				return n, err
+			}
+			if err := d.ctExecute(msg); err != nil && !errors.Is(err, unix.ENOENT) {
 				return n, err // ENOENT: the connection ended meanwhile
 			}
 			n++
@@ -407,45 +435,18 @@ func (d *Dataplane) loosenConntrack(ips []netip.Addr) (int, error) {
 }
 
 // liberalMessage is the ctnetlink request that makes f's TCP tracking liberal both ways.
-func liberalMessage(f *netlink.ConntrackFlow) mdnetlink.Message {
-	fam := byte(unix.AF_INET)
-	srcAttr, dstAttr := uint16(ctaIPv4Src), uint16(ctaIPv4Dst)
-	src, dst := f.Forward.SrcIP.To4(), f.Forward.DstIP.To4()
-	if src == nil || dst == nil {
-		fam, srcAttr, dstAttr = unix.AF_INET6, ctaIPv6Src, ctaIPv6Dst
-		src, dst = f.Forward.SrcIP.To16(), f.Forward.DstIP.To16()
-	}
-	ae := mdnetlink.NewAttributeEncoder()
-	ae.ByteOrder = binary.BigEndian
-	ae.Nested(ctaTupleOrig, func(ae *mdnetlink.AttributeEncoder) error {
-		ae.Nested(ctaTupleIP, func(ae *mdnetlink.AttributeEncoder) error {
-			ae.Bytes(srcAttr, src)
-			ae.Bytes(dstAttr, dst)
-			return nil
-		})
-		ae.Nested(ctaTupleProto, func(ae *mdnetlink.AttributeEncoder) error {
-			ae.Uint8(ctaProtoNum, unix.IPPROTO_TCP)
-			ae.Uint16(ctaProtoSrcPort, f.Forward.SrcPort)
-			ae.Uint16(ctaProtoDstPort, f.Forward.DstPort)
-			return nil
-		})
-		return nil
-	})
-	ae.Nested(ctaProtoinfo, func(ae *mdnetlink.AttributeEncoder) error {
-		ae.Nested(ctaProtoinfoTCP, func(ae *mdnetlink.AttributeEncoder) error {
+func liberalMessage(f *netlink.ConntrackFlow) (mdnetlink.Message, error) {
+	src, _ := netip.AddrFromSlice(f.Forward.SrcIP)
+	dst, _ := netip.AddrFromSlice(f.Forward.DstIP)
+	src, dst = src.Unmap(), dst.Unmap()
+	return ctRequest(ipctnlMsgCtNew, mdnetlink.Acknowledge, src.Is6(), func(ae *mdnetlink.AttributeEncoder) {
+		ctTuple(ae, ctaTupleOrig, unix.IPPROTO_TCP, netip.AddrPortFrom(src, f.Forward.SrcPort), netip.AddrPortFrom(dst, f.Forward.DstPort))
+		ctTCPInfo(ae, func(ae *mdnetlink.AttributeEncoder) {
 			flags := []byte{ipCtTCPFlagBeLiberal, ipCtTCPFlagBeLiberal} // struct nf_ct_tcp_flags: flags, mask
 			ae.Bytes(ctaProtoinfoTCPFlagsOrig, flags)
 			ae.Bytes(ctaProtoinfoTCPFlagsReply, flags)
-			return nil
 		})
-		return nil
 	})
-	data, _ := ae.Encode() // fixed attributes of fixed sizes
-	return mdnetlink.Message{
-		Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtNew),
-			Flags: mdnetlink.Request | mdnetlink.Acknowledge},
-		Data: append([]byte{fam, unix.NFNETLINK_V0, 0, 0}, data...),
-	}
 }
 
 // familiesOf are the conntrack families of ips.

@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -198,23 +197,9 @@ func TestKernelHandingOverMakesConnectionsLiberal(t *testing.T) {
 // tcpFlags reads the conntrack TCP flags (original, reply direction) of b's entry.
 func tcpFlags(t *testing.T, d *Dataplane, b Binding) [2]byte {
 	t.Helper()
-	ae := mdnetlink.NewAttributeEncoder()
-	ae.ByteOrder = binary.BigEndian
-	ae.Nested(ctaTupleOrig, func(ae *mdnetlink.AttributeEncoder) error {
-		ae.Nested(ctaTupleIP, func(ae *mdnetlink.AttributeEncoder) error {
-			ae.Bytes(ctaIPv4Src, b.Pod.Addr().AsSlice())
-			ae.Bytes(ctaIPv4Dst, b.Partner.Addr().AsSlice())
-			return nil
-		})
-		ae.Nested(ctaTupleProto, func(ae *mdnetlink.AttributeEncoder) error {
-			ae.Uint8(ctaProtoNum, b.Proto)
-			ae.Uint16(ctaProtoSrcPort, b.Pod.Port())
-			ae.Uint16(ctaProtoDstPort, b.Partner.Port())
-			return nil
-		})
-		return nil
+	req, err := ctRequest(1, mdnetlink.Acknowledge, false, func(ae *mdnetlink.AttributeEncoder) { // IPCTNL_MSG_CT_GET
+		ctTuple(ae, ctaTupleOrig, b.Proto, b.Pod, b.Partner)
 	})
-	data, err := ae.Encode()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,9 +208,7 @@ func tcpFlags(t *testing.T, d *Dataplane, b Binding) [2]byte {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	msgs, err := c.Execute(mdnetlink.Message{
-		Header: mdnetlink.Header{Type: mdnetlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | 1), Flags: mdnetlink.Request | mdnetlink.Acknowledge}, // IPCTNL_MSG_CT_GET
-		Data:   append([]byte{unix.AF_INET, unix.NFNETLINK_V0, 0, 0}, data...)})
+	msgs, err := c.Execute(req)
 	if err != nil || len(msgs) == 0 || len(msgs[0].Data) < 4 { // the entry, then the acknowledgement
 		t.Fatalf("reading %s→%s: %d messages, %v", b.Pod, b.Partner, len(msgs), err)
 	}
