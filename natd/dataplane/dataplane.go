@@ -274,6 +274,15 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 	defer unlock()
 	records := d.records()
 	rss := d.rulesets(state, records)
+	guards, planErr := d.podGuardPlan(state, records)
+	var releaseErr error
+	if planErr == nil {
+		// Before the tables stop classifying a pod (its namespace unpinned), its
+		// device loses the guard: the new tables would return its packets with the
+		// origin mark, and the route guard would drop them. Until they are committed
+		// the old tables still classify the pod, guard or no guard.
+		releaseErr = d.pods.release(guards)
+	}
 	d.nftMu.Lock()
 	d.nft.leaseTimeout = d.leaseLeft(state.LeaseUntil)
 	leased := d.nft.leaseTimeout
@@ -291,18 +300,18 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 	if err := d.store.WritePinning(state.PinnedNamespaces, d.cfg.Marks); err != nil {
 		return out, err
 	}
-	d.convergePodGuard(state, records)
+	guardErr := planErr
+	if planErr == nil {
+		guardErr = errors.Join(d.pods.attach(guards), releaseErr)
+	}
+	d.reportPodGuard(guardErr)
 	return out, nil
 }
 
-// convergePodGuard puts the pod guard on pinned pods' devices and takes it off the
-// others'. A failure fails no Apply: the pods are pinned all the same, only the guard
-// against natd's tables being deleted is missing, and Verify has it tried again.
-func (d *Dataplane) convergePodGuard(state State, records []PodRecord) {
-	want, err := d.podGuardPlan(state, records)
-	if err == nil {
-		err = d.pods.converge(want)
-	}
+// reportPodGuard logs the pod guard's state when it changes. A failure fails no Apply:
+// the pods are pinned all the same, only the guard against natd's tables being
+// deleted is missing, and Verify has it tried again.
+func (d *Dataplane) reportPodGuard(err error) {
 	msg := ""
 	if err != nil {
 		msg = err.Error()

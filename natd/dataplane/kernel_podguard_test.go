@@ -107,6 +107,31 @@ func TestKernelPodGuardKeepsPinnedPodsIn(t *testing.T) {
 		t.Fatalf("Verify after the repairs = %v, %v", drifted, err)
 	}
 
+	// The tables stay, but no map names the pinned pod's address any more (elements
+	// deleted by hand; a lookup that misses would be the same): its packets, still
+	// carrying the guard's mark, are dropped and counted, never sent unclassified,
+	// that is, with the node's address. (Clearing the mark before classifying let
+	// all 20 out as 198.18.0.11.)
+	l.sh(l.node1, "nft delete element ip natd cni_pods { "+l.pinnedOther.ip+" } || true",
+		"nft delete element ip natd pod_egress { "+l.pinnedOther.ip+" } || true")
+	before, err := l.d1.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := sink.count(l.pinnedOther, 20); len(got) != 0 {
+		t.Errorf("the pinned pod's address in no map: %v reached the partner; want none", got)
+	}
+	after, err := l.d1.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := after.Drops[DropUnclassified].Packets - before.Drops[DropUnclassified].Packets; n < 20 {
+		t.Errorf("%d packets counted as %s; want the 20 sent", n, DropUnclassified)
+	}
+	expect(l.unpinned, "198.18.0.11")
+	l.applyNatd(0, 0)
+	expect(l.pinnedOther, pathEgressIP)
+
 	// Someone takes the filter off: Verify notices, the next Apply puts it back.
 	l.sh(l.node1, "tc filter del dev vp1b ingress")
 	if drifted, _, err := l.d1.Verify(); err != nil || !drifted {
@@ -160,6 +185,9 @@ func TestKernelPodGuardKeepsPinnedPodsIn(t *testing.T) {
 	}
 	if f := filters(l.node1, "vp1b"); strings.Contains(f, podGuardName) {
 		t.Fatalf("a pod of a namespace no longer pinned keeps the guard:\n%s", f)
+	}
+	if got := sink.count(l.pinnedOther, 20); got["198.18.0.11"] != 20 {
+		t.Errorf("a pod of a namespace no longer pinned: its datagrams arrived as %v; want all 20 from 198.18.0.11", got)
 	}
 	l.applyNatd(0, 0)
 	if err := l.d2.Cleanup(); err != nil {

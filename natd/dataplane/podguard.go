@@ -344,10 +344,9 @@ func (g *podGuard) discover(addrs []netip.Addr) (map[podDevice]bool, error) {
 	return found, nil
 }
 
-// converge puts the guard on every device want marks and takes it off every other
-// device of the node that has it (a pod whose namespace was unpinned, also while natd
-// was not running). A device that is gone is skipped: its pod is.
-func (g *podGuard) converge(want map[podDevice]bool) error {
+// attach puts the guard on every device want marks (release takes it off the
+// others). A device that is gone is skipped: its pod is.
+func (g *podGuard) attach(want map[podDevice]bool) error {
 	if _, _, err := g.program(); err != nil {
 		return err
 	}
@@ -375,10 +374,17 @@ func (g *podGuard) converge(want map[podDevice]bool) error {
 		}
 	}
 	g.refused = refused
+	return errors.Join(errs...)
+}
+
+// release takes natd's filter off every device of the node that has it and is not in
+// want (a pod whose namespace was unpinned, also while natd was not running).
+func (g *podGuard) release(want map[podDevice]bool) error {
 	links, err := g.nl.LinkList()
 	if err != nil {
-		return errors.Join(append(errs, fmt.Errorf("listing links: %w", err))...)
+		return fmt.Errorf("listing links: %w", err)
 	}
+	var errs []error
 	for _, l := range links {
 		if l.Type() != "veth" || want[podDevice{name: l.Attrs().Name, index: l.Attrs().Index}] {
 			continue

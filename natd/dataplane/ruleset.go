@@ -27,6 +27,7 @@ const (
 	setHeldAddrs     = "held_addrs"      // egress IPs on this node's uplink, with their claim generation
 	setHeldMarks     = "held_marks"      // egress IP . its mark, for held IPs whose lease is current
 	chainFromTunnels = "from_tunnels"    // packets out of the egress IPs' tunnels, by device
+	chainGuardedPods = "guarded_pods"    // packets of pinned pods' own devices: classified, or dropped
 	setHeldDsts      = "held_dsts"       // egress IPs on this node's uplink, as destinations (held_addrs counts SNAT)
 	setLeasedIPs     = "leased_ips"      // (arp table) held egress IPs whose lease is current
 	MapCNIPods       = "cni_pods"        // this node's pods as the CNI plugin saw them -> jump to their egress chain, or return (unpinned)
@@ -112,8 +113,9 @@ func (m Marks) Pass() uint32 { return m.Value(passIndex) }
 func (m Marks) Reply() uint32 { return m.Value(replyIndex) }
 
 // Origin is the mark a pinned pod's own device gives every packet the pod sends (the
-// pod guard, podguard.go). natd's tables clear it first thing; a packet that still
-// carries it at routing has met no natd table, and the route guard keeps it in.
+// pod guard, podguard.go). natd's tables replace it when they classify the packet, and
+// drop a packet they cannot classify; a packet that still carries it at routing has
+// met no natd table, and the route guard keeps it in.
 func (m Marks) Origin() uint32 { return m.Value(originIndex) }
 
 // TunnelledFlow is the conntrack-mark bit of connections that came out of a tunnel
@@ -474,10 +476,12 @@ func (r *Rule) setMarkBits(mask, value uint32) *Rule {
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 }
 
-// clearOrigin takes the pod guard's origin mark off a pinned pod's packet: natd's
-// tables are in place, so they classify it, not the route guard.
-func clearOrigin(marks Marks) *Rule {
-	return newRule().markMaskedIs(marks.Mask, marks.Origin()).setMarkBits(marks.Mask, 0)
+// classifyPods sends a packet of one of this node's pods to its egress IP's chain (or
+// returns, for an unpinned pod): first as the CNI plugin registered the pod, before its
+// first packet — pinned, or explicitly not, whatever natd's view of the API says about
+// an older pod that had the same IP — then from natd's view of the API.
+func classifyPods(f family) []*Rule {
+	return []*Rule{newRule().saddrVmap(f, f.set(MapCNIPods)), newRule().saddrVmap(f, f.set(mapPodEgress))}
 }
 
 func (r *Rule) snatToMarkMap(f family, mask uint32, mapName string) *Rule {
@@ -547,10 +551,11 @@ const (
 	DropNoIPv6Egress    = "no_ipv6_egress"   // IPv6 traffic of a pinned pod whose namespace has no IPv6 egress IP
 	DropNoIPv4Egress    = "no_ipv4_egress"   // IPv4 traffic of a pinned pod whose namespace has no IPv4 egress IP
 	DropStrayReply      = "stray_reply"      // a reply tunnel packet of a connection natd had deleted
+	DropUnclassified    = "unclassified"     // from a pinned pod's device, with an address no map names
 )
 
 // DropReasons lists every reason, in the order metrics export them.
-var DropReasons = []string{DropFailClosed, DropLeakGuard, DropNoIPv4Egress, DropNoIPv6Egress, DropStrayReply, DropUnpinnedTransit}
+var DropReasons = []string{DropFailClosed, DropLeakGuard, DropNoIPv4Egress, DropNoIPv6Egress, DropStrayReply, DropUnclassified, DropUnpinnedTransit}
 
 // countDrops is counter() for a rule that drops pinned packets for reason.
 func (r *Rule) countDrops(reason string) *Rule {
@@ -766,11 +771,27 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 	if f.v4 {
 		transit = unpinnedTransit(state, marks)
 	}
+	// A packet that carries the origin mark comes from a pinned pod's own device (the
+	// pod guard, podguard.go): it goes to its own chain, where natd's maps classify
+	// it or it is dropped. Clearing the mark up front instead would let a pod whose
+	// address no map names (a lookup that misses, elements a hand or a half-finished
+	// tool removed) leave with the node's or its own address; kept until the pod is
+	// classified, the mark makes such a packet the guard's, as if the tables were
+	// gone. Every other packet pays one mark comparison here.
+	guarded := &Chain{Name: chainGuardedPods, Rules: slices.Concat([]*Rule{
+		// Replies of connections opened towards the pod (a NodePort, an ingress
+		// controller in a pinned namespace), and the pod's cluster traffic, are not
+		// its egress: they go on without natd's mark.
+		newRule().ctReply().setMarkBits(marks.Mask, 0).verdict(expr.VerdictReturn),
+		newRule().addrIn(f, "daddr", f.set(setClusterDsts), false).setMarkBits(marks.Mask, 0).verdict(expr.VerdictReturn),
+	}, classifyPods(f), []*Rule{
+		newRule().countDrops(DropUnclassified).verdict(expr.VerdictDrop),
+	})}
 	prerouting := &Chain{
 		Name: "prerouting", Type: nftables.ChainTypeFilter, Hook: nftables.ChainHookPrerouting,
 		Priority: prioMark, Header: "type filter hook prerouting priority dstnat + 10; policy accept;",
 		Rules: slices.Concat([]*Rule{
-			clearOrigin(marks),
+			newRule().markMaskedIs(marks.Mask, marks.Origin()).gotoChain(chainGuardedPods),
 			// The reply tunnel carries replies of connections this node opened. One that
 			// starts a connection is a reply in flight when natd deleted the connection
 			// (a takeover or a re-pinning flushes the pod's entries): let in, it would
@@ -786,13 +807,7 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 			// controller in a pinned namespace) are not the pod's egress.
 			newRule().ctReply().verdict(expr.VerdictReturn),
 			newRule().addrIn(f, "daddr", f.set(setClusterDsts), false).verdict(expr.VerdictReturn),
-		}, toTunnelIn, []*Rule{
-			// This node's pods as the CNI plugin registered them, before their first
-			// packet: pinned, or explicitly not (return), whatever natd's view of the
-			// API says about an older pod that had the same IP.
-			newRule().saddrVmap(f, f.set(MapCNIPods)),
-			newRule().saddrVmap(f, f.set(mapPodEgress)),
-		}, transit),
+		}, toTunnelIn, classifyPods(f), transit),
 	}
 	var ownTunnel []*Rule
 	if f.v4 {
@@ -850,7 +865,7 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 		Priority: prioClamp, Header: "type filter hook forward priority mangle; policy accept;",
 		Rules: []*Rule{newRule().oifnamePrefix(tunnelPrefix).tcpSyn().clampMSS()},
 	}
-	rs.Chains = append(egressChains, tunnelIn, prerouting, snat, guard, clamp)
+	rs.Chains = append(egressChains, tunnelIn, guarded, prerouting, snat, guard, clamp)
 	if !f.v4 {
 		rs.Chains = append(rs.Chains, lapsedSourcesOut())
 	}

@@ -94,9 +94,17 @@ func TestBuildRulesetText(t *testing.T) {
 		iifname "natd-t5" counter drop
 	}
 
+	chain guarded_pods {
+		ct direction reply meta mark set meta mark & 0xff00ffff return
+		ip daddr @cluster_dsts meta mark set meta mark & 0xff00ffff return
+		ip saddr vmap @cni_pods
+		ip saddr vmap @pod_egress
+		counter drop
+	}
+
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
-		meta mark & 0x00ff0000 == 0x00fd0000 meta mark set meta mark & 0xff00ffff
+		meta mark & 0x00ff0000 == 0x00fd0000 goto guarded_pods
 		iifname "natd-tr" ct state new counter drop
 		ct direction reply ct mark & 0x00020000 == 0x00020000 meta mark set meta mark & 0xfffeffff | 0x00fe0000 return
 		ct direction reply return
@@ -226,9 +234,17 @@ func TestBuildRuleset6Text(t *testing.T) {
 		iifname "natd-t1" counter drop
 	}
 
+	chain guarded_pods {
+		ct direction reply meta mark set meta mark & 0xff00ffff return
+		ip6 daddr @cluster_dsts6 meta mark set meta mark & 0xff00ffff return
+		ip6 saddr vmap @cni_pods6
+		ip6 saddr vmap @pod_egress6
+		counter drop
+	}
+
 	chain prerouting {
 		type filter hook prerouting priority dstnat + 10; policy accept;
-		meta mark & 0x00ff0000 == 0x00fd0000 meta mark set meta mark & 0xff00ffff
+		meta mark & 0x00ff0000 == 0x00fd0000 goto guarded_pods
 		iifname "natd-tr" ct state new counter drop
 		ct direction reply ct mark & 0x00020000 == 0x00020000 meta mark set meta mark & 0xfffeffff | 0x00fe0000 return
 		ct direction reply return

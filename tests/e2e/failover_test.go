@@ -41,9 +41,13 @@ func startStream(t testing.TB, p *lab.Pod, id string) *stream {
 	return startStreamTo(t, p, id, partnerAddr())
 }
 
-// startStreamTo is startStream to addr, e.g. the partner's IPv6 address.
+// startStreamTo is startStream to addr, e.g. the partner's IPv6 address. The id gets
+// a suffix of its own: the partner keeps what it received for the lab's life, and a
+// test run again in the same lab (-count, a benchmark's rounds) must not count the
+// arrivals of an earlier run as its own.
 func startStreamTo(t testing.TB, p *lab.Pod, id, addr string) *stream {
 	t.Helper()
+	id = fmt.Sprintf("%s.%x", id, time.Now().UnixNano())
 	s := &stream{id: id, pod: p, stop: make(chan struct{})}
 	c, err := lab.DialIn(context.Background(), p.Netns, "udp", addr)
 	if err != nil {
