@@ -412,7 +412,18 @@ func (a *Agent) renewLeases() {
 	if seen.IsZero() {
 		seen = ev.At
 	}
-	if err := a.kernel.RenewLeases(seen.Add(a.cfg.Lease)); err != nil {
+	err = a.kernel.RenewLeases(seen.Add(a.cfg.Lease))
+	if errors.Is(err, dataplane.ErrLeaseDeadlinePassed) {
+		// This node stalled past its lease's deadline while renewing it: the kernel
+		// no longer serves the IPs, and the sync gives them up for good, as after a
+		// quorum break.
+		klog.InfoS("Lease renewal came too late: this node stops serving its egress IPs")
+		a.metrics.LeaseRenewalsWithheld.Inc()
+		a.health.renewDone(nil)
+		a.queue.Add(syncKey)
+		return
+	}
+	if err != nil {
 		// Most likely someone removed natd's tables: a sync puts them back.
 		a.metrics.LeaseRenewalFailures.Inc()
 		klog.ErrorS(err, "Renewing leases failed; repairing the node")

@@ -549,6 +549,31 @@ func TestAgentFailingSyncsAndRefusedRenewals(t *testing.T) {
 	if f.agent.queue.Len() != 1 {
 		t.Error("a refused renewal did not ask for a repairing sync")
 	}
+
+	// A renewal that reached the kernel after its deadline (the node stalled): the
+	// kernel ended the leases. Not a failure of the node's, but the sync that gives
+	// the IPs up is asked for.
+	f.kernel.mu.Lock()
+	f.kernel.renewErr = dataplane.ErrLeaseDeadlinePassed
+	f.kernel.mu.Unlock()
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	for f.agent.queue.Len() > 0 {
+		k, _ := f.agent.queue.Get()
+		f.agent.queue.Done(k)
+	}
+	withheld := testutil.ToFloat64(f.agent.metrics.LeaseRenewalsWithheld)
+	f.agent.renewLeases()
+	if got := testutil.ToFloat64(f.agent.metrics.LeaseRenewalFailures); got != 1 {
+		t.Errorf("a late renewal counted as a failure: natd_lease_renewal_failures_total = %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(f.agent.metrics.LeaseRenewalsWithheld); got != withheld+1 {
+		t.Errorf("natd_lease_renewals_withheld_total = %v, want %v", got, withheld+1)
+	}
+	if f.agent.queue.Len() != 1 {
+		t.Error("a late renewal did not ask for the sync that gives the IPs up")
+	}
 }
 
 // A takeover that an Apply reports (also on the retry of one that failed half-way)

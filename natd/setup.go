@@ -42,7 +42,7 @@ func dataplaneConfig(cfg *Config) (dataplane.Config, error) {
 		return dataplane.Config{}, err
 	}
 	return dataplane.Config{Marks: marks, RulePriority: cfg.RulePriority, TableBase: cfg.TableBase,
-		EgressCIDRs: cfg.EgressCIDRs, StateDir: cfg.StateDir, Lease: cfg.Lease, VerifyEvery: time.Second,
+		EgressCIDRs: cfg.EgressCIDRs, StateDir: cfg.StateDir, Lease: cfg.Lease, LeaseCommitSlack: cfg.HeartbeatInterval, VerifyEvery: time.Second,
 		GossipPort: uint16(cfg.GossipPort),
 		TunnelPort: uint16(cfg.TunnelPort),
 		// Repeats reach neighbours that ignored the first announcement (Linux ignores

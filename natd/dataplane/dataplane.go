@@ -44,6 +44,11 @@ type Config struct {
 	// answers) unless RenewLeases is called again: a holder whose natd dies stops
 	// serving its IPs by itself. 0: forever.
 	Lease time.Duration
+	// LeaseCommitSlack is how far past its deadline a lease may run because the
+	// commit that set it came late (the voters' silence bound reserves two heartbeat
+	// intervals for it; natd gives it one): a commit that took longer is corrected at
+	// once. 0: 10 ms.
+	LeaseCommitSlack time.Duration
 	// VerifyEvery bounds how often Apply reads natd's tables back to repair drift
 	// (0: every Apply).
 	VerifyEvery time.Duration
@@ -112,6 +117,8 @@ type Dataplane struct {
 	// renewal that committed: an announcement after it would claim an IP this node no
 	// longer serves (nil: nothing leased yet).
 	leaseEnds atomic.Pointer[time.Time]
+	// lateLeaseCommits counts corrections of late lease commits (boundLeases).
+	lateLeaseCommits atomic.Uint64
 }
 
 // New opens netlink handles for cfg.NetNS (or the current namespace).
@@ -284,19 +291,31 @@ func (d *Dataplane) applyTables(state State) (nftOutcome, error) {
 		releaseErr = d.pods.release(guards)
 	}
 	d.nftMu.Lock()
+	start := time.Now() // the kernel's timeouts start later, at the commit
 	d.nft.leaseTimeout = d.leaseLeft(state.LeaseUntil)
 	leased := d.nft.leaseTimeout
 	if leased == 0 {
 		leased = d.cfg.Lease // the sets' own timeout
 	}
-	start := time.Now() // the kernel's timeouts start later, at the commit
 	out, err := d.nft.apply(rss)
 	d.nft.leaseTimeout = 0
+	ended := false
+	if err == nil && !state.LeaseUntil.IsZero() && d.nft.leased > 0 {
+		// A deadline that passed while this Apply ran ends the leases; that is no
+		// failure of the Apply: the caller's evidence is as old as it is, and its next
+		// renewal finds the lease run out.
+		err = d.boundLeases(state.LeaseUntil, start)
+		if ended = errors.Is(err, ErrLeaseDeadlinePassed); ended {
+			err = nil
+		}
+	}
 	d.nftMu.Unlock()
 	if err != nil {
 		return out, err
 	}
-	d.leasedUntil(start.Add(leased))
+	if !ended {
+		d.leasedUntil(start.Add(leased))
+	}
 	if err := d.store.WritePinning(state.PinnedNamespaces, d.cfg.Marks); err != nil {
 		return out, err
 	}
@@ -781,12 +800,56 @@ func (d *Dataplane) RenewLeases(until time.Time) error {
 	if d.frozen || d.cfg.Lease == 0 {
 		return nil
 	}
+	start := time.Now()
 	left := d.leaseLeft(until)
 	if left <= time.Millisecond {
 		return ErrLeaseDeadlinePassed
 	}
-	return d.renew(left)
+	if err := d.renew(left); err != nil {
+		return err
+	}
+	return d.boundLeases(until, start)
 }
+
+// boundLeases keeps a late commit from stretching the kernel's leases past until. A
+// lease's timeout is the time left until its deadline as of start, but the kernel
+// counts it from the moment it processes the commit, which a stalled process (a
+// starved CPU, a long Apply, a pause just before the system call) makes later: the
+// lease would then run past its deadline by the delay, and the voters' bound, which
+// counts on the holder's lease ending in time, only reserves two heartbeat intervals
+// for that. A commit that returned later than the slack after start is followed at
+// once by another with the time left now, until one is in time; when the deadline
+// has passed, the leases are ended instead (their elements deleted: a deletion can
+// only shorten a lease, however late it comes). Called with nftMu held.
+func (d *Dataplane) boundLeases(until, start time.Time) error {
+	slack := d.cfg.LeaseCommitSlack
+	if slack <= 0 {
+		slack = 10 * time.Millisecond
+	}
+	for late := time.Since(start); late > slack; late = time.Since(start) {
+		d.lateLeaseCommits.Add(1)
+		// An Apply that rebuilds tables takes longer than the slack on a busy node;
+		// a renewal that does, often, says the node is too starved for its
+		// --heartbeat-interval and --lease.
+		klog.V(2).InfoS("Lease commit came late; cutting the lease back to its deadline", "late", late, "slack", slack)
+		start = time.Now()
+		left := until.Sub(start)
+		if left <= time.Millisecond {
+			if err := d.renew(0); err != nil {
+				return err
+			}
+			d.leasedUntil(start)
+			return ErrLeaseDeadlinePassed
+		}
+		if err := d.renew(left); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// LateLeaseCommits counts the lease commits that came too late and were corrected.
+func (d *Dataplane) LateLeaseCommits() uint64 { return d.lateLeaseCommits.Load() }
 
 // ErrLeaseDeadlinePassed: a renewal came too late for the evidence it was granted on.
 var ErrLeaseDeadlinePassed = errors.New("the lease's deadline passed before it could be renewed")

@@ -476,6 +476,75 @@ func TestKernelLeaseEndsAtItsDeadline(t *testing.T) {
 	}
 }
 
+// A commit that reaches the kernel late — natd stalled between computing a lease's
+// time left and the system call — would let the lease run past its deadline by the
+// stall, which the voters' bound does not allow for. boundLeases re-commits at once
+// with the time left now, or ends the leases when the deadline has passed.
+func TestKernelLateLeaseCommitIsCut(t *testing.T) {
+	ns := newTestNS(t, "198.18.0.12")
+	d := ns.dataplane()
+	d.cfg.Lease = 3 * time.Second
+	if _, err := d.Apply(sampleState()); err != nil {
+		t.Fatal(err)
+	}
+	expires := func() (time.Duration, bool) {
+		out := ns.run("nft", "list", "set", "ip", TableName, setHeldMarks)
+		m := regexp.MustCompile(`198\.18\.0\.200 \. 0x[0-9a-f]+ timeout [0-9hms]+ expires ([0-9hms]+)`).FindStringSubmatch(out)
+		if m == nil {
+			return 0, false
+		}
+		left, err := time.ParseDuration(m[1])
+		if err != nil {
+			t.Fatalf("%q: %v", m[1], err)
+		}
+		return left, true
+	}
+	// Computed 2.5 s ago for a deadline 0.5 s from now, committed only now: the
+	// kernel would serve for 3 s.
+	start := time.Now().Add(-2500 * time.Millisecond)
+	until := start.Add(d.cfg.Lease)
+	d.nftMu.Lock()
+	err := d.renew(until.Sub(start))
+	stretched, _ := expires()
+	if err == nil {
+		err = d.boundLeases(until, start)
+	}
+	d.nftMu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	remaining := time.Until(until) // the kernel's count, read after this, can only be lower
+	if left, ok := expires(); !ok || left > remaining+5*time.Millisecond {
+		t.Fatalf("after a late commit the lease expires in %v (%v); want at most the %v left until its deadline (it was %v)",
+			left, ok, remaining.Round(time.Millisecond), stretched)
+	}
+	// Computed before a deadline that has passed by the time it commits: no lease.
+	start = time.Now().Add(-3100 * time.Millisecond)
+	until = start.Add(d.cfg.Lease)
+	d.nftMu.Lock()
+	err = d.renew(d.cfg.Lease)
+	if err == nil {
+		err = d.boundLeases(until, start)
+	}
+	d.nftMu.Unlock()
+	if !errors.Is(err, ErrLeaseDeadlinePassed) {
+		t.Fatalf("a late commit past its deadline: %v; want ErrLeaseDeadlinePassed", err)
+	}
+	if left, ok := expires(); ok {
+		t.Fatalf("a late commit past its deadline left a lease of %v", left)
+	}
+	if n := d.LateLeaseCommits(); n != 2 {
+		t.Errorf("LateLeaseCommits = %d, want 2", n)
+	}
+	// A commit in time changes nothing.
+	if err := d.RenewLeases(time.Now().Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if left, ok := expires(); !ok || left < 900*time.Millisecond {
+		t.Fatalf("a renewal in time: lease %v (%v), want about 1 s", left, ok)
+	}
+}
+
 // As many egress IPs as a node routes at once (253), each with its tunnel device and
 // another node holding it, and 100 peers: one Apply builds it all, a second one finds
 // nothing to change, and Verify sees no drift.

@@ -675,7 +675,7 @@ func hasKeyOutside(old, cur []Element, pre, suf int) bool {
 }
 
 // renewLeases re-adds every leased element of the applied tables with the given
-// timeout, in one transaction.
+// timeout, in one transaction; with 0 it only removes them: the leases end now.
 func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) error {
 	if a.leased == 0 {
 		// Nothing held: no transaction (every node would otherwise commit ten times
@@ -691,8 +691,10 @@ func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) err
 			}
 			ns := toNftSet(t, s)
 			conn.FlushSet(ns)
-			if err := addElements(conn, ns, s, s.Elements, timeout); err != nil {
-				return err
+			if timeout > 0 { // 0: the leases end now
+				if err := addElements(conn, ns, s, s.Elements, timeout); err != nil {
+					return err
+				}
 			}
 			n++
 		}

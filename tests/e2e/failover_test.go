@@ -242,30 +242,41 @@ func servedBy(t testing.TB, ip string) []string {
 		family, set = nftables.TableFamilyIPv6, "held_marks6"
 	}
 	n := want.BitLen() / 8
-	var out []string
-	for _, node := range topo.Nodes {
-		// Over netlink, not by running nft: sampled every 20 ms on ten nodes, a process
-		// per node and sample would starve the lab's two cores.
-		var leased bool
-		lab.InNetns(node.Netns, func() error {
-			c, err := nftables.New()
-			if err != nil {
-				return err
-			}
-			defer c.CloseLasting()
-			s, err := c.GetSetByName(&nftables.Table{Name: "natd", Family: family}, set)
-			if err != nil {
-				return err
-			}
-			els, err := c.GetSetElements(s)
-			for _, e := range els {
-				if a, ok := netip.AddrFromSlice(e.Key[:min(len(e.Key), n)]); ok && a == want {
-					leased = true
+	// Every node at once: read one after the other on a loaded machine, the reads of
+	// one sample could lie further apart than a handover's gap, and an IP moved
+	// between two reads would look held twice.
+	leased := make([]bool, len(topo.Nodes))
+	var wg sync.WaitGroup
+	for i, node := range topo.Nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Over netlink, not by running nft: sampled every 20 ms on ten nodes, a
+			// process per node and sample would starve the lab's two cores.
+			lab.InNetns(node.Netns, func() error {
+				c, err := nftables.New()
+				if err != nil {
+					return err
 				}
-			}
-			return err
-		})
-		if leased {
+				defer c.CloseLasting()
+				s, err := c.GetSetByName(&nftables.Table{Name: "natd", Family: family}, set)
+				if err != nil {
+					return err
+				}
+				els, err := c.GetSetElements(s)
+				for _, e := range els {
+					if a, ok := netip.AddrFromSlice(e.Key[:min(len(e.Key), n)]); ok && a == want {
+						leased[i] = true
+					}
+				}
+				return err
+			})
+		}()
+	}
+	wg.Wait()
+	var out []string
+	for i, node := range topo.Nodes {
+		if leased[i] {
 			out = append(out, node.Name)
 		}
 	}
