@@ -118,8 +118,10 @@ func (m *Metrics) ExportCounters(read func() (dataplane.Counters, error)) {
 			"Bytes of pinned packets that left this node with the egress IP (counted while the node holds it).", []string{"egress_ip"}, nil),
 		dropped: prometheus.NewDesc("natd_pinned_packets_dropped_total",
 			"Pinned packets dropped rather than sent with another source IP: fail_closed (no node holds the egress IP), "+
-				"leak_guard (would have left with another address), no_ipv6_egress (IPv6 traffic of a pinned pod), "+
+				"leak_guard (would have left with another address), no_ipv4_egress and no_ipv6_egress (traffic of a pinned pod "+
+				"whose namespace has no egress IP of that family), "+
 				"stray_reply (a reply, in flight when natd deleted its connection, that would have unpinned it), "+
+				"unclassified (from a pinned pod's device with an address natd's maps do not name), "+
 				"unpinned_transit (another node's pod not known as pinned here yet).", []string{"reason"}, nil),
 	})
 }
