@@ -797,8 +797,8 @@ func (d *Dataplane) KernelClaims() ([]election.Claim, error) {
 func (d *Dataplane) RenewLeases(until time.Time) error {
 	d.nftMu.Lock()
 	defer d.nftMu.Unlock()
-	if d.frozen || d.cfg.Lease == 0 {
-		return nil
+	if d.frozen || d.cfg.Lease == 0 || d.nft.leased == 0 {
+		return nil // nothing to renew: no deadline to miss
 	}
 	start := time.Now()
 	left := d.leaseLeft(until)
