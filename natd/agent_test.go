@@ -529,16 +529,7 @@ func TestAgentFailingSyncsAndRefusedRenewals(t *testing.T) {
 	if f.kernel.renewed() != 1 {
 		t.Fatalf("renewed while syncs have failed for longer than syncFailBound")
 	}
-	f.kernel.mu.Lock()
-	f.kernel.applyErr, f.kernel.renewErr = nil, errors.New("no such file or directory")
-	f.kernel.mu.Unlock()
-	if err := f.agent.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	for f.agent.queue.Len() > 0 {
-		k, _ := f.agent.queue.Get()
-		f.agent.queue.Done(k)
-	}
+	f.syncThenRenewFailing(t, errors.New("no such file or directory"))
 	f.agent.renewLeases()
 	if got := testutil.ToFloat64(f.agent.metrics.LeaseRenewalFailures); got != 1 {
 		t.Errorf("natd_lease_renewal_failures_total = %v, want 1", got)
@@ -553,16 +544,7 @@ func TestAgentFailingSyncsAndRefusedRenewals(t *testing.T) {
 	// A renewal that reached the kernel after its deadline (the node stalled): the
 	// kernel ended the leases. Not a failure of the node's, but the sync that gives
 	// the IPs up is asked for.
-	f.kernel.mu.Lock()
-	f.kernel.renewErr = dataplane.ErrLeaseDeadlinePassed
-	f.kernel.mu.Unlock()
-	if err := f.agent.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	for f.agent.queue.Len() > 0 {
-		k, _ := f.agent.queue.Get()
-		f.agent.queue.Done(k)
-	}
+	f.syncThenRenewFailing(t, dataplane.ErrLeaseDeadlinePassed)
 	withheld := testutil.ToFloat64(f.agent.metrics.LeaseRenewalsWithheld)
 	f.agent.renewLeases()
 	if got := testutil.ToFloat64(f.agent.metrics.LeaseRenewalFailures); got != 1 {
@@ -573,6 +555,22 @@ func TestAgentFailingSyncsAndRefusedRenewals(t *testing.T) {
 	}
 	if f.agent.queue.Len() != 1 {
 		t.Error("a late renewal did not ask for the sync that gives the IPs up")
+	}
+}
+
+// syncThenRenewFailing syncs over a kernel that applies but refuses renewals with err,
+// and leaves the work queue empty, so that what a renewal queues can be seen.
+func (f *fixture) syncThenRenewFailing(t *testing.T, err error) {
+	t.Helper()
+	f.kernel.mu.Lock()
+	f.kernel.applyErr, f.kernel.renewErr = nil, err
+	f.kernel.mu.Unlock()
+	if err := f.agent.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	for f.agent.queue.Len() > 0 {
+		k, _ := f.agent.queue.Get()
+		f.agent.queue.Done(k)
 	}
 }
 
