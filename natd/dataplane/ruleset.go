@@ -476,6 +476,18 @@ func (r *Rule) setMarkBits(mask, value uint32) *Rule {
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 }
 
+// notEgress returns what is never a pod's egress: replies of connections opened towards
+// a pod (a NodePort, an ingress controller in a pinned namespace) and cluster
+// destinations. With clearMark (a pinned pod's own packets) they go on without the pod
+// guard's mark; other packets carry none, and pay no mark write.
+func notEgress(f family, marks Marks, clearMark bool) []*Rule {
+	reply, cluster := newRule().ctReply(), newRule().addrIn(f, "daddr", f.set(setClusterDsts), false)
+	if clearMark {
+		reply, cluster = reply.setMarkBits(marks.Mask, 0), cluster.setMarkBits(marks.Mask, 0)
+	}
+	return []*Rule{reply.verdict(expr.VerdictReturn), cluster.verdict(expr.VerdictReturn)}
+}
+
 // classifyPods sends a packet of one of this node's pods to its egress IP's chain (or
 // returns, for an unpinned pod): first as the CNI plugin registered the pod, before its
 // first packet — pinned, or explicitly not, whatever natd's view of the API says about
@@ -778,13 +790,7 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 	// tool removed) leave with the node's or its own address; kept until the pod is
 	// classified, the mark makes such a packet the guard's, as if the tables were
 	// gone. Every other packet pays one mark comparison here.
-	guarded := &Chain{Name: chainGuardedPods, Rules: slices.Concat([]*Rule{
-		// Replies of connections opened towards the pod (a NodePort, an ingress
-		// controller in a pinned namespace), and the pod's cluster traffic, are not
-		// its egress: they go on without natd's mark.
-		newRule().ctReply().setMarkBits(marks.Mask, 0).verdict(expr.VerdictReturn),
-		newRule().addrIn(f, "daddr", f.set(setClusterDsts), false).setMarkBits(marks.Mask, 0).verdict(expr.VerdictReturn),
-	}, classifyPods(f), []*Rule{
+	guarded := &Chain{Name: chainGuardedPods, Rules: slices.Concat(notEgress(f, marks, true), classifyPods(f), []*Rule{
 		newRule().countDrops(DropUnclassified).verdict(expr.VerdictDrop),
 	})}
 	prerouting := &Chain{
@@ -803,11 +809,7 @@ func buildTable(f family, state State, records []PodRecord, marks Marks, index m
 			// back through the reply tunnel, whatever the CNI's routes and reverse path
 			// filters would do with a partner's address.
 			newRule().ctReplyWithBit(marks.TunnelledFlow()).setMarkBits(marks.Mask, marks.Reply()).verdict(expr.VerdictReturn),
-			// Replies of connections opened towards a pod (a NodePort, an ingress
-			// controller in a pinned namespace) are not the pod's egress.
-			newRule().ctReply().verdict(expr.VerdictReturn),
-			newRule().addrIn(f, "daddr", f.set(setClusterDsts), false).verdict(expr.VerdictReturn),
-		}, toTunnelIn, classifyPods(f), transit),
+		}, notEgress(f, marks, false), toTunnelIn, classifyPods(f), transit),
 	}
 	var ownTunnel []*Rule
 	if f.v4 {
