@@ -140,10 +140,12 @@ type Agent struct {
 	resuming      bool
 	quorumSince   time.Time
 	stateSyncedAt time.Time
-	seenGen       map[netip.Addr]uint32
-	draining      bool
-	publish       chan struct{} // wakes the claim publisher
-	hadQuorum     bool          // a quorum was seen before (the next new one is a rejoin)
+	// stopped is closed when the agent stops (its start's context ends).
+	stopped   <-chan struct{}
+	seenGen   map[netip.Addr]uint32
+	draining  bool
+	publish   chan struct{} // wakes the claim publisher
+	hadQuorum bool          // a quorum was seen before (the next new one is a rejoin)
 	// reconnectAPI drops the API client's connections (nil: none to drop). A node that
 	// was cut off finds its old connection stalled in TCP's retransmission backoff for
 	// seconds after it is back: its first status write as a new holder waited 4-12 s.
@@ -319,6 +321,7 @@ func (a *Agent) Run(ctx context.Context, drain <-chan struct{}) error {
 // start fills the informer caches and joins the gossip cluster: what must be done
 // before the first sync.
 func (a *Agent) start(ctx context.Context) error {
+	a.stopped = ctx.Done()
 	a.factory.Start(ctx.Done())
 	a.podFactory.Start(ctx.Done())
 	if a.dsFactory != nil {
@@ -685,27 +688,70 @@ func (a *Agent) rejoin() {
 // exchangeState does a full state exchange (memberlist push/pull) with every voter in
 // touch, so that a node that was cut off learns the claims it missed before it takes
 // anything: only voters take IPs, and each tells its own claims first hand; a voter
-// not in touch would only make the exchange wait for a connection timeout. The
-// exchanges run side by side.
-func (a *Agent) exchangeState() {
-	start := time.Now()
-	inTouch := a.members.Evidence().InTouch
-	peers := a.peers(func(name string) bool { return inTouch[name] })
+// not in touch would only make the exchange wait for a connection timeout.
+//
+// The node counts as synced (stateSyncedAt) only once one round reached every voter in
+// touch and, with itself, a majority of the voters. A round that reached fewer proves
+// nothing: seen after a heal, a push/pull that failed (or a round begun in a moment no
+// peer was in touch, which exchanged with nobody) let a node take back an IP whose new
+// holder's claim it had not heard, and both served it. Rounds repeat, spaced out,
+// until one is complete or this quorum ends (the next one starts its own).
+func (a *Agent) exchangeState(quorumSince time.Time) {
+	for wait := exchangeRetryFirst; ; wait = min(2*wait, exchangeRetryMax) {
+		start := a.now()
+		if a.exchangeRound() {
+			a.mu.Lock()
+			a.stateSyncedAt = later(a.stateSyncedAt, start)
+			a.mu.Unlock()
+			a.queue.Add(syncKey)
+			return
+		}
+		select {
+		case <-a.stopped:
+			return
+		case <-time.After(wait):
+		}
+		a.mu.Lock()
+		same := a.quorumSince.Equal(quorumSince)
+		a.mu.Unlock()
+		if !same {
+			return
+		}
+	}
+}
+
+// Spacing of state exchange rounds that fell short: the first retry comes soon (a
+// flapping contact), later ones back off towards memberlist's stream timeout.
+const (
+	exchangeRetryFirst = 50 * time.Millisecond
+	exchangeRetryMax   = 2 * time.Second
+)
+
+// exchangeRound runs one push/pull with each voter in touch, side by side, and reports
+// whether it was complete (see exchangeState).
+func (a *Agent) exchangeRound() bool {
+	ev := a.members.Evidence()
+	peers := a.peers(func(name string) bool { return ev.InTouch[name] })
 	var wg sync.WaitGroup
 	var contacted atomic.Int64
 	for _, p := range peers {
 		wg.Go(func() {
-			if n, _ := a.members.Join([]string{p}); n > 0 {
+			if n, err := a.members.Join([]string{p}); n > 0 {
 				contacted.Add(1)
+			} else {
+				klog.V(2).InfoS("State exchange failed", "peer", p, "err", err)
 			}
 		})
 	}
 	wg.Wait()
-	a.mu.Lock()
-	a.stateSyncedAt = start
-	a.mu.Unlock()
-	klog.V(2).InfoS("Exchanged state with voters", "contacted", contacted.Load(), "peers", len(peers))
-	a.queue.Add(syncKey)
+	reached := int(contacted.Load())
+	if ev.IsVoter(a.cfg.NodeName) {
+		reached++
+	}
+	// A node that is no voter takes nothing; its exchange is a courtesy.
+	complete := int(contacted.Load()) == len(peers) && (!ev.IsVoter(a.cfg.NodeName) || 2*reached > len(ev.Voters))
+	klog.V(2).InfoS("Exchanged state with voters", "contacted", contacted.Load(), "peers", len(peers), "complete", complete)
+	return complete
 }
 
 // every calls fn every d until ctx ends.
@@ -1059,7 +1105,7 @@ func (a *Agent) apply(plan *Plan) (dataplane.Result, error) {
 	a.mu.Unlock()
 	a.members.SetVoters(plan.Voters, len(plan.Held) > 0)
 	if newQuorum {
-		go a.exchangeState()
+		go a.exchangeState(plan.QuorumSince)
 	}
 	if rejoined && a.reconnectAPI != nil {
 		// Back in touch after the quorum broke (cut off, stalled): new connections, not

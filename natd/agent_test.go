@@ -110,6 +110,10 @@ type fakeMembership struct {
 	// handovers are what Handover returns; sent what SendHandover was given.
 	handovers map[netip.Addr]election.Handover
 	sent      []sentTo
+	// unreachable peers' joins fail (a refused or lost push/pull); joined counts the
+	// joins that went through.
+	unreachable map[string]bool
+	joined      int
 }
 
 type sentTo struct {
@@ -139,10 +143,24 @@ func (m *fakeMembership) View() election.View {
 }
 func (m *fakeMembership) Evidence() election.Evidence                 { return m.View().Evidence }
 func (m *fakeMembership) SetLocal(election.Meta, time.Duration) error { return nil }
-func (m *fakeMembership) Join(peers []string) (int, error)            { return len(peers), nil }
-func (m *fakeMembership) Changed() <-chan struct{}                    { return m.changed }
-func (m *fakeMembership) Forget(func(string) bool)                    {}
-func (m *fakeMembership) MembersChanged() <-chan struct{}             { return nil }
+func (m *fakeMembership) Join(peers []string) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	for _, p := range peers {
+		if !m.unreachable[p] {
+			n++
+		}
+	}
+	m.joined += n
+	if n == 0 {
+		return 0, errors.New("no peer answered")
+	}
+	return n, nil
+}
+func (m *fakeMembership) Changed() <-chan struct{}        { return m.changed }
+func (m *fakeMembership) Forget(func(string) bool)        {}
+func (m *fakeMembership) MembersChanged() <-chan struct{} { return nil }
 func (m *fakeMembership) SetRoutes(r []election.Claim) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -439,6 +457,71 @@ func TestAgentNoMajorityNoRenewal(t *testing.T) {
 	if f.agent.queue.Len() == 0 {
 		t.Fatal("losing the majority did not ask for a sync")
 	}
+}
+
+// A node that comes to see a quorum takes nothing new until one state exchange reached
+// every voter in touch: a push/pull that failed, or a round run in a moment no peer was
+// in touch (it exchanged with nobody), once let a node back from a cut take an IP whose
+// new holder's claim it had not heard, and both served it.
+func TestAgentTakesNothingUntilStateExchanged(t *testing.T) {
+	objs := []runtime.Object{node("node1", "198.18.0.11", true, true), node("node2", "198.18.0.12", false, true),
+		node("node3", "198.18.0.13", false, true), ns("team-a", "198.18.0.200")}
+	synced := func(f *fixture) bool {
+		f.agent.mu.Lock()
+		defer f.agent.mu.Unlock()
+		return !f.agent.stateSyncedAt.IsZero()
+	}
+	holdsAfterExchange := func(t *testing.T, f *fixture) {
+		t.Helper()
+		waitFor(t, func() bool { return synced(f) })
+		if err := f.agent.Sync(); err != nil || len(f.agent.held) != 1 {
+			t.Fatalf("after a complete exchange: holds %v (%v), want 198.18.0.200", f.agent.held, err)
+		}
+	}
+	holdsNothing := func(t *testing.T, f *fixture, why string) {
+		t.Helper()
+		time.Sleep(300 * time.Millisecond) // rounds repeat meanwhile
+		if synced(f) {
+			t.Fatalf("%s: counted as a state exchange", why)
+		}
+		if err := f.agent.Sync(); err != nil || len(f.agent.held) != 0 {
+			t.Fatalf("%s: holds %v (%v), want nothing", why, f.agent.held, err)
+		}
+	}
+
+	t.Run("a push/pull fails", func(t *testing.T) {
+		f := newFixture(t, objs...)
+		node2 := election.PeerAddr(netip.MustParseAddr("198.18.0.12"), f.agent.cfg.GossipPort)
+		f.members.mu.Lock()
+		f.members.unreachable = map[string]bool{node2: true}
+		f.members.mu.Unlock()
+		f.agent.Sync() // a new quorum: node3 answers the exchange, node2 does not
+		holdsNothing(t, f, "node2 unreachable")
+		f.members.mu.Lock()
+		delete(f.members.unreachable, node2)
+		f.members.mu.Unlock()
+		holdsAfterExchange(t, f)
+	})
+
+	t.Run("no peer in touch when it begins", func(t *testing.T) {
+		f := newFixture(t, objs...)
+		f.members.mu.Lock()
+		f.members.view.Evidence.InTouch = map[string]bool{"node1": true} // a flap: the quorum bridges it
+		joined := f.members.joined                                       // at start
+		f.members.mu.Unlock()
+		f.agent.Sync()
+		holdsNothing(t, f, "no peer in touch")
+		f.members.mu.Lock()
+		joined = f.members.joined - joined
+		f.members.mu.Unlock()
+		if joined != 0 {
+			t.Fatalf("%d joins with no peer in touch", joined)
+		}
+		f.members.mu.Lock()
+		f.members.view.Evidence = evidence(f.members.view.At, "node1", "node2", "node3")
+		f.members.mu.Unlock()
+		holdsAfterExchange(t, f)
+	})
 }
 
 // A quorum that broke between two renewals, even if it is back by the next one, ends

@@ -178,7 +178,7 @@ func dumpAgentLogs() {
 		}
 		var keep []string
 		for _, l := range strings.Split(string(b), "\n") {
-			for _, k := range []string{"Took over", "Released", "majority", "evidence", "stalled", "Member state", "rror", "Found egress", "Not renewing", "failed", "Repairing"} {
+			for _, k := range []string{"Took over", "Released", "majority", "evidence", "stalled", "Member state", "rror", "Found egress", "Not renewing", "failed", "Repairing", "Exchanged state"} {
 				if strings.Contains(l, k) {
 					keep = append(keep, l)
 					break
