@@ -273,18 +273,14 @@ func neighboursOf(peer netip.Addr, v6 bool) []netip.Addr {
 
 // pointTunnel makes link reach the nodes in peers: a permanent neighbour entry (node
 // IP → its tunnel MAC; with v6 its IPv6 next hop too) and a forwarding entry (that MAC
-// → the node IP) each; entries for any other node are removed.
+// → the node IP) each. Entries for other nodes stay: unpointTunnel removes them once
+// the routes no longer lead there (see ensure).
 func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.Addr, v6 bool) error {
 	idx := link.Attrs().Index
 	neighs, fdb := ts.neigh[idx], ts.fdb[idx]
-	want := map[netip.Addr]bool{}
-	wantMAC := map[string]bool{}
 	for _, peer := range peers {
-		want[peer] = true
 		mac := TunnelMAC(peer)
-		wantMAC[mac.String()] = true
 		for _, ip := range neighboursOf(peer, v6) {
-			want[ip] = true
 			if hasNeigh(neighs, ip, mac) {
 				continue
 			}
@@ -302,6 +298,23 @@ func (r *router) pointTunnel(ts *tunnelState, link netlink.Link, peers []netip.A
 				Flags: netlink.NTF_SELF, IP: peer.AsSlice(), HardwareAddr: mac}); err != nil {
 				return fmt.Errorf("adding forwarding entry for %s to %s: %w", peer, link.Attrs().Name, err)
 			}
+		}
+	}
+	return nil
+}
+
+// unpointTunnel removes link's neighbour and forwarding entries for any node not in
+// peers (ts: as read before pointTunnel; what it added is wanted anyway).
+func (r *router) unpointTunnel(ts *tunnelState, link netlink.Link, peers []netip.Addr, v6 bool) error {
+	idx := link.Attrs().Index
+	neighs, fdb := ts.neigh[idx], ts.fdb[idx]
+	want := map[netip.Addr]bool{}
+	wantMAC := map[string]bool{}
+	for _, peer := range peers {
+		want[peer] = true
+		wantMAC[TunnelMAC(peer).String()] = true
+		for _, ip := range neighboursOf(peer, v6) {
+			want[ip] = true
 		}
 	}
 	for _, n := range neighs {
