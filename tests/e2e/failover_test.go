@@ -500,8 +500,17 @@ func (o tcpOutcome) String() string {
 }
 
 // startConnectionTo opens a long-lived connection from p (local port port, 0: any) to
-// addr, the partner's address of a family.
+// addr, the partner's address of a family. A request not answered within 20 s breaks
+// it: no failover leaves a connection without answers that long.
 func startConnectionTo(t testing.TB, p *lab.Pod, port int, addr string) *connection {
+	t.Helper()
+	return startPatientConnectionTo(t, p, port, addr, 20*time.Second)
+}
+
+// startPatientConnectionTo is startConnectionTo where a request may wait patience for
+// its answer: on lossy links TCP's own retransmission backoff can leave a healthy
+// connection without an answer for longer than 20 s.
+func startPatientConnectionTo(t testing.TB, p *lab.Pod, port int, addr string, patience time.Duration) *connection {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -522,7 +531,7 @@ func startConnectionTo(t testing.TB, p *lab.Pod, port int, addr string) *connect
 				return
 			case <-time.After(50 * time.Millisecond):
 			}
-			c.SetDeadline(time.Now().Add(20 * time.Second))
+			c.SetDeadline(time.Now().Add(patience))
 			fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: partner\r\n\r\n")
 			resp, err := http.ReadResponse(rd, nil)
 			if err == nil {
@@ -546,7 +555,7 @@ func startConnectionTo(t testing.TB, p *lab.Pod, port int, addr string) *connect
 }
 
 // stop ends the connection and reports; a request still waiting for its answer gets
-// up to 20 s.
+// the rest of its patience.
 func (k *connection) stop() tcpOutcome {
 	close(k.stopc)
 	return <-k.done

@@ -19,6 +19,15 @@ import (
 // soakLossPercent is the frames every node link loses during a soak, each direction.
 const soakLossPercent = 5
 
+// soakPatience is how long a soak connection's request may wait for its answer. A
+// request from a pod to the partner crosses two node links each way (the pod's node's
+// and the holder's, 5 % loss in and out of each on the lab's bridge), so about one
+// exchange in four loses a segment, and TCP's retransmissions back off from 200 ms:
+// seven losses in a row leave a healthy connection without an answer for 25 s. That
+// made the one-minute soak fail on a 20 s deadline (an i/o timeout, natd steady: no
+// move, no quorum break). Ten losses in a row (about one in 10^6) take 3.4 minutes.
+const soakPatience = 3 * time.Minute
+
 // soakResult is what moved while an egress IP was held on a loaded, lossy network.
 type soakResult struct {
 	duration time.Duration
@@ -80,7 +89,7 @@ func soak(t testing.TB, ip string, d time.Duration) soakResult {
 	s := startStreamTo(t, p, fmt.Sprintf("soak-%d", time.Now().UnixNano()), partnerFor(ip))
 	var conns []*connection
 	for range 4 {
-		conns = append(conns, startConnectionTo(t, p, 0, partnerFor(ip)))
+		conns = append(conns, startPatientConnectionTo(t, p, 0, partnerFor(ip), soakPatience))
 	}
 	r := soakResult{duration: d}
 	statusHolder := holder
