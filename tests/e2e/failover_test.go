@@ -913,7 +913,7 @@ func BenchmarkFailover(b *testing.B) {
 		}
 		b.Run(k.name, func(b *testing.B) {
 			var rec, status, stalls []time.Duration
-			var broken []string // how each long-lived connection that broke did
+			var broken []string // how each long-lived connection that broke (or, planned, stalled) did
 			leaked, lost, sent, survived, conns, pairSurvived, pairs := 0, 0, 0, 0, 0, 0, 0
 			for b.Loop() {
 				for i := 0; i < rounds; i++ {
@@ -925,7 +925,7 @@ func BenchmarkFailover(b *testing.B) {
 					leaked += o.leaked
 					lost += o.lost
 					sent += o.sent
-					for _, c := range append([]tcpOutcome{o.tcp}, o.more...) {
+					for j, c := range append([]tcpOutcome{o.tcp}, o.more...) {
 						conns++
 						if c.survived {
 							survived++
@@ -933,11 +933,17 @@ func BenchmarkFailover(b *testing.B) {
 						} else {
 							broken = append(broken, fmt.Sprintf("round %d: %s", i, c))
 						}
+						if c.survived && c.stall > 200*time.Millisecond && plannedMoves[strings.SplitN(k.name, "-", 2)[0]] {
+							// A planned move should cost no retransmission: say which did.
+							broken = append(broken, fmt.Sprintf("round %d, connection %d: %s", i, j, c))
+						}
 					}
-					for _, c := range o.pair {
+					for j, c := range o.pair {
 						pairs++
 						if c.survived {
 							pairSurvived++
+						} else {
+							broken = append(broken, fmt.Sprintf("round %d, pair connection %d: %s", i, j, c))
 						}
 					}
 				}
@@ -966,7 +972,7 @@ func BenchmarkFailover(b *testing.B) {
 			fmt.Printf("failover %-14s long-lived TCP connections survived %d of %d; stall of the survivors p50=%s p99=%s; same-source-port pairs on two nodes: %d of %d connections survived\n",
 				k.name, survived, conns, pctOf(stalls, 0.50).Round(time.Millisecond), pctOf(stalls, 0.99).Round(time.Millisecond), pairSurvived, pairs)
 			for _, x := range broken {
-				fmt.Printf("failover %-14s broken: %s\n", k.name, x)
+				fmt.Printf("failover %-14s broken or stalled: %s\n", k.name, x)
 			}
 		})
 	}
