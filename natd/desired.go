@@ -405,6 +405,9 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, has6 map[string]boo
 	plan.SeenGen = in.MaxGen
 	assigned := election.Assign(in)
 
+	// leaving: this node may hold no IP for a reason of its own choosing — it lost its
+	// label, was cordoned or drains — so whatever it holds moves as a planned move.
+	leaving := !slices.Contains(eligible, self) || v.Members[self].Meta.Draining
 	plan.Held = map[netip.Addr]Holding{}
 	for _, ip := range ips {
 		a := assigned[ip]
@@ -431,6 +434,15 @@ func (p *Planner) elect(ips []netip.Addr, eligible []string, has6 map[string]boo
 			}
 			plan.Held[ip] = h
 			retry(handoverLinger - el.Now.Sub(h.ClaimedSince))
+		case holding && a.Claimed && a.Holder != "" && h.HandoverSince.IsZero() && leaving:
+			// The new holder claimed it before this node saw that it must hand it over:
+			// both acted on one API change (a label, a cordon) and the other was
+			// quicker. A planned move all the same: serve on for the linger. Letting go
+			// at once left the partners' replies, which the new holder does not ask for
+			// until its late announcement, nowhere to go (a TCP retransmission in about
+			// one planned move of 20).
+			plan.Held[ip] = Holding{Gen: h.Gen, HandoverSince: el.Now, ClaimedSince: el.Now}
+			retry(handoverLinger)
 		case !holding, a.Holder == "", a.Claimed:
 			// Not ours; or nobody may hold it (fail closed); or the new holder has it.
 		case h.HandoverSince.IsZero():

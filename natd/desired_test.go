@@ -323,10 +323,22 @@ func TestPlanMakeBeforeBreak(t *testing.T) {
 	if plan, _ = p.Plan(c, el); len(plan.Held) != 0 {
 		t.Fatal("old holder kept the IP after the linger")
 	}
-	// An IP another node claims without a handover (a conflict) is let go at once.
+	// node3 claimed it before node2 saw it was cordoned (both acted on one update):
+	// still a planned move, node2 serves on for the linger.
 	el.Held = map[netip.Addr]Holding{eip: {Gen: 4}}
 	el.Now = now
+	plan, _ = p.Plan(c, el)
+	if h, ok := plan.Held[eip]; !ok || h.HandoverSince != now || h.ClaimedSince != now || plan.RetryAfter != handoverLinger {
+		t.Fatalf("a cordoned holder that saw the new claim first let go at once: %+v, retry %s", plan.Held, plan.RetryAfter)
+	}
+	el.Held, el.Now = plan.Held, now.Add(handoverLinger)
 	if plan, _ = p.Plan(c, el); len(plan.Held) != 0 {
+		t.Fatal("old holder kept the IP after the linger")
+	}
+	// An eligible node whose IP another node claims newer (a conflict, no planned
+	// move) lets it go at once.
+	el.Held, el.Now = map[netip.Addr]Holding{eip: {Gen: 4}}, now
+	if plan, _ = p.Plan(cluster(), el); len(plan.Held) != 0 {
 		t.Fatal("kept an IP another node claimed, outside a handover")
 	}
 	// node3 never claims: node2 lets go after the handover timeout.

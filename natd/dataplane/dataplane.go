@@ -101,6 +101,8 @@ type Dataplane struct {
 	ctConn    *mdnetlink.Conn // writes handed-over conntrack entries
 	// loosened are the IPs being handed over whose connections were made liberal.
 	loosened map[netip.Addr]bool
+	// liberal are the held IPs' TCP connections Bindings made liberal (under mu).
+	liberal map[flowKey]bool
 	// What the last completed Apply left in the kernel: the held IPs, and the state
 	// (so that Verify can tell drift from it).
 	heldApplied map[netip.Addr]bool

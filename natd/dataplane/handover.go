@@ -65,13 +65,15 @@ func bindingOf(f *netlink.ConntrackFlow, held map[netip.Addr]bool) (Binding, boo
 const tcpEstablished = 3
 
 // Bindings reads the bindings of the egress IPs in held that a successor must be
-// handed (see Binding), sorted.
+// handed (see Binding), sorted. From the same read it makes every TCP connection of a
+// held IP liberal, once (loosenHeld).
 func (d *Dataplane) Bindings(held []netip.Addr) ([]Binding, error) {
 	set := map[netip.Addr]bool{}
 	for _, ip := range held {
 		set[ip] = true
 	}
 	var out []Binding
+	var tcp []*netlink.ConntrackFlow
 	for _, fam := range familiesOf(held) {
 		flows, err := d.nl.ConntrackTableList(netlink.ConntrackTable, fam)
 		if err != nil {
@@ -81,10 +83,68 @@ func (d *Dataplane) Bindings(held []netip.Addr) ([]Binding, error) {
 			if b, ok := bindingOf(f, set); ok {
 				out = append(out, b)
 			}
+			if heldTCP(f, set) {
+				tcp = append(tcp, f)
+			}
 		}
 	}
+	d.loosenHeld(tcp)
 	slices.SortFunc(out, compareBindings)
 	return out, nil
+}
+
+// heldTCP reports whether f is a TCP connection SNATed to an IP in held.
+func heldTCP(f *netlink.ConntrackFlow, held map[netip.Addr]bool) bool {
+	natted, _ := netip.AddrFromSlice(f.Reverse.DstIP)
+	pod, _ := netip.AddrFromSlice(f.Forward.SrcIP)
+	return f.Forward.Protocol == unix.IPPROTO_TCP && held[natted.Unmap()] && pod.Unmap() != natted.Unmap()
+}
+
+// flowKey names a connection by its original direction.
+type flowKey struct{ src, dst netip.AddrPort }
+
+func keyOf(f *netlink.ConntrackFlow) flowKey {
+	src, _ := netip.AddrFromSlice(f.Forward.SrcIP)
+	dst, _ := netip.AddrFromSlice(f.Forward.DstIP)
+	return flowKey{netip.AddrPortFrom(src.Unmap(), f.Forward.SrcPort), netip.AddrPortFrom(dst.Unmap(), f.Forward.DstPort)}
+}
+
+// loosenHeld makes liberal the connections of flows (a held IP's TCP connections) not
+// made liberal by an earlier call. Made liberal only when a move begins
+// (loosenHandingOver), they were not always in time: the new holder, acting on the
+// same API change, could take the IP and the pods' nodes send through it before this
+// node had begun its handover, and the partners' answers that still reached it were
+// out of its window — dropped, and every connection of the IP waited for a
+// retransmission (one planned move of 10 to 20). A liberal connection is still
+// tracked, and the pod's stack checks every segment; kube-proxy offers the same for
+// all connections (--conntrack-tcp-be-liberal). A failure is logged: the connection
+// then waits for the handover's loosening, as before.
+func (d *Dataplane) loosenHeld(flows []*netlink.ConntrackFlow) {
+	d.mu.Lock() // ctExecute's connection is Apply's too
+	defer d.mu.Unlock()
+	next := make(map[flowKey]bool, len(flows))
+	n := 0
+	for _, f := range flows {
+		k := keyOf(f)
+		if d.liberal[k] {
+			next[k] = true
+			continue
+		}
+		msg, err := liberalMessage(f)
+		if err == nil {
+			err = d.ctExecute(msg)
+		}
+		if err != nil && !errors.Is(err, unix.ENOENT) { // ENOENT: it ended meanwhile
+			klog.V(2).InfoS("Held connections not all made liberal", "liberal", n, "err", err)
+			break
+		}
+		next[k] = true
+		n++
+	}
+	d.liberal = next
+	if n > 0 {
+		klog.V(4).InfoS("Made held connections liberal", "connections", n)
+	}
 }
 
 func compareBindings(a, b Binding) int {
@@ -416,9 +476,7 @@ func (d *Dataplane) loosenConntrack(ips []netip.Addr) (int, error) {
 			return n, fmt.Errorf("reading conntrack: %w", err)
 		}
 		for _, f := range flows {
-			natted, _ := netip.AddrFromSlice(f.Reverse.DstIP)
-			pod, _ := netip.AddrFromSlice(f.Forward.SrcIP)
-			if f.Forward.Protocol != unix.IPPROTO_TCP || !set[natted.Unmap()] || pod.Unmap() == natted.Unmap() {
+			if !heldTCP(f, set) {
 				continue
 			}
 			msg, err := liberalMessage(f)

@@ -158,9 +158,10 @@ func BenchmarkBindings(b *testing.B) {
 	}
 }
 
-// An IP this node starts handing over has its TCP connections made liberal both ways
-// (the replies that acknowledge what went through the new holder are un-NATed here);
-// other connections are left alone.
+// A held IP's TCP connections are made liberal both ways when the handover loop reads
+// them (Bindings), and an IP this node starts handing over has the ones younger than
+// that made liberal then: the replies that acknowledge what went through the new
+// holder are un-NATed here. Other connections are left alone.
 func TestKernelHandingOverMakesConnectionsLiberal(t *testing.T) {
 	ns := newTestNS(t, "198.18.0.12")
 	d := ns.dataplane()
@@ -180,15 +181,28 @@ func TestKernelHandingOverMakesConnectionsLiberal(t *testing.T) {
 		}
 	}
 	if f := tcpFlags(t, d, held); f != [2]byte{} {
-		t.Fatalf("liberal before any handover: %v", f)
+		t.Fatalf("liberal before the handover loop read it: %v", f)
+	}
+	liberal := func(b Binding, why string) {
+		t.Helper()
+		if f := tcpFlags(t, d, b); f[0]&ipCtTCPFlagBeLiberal == 0 || f[1]&ipCtTCPFlagBeLiberal == 0 {
+			t.Errorf("%s: flags %v, want liberal both ways", why, f)
+		}
+	}
+	if _, err := d.Bindings([]netip.Addr{held.Egress.Addr()}); err != nil {
+		t.Fatal(err)
+	}
+	liberal(held, "a held IP's connection the handover loop read")
+	younger := conn("198.18.0.200:40001")
+	younger.Pod = netip.MustParseAddrPort("10.244.1.10:40001")
+	if err := d.createBinding(younger, 0); err != nil {
+		t.Fatal(err)
 	}
 	st.Egress[0].HandingOver = true
 	if _, err := d.Apply(st); err != nil {
 		t.Fatal(err)
 	}
-	if f := tcpFlags(t, d, held); f[0]&ipCtTCPFlagBeLiberal == 0 || f[1]&ipCtTCPFlagBeLiberal == 0 {
-		t.Errorf("a connection of the IP handed over: flags %v, want liberal both ways", f)
-	}
+	liberal(younger, "a connection of the IP handed over, younger than the last read")
 	if f := tcpFlags(t, d, other); f != [2]byte{} {
 		t.Errorf("a connection of another IP: flags %v, want none", f)
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -489,14 +490,15 @@ type tcpOutcome struct {
 	survived bool          // every request was answered on the one connection
 	stall    time.Duration // the longest time between two answers
 	answered int
+	retrans  int // segments the pod sent again
 	err      error
 }
 
 func (o tcpOutcome) String() string {
 	if o.survived {
-		return fmt.Sprintf("TCP connection survived (longest stall %s, %d requests)", o.stall.Round(time.Millisecond), o.answered)
+		return fmt.Sprintf("TCP connection survived (longest stall %s, %d requests, %d retransmitted by the pod)", o.stall.Round(time.Millisecond), o.answered, o.retrans)
 	}
-	return fmt.Sprintf("TCP connection broke after %d requests (longest stall %s): %v", o.answered, o.stall.Round(time.Millisecond), o.err)
+	return fmt.Sprintf("TCP connection broke after %d requests (longest stall %s, %d retransmitted by the pod): %v", o.answered, o.stall.Round(time.Millisecond), o.retrans, o.err)
 }
 
 // startConnectionTo opens a long-lived connection from p (local port port, 0: any) to
@@ -527,6 +529,7 @@ func startPatientConnectionTo(t testing.TB, p *lab.Pod, port int, addr string, p
 		for {
 			select {
 			case <-k.stopc:
+				o.retrans = retransmissions(c)
 				k.done <- o
 				return
 			case <-time.After(50 * time.Millisecond):
@@ -540,6 +543,7 @@ func startPatientConnectionTo(t testing.TB, p *lab.Pod, port int, addr string, p
 			}
 			if err != nil {
 				o.survived, o.err = false, err
+				o.retrans = retransmissions(c)
 				<-k.stopc
 				k.done <- o
 				return
@@ -552,6 +556,26 @@ func startPatientConnectionTo(t testing.TB, p *lab.Pod, port int, addr string, p
 		}
 	}()
 	return k
+}
+
+// retransmissions is how many segments the pod's side of c sent again (TCP_INFO): a
+// stall without one lost the partner's answer, not the pod's request. -1: unknown.
+func retransmissions(c net.Conn) int {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return -1
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	n := -1
+	rc.Control(func(fd uintptr) { //nolint:errcheck // unknown stays -1
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			n = int(info.Total_retrans)
+		}
+	})
+	return n
 }
 
 // stop ends the connection and reports; a request still waiting for its answer gets

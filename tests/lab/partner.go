@@ -18,6 +18,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Arrival is one datagram (or request) of a stream as the partner saw it.
@@ -131,6 +133,21 @@ func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
 		fmt.Fprintln(w, host)
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	// Each time a connection's answer went out, the log says whether the partner had to
+	// send segments again since the last: a stalled long-lived connection that the
+	// partner retransmitted to lost an answer, not a request.
+	var retrans sync.Map // net.Conn → segments sent again so far
+	srv.ConnState = func(c net.Conn, state http.ConnState) {
+		switch state {
+		case http.StateIdle:
+			n := tcpRetransmissions(c)
+			if old, _ := retrans.Swap(c, n); n > 0 && (old == nil || old.(int) != n) {
+				fmt.Fprintf(log, "%s tcp %s: %d segments sent again\n", time.Now().Format("15:04:05.000"), c.RemoteAddr(), n)
+			}
+		case http.StateClosed, http.StateHijacked:
+			retrans.Delete(c)
+		}
+	}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -321,4 +338,24 @@ func withLock(dir string, fn func() error) error {
 	}
 	defer syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 	return fn()
+}
+
+// tcpRetransmissions is how many segments c's side has sent again (TCP_INFO; 0 if
+// unknown).
+func tcpRetransmissions(c net.Conn) int {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return 0
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	rc.Control(func(fd uintptr) { //nolint:errcheck // unknown is 0
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			n = int(info.Total_retrans)
+		}
+	})
+	return n
 }
