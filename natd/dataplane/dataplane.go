@@ -101,8 +101,11 @@ type Dataplane struct {
 	ctConn    *mdnetlink.Conn // writes handed-over conntrack entries
 	// loosened are the IPs being handed over whose connections were made liberal.
 	loosened map[netip.Addr]bool
-	// liberal are the held IPs' TCP connections Bindings made liberal (under mu).
-	liberal map[flowKey]bool
+	// Bindings' loosening of held connections (loosenHeld): its lock, its ctnetlink
+	// connection, and the connections it made liberal.
+	looseMu   sync.Mutex
+	looseConn *mdnetlink.Conn
+	liberal   map[flowKey]bool
 	// What the last completed Apply left in the kernel: the held IPs, and the state
 	// (so that Verify can tell drift from it).
 	heldApplied map[netip.Addr]bool
@@ -162,6 +165,11 @@ func (d *Dataplane) Close() {
 	if d.ctConn != nil {
 		d.ctConn.Close() //nolint:errcheck // nothing pending on it
 	}
+	d.looseMu.Lock()
+	if d.looseConn != nil {
+		d.looseConn.Close() //nolint:errcheck // nothing pending on it
+	}
+	d.looseMu.Unlock()
 }
 
 // dial opens a netlink socket of family in the node's namespace.

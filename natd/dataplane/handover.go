@@ -118,10 +118,12 @@ func keyOf(f *netlink.ConntrackFlow) flowKey {
 // retransmission (one planned move of 10 to 20). A liberal connection is still
 // tracked, and the pod's stack checks every segment; kube-proxy offers the same for
 // all connections (--conntrack-tcp-be-liberal). A failure is logged: the connection
-// then waits for the handover's loosening, as before.
+// then waits for the handover's loosening, as before. It has its own ctnetlink
+// connection and lock: loosening thousands of new connections must not hold up an
+// Apply (a takeover) behind it.
 func (d *Dataplane) loosenHeld(flows []*netlink.ConntrackFlow) {
-	d.mu.Lock() // ctExecute's connection is Apply's too
-	defer d.mu.Unlock()
+	d.looseMu.Lock()
+	defer d.looseMu.Unlock()
 	next := make(map[flowKey]bool, len(flows))
 	n := 0
 	for _, f := range flows {
@@ -132,7 +134,7 @@ func (d *Dataplane) loosenHeld(flows []*netlink.ConntrackFlow) {
 		}
 		msg, err := liberalMessage(f)
 		if err == nil {
-			err = d.ctExecute(msg)
+			err = d.ctExecuteOn(&d.looseConn, msg)
 		}
 		if err != nil && !errors.Is(err, unix.ENOENT) { // ENOENT: it ended meanwhile
 			klog.V(2).InfoS("Held connections not all made liberal", "liberal", n, "err", err)
@@ -522,15 +524,19 @@ func familiesOf(ips []netip.Addr) []netlink.InetFamily {
 	return out
 }
 
-// ctExecute sends one ctnetlink request and waits for its acknowledgement.
-func (d *Dataplane) ctExecute(msg mdnetlink.Message) error {
-	if d.ctConn == nil {
-		c, err := d.dial(unix.NETLINK_NETFILTER)
+// ctExecute sends one ctnetlink request and waits for its acknowledgement (Apply's
+// connection: the caller holds mu).
+func (d *Dataplane) ctExecute(msg mdnetlink.Message) error { return d.ctExecuteOn(&d.ctConn, msg) }
+
+// ctExecuteOn is ctExecute on the connection *c, opened on first use.
+func (d *Dataplane) ctExecuteOn(c **mdnetlink.Conn, msg mdnetlink.Message) error {
+	if *c == nil {
+		conn, err := d.dial(unix.NETLINK_NETFILTER)
 		if err != nil {
 			return err
 		}
-		d.ctConn = c
+		*c = conn
 	}
-	_, err := d.ctConn.Execute(msg)
+	_, err := (*c).Execute(msg)
 	return err
 }
