@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -490,7 +489,7 @@ type tcpOutcome struct {
 	survived bool          // every request was answered on the one connection
 	stall    time.Duration // the longest time between two answers
 	answered int
-	retrans  int // segments the pod sent again
+	retrans  int // segments the pod sent again (-1: unknown)
 	err      error
 }
 
@@ -529,7 +528,7 @@ func startPatientConnectionTo(t testing.TB, p *lab.Pod, port int, addr string, p
 		for {
 			select {
 			case <-k.stopc:
-				o.retrans = retransmissions(c)
+				o.retrans = lab.TCPRetransmissions(c)
 				k.done <- o
 				return
 			case <-time.After(50 * time.Millisecond):
@@ -543,7 +542,7 @@ func startPatientConnectionTo(t testing.TB, p *lab.Pod, port int, addr string, p
 			}
 			if err != nil {
 				o.survived, o.err = false, err
-				o.retrans = retransmissions(c)
+				o.retrans = lab.TCPRetransmissions(c)
 				<-k.stopc
 				k.done <- o
 				return
@@ -556,26 +555,6 @@ func startPatientConnectionTo(t testing.TB, p *lab.Pod, port int, addr string, p
 		}
 	}()
 	return k
-}
-
-// retransmissions is how many segments the pod's side of c sent again (TCP_INFO): a
-// stall without one lost the partner's answer, not the pod's request. -1: unknown.
-func retransmissions(c net.Conn) int {
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		return -1
-	}
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return -1
-	}
-	n := -1
-	rc.Control(func(fd uintptr) { //nolint:errcheck // unknown stays -1
-		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-			n = int(info.Total_retrans)
-		}
-	})
-	return n
 }
 
 // stop ends the connection and reports; a request still waiting for its answer gets

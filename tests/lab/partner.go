@@ -140,7 +140,7 @@ func ServePartner(ctx context.Context, listen []string, log io.Writer) error {
 	srv.ConnState = func(c net.Conn, state http.ConnState) {
 		switch state {
 		case http.StateIdle:
-			n := tcpRetransmissions(c)
+			n := TCPRetransmissions(c)
 			if old, _ := retrans.Swap(c, n); n > 0 && (old == nil || old.(int) != n) {
 				fmt.Fprintf(log, "%s tcp %s: %d segments sent again\n", time.Now().Format("15:04:05.000"), c.RemoteAddr(), n)
 			}
@@ -340,19 +340,19 @@ func withLock(dir string, fn func() error) error {
 	return fn()
 }
 
-// tcpRetransmissions is how many segments c's side has sent again (TCP_INFO; 0 if
+// TCPRetransmissions is how many segments c's side has sent again (TCP_INFO; -1 if
 // unknown).
-func tcpRetransmissions(c net.Conn) int {
+func TCPRetransmissions(c net.Conn) int {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
-		return 0
+		return -1
 	}
 	rc, err := tc.SyscallConn()
 	if err != nil {
-		return 0
+		return -1
 	}
-	n := 0
-	rc.Control(func(fd uintptr) { //nolint:errcheck // unknown is 0
+	n := -1
+	rc.Control(func(fd uintptr) { //nolint:errcheck // unknown stays -1
 		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
 			n = int(info.Total_retrans)
 		}
