@@ -176,7 +176,7 @@ func NewGossip(cfg GossipConfig) (*Gossip, error) {
 	mc.Logger = log.New(klogWriter{}, "", 0)
 	transport := cfg.Transport
 	if transport == nil {
-		guarded, err := newGuardedTransport(cfg.BindIP, cfg.Port, g.isMemberAddr, mc.Logger)
+		guarded, err := newGuardedTransport(cfg.BindIP, cfg.Port, g.isMemberAddr)
 		if err != nil {
 			return nil, fmt.Errorf("starting gossip on %s:%d: %w", cfg.BindIP, cfg.Port, err)
 		}

@@ -2,7 +2,6 @@ package election
 
 import (
 	"io"
-	"log"
 	"net"
 	"net/netip"
 	"sync"
@@ -20,7 +19,7 @@ import (
 // members' (a pod, a stranger, a node that has not joined yet) share a small budget,
 // members' streams a larger one, and each stream is cut off past its size limit.
 type guardedTransport struct {
-	*memberlist.NetTransport
+	*socketTransport
 	streams  chan net.Conn
 	packets  chan *memberlist.Packet
 	isMember func(netip.Addr) bool
@@ -43,13 +42,12 @@ const (
 	strangerPacketsPerSecond = 100
 )
 
-func newGuardedTransport(bind netip.Addr, port int, isMember func(netip.Addr) bool, logger *log.Logger) (*guardedTransport, error) {
-	nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
-		BindAddrs: []string{bind.String()}, BindPort: port, Logger: logger})
+func newGuardedTransport(bind netip.Addr, port int, isMember func(netip.Addr) bool) (*guardedTransport, error) {
+	st, err := newSocketTransport(bind, port)
 	if err != nil {
 		return nil, err
 	}
-	t := &guardedTransport{NetTransport: nt, streams: make(chan net.Conn), packets: make(chan *memberlist.Packet), isMember: isMember,
+	t := &guardedTransport{socketTransport: st, streams: make(chan net.Conn), packets: make(chan *memberlist.Packet), isMember: isMember,
 		member: make(chan struct{}, memberStreams), stranger: make(chan struct{}, strangerStreams),
 		done: make(chan struct{})}
 	go t.admit()
@@ -61,7 +59,7 @@ func newGuardedTransport(bind netip.Addr, port int, isMember func(netip.Addr) bo
 func (t *guardedTransport) PacketCh() <-chan *memberlist.Packet { return t.packets }
 
 func (t *guardedTransport) admitPackets() {
-	in := t.NetTransport.PacketCh()
+	in := t.socketTransport.PacketCh()
 	var window time.Time
 	n := 0
 	for {
@@ -91,7 +89,7 @@ func (t *guardedTransport) admitPackets() {
 func (t *guardedTransport) StreamCh() <-chan net.Conn { return t.streams }
 
 func (t *guardedTransport) admit() {
-	in := t.NetTransport.StreamCh()
+	in := t.socketTransport.StreamCh()
 	for {
 		var c net.Conn
 		select {
@@ -133,7 +131,7 @@ func (t *guardedTransport) Shutdown() error {
 	}
 	drained := make(chan struct{})
 	go func() {
-		streams, packets := t.NetTransport.StreamCh(), t.NetTransport.PacketCh()
+		streams, packets := t.socketTransport.StreamCh(), t.socketTransport.PacketCh()
 		for {
 			select {
 			case c := <-streams:
@@ -144,7 +142,7 @@ func (t *guardedTransport) Shutdown() error {
 			}
 		}
 	}()
-	err := t.NetTransport.Shutdown()
+	err := t.socketTransport.Shutdown()
 	close(drained)
 	return err
 }
