@@ -1055,7 +1055,7 @@ func (d *Dataplane) WatchChanges(stop <-chan struct{}, changed func()) error {
 	}
 	d.watch(stop, rt, changed, deletedOwnable)
 	d.watch(stop, c, changed, func(m mdnetlink.Message) bool {
-		return m.Header.Type == mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN)
+		return m.Header.Type == mdnetlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_NEWGEN) && !d.ownRenewal(m)
 	})
 	return nil
 }
@@ -1087,6 +1087,27 @@ func (d *Dataplane) watch(stop <-chan struct{}, c *mdnetlink.Conn, changed func(
 			}
 		}
 	}()
+}
+
+// ownRenewal reports whether a new-generation notification is natd's own lease
+// renewal's: checking the kernel after each of those (every --lease/4) cost a holder
+// more CPU than everything else it does, and on saturated CPUs that CPU is time its
+// heartbeats wait.
+func (d *Dataplane) ownRenewal(m mdnetlink.Message) bool {
+	if len(m.Data) < 4 {
+		return false
+	}
+	ad, err := mdnetlink.NewAttributeDecoder(m.Data[4:]) // after the nfgenmsg header
+	if err != nil {
+		return false
+	}
+	ad.ByteOrder = binary.BigEndian
+	for ad.Next() {
+		if ad.Type() == unix.NFTA_GEN_ID {
+			return d.nft.renewals.has(ad.Uint32())
+		}
+	}
+	return false
 }
 
 // deletedOwnable reports an rtnetlink message that deletes what natd could own: an ip

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/google/nftables"
@@ -36,6 +38,10 @@ type nftApplier struct {
 	// has touched natd's tables and there is nothing to read back.
 	appliedGen uint32
 	genKnown   bool
+	// renewals are the generations natd's last lease renewals expected their commits
+	// to make: the change notifications carrying them are natd's own (a renewal every
+	// --lease/4), not someone else's changes to check for.
+	renewals ownGenerations
 	// leaseTimeout, when set, replaces the sets' own timeout for the leased elements
 	// this apply adds (the time left until State.LeaseUntil).
 	leaseTimeout time.Duration
@@ -703,6 +709,12 @@ func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) err
 		return nil
 	}
 	gen0, gerr := a.gen()
+	if gerr == nil {
+		// Should someone else commit first, theirs takes this generation and goes
+		// unchecked, but this renewal's own notification then carries another one:
+		// the check still follows.
+		a.renewals.expect(gen0 + 1)
+	}
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("renewing leases: %w", err)
 	}
@@ -715,6 +727,27 @@ func (a *nftApplier) renewLeases(conn *nftables.Conn, timeout time.Duration) err
 	}
 	a.appliedGen = gen1
 	return nil
+}
+
+// ownGenerations remembers the last few generations natd's own commits expected to
+// make, for the change watcher, which may read their notifications late.
+type ownGenerations struct {
+	mu   sync.Mutex
+	gens [8]uint32
+	next int
+}
+
+func (o *ownGenerations) expect(gen uint32) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.gens[o.next] = gen
+	o.next = (o.next + 1) % len(o.gens)
+}
+
+func (o *ownGenerations) has(gen uint32) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return gen != 0 && slices.Contains(o.gens[:], gen)
 }
 
 // timeoutOf is the timeout of elements added to s: none for a set without one, the
