@@ -111,6 +111,7 @@ type heartbeats struct {
 	active      bool          // this node holds IPs: it heartbeats even if not a voter (a handover)
 	peers       map[string]*peerState
 	lastQuorum  time.Time // the last moment this node saw its quorum
+	lastTick    time.Time // the last heartbeat round: a long gap means this node stalled
 	quorumSince time.Time
 	breaks      uint64 // quorums that broke since this process began
 	// What the last tick told the planner, to tell when it changes.
@@ -234,6 +235,7 @@ func (h *heartbeats) tick() (out []outgoing, changed bool) {
 	defer h.mu.Unlock()
 	now := h.now()
 	h.observe(now)
+	h.lastTick = now
 	down := h.downAt(now)
 	changed = !h.toldSince.Equal(h.quorumSince) || !maps.Equal(down, h.toldDown)
 	h.toldSince, h.toldDown = h.quorumSince, down
@@ -292,7 +294,7 @@ func (h *heartbeats) observe(now time.Time) (quorum bool) {
 	if h.quorumAt(now) {
 		if h.quorumSince.IsZero() || gap > h.timing.Stall {
 			if !h.quorumSince.IsZero() {
-				klog.InfoS("Quorum of voters broke and began anew", "gap", gap)
+				klog.InfoS("Quorum of voters broke and began anew", "gap", gap, "sinceLastTick", now.Sub(h.lastTick), "peers", h.touchReport(now))
 				h.breaks++
 			}
 			h.quorumSince = now
@@ -301,10 +303,36 @@ func (h *heartbeats) observe(now time.Time) (quorum bool) {
 		return true
 	}
 	if gap > h.timing.Stall && !h.quorumSince.IsZero() {
+		klog.InfoS("Quorum of voters broke", "gap", gap, "sinceLastTick", now.Sub(h.lastTick), "peers", h.touchReport(now))
 		h.quorumSince = time.Time{}
 		h.breaks++
 	}
 	return false
+}
+
+// touchReport says, for each other voter, how long ago this node received its last
+// heartbeat, how old the newest heartbeat of this node it echoed is, and how long
+// before that it had last heard this node: which way a broken quorum's heartbeats
+// went missing (or whether this node itself stalled: see sinceLastTick). The caller
+// holds h.mu.
+func (h *heartbeats) touchReport(now time.Time) []string {
+	var r []string
+	for _, v := range h.voters {
+		p := h.peers[v]
+		if v == h.self || p == nil {
+			continue
+		}
+		r = append(r, fmt.Sprintf("%s: received %s ago, echoed a heartbeat sent %s ago, heard us %s before", v,
+			ago(now, p.lastRecv), ago(now, p.ackedAt), p.heardAge.Round(time.Millisecond)))
+	}
+	return r
+}
+
+func ago(now, t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return now.Sub(t).Round(time.Millisecond).String()
 }
 
 // silentAt reports whether this node has not heard v for D (counting from when it
