@@ -8,6 +8,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"slices"
 	"sort"
@@ -1317,6 +1318,13 @@ func (a *Agent) Handler() http.Handler {
 	}
 	mux.HandleFunc("/healthz", probe(a.health.live))
 	mux.HandleFunc("/readyz", probe(a.health.ready))
+	if a.cfg.Profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 

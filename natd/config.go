@@ -63,7 +63,12 @@ type Config struct {
 	DaemonSet        string // namespace/name of the DaemonSet natd runs from (uninstall detection)
 	MaxEgressIPs     int
 	// Nice is the scheduling niceness natd gives all its threads at start.
-	Nice            int
+	Nice int
+	// RealtimePriority is the round-robin real-time priority natd gives all its
+	// threads at start (0: none).
+	RealtimePriority int
+	// Profiling serves Go's profiles (/debug/pprof/) beside /metrics.
+	Profiling       bool
 	RestartGrace    time.Duration
 	HandoverTimeout time.Duration
 	DrainTimeout    time.Duration
@@ -172,6 +177,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.Var(prefixList{&c.ExcludeCIDRs}, "exclude-cidr", "more destinations that are never SNATed (repeatable)")
 	fs.BoolVar(&c.FailOpen, "fail-open", false, "when no egress node is healthy, send pinned traffic the normal way instead of dropping it")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz (default: port 9793 on the node IP (--node-ip or $NODE_IP) and on 127.0.0.1; on every address only when neither is known)")
+	fs.IntVar(&c.RealtimePriority, "realtime-priority", c.RealtimePriority, "real-time priority (SCHED_RR, 1 to 99) natd gives its threads, so that its heartbeats and lease renewals run as soon as they are due even when workloads in other cgroups saturate the CPUs, as corosync's do (needs CAP_SYS_NICE, and a kernel without real-time group scheduling or with real-time time given to natd's cgroup; without them natd logs it and runs as started); 0: natd stays in the normal class")
+	fs.BoolVar(&c.Profiling, "profiling", false, "serve Go's CPU, heap and goroutine profiles at /debug/pprof/ beside /metrics (as kube-proxy's --profiling)")
 	fs.DurationVar(&c.ResyncPeriod, "resync-period", c.ResyncPeriod, "how often the node is re-synced to repair drift")
 	fs.Var(hexUint32{&c.FwmarkMask}, "fwmark-mask", "bits of the packet mark natd owns (one contiguous run of at least 8 bits)")
 	fs.IntVar(&c.RulePriority, "rule-priority", c.RulePriority, "priority of natd's ip rules")
@@ -302,6 +309,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("--gossip-probe-timeout must be shorter than --gossip-probe-interval")
 	case c.TunnelPort < 1 || c.TunnelPort > 65535 || c.TunnelPort == c.GossipPort:
 		return fmt.Errorf("--tunnel-port (%d) must be a UDP port other than --gossip-port", c.TunnelPort)
+	case c.RealtimePriority < 0 || c.RealtimePriority > 99:
+		return fmt.Errorf("--realtime-priority (%d) must be between 0 and 99", c.RealtimePriority)
 	case c.Nice < -20 || c.Nice > 19:
 		return fmt.Errorf("--nice (%d) must be between -20 and 19", c.Nice)
 	case c.MaxEgressIPs < 1 || c.MaxEgressIPs > maxEgressIPs:

@@ -59,6 +59,9 @@ func Setup(ctx context.Context, cfg *Config) (*Agent, error) {
 	if err := setNiceness(cfg.Nice); err != nil {
 		klog.InfoS("Could not raise natd's scheduling priority; on saturated CPUs its heartbeats may be late", "nice", cfg.Nice, "err", err)
 	}
+	if err := setRealtime(cfg.RealtimePriority); err != nil {
+		klog.InfoS("Could not make natd's threads real-time; on saturated CPUs its heartbeats may be late", "realtimePriority", cfg.RealtimePriority, "err", err)
+	}
 	dcfg, err := dataplaneConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -236,13 +239,46 @@ func Cleanup(cfg *Config) error {
 // setNiceness gives every thread of natd the niceness nice (0: leaves it). Linux keeps
 // niceness per thread and a new thread inherits its creator's, so the threads the Go
 // runtime has started so far are set one by one and the ones it starts later follow.
-// A holder that is not scheduled for a lease gives its IPs up: on a node whose CPUs a
-// workload saturates, natd's heartbeats must go first (at niceness 0 the lab's soak
-// saw 6 quorum breaks in 30 minutes).
+// Niceness orders natd against the tasks of its own scheduling group only (its
+// container's cgroup, or its session's autogroup): against workloads in other groups
+// it is the groups' weights that count, which is why --realtime-priority exists.
 func setNiceness(nice int) error {
 	if nice == 0 {
 		return nil
 	}
+	return eachThread(func(tid int) error {
+		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil {
+			return fmt.Errorf("setting thread %d's niceness to %d: %w", tid, nice, err)
+		}
+		return nil
+	})
+}
+
+// setRealtime puts every thread of natd in the round-robin real-time class at
+// priority prio (0: leaves them in the normal class). A holder that is not scheduled
+// for a lease gives its IPs up, and on a node whose CPUs a workload saturates, natd's
+// process is in a different scheduling group from the workload, where its niceness
+// does not reach: the lab's soak saw goroutines of natd wait 80 ms to run during a
+// garbage collection, and the holder's quorum break. A real-time thread runs as soon
+// as it wakes, whatever the groups (corosync runs its heartbeats so, at priority 99).
+// natd's threads sleep almost all the time (a few per cent of one CPU); the kernel's
+// real-time throttling (sched_rt_runtime_us) bounds what a runaway could take.
+func setRealtime(prio int) error {
+	if prio == 0 {
+		return nil
+	}
+	return eachThread(func(tid int) error {
+		attr := unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_RR, Priority: uint32(prio)}
+		if err := unix.SchedSetAttr(tid, &attr, 0); err != nil {
+			return fmt.Errorf("making thread %d real-time (round robin, priority %d): %w", tid, prio, err)
+		}
+		return nil
+	})
+}
+
+// eachThread calls f for each of natd's threads so far; a thread the Go runtime starts
+// later inherits its creator's scheduling.
+func eachThread(f func(tid int) error) error {
 	tasks, err := os.ReadDir("/proc/self/task")
 	if err != nil {
 		return fmt.Errorf("listing natd's threads: %w", err)
@@ -252,8 +288,8 @@ func setNiceness(nice int) error {
 		if err != nil {
 			continue
 		}
-		if err := unix.Setpriority(unix.PRIO_PROCESS, tid, nice); err != nil {
-			return fmt.Errorf("setting thread %d's niceness to %d: %w", tid, nice, err)
+		if err := f(tid); err != nil {
+			return err
 		}
 	}
 	return nil
