@@ -40,6 +40,7 @@ func main() {
 	var cfg natd.Config
 	cfg.RegisterFlags(fs)
 	_ = fs.Parse(args)
+	drainLog := natd.LogWithoutBlocking(fs)
 
 	// SIGTERM and SIGINT stop natd for a restart: its egress IPs stay where they are.
 	// SIGUSR1 drains: the IPs are handed to other nodes first, then natd exits.
@@ -63,6 +64,7 @@ func main() {
 		}
 	}
 	klog.Flush()
+	drainLog()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "natd:", err)
 		os.Exit(1)
