@@ -163,6 +163,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	c.Lease = 150 * time.Millisecond
 	c.HeartbeatInterval = 15 * time.Millisecond
 	c.HandoverInterval = time.Second
+	c.RealtimePriority = 1
 	c.MaxEgressIPs = 32
 	c.RestartGrace = 30 * time.Second
 	c.HandoverTimeout = 3 * time.Second
