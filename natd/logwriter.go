@@ -51,7 +51,7 @@ func (l *nonBlockingLog) Write(p []byte) (int, error) {
 func (l *nonBlockingLog) run() {
 	for b := range l.lines {
 		if n := l.dropped.Swap(0); n > 0 {
-			fmt.Fprintf(l.out, "natd: %d log lines dropped: the log output was too slow\n", n)
+			fmt.Fprintf(l.out, "natd: %d log lines dropped: the log output was too slow\n", n) //nolint:errcheck // nowhere else to say it
 		}
 		l.out.Write(b) //nolint:errcheck // nowhere else to say it
 		l.pending.Add(-1)

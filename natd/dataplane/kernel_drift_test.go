@@ -231,12 +231,24 @@ func TestKernelWatchChanges(t *testing.T) {
 	if err := d.WatchChanges(stop, func() { changed <- struct{}{} }); err != nil {
 		t.Fatal(err)
 	}
-	ns.run("nft", "add", "table", "ip", "someone-else")
-	select {
-	case <-changed:
-	case <-time.After(2 * time.Second):
-		t.Fatal("no change reported for another table's commit")
+	reported := func(what string) {
+		t.Helper()
+		select {
+		case <-changed:
+		case <-time.After(2 * time.Second):
+			t.Fatalf("no change reported for %s", what)
+		}
 	}
+	notReported := func(what string) {
+		t.Helper()
+		select {
+		case <-changed:
+			t.Errorf("a change reported for %s", what)
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+	ns.run("nft", "add", "table", "ip", "someone-else")
+	reported("another table's commit")
 	time.Sleep(minReadBack) // so that Verify really reads the tables back
 	if drifted, _, err := d.Verify(); err != nil || drifted {
 		t.Fatalf("Verify = %v, %v", drifted, err)
@@ -247,8 +259,6 @@ func TestKernelWatchChanges(t *testing.T) {
 	if !d.nft.genKnown {
 		t.Error("a lease renewal made natd forget the tables are untouched: every renewal would cost a read-back")
 	}
-	// A route of the main table coming and going (a CNI's) is no reason to check; an
-	// ip rule of natd's deleted is, at once, and the check finds it.
 	drain := func() {
 		for {
 			select {
@@ -270,31 +280,17 @@ func TestKernelWatchChanges(t *testing.T) {
 	if gen1, _ := d.nftGen(); gen1 < gen0+20 {
 		t.Fatalf("20 renewals took the generation from %d to %d: they did not all commit", gen0, gen1)
 	}
-	select {
-	case <-changed:
-		t.Error("a change reported for natd's own lease renewal")
-	case <-time.After(300 * time.Millisecond):
-	}
+	notReported("natd's own lease renewals")
 	ns.run("nft", "add", "table", "ip", "someone-else-again")
-	select {
-	case <-changed:
-	case <-time.After(2 * time.Second):
-		t.Fatal("no change reported for another's commit after natd's renewals")
-	}
+	reported("another's commit after natd's renewals")
 	drain()
+	// A route of the main table coming and going (a CNI's) is no reason to check; an
+	// ip rule of natd's deleted is, at once, and the check finds it.
 	ns.run("ip", "route", "add", "10.99.0.0/24", "dev", "uplink0")
 	ns.run("ip", "route", "del", "10.99.0.0/24", "dev", "uplink0")
-	select {
-	case <-changed:
-		t.Error("a change reported for a main-table route")
-	case <-time.After(300 * time.Millisecond):
-	}
+	notReported("a main-table route")
 	ns.run("ip", "rule", "del", "priority", "7001")
-	select {
-	case <-changed:
-	case <-time.After(2 * time.Second):
-		t.Fatal("no change reported for a deleted ip rule")
-	}
+	reported("a deleted ip rule")
 	if drifted, _, err := d.Verify(); err != nil || !drifted {
 		t.Errorf("Verify after an ip rule was deleted = %v, %v; want drift", drifted, err)
 	}
